@@ -1,0 +1,199 @@
+"""The engine: one step is schedule, run, post-process.
+
+Requests enter with add_request, advance one step() at a time, and leave finished or
+aborted; every finished or aborted request has given its KV blocks back.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig, ModelConfig
+from engine.kv_cache import TORCH_DTYPES, KVCache
+from engine.loader import load_model
+from engine.model_runner import ModelRunner
+from engine.sampler import Sampler
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from engine.sequence import FinishReason, Sequence
+from engine.tokenizer import load_tokenizer
+from proto.kv import KVLayout
+
+CPU_KV_CACHE_BYTES = 1 << 30
+GPU_MEMORY_FRACTION = 0.9
+
+
+@dataclass
+class RequestOutput:
+    """What a request has produced so far. Built by the engine; the caller owns it."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]  # all generated tokens so far
+    new_token_ids: list[int]  # generated in the step that returned this output
+    text: str | None  # decoded output: set once finished (or when stop strings need it)
+    finished: bool
+    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    num_cached_tokens: int  # prompt tokens served by the prefix cache
+    metrics: dict[str, float] = field(default_factory=dict)  # arrival_s, first_token_s, finished_s
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    text: str = ""
+    first_token_s: float | None = None
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use device='cpu'")
+    return name
+
+
+def resolve_dtype(name: str, model_config: ModelConfig, device: str) -> str:
+    if name != "auto":
+        return name
+    return model_config.checkpoint_dtype if device.startswith("cuda") else "float32"
+
+
+class LLMEngine:
+    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig()):
+        self.config = config
+        self.model_config = mc = ModelConfig.from_dir(model_dir)
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, mc, self.device)
+        self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
+        if self.max_model_len > mc.max_position_embeddings:
+            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
+                             f"max_position_embeddings={mc.max_position_embeddings}")
+        self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], self.device, self.max_model_len)
+        self.tokenizer = load_tokenizer(model_dir)
+        layout = KVLayout(model_id=mc.model_id, num_layers=mc.num_layers, total_num_kv_heads=mc.num_kv_heads,
+                          num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, block_size=config.block_size,
+                          num_blocks=1, dtype=self.dtype, device=self.device)
+        num_blocks = config.num_blocks or self._default_num_blocks(layout)
+        if num_blocks * config.block_size < self.max_model_len:
+            raise ValueError(f"num_blocks={num_blocks} x block_size={config.block_size} holds fewer tokens "
+                             f"than max_model_len={self.max_model_len}; raise num_blocks or kv_cache_bytes")
+        self.kv_cache = KVCache(replace(layout, num_blocks=num_blocks))
+        self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.scheduler = Scheduler(
+            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
+                            max_model_len=self.max_model_len, eos_token_id=mc.eos_token_id),
+            self.block_manager)
+        self.runner = ModelRunner(self.model, self.kv_cache)
+        self.sampler = Sampler()
+        self.requests: dict[str, _Request] = {}
+
+    def _default_num_blocks(self, layout: KVLayout) -> int:
+        block_bytes = layout.bytes_per_token * layout.block_size
+        budget = self.config.kv_cache_bytes
+        if budget is None and self.device.startswith("cuda"):
+            free, _ = torch.cuda.mem_get_info(torch.device(self.device))
+            budget = int(free * GPU_MEMORY_FRACTION)
+        budget = budget or CPU_KV_CACHE_BYTES
+        wanted = self.config.max_num_seqs * -(-self.max_model_len // layout.block_size)
+        return max(1, min(budget // block_bytes, wanted))
+
+    # ---- requests -------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer; pass prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        token_ids = self.encode(prompt)
+        if not token_ids:
+            raise ValueError("prompt is empty: it must contain at least one token")
+        bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, "
+                             f"{self.model_config.vocab_size})")
+        seq = Sequence(request_id, token_ids, params, arrival_s=time.monotonic())
+        self.scheduler.add(seq)
+        self.requests[request_id] = _Request(seq)
+
+    def abort(self, request_id: str) -> None:
+        """Drop a request wherever it is; its blocks are freed at once. Unknown ids are ignored."""
+        req = self.requests.pop(request_id, None)
+        if req is not None:
+            self.scheduler.finish(req.seq, FinishReason.ABORT)
+            self.sampler.forget(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.num_unfinished > 0
+
+    # ---- the step -------------------------------------------------------------------------
+
+    def step(self, on_layer_stored: Callable[[int], None] | None = None) -> list[RequestOutput]:
+        """Run one batch; return an output for every request that got a token or finished."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        logits = self.runner.execute(out.scheduled, on_layer_stored)
+        sampling = [s.seq for s in out.scheduled if s.samples]
+        tokens = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
+        sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens)}
+        finished = self.scheduler.update(out, sampled)
+        return self._outputs(out, sampled, finished)
+
+    def _outputs(self, out: SchedulerOutput, sampled: dict[str, int],
+                 finished: list[Sequence]) -> list[RequestOutput]:
+        now = time.monotonic()
+        results = []
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.request_id not in sampled:
+                continue
+            req = self.requests[seq.request_id]
+            req.first_token_s = req.first_token_s or now
+            if seq.params.stop and not seq.is_finished:
+                self._check_stop_strings(req)
+            if seq.is_finished:
+                self._finalize(req)
+            results.append(self._output(req, [sampled[seq.request_id]], now))
+        return results
+
+    def _check_stop_strings(self, req: _Request) -> None:
+        seq = req.seq
+        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        longest = max(len(s) for s in seq.params.stop)
+        search_from = max(0, len(req.text) - longest)
+        hits = [i for i in (text.find(s, search_from) for s in seq.params.stop) if i >= 0]
+        req.text = text[:min(hits)] if hits else text
+        if hits:
+            self.scheduler.finish(seq, FinishReason.STOP)
+
+    def _finalize(self, req: _Request) -> None:
+        seq = req.seq
+        if not (seq.params.stop and seq.finish_reason is FinishReason.STOP) and self.tokenizer is not None:
+            req.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
+        self.sampler.forget(seq.request_id)
+        del self.requests[seq.request_id]
+
+    def _output(self, req: _Request, new_token_ids: list[int], now: float) -> RequestOutput:
+        seq = req.seq
+        metrics = {"arrival_s": seq.arrival_s, "first_token_s": req.first_token_s}
+        if seq.is_finished:
+            metrics["finished_s"] = now
+        return RequestOutput(
+            request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
+            token_ids=list(seq.output_token_ids), new_token_ids=new_token_ids,
+            text=req.text if (seq.is_finished or seq.params.stop) else None,
+            finished=seq.is_finished, finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            num_cached_tokens=seq.num_cached_prompt_tokens, metrics=metrics)
+

@@ -1,0 +1,193 @@
+"""Continuous batching with chunked prefill under a token budget.
+
+A request's way through the scheduler::
+
+    add() ──> WAITING ──schedule()──> RUNNING ──update()──> FINISHED ──> blocks freed
+                 ^   takes prefix-cache hits,   │  each step: a prompt chunk (prefill)
+                 │   allocates blocks for the   │  or the newest token (decode);
+                 │   first chunk                │  blocks added as it grows
+                 └────── preempted ─────────────┘  (out of blocks: blocks freed,
+                         (front of the queue;       recomputed later from its tokens)
+                          abort() at any point -> FINISHED)
+
+Each step has a budget of max_num_batched_tokens. Running sequences come first, in
+arrival order (decodes take one token, unfinished prefills take a chunk of what is left);
+waiting ones are admitted with what budget and batch slots remain. When a running
+sequence needs a block and none is free, the most recently admitted running sequence is
+preempted (possibly itself): its blocks are freed and it waits at the front of the queue.
+Nothing is ever written to a block that another sequence still reads: shared prefix
+blocks are full and only read, and a sequence writes only past its cached prefix.
+
+The scheduler is pure Python; the planner's simulator drives it with a latency model.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import FinishReason, Sequence, SequenceStatus
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_num_seqs: int = 64  # sequences in the running batch at most
+    max_num_batched_tokens: int = 512  # tokens computed in one step at most (prefill chunk budget)
+    max_model_len: int = 2048  # prompt plus generated tokens at most
+    eos_token_id: int | tuple[int, ...] | None = None  # the model's end-of-sequence token(s)
+
+    def __post_init__(self) -> None:
+        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        if self.eos_token_id is None:
+            return frozenset()
+        if isinstance(self.eos_token_id, int):
+            return frozenset((self.eos_token_id,))
+        return frozenset(self.eos_token_id)
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new_tokens: int  # tokens computed for seq in this step, from seq.num_computed_tokens
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the end of seq's tokens, so a next token is sampled."""
+        return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefills
+    preempted: list[Sequence] = field(default_factory=list)  # lost their blocks this step
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        self.config = config
+        self.block_manager = block_manager
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions_total = 0  # since start: a measure of KV memory pressure
+
+    def add(self, seq: Sequence) -> None:
+        if len(seq) >= self.config.max_model_len:
+            raise ValueError(f"prompt has {len(seq)} tokens; the context window allows at most "
+                             f"{self.config.max_model_len - 1} (max_model_len={self.config.max_model_len})")
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        bm = self.block_manager
+
+        # 1. Running sequences: decodes and unfinished prefill chunks, oldest first.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            num_new = min(seq.num_uncomputed_tokens, budget)
+            while not bm.can_allocate(seq, num_new) and self.running[-1] is not seq:
+                out.preempted.append(self._preempt(self.running.pop()))
+            if not bm.can_allocate(seq, num_new):
+                self.running.pop(i)
+                out.preempted.append(self._preempt(seq))
+                continue
+            bm.allocate(seq, num_new)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+            i += 1
+
+        # 2. Waiting sequences, while budget, batch slots and blocks last (not after a
+        #    preemption: blocks are short, so let the running ones finish first).
+        while self.waiting and budget > 0 and not out.preempted \
+                and len(self.running) < self.config.max_num_seqs:
+            seq = self.waiting[0]
+            cached_ids = bm.find_cached_blocks(seq.token_ids)
+            num_new = min(len(seq) - len(cached_ids) * bm.block_size, budget)
+            if not bm.can_allocate(seq, num_new, cached_ids):
+                break
+            self.waiting.popleft()
+            bm.take_cached(seq, cached_ids)
+            if seq.num_preemptions == 0:
+                seq.num_cached_prompt_tokens = seq.num_computed_tokens
+            bm.allocate(seq, num_new)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            out.scheduled.append(ScheduledSeq(seq, num_new))
+            budget -= num_new
+
+        out.scheduled.sort(key=lambda s: s.num_new_tokens > 1 or not s.samples)
+        return out
+
+    def _preempt(self, seq: Sequence) -> Sequence:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.num_preemptions += 1
+        self.num_preemptions_total += 1
+        seq.status = SequenceStatus.WAITING
+        self.waiting.appendleft(seq)
+        return seq
+
+    def update(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[Sequence]:
+        """Record a finished step: advance computed counts, append sampled tokens, finish.
+
+        sampled maps request ids to the token sampled for each sequence whose step reached
+        the end of its tokens (ScheduledSeq.samples). Returns the sequences finished now.
+        """
+        finished = []
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.is_finished:  # aborted while its step ran
+                continue
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.register_computed(seq)
+            if seq.request_id not in sampled:
+                continue
+            token_id = sampled[seq.request_id]
+            seq.append_token(token_id)
+            reason = self._stop_reason(seq, token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+                finished.append(seq)
+        return finished
+
+    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+        params = seq.params
+        if token_id in params.stop_token_ids:
+            return FinishReason.STOP
+        if not params.ignore_eos and token_id in self.config.eos_token_ids:
+            return FinishReason.STOP
+        if seq.num_output_tokens >= params.max_tokens or len(seq) >= self.config.max_model_len:
+            return FinishReason.LENGTH
+        return None
+
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
+        """End seq now (stop string, abort, or a stop condition) and give back its blocks."""
+        if seq.is_finished:
+            return
+        if seq.status is SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        else:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason

@@ -1,0 +1,1 @@
+"""Contracts that cross a process or actor boundary: frozen dataclasses, schemas, .proto files."""

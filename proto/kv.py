@@ -1,0 +1,85 @@
+"""The description of a worker's paged KV cache, as exchanged between workers.
+
+A worker's whole cache is one tensor, allocated once; each attention layer reads and
+writes its own view of it::
+
+    cache: [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]
+                        |  |           |             |
+                        |  |           |             +-- token slot inside the block
+                        |  |           +-- KV heads held by this worker (its TP shard)
+                        |  +-- physical block id
+                        +-- 0 = K, 1 = V
+
+    one (layer, K|V, block) = num_kv_heads x block_size x head_dim elements, contiguous;
+    one head of it         = block_size x head_dim elements, contiguous.
+
+Heads sit outside the token slots ("HND") so that a tensor-parallel shard of a block (a
+contiguous range of heads) is one contiguous chunk: moving KV between workers with
+different TP sizes copies whole chunks, never strided rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+KV_LAYOUT_VERSION = 1
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Shape, placement and identity of one worker's KV cache."""
+
+    model_id: str  # identity of the weights (name plus config hash); must match across a transfer
+    num_layers: int  # attention layers in the cache (all of the model's on this worker)
+    total_num_kv_heads: int  # KV heads of the model, before any tensor-parallel split
+    num_kv_heads: int  # KV heads held by this worker: total_num_kv_heads / tp_size
+    head_dim: int  # elements per head
+    block_size: int  # token slots per block
+    num_blocks: int  # physical blocks per layer
+    dtype: str  # one of DTYPE_NAMES
+    device: str = "cpu"  # "cpu" or "cuda:N"
+    tp_rank: int = 0  # this worker's tensor-parallel rank
+    tp_size: int = 1  # tensor-parallel size of this worker's group
+    version: int = KV_LAYOUT_VERSION  # bumped whenever the memory layout above changes
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPE_NAMES:
+            raise ValueError(f"KVLayout.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
+        for name in ("num_layers", "total_num_kv_heads", "num_kv_heads", "head_dim",
+                     "block_size", "num_blocks", "tp_size"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
+        if not 0 <= self.tp_rank < self.tp_size:
+            raise ValueError(f"KVLayout.tp_rank must be in [0, {self.tp_size}), got {self.tp_rank}")
+        if self.total_num_kv_heads % self.tp_size or \
+                self.num_kv_heads != self.total_num_kv_heads // self.tp_size:
+            raise ValueError(
+                f"KVLayout.num_kv_heads must be total_num_kv_heads / tp_size = "
+                f"{self.total_num_kv_heads} / {self.tp_size}, got {self.num_kv_heads}")
+
+    @property
+    def head_offset(self) -> int:
+        """Index of this worker's first KV head among the model's heads."""
+        return self.tp_rank * self.num_kv_heads
+
+    @property
+    def shape(self) -> tuple[int, int, int, int, int, int]:
+        return (self.num_layers, 2, self.num_blocks, self.num_kv_heads, self.block_size,
+                self.head_dim)
+
+    @property
+    def bytes_per_head_block(self) -> int:
+        """Bytes of one head of one (layer, K|V, block): the unit of a resharded copy."""
+        return self.block_size * self.head_dim * DTYPE_BYTES[self.dtype]
+
+    @property
+    def bytes_per_block(self) -> int:
+        """Bytes of one (layer, K|V, block) across this worker's heads."""
+        return self.num_kv_heads * self.bytes_per_head_block
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes of KV that one token occupies on this worker, all layers, K and V."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
