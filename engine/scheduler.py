@@ -78,6 +78,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, block_manager: BlockManager):
+        capacity = block_manager.num_blocks * block_manager.block_size
+        if capacity < config.max_model_len:
+            # Otherwise a lone sequence could need more blocks than exist and wait forever.
+            raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len="
+                             f"{config.max_model_len}; add blocks or lower max_model_len")
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
