@@ -15,6 +15,7 @@ import torch
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
+from engine.detokenizer import Detokenizer
 from engine.kv_cache import TORCH_DTYPES, KVCache
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
@@ -37,7 +38,8 @@ class RequestOutput:
     prompt_token_ids: list[int]
     token_ids: list[int]  # all generated tokens so far
     new_token_ids: list[int]  # generated in the step that returned this output
-    text: str | None  # decoded output: set once finished (or when stop strings need it)
+    new_text: str  # text that became final in that step (empty without a tokenizer)
+    text: str | None  # the whole decoded output once finished, else None
     finished: bool
     finish_reason: str | None  # "stop" | "length" | "abort" once finished
     num_cached_tokens: int  # prompt tokens served by the prefix cache
@@ -47,7 +49,7 @@ class RequestOutput:
 @dataclass
 class _Request:
     seq: Sequence
-    text: str = ""
+    detokenizer: Detokenizer | None
     first_token_s: float | None = None
 
 
@@ -123,9 +125,12 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, "
                              f"{self.model_config.vocab_size})")
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model directory has none")
         seq = Sequence(request_id, token_ids, params, arrival_s=time.monotonic())
         self.scheduler.add(seq)
-        self.requests[request_id] = _Request(seq)
+        detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
+        self.requests[request_id] = _Request(seq, detokenizer)
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is; its blocks are freed at once. Unknown ids are ignored."""
@@ -148,11 +153,10 @@ class LLMEngine:
         sampling = [s.seq for s in out.scheduled if s.samples]
         tokens = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
         sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens)}
-        finished = self.scheduler.update(out, sampled)
-        return self._outputs(out, sampled, finished)
+        self.scheduler.update(out, sampled)
+        return self._outputs(out, sampled)
 
-    def _outputs(self, out: SchedulerOutput, sampled: dict[str, int],
-                 finished: list[Sequence]) -> list[RequestOutput]:
+    def _outputs(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
         now = time.monotonic()
         results = []
         for item in out.scheduled:
@@ -161,39 +165,26 @@ class LLMEngine:
                 continue
             req = self.requests[seq.request_id]
             req.first_token_s = req.first_token_s or now
-            if seq.params.stop and not seq.is_finished:
-                self._check_stop_strings(req)
-            if seq.is_finished:
-                self._finalize(req)
+            if req.detokenizer is not None and req.detokenizer.append(sampled[seq.request_id]) \
+                    and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP)  # a stop string appeared
             results.append(self._output(req, [sampled[seq.request_id]], now))
+            if seq.is_finished:
+                self.sampler.forget(seq.request_id)
+                del self.requests[seq.request_id]
         return results
-
-    def _check_stop_strings(self, req: _Request) -> None:
-        seq = req.seq
-        text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        longest = max(len(s) for s in seq.params.stop)
-        search_from = max(0, len(req.text) - longest)
-        hits = [i for i in (text.find(s, search_from) for s in seq.params.stop) if i >= 0]
-        req.text = text[:min(hits)] if hits else text
-        if hits:
-            self.scheduler.finish(seq, FinishReason.STOP)
-
-    def _finalize(self, req: _Request) -> None:
-        seq = req.seq
-        if not (seq.params.stop and seq.finish_reason is FinishReason.STOP) and self.tokenizer is not None:
-            req.text = self.tokenizer.decode(seq.output_token_ids, skip_special_tokens=True)
-        self.sampler.forget(seq.request_id)
-        del self.requests[seq.request_id]
 
     def _output(self, req: _Request, new_token_ids: list[int], now: float) -> RequestOutput:
         seq = req.seq
         metrics = {"arrival_s": seq.arrival_s, "first_token_s": req.first_token_s}
         if seq.is_finished:
             metrics["finished_s"] = now
+        detok = req.detokenizer
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
             token_ids=list(seq.output_token_ids), new_token_ids=new_token_ids,
-            text=req.text if (seq.is_finished or seq.params.stop) else None,
+            new_text=detok.delta(seq.is_finished) if detok else "",
+            text=(detok.text if detok else None) if seq.is_finished else None,
             finished=seq.is_finished, finish_reason=seq.finish_reason.value if seq.finish_reason else None,
             num_cached_tokens=seq.num_cached_prompt_tokens, metrics=metrics)
 

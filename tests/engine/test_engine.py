@@ -46,3 +46,26 @@ def test_abort_mid_generation_frees_every_block(checkpoints):
     assert finished == ["keep"]
     bm = engine.block_manager
     assert bm.num_free_blocks == bm.num_blocks
+
+
+def test_streamed_text_deltas_add_up_to_the_final_text(checkpoints):
+    engine = LLMEngine(checkpoints["llama"], EngineConfig())
+    prompt = "Once upon a time, there was"
+    stop = "the"
+    engine.add_request("plain", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
+    engine.add_request("stop", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
+                                                      stop=[stop]))
+    pieces = {"plain": [], "stop": []}
+    final = {}
+    while engine.has_unfinished():
+        for out in engine.step():
+            pieces[out.request_id].append(out.new_text)
+            if out.finished:
+                final[out.request_id] = out
+    tokenizer = engine.tokenizer
+    plain = final["plain"]
+    assert "".join(pieces["plain"]) == plain.text == tokenizer.decode(plain.token_ids, skip_special_tokens=True)
+    streamed_stop = "".join(pieces["stop"])
+    assert streamed_stop == final["stop"].text and stop not in streamed_stop
+    if stop in plain.text:
+        assert final["stop"].finish_reason == "stop" and streamed_stop == plain.text[:plain.text.find(stop)]

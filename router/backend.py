@@ -1,0 +1,93 @@
+"""What the frontends (gRPC, HTTP) talk to: something that turns prompts into TokenDeltas.
+
+`Backend` is the interface. `LocalBackend` runs one engine in this process doing both
+phases (colocated serving: the baseline that disaggregation is measured against, and the
+backend of `tandem serve --colocated`); the disaggregated orchestrator implements the same
+interface over prefill and decode workers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import AsyncIterator, Protocol
+
+from decode_worker.engine_loop import EngineLoop, Overloaded
+from engine import EngineConfig, LLMEngine, SamplingParams
+from proto.serving import TokenDelta
+
+__all__ = ["Backend", "LocalBackend", "Overloaded"]
+
+
+class Backend(Protocol):
+    model_name: str  # the name clients use (KServe model name, OpenAI model id)
+    max_model_len: int  # prompt plus output tokens at most
+
+    @property
+    def tokenizer(self):
+        """The model's Hugging Face tokenizer (chat templates, token counts)."""
+
+    def generate(self, request_id: str, prompt: str | list[int],
+                 params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        """Stream a request's deltas; the last one has finished=True.
+
+        Raises ValueError for bad input and Overloaded when admission control refuses,
+        both before the first delta. Closing the iterator early (client gone) aborts the
+        request and frees its KV blocks on every worker.
+        """
+
+    async def abort(self, request_id: str) -> None:
+        """Stop a request wherever it is; unknown ids are ignored."""
+
+    def is_ready(self) -> bool:
+        """Whether every worker is up and requests can be served."""
+
+    def stats(self) -> dict[str, float]:
+        """Gauges for /metrics: queue lengths, KV block usage, transfer counters."""
+
+
+class LocalBackend:
+    """One engine in this process, on its own thread, doing prefill and decode."""
+
+    def __init__(self, model_dir: str | Path, engine_config: EngineConfig = EngineConfig(),
+                 model_name: str | None = None, max_waiting: int = 256):
+        engine = LLMEngine(model_dir, engine_config)
+        self.model_name = model_name or Path(model_dir).name
+        self.max_model_len = engine.max_model_len
+        self._loop = EngineLoop(engine, max_waiting=max_waiting)
+
+    @property
+    def tokenizer(self):
+        return self._loop.engine.tokenizer
+
+    async def generate(self, request_id: str, prompt: str | list[int],
+                       params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+
+        def on_delta(delta: TokenDelta) -> None:  # called on the engine thread
+            loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+        # submit waits for the engine lock (up to one step): keep the event loop free.
+        await asyncio.to_thread(self._loop.submit, request_id, prompt, params, on_delta)
+        finished = False
+        try:
+            while not finished:
+                delta = await queue.get()
+                finished = delta.finished
+                yield delta
+        finally:
+            if not finished:
+                await asyncio.to_thread(self._loop.abort, request_id)
+
+    async def abort(self, request_id: str) -> None:
+        await asyncio.to_thread(self._loop.abort, request_id)
+
+    def is_ready(self) -> bool:
+        return True
+
+    def stats(self) -> dict[str, float]:
+        return self._loop.stats()
+
+    def close(self) -> None:
+        self._loop.close()
