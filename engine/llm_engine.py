@@ -115,7 +115,48 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                    hold_blocks: bool = False) -> None:
+        """Queue a request. hold_blocks: keep its KV blocks after it finishes, until
+        release() (a prefill worker sending the KV elsewhere)."""
+        seq = self._new_sequence(request_id, prompt, params, hold_blocks)
+        self.scheduler.add(seq)
+        self._track(seq)
+
+    def reserve(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+        """Decode side: allocate blocks for a prompt whose KV another worker computes.
+
+        Returns the block ids to receive into. The request waits until admit(); if it is
+        aborted first, its blocks are held until release() (the KV may still be arriving).
+        """
+        seq = self._new_sequence(request_id, prompt, params, hold_blocks=True)
+        block_ids = self.scheduler.reserve(seq)
+        self._track(seq)
+        return block_ids
+
+    def admit(self, request_id: str, first_token_id: int) -> RequestOutput:
+        """Decode side: the reserved request's KV has arrived; decode from its first token."""
+        req = self.requests[request_id]
+        self.scheduler.admit(request_id, first_token_id)
+        output = self._sampled(req, first_token_id, time.monotonic())
+        return output
+
+    def release(self, request_id: str) -> None:
+        """A KV transfer let go of a hold_blocks request's blocks: free them.
+
+        A request that is still live then (its transfer failed before it finished: a
+        prefill whose decode side vanished, a reservation whose KV never came) cannot go
+        on, so it is aborted and its blocks freed at once.
+        """
+        req = self.requests.get(request_id)
+        if req is not None:
+            req.seq.hold_blocks = False
+            self.abort(request_id)
+        else:
+            self.scheduler.release(request_id)
+
+    def _new_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
+                      hold_blocks: bool) -> Sequence:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.encode(prompt)
@@ -127,10 +168,11 @@ class LLMEngine:
                              f"{self.model_config.vocab_size})")
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
-        seq = Sequence(request_id, token_ids, params, arrival_s=time.monotonic())
-        self.scheduler.add(seq)
-        detokenizer = Detokenizer(self.tokenizer, params.stop) if self.tokenizer is not None else None
-        self.requests[request_id] = _Request(seq, detokenizer)
+        return Sequence(request_id, token_ids, params, arrival_s=time.monotonic(), hold_blocks=hold_blocks)
+
+    def _track(self, seq: Sequence) -> None:
+        detokenizer = Detokenizer(self.tokenizer, seq.params.stop) if self.tokenizer is not None else None
+        self.requests[seq.request_id] = _Request(seq, detokenizer)
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is; its blocks are freed at once. Unknown ids are ignored."""
@@ -146,7 +188,15 @@ class LLMEngine:
 
     def step(self, on_layer_stored: Callable[[int], None] | None = None) -> list[RequestOutput]:
         """Run one batch; return an output for every request that got a token or finished."""
-        out = self.scheduler.schedule()
+        return self.run(self.schedule(), on_layer_stored)
+
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's work. Split from run() so a prefill worker can start the KV
+        transfers of the prompts this step completes before their layers compute."""
+        return self.scheduler.schedule()
+
+    def run(self, out: SchedulerOutput,
+            on_layer_stored: Callable[[int], None] | None = None) -> list[RequestOutput]:
         if out.is_empty:
             return []
         logits = self.runner.execute(out.scheduled, on_layer_stored)
@@ -154,25 +204,21 @@ class LLMEngine:
         tokens = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
         sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens)}
         self.scheduler.update(out, sampled)
-        return self._outputs(out, sampled)
-
-    def _outputs(self, out: SchedulerOutput, sampled: dict[str, int]) -> list[RequestOutput]:
         now = time.monotonic()
-        results = []
-        for item in out.scheduled:
-            seq = item.seq
-            if seq.request_id not in sampled:
-                continue
-            req = self.requests[seq.request_id]
-            req.first_token_s = req.first_token_s or now
-            if req.detokenizer is not None and req.detokenizer.append(sampled[seq.request_id]) \
-                    and not seq.is_finished:
-                self.scheduler.finish(seq, FinishReason.STOP)  # a stop string appeared
-            results.append(self._output(req, [sampled[seq.request_id]], now))
-            if seq.is_finished:
-                self.sampler.forget(seq.request_id)
-                del self.requests[seq.request_id]
-        return results
+        return [self._sampled(self.requests[item.seq.request_id], sampled[item.seq.request_id], now)
+                for item in out.scheduled if item.seq.request_id in sampled]
+
+    def _sampled(self, req: _Request, token_id: int, now: float) -> RequestOutput:
+        """Post-process one request's new token: text, stop strings, output, clean-up."""
+        seq = req.seq
+        req.first_token_s = req.first_token_s or now
+        if req.detokenizer is not None and req.detokenizer.append(token_id) and not seq.is_finished:
+            self.scheduler.finish(seq, FinishReason.STOP)  # a stop string appeared
+        output = self._output(req, [token_id], now)
+        if seq.is_finished:
+            self.sampler.forget(seq.request_id)
+            del self.requests[seq.request_id]
+        return output
 
     def _output(self, req: _Request, new_token_ids: list[int], now: float) -> RequestOutput:
         seq = req.seq

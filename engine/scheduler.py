@@ -10,6 +10,14 @@ A request's way through the scheduler::
                          (front of the queue;       recomputed later from its tokens)
                           abort() at any point -> FINISHED)
 
+Disaggregated serving adds two side doors. A prefill worker's request is added with
+hold_blocks: when it finishes (after its first token) its blocks stay allocated, in
+`held`, until release() once the KV transfer no longer reads them. A decode worker
+reserve()s blocks for a prompt computed elsewhere (the request waits in `reserved` while
+the KV arrives), then admit()s it with the first token: it joins the running batch as if
+it had prefilled here. Reserved sequences count against max_num_seqs, so admission
+never has to wait for room.
+
 Each step has a budget of max_num_batched_tokens. Running sequences come first, in
 arrival order (decodes take one token, unfinished prefills take a chunk of what is left);
 waiting ones are admitted with what budget and batch slots remain. When a running
@@ -87,6 +95,8 @@ class Scheduler:
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.reserved: dict[str, Sequence] = {}  # decode side: KV arriving from a prefill worker
+        self.held: dict[str, Sequence] = {}  # prefill side: finished, KV still being sent
         self.num_preemptions_total = 0  # since start: a measure of KV memory pressure
 
     def add(self, seq: Sequence) -> None:
@@ -98,7 +108,46 @@ class Scheduler:
 
     @property
     def num_unfinished(self) -> int:
+        """Requests this scheduler still steps (reserved ones wait for their KV instead)."""
         return len(self.waiting) + len(self.running)
+
+    def reserve(self, seq: Sequence) -> list[int]:
+        """Allocate blocks for seq's prompt, to be filled by a KV transfer. Returns the block ids.
+
+        Raises RuntimeError when the batch or the cache has no room for it now.
+        """
+        if len(seq) >= self.config.max_model_len:
+            raise ValueError(f"prompt has {len(seq)} tokens; the context window allows at most "
+                             f"{self.config.max_model_len - 1} (max_model_len={self.config.max_model_len})")
+        if len(self.running) + len(self.reserved) >= self.config.max_num_seqs:
+            raise RuntimeError(f"no batch slot: {self.config.max_num_seqs} sequences running or reserved")
+        # One block more than the prompt needs, so the first decode step cannot be refused.
+        if not self.block_manager.can_allocate(seq, len(seq) + 1):
+            raise RuntimeError(f"not enough free KV blocks for a {len(seq)}-token prompt")
+        self.block_manager.allocate(seq, len(seq))
+        seq.hold_blocks = True  # until admitted, only the KV receiver may give them back
+        self.reserved[seq.request_id] = seq
+        return list(seq.block_ids)
+
+    def admit(self, request_id: str, first_token_id: int) -> Sequence:
+        """Start decoding a reserved sequence whose KV has arrived, after its first token."""
+        seq = self.reserved.pop(request_id)
+        seq.hold_blocks = False  # the KV is in place; the blocks are the request's now
+        seq.num_computed_tokens = len(seq)
+        self.block_manager.register_computed(seq)
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+        seq.append_token(first_token_id)
+        reason = self._stop_reason(seq, first_token_id)
+        if reason is not None:
+            self.finish(seq, reason)
+        return seq
+
+    def release(self, request_id: str) -> None:
+        """Free a finished hold_blocks sequence's blocks, once no KV transfer touches them."""
+        seq = self.held.pop(request_id, None)
+        if seq is not None:
+            self.block_manager.free(seq)
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
@@ -189,10 +238,15 @@ class Scheduler:
         """End seq now (stop string, abort, or a stop condition) and give back its blocks."""
         if seq.is_finished:
             return
-        if seq.status is SequenceStatus.RUNNING:
+        if seq.request_id in self.reserved:
+            del self.reserved[seq.request_id]
+        elif seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self.block_manager.free(seq)
+        if seq.hold_blocks:  # a transfer may still touch them: the owner releases them later
+            self.held[seq.request_id] = seq
+        else:
+            self.block_manager.free(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason

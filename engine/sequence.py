@@ -28,7 +28,7 @@ class Sequence:
     """
 
     def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_s: float = 0.0):
+                 arrival_s: float = 0.0, hold_blocks: bool = False):
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -40,6 +40,9 @@ class Sequence:
         self.num_cached_prompt_tokens = 0  # prompt tokens served by the prefix cache
         self.num_preemptions = 0
         self.finish_reason: FinishReason | None = None
+        # On finishing, keep the blocks (in Scheduler.held) until release(): a KV transfer
+        # may still read them (prefill side) or write them (decode side, before admit).
+        self.hold_blocks = hold_blocks
 
     def __len__(self) -> int:
         return len(self.token_ids)

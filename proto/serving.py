@@ -17,3 +17,22 @@ class TokenDelta:
     num_prompt_tokens: int  # prompt length in tokens
     num_cached_tokens: int  # prompt tokens that came from the prefix cache
     error: str | None = None  # why the request failed (finish_reason "error"), else None
+
+
+@dataclass(frozen=True)
+class KVHandle:
+    """Where a prefill worker must push a request's KV: blocks a decode worker reserved."""
+
+    request_id: str
+    endpoints: tuple[str, ...]  # the KV receivers of every rank of the decode worker
+    block_ids: tuple[int, ...]  # reserved destination blocks, in prompt order
+
+
+@dataclass(frozen=True)
+class PrefillResult:
+    """What a prefill worker returns once the prompt is computed."""
+
+    request_id: str
+    first_token_id: int  # sampled from the prompt's last position
+    num_cached_tokens: int  # prompt tokens served by the prefill worker's prefix cache
+    prefill_s: float  # from arrival at the worker to the first token

@@ -12,7 +12,7 @@ import asyncio
 from pathlib import Path
 from typing import AsyncIterator, Protocol
 
-from decode_worker.engine_loop import EngineLoop, Overloaded
+from engine.engine_loop import EngineLoop, Overloaded
 from engine import EngineConfig, LLMEngine, SamplingParams
 from proto.serving import TokenDelta
 
