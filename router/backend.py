@@ -45,6 +45,9 @@ class Backend(Protocol):
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics: queue lengths, KV block usage, transfer counters."""
 
+    async def refresh(self) -> None:
+        """Bring stats() up to date (a /metrics scrape calls it)."""
+
 
 class LocalBackend:
     """One engine in this process, on its own thread, doing prefill and decode."""
@@ -88,6 +91,9 @@ class LocalBackend:
 
     def stats(self) -> dict[str, float]:
         return self._loop.stats()
+
+    async def refresh(self) -> None:
+        """stats() is read live from the engine: nothing to fetch."""
 
     def close(self) -> None:
         self._loop.close()

@@ -1,0 +1,151 @@
+"""Load generator for a running Tandem (or any OpenAI-compatible) server, and a side-by-side
+comparison of disaggregated and colocated serving.
+
+    tandem bench --url http://127.0.0.1:8000 --rate 4 --num-requests 100
+    tandem bench --compare --rates 2,4,8 [--trace conv.csv] --out docs/bench
+
+Each request streams a completion; TTFT is the time to its first token, TPOT the mean time
+between its later tokens. A request meets the SLO when both are within their targets;
+goodput is such requests per second of the run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from benchmarks.common import markdown_table, read_trace
+
+
+@dataclass(frozen=True)
+class Request:
+    arrival_s: float  # offset from the start of the run
+    prompt_len: int
+    output_len: int
+
+
+@dataclass(frozen=True)
+class Result:
+    ttft_s: float | None  # None: the request failed
+    tpot_s: float | None
+    output_tokens: int
+
+
+def poisson_workload(rate: float, num_requests: int, prompt_len: int, output_len: int, seed: int = 0) -> list[Request]:
+    rng = random.Random(seed)
+    t, out = 0.0, []
+    for _ in range(num_requests):
+        t += rng.expovariate(rate)
+        out.append(Request(t, max(1, int(rng.uniform(0.5, 1.5) * prompt_len)),
+                           max(1, int(rng.uniform(0.5, 1.5) * output_len))))
+    return out
+
+
+def trace_workload(path: str | Path, rate: float, num_requests: int, prompt_scale: float, output_scale: float,
+                   max_prompt: int, max_output: int, seed: int = 0) -> list[Request]:
+    """Lengths from a trace (scaled to fit a small model), arrivals Poisson at `rate`."""
+    rows = read_trace(path)
+    rng = random.Random(seed)
+    picked = [rows[rng.randrange(len(rows))] for _ in range(num_requests)]
+    arrivals = poisson_workload(rate, num_requests, 1, 1, seed)
+    return [Request(a.arrival_s, max(1, min(max_prompt, round(p * prompt_scale))),
+                    max(1, min(max_output, round(o * output_scale)))) for a, (p, o) in zip(arrivals, picked)]
+
+
+async def _one(session, url: str, model: str, req: Request, vocab: int, seed: int) -> Result:
+    rng = random.Random(seed)
+    prompt = [rng.randrange(3, vocab) for _ in range(req.prompt_len)]
+    body = {"model": model, "prompt": prompt, "max_tokens": req.output_len, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    start = time.monotonic()
+    times = []
+    try:
+        async with session.post(f"{url}/v1/completions", json=body) as resp:
+            if resp.status != 200:
+                return Result(None, None, 0)
+            async for line in resp.content:
+                line = line.strip()
+                if not line.startswith(b"data:") or line == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[5:])
+                if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
+                    times.append(time.monotonic())
+    except OSError:
+        return Result(None, None, 0)
+    if not times:
+        return Result(None, None, 0)
+    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
+    return Result(times[0] - start, tpot, len(times))
+
+
+async def run_load(url: str, model: str, workload: list[Request], vocab: int = 500) -> tuple[list[Result], float]:
+    import aiohttp
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        start = time.monotonic()
+
+        async def fire(i: int, req: Request) -> Result:
+            await asyncio.sleep(max(0.0, req.arrival_s - (time.monotonic() - start)))
+            return await _one(session, url, model, req, vocab, seed=i)
+        results = await asyncio.gather(*(fire(i, r) for i, r in enumerate(workload)))
+        return list(results), time.monotonic() - start
+
+
+def percentile(values: list[float], p: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(p / 100 * len(values) + 0.5) - 1))]
+
+
+def summarize(results: list[Result], duration_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict[str, float]:
+    ok = [r for r in results if r.ttft_s is not None]
+    ttfts, tpots = [r.ttft_s for r in ok], [r.tpot_s for r in ok]
+    good = [r for r in ok if r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_tpot_s]
+    return {"requests": len(results), "failed": len(results) - len(ok),
+            "ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90), "ttft_p99_s": percentile(ttfts, 99),
+            "tpot_p50_s": percentile(tpots, 50), "tpot_p90_s": percentile(tpots, 90), "tpot_p99_s": percentile(tpots, 99),
+            "attainment": len(good) / max(1, len(results)), "goodput_rps": len(good) / duration_s,
+            "throughput_tok_s": sum(r.output_tokens for r in ok) / duration_s, "duration_s": duration_s,
+            "mean_ttft_s": statistics.fmean(ttfts) if ttfts else float("nan")}
+
+
+SUMMARY_COLUMNS = [("TTFT p50 (s)", "ttft_p50_s"), ("TTFT p90 (s)", "ttft_p90_s"), ("TPOT p50 (ms)", "tpot_p50_s"),
+                   ("TPOT p90 (ms)", "tpot_p90_s"), ("SLO attainment", "attainment"), ("goodput (req/s)", "goodput_rps"),
+                   ("tokens/s", "throughput_tok_s"), ("failed", "failed")]
+
+
+def format_row(label: list[str], s: dict[str, float]) -> list[str]:
+    cells = []
+    for _, key in SUMMARY_COLUMNS:
+        v = s[key]
+        cells.append(f"{v * 1e3:.0f}" if key.startswith("tpot") else f"{v:.0%}" if key == "attainment"
+                     else str(int(v)) if key == "failed" else f"{v:.2f}")
+    return label + cells
+
+
+def plot(rows: list[tuple[str, float, dict]], path: Path, slo_ttft_s: float, slo_tpot_s: float) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    for mode in sorted({m for m, _, _ in rows}):
+        pts = sorted((r, s) for m, r, s in rows if m == mode)
+        rates = [r for r, _ in pts]
+        axes[0].plot(rates, [s["ttft_p90_s"] for _, s in pts], marker="o", label=mode)
+        axes[1].plot(rates, [s["tpot_p90_s"] * 1e3 for _, s in pts], marker="o", label=mode)
+        axes[2].plot(rates, [s["goodput_rps"] for _, s in pts], marker="o", label=mode)
+    axes[0].axhline(slo_ttft_s, color="grey", ls="--", lw=1)
+    axes[1].axhline(slo_tpot_s * 1e3, color="grey", ls="--", lw=1)
+    for ax, title in zip(axes, ["P90 TTFT (s)", "P90 TPOT (ms)", "goodput (req/s within SLO)"]):
+        ax.set_xlabel("offered rate (req/s)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+    axes[2].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)

@@ -1,0 +1,189 @@
+"""The OpenAI-compatible HTTP frontend (aiohttp), with /health and /metrics.
+
+Errors are JSON bodies {"error": {"message", "type", "param", "code"}}: 400 bad input
+(param names the field), 404 unknown model or path, 429 overloaded, 500 internal error,
+503 unavailable or shutting down. Once a stream has started, an error is sent as one more
+event, data: {"error": {...}}, followed by data: [DONE]. A client that disconnects cancels
+its handler, which aborts the request in the backend.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+
+from aiohttp import web
+
+from router.backend import Overloaded
+from router.metrics import CONTENT_TYPE, Metrics
+from router.openai_protocol import (OpenAIRequest, chunk_body, parse_chat, parse_completion, response_body,
+                                    usage, usage_chunk_body)
+from router.requests import BadRequest, UnknownModel
+from router.streaming import RequestFailed, stream_deltas
+
+FRONTEND = "http"
+# aiohttp's default 1 MiB is less than a long-context prompt sent as JSON token ids.
+MAX_BODY_BYTES = 16 << 20
+# A scrape waits this long for fresh backend stats, then shows the last ones (Prometheus'
+# default scrape timeout is 10 s).
+STATS_REFRESH_TIMEOUT_S = 5.0
+log = logging.getLogger(__name__)
+
+
+class HTTPError(Exception):
+    """A response that is an error: raised anywhere in a handler, rendered by the middleware."""
+
+    def __init__(self, status: int, kind: str, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def http_error(exc: Exception) -> HTTPError:
+    if isinstance(exc, HTTPError):
+        return exc
+    if isinstance(exc, UnknownModel):
+        return HTTPError(404, "not_found_error", str(exc), exc.param, "model_not_found")
+    if isinstance(exc, BadRequest):
+        return HTTPError(400, "invalid_request_error", str(exc), exc.param)
+    if isinstance(exc, Overloaded):
+        return HTTPError(429, "overloaded_error", str(exc))
+    if isinstance(exc, RequestFailed):
+        return HTTPError(503, "unavailable_error", str(exc)) if exc.retryable \
+            else HTTPError(500, "internal_error", str(exc))
+    if isinstance(exc, web.HTTPException):  # aiohttp's own: unknown path, wrong method
+        return HTTPError(exc.status, "invalid_request_error", exc.reason)
+    return HTTPError(500, "internal_error", f"internal error: {exc!r}")
+
+
+def sse(payload: dict) -> bytes:
+    return f"data: {json.dumps(payload)}\n\n".encode()
+
+
+class HTTPFrontend:
+    def __init__(self, backend, metrics: Metrics):
+        self.backend = backend
+        self.metrics = metrics
+        self.created = int(time.time())
+        self.draining = False  # set by the server's stop(): new requests get 503
+        self.num_in_flight = 0
+        self.idle = asyncio.Event()  # set while no request is being handled
+        self.idle.set()
+
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics_text)
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model}", self.model)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat_completions)
+        return app
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler):
+        if self.draining:
+            return web.json_response(HTTPError(503, "unavailable_error", "the server is shutting down").body,
+                                     status=503)
+        self.num_in_flight += 1
+        self.idle.clear()
+        try:
+            return await handler(request)
+        except Exception as exc:
+            error = http_error(exc)
+            if error.status == 500:
+                log.error("%s %s failed", request.method, request.path, exc_info=exc)
+            return web.json_response(error.body, status=error.status)
+        finally:
+            self.num_in_flight -= 1
+            if self.num_in_flight == 0:
+                self.idle.set()
+
+    async def health(self, request: web.Request) -> web.Response:
+        if not self.backend.is_ready():
+            raise HTTPError(503, "unavailable_error", "the backend is not ready")
+        return web.json_response({"status": "ok"})
+
+    async def metrics_text(self, request: web.Request) -> web.Response:
+        # The disaggregated backend caches its workers' stats between requests: fetch them
+        # now so that an idle server's gauges are current.
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self.backend.refresh(), STATS_REFRESH_TIMEOUT_S)
+        return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
+
+    def _model_card(self) -> dict:
+        return {"id": self.backend.model_name, "object": "model", "created": self.created, "owned_by": "tandem",
+                "max_model_len": self.backend.max_model_len}
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        if request.match_info["model"] != self.backend.model_name:
+            raise UnknownModel(f"model {request.match_info['model']!r} is not served here", "model")
+        return web.json_response(self._model_card())
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_completion)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._generate(request, parse_chat)
+
+    async def _generate(self, http_request: web.Request, parse) -> web.StreamResponse:
+        try:
+            try:
+                body = await http_request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+            request = parse(body, self.backend)
+        except BadRequest as exc:
+            self.metrics.count(FRONTEND, "not_found" if isinstance(exc, UnknownModel) else "invalid")
+            raise
+        deltas = stream_deltas(self.backend, self.metrics, FRONTEND, request.generate)
+        async with contextlib.aclosing(deltas):
+            # The first delta comes before any response byte, so refusals (overload, bad
+            # input found by the backend) are still plain JSON errors with their status.
+            first = await anext(deltas)
+            if request.stream:
+                return await self._stream(http_request, request, first, deltas)
+            parts, num_tokens, delta = [first.text], len(first.token_ids), first
+            async for delta in deltas:
+                parts.append(delta.text)
+                num_tokens += len(delta.token_ids)
+            counts = usage(len(request.generate.prompt_token_ids), num_tokens)
+            return web.json_response(response_body(request, "".join(parts), delta.finish_reason, counts))
+
+    async def _stream(self, http_request: web.Request, request: OpenAIRequest, first, deltas) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        await response.prepare(http_request)
+        # A reset means the client is gone: the caller then closes `deltas`, aborting the request.
+        with contextlib.suppress(ConnectionResetError):
+            try:
+                await self._write_chunks(response, request, first, deltas)
+            except ConnectionResetError:
+                raise
+            except Exception as exc:  # the status line is sent: report the error in the stream
+                error = http_error(exc)
+                if error.status == 500:
+                    log.error("%s %s failed while streaming", http_request.method, http_request.path, exc_info=exc)
+                await response.write(sse(error.body))
+            await response.write(b"data: [DONE]\n\n")
+            await response.write_eof()
+        return response
+
+    async def _write_chunks(self, response: web.StreamResponse, request: OpenAIRequest, first, deltas) -> None:
+        num_tokens, is_first, delta = 0, True, first
+        while True:
+            num_tokens += len(delta.token_ids)
+            if delta.text or delta.finished:
+                await response.write(sse(chunk_body(request, delta.text, delta.finish_reason, is_first)))
+                is_first = False
+            if delta.finished:
+                break
+            delta = await anext(deltas)
+        if request.include_usage:
+            counts = usage(len(request.generate.prompt_token_ids), num_tokens)
+            await response.write(sse(usage_chunk_body(request, counts)))

@@ -1,0 +1,133 @@
+"""What both frontends share before a request reaches the backend: ids, checks, tokens.
+
+A frontend parses its wire format (KServe tensors, OpenAI JSON) into plain values, then
+`make_request` validates them into a GenerateRequest. Every error a client can cause is a
+BadRequest that names the offending field, so both frontends report it the same way.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, replace
+from typing import Any, Mapping
+
+from engine import SamplingParams
+
+# Sampling fields a request may set -> the JSON type each accepts. JSON true is not a
+# number here, even though Python's bool is an int.
+SAMPLING_FIELDS: dict[str, str] = {
+    "temperature": "number",
+    "top_p": "number",
+    "top_k": "integer",
+    "max_tokens": "integer",
+    "seed": "integer",
+    "stop": "strings",
+    "stop_token_ids": "integers",
+    "ignore_eos": "boolean",
+}
+_TYPE_NAMES = {"number": "a number", "integer": "an integer", "boolean": "true or false",
+               "strings": "a string or a list of strings", "integers": "a list of integers"}
+DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions API and vLLM's SamplingParams
+
+
+class BadRequest(ValueError):
+    """A client's mistake: gRPC INVALID_ARGUMENT, HTTP 400."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the offending field, as the client spelled it
+
+
+class UnknownModel(BadRequest):
+    """The request names a model this router does not serve: gRPC NOT_FOUND, HTTP 404."""
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A validated request, ready for Backend.generate."""
+
+    request_id: str  # unique in this router; the id the backend and its workers see
+    prompt_token_ids: tuple[int, ...]  # the whole prompt, special tokens included
+    params: SamplingParams
+
+
+def new_request_id(prefix: str) -> str:
+    # Client-supplied ids (KServe `id`) may repeat across clients, so the backend never sees them.
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def check_model(backend, name: Any, param: str = "model") -> None:
+    if name != backend.model_name:
+        raise UnknownModel(f"model {name!r} is not served here; the served model is "
+                           f"{backend.model_name!r}", param)
+
+
+def encode_text(tokenizer, text: str, param: str) -> list[int]:
+    """Token ids of a prompt string, with the special tokens (BOS) the engine would add."""
+    if tokenizer is None:
+        raise BadRequest("this model has no tokenizer, so prompts must be token ids", param)
+    return tokenizer.encode(text)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_type(name: str, value: Any, param: str) -> None:
+    kind = SAMPLING_FIELDS[name]
+    ok = {
+        "number": _is_int(value) or isinstance(value, float),
+        "integer": _is_int(value),
+        "boolean": isinstance(value, bool),
+        "strings": isinstance(value, str) or (isinstance(value, list) and all(isinstance(s, str) for s in value)),
+        "integers": isinstance(value, list) and all(_is_int(t) for t in value),
+    }[kind]
+    if not ok:
+        raise BadRequest(f"{param} must be {_TYPE_NAMES[kind]}, got {value!r}", param)
+
+
+def sampling_params(fields: Mapping[str, Any], param_prefix: str = "") -> SamplingParams:
+    """SamplingParams from JSON-like fields (None = unset); errors name `param_prefix + field`."""
+    kwargs = {}
+    for name, value in fields.items():
+        param = param_prefix + name
+        if name not in SAMPLING_FIELDS:
+            raise BadRequest(f"unknown sampling field {param!r}; known fields: "
+                             f"{', '.join(SAMPLING_FIELDS)}", param)
+        if value is None:
+            continue
+        _check_type(name, value, param)
+        try:
+            # Each field is validated on its own first, so the error can name that field.
+            SamplingParams(**{name: value})
+        except ValueError as exc:
+            raise BadRequest(f"{param}: {exc}", param) from None
+        kwargs[name] = value
+    return SamplingParams(**kwargs)
+
+
+def make_request(backend, prefix: str, prompt_token_ids: list[int], fields: Mapping[str, Any], *,
+                 prompt_param: str, param_prefix: str = "",
+                 default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> GenerateRequest:
+    """Validate a prompt and its sampling fields against the backend's context window.
+
+    An explicit max_tokens that does not fit beside the prompt is an error; a default one
+    (`default_max_tokens`, None = as many as fit) is cut to fit.
+    """
+    explicit = fields.get("max_tokens") is not None
+    params = sampling_params(fields, param_prefix)
+    if not prompt_token_ids:
+        raise BadRequest(f"{prompt_param} is empty: it must contain at least one token", prompt_param)
+    room = backend.max_model_len - len(prompt_token_ids)
+    if room <= 0:
+        raise BadRequest(f"{prompt_param} has {len(prompt_token_ids)} tokens, but this model's "
+                         f"context window is {backend.max_model_len} tokens including at least "
+                         f"one output token", prompt_param)
+    if explicit and params.max_tokens > room:
+        param = param_prefix + "max_tokens"
+        raise BadRequest(f"{param}={params.max_tokens} does not fit: the prompt has "
+                         f"{len(prompt_token_ids)} tokens and the context window is "
+                         f"{backend.max_model_len}, leaving room for {room}", param)
+    if not explicit:
+        params = replace(params, max_tokens=min(default_max_tokens or room, room))
+    return GenerateRequest(new_request_id(prefix), tuple(prompt_token_ids), params)
