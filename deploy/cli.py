@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMAND_MODULES = ("engine.cli", "planner.cli", "deploy.commands", "benchmarks.cli")
+COMMAND_MODULES = ("engine.cli", "planner.cli", "deploy.commands", "deploy.helm_cli", "benchmarks.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

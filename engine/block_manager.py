@@ -24,6 +24,16 @@ def hash_block(parent: bytes | None, token_ids: list[int]) -> bytes:
     return h.digest()
 
 
+def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
+    """Chained hashes of every full block of token_ids, in order (the prefix cache's keys)."""
+    hashes: list[bytes] = []
+    parent = None
+    for start in range(0, len(token_ids) - block_size + 1, block_size):
+        parent = hash_block(parent, token_ids[start:start + block_size])
+        hashes.append(parent)
+    return hashes
+
+
 class BlockManager:
     """Hands out and takes back KV blocks for sequences; owns the prefix cache index."""
 
@@ -53,14 +63,6 @@ class BlockManager:
 
     # ---- prefix cache lookups -------------------------------------------------------------
 
-    def _prefix_hashes(self, token_ids: list[int]) -> list[bytes]:
-        hashes: list[bytes] = []
-        parent = None
-        for start in range(0, len(token_ids) - self.block_size + 1, self.block_size):
-            parent = hash_block(parent, token_ids[start:start + self.block_size])
-            hashes.append(parent)
-        return hashes
-
     def find_cached_blocks(self, token_ids: list[int]) -> list[int]:
         """Block ids that already hold the longest cached prefix of token_ids (full blocks).
 
@@ -70,7 +72,7 @@ class BlockManager:
         if not self.enable_prefix_caching:
             return []
         hits: list[int] = []
-        for h in self._prefix_hashes(token_ids):
+        for h in prefix_block_hashes(token_ids, self.block_size):
             block_id = self.cached.get(h)
             if block_id is None:
                 break

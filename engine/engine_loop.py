@@ -8,8 +8,9 @@ transfer threads never wait for a step: release_soon() only queues the request i
 
 from __future__ import annotations
 
+import asyncio
 import threading
-from typing import Callable
+from typing import AsyncIterator, Awaitable, Callable
 
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
@@ -32,6 +33,27 @@ def to_delta(out: RequestOutput) -> TokenDelta:
 
 def final_delta(request_id: str, reason: str, error: str | None = None) -> TokenDelta:
     return TokenDelta(request_id, (), "", True, reason, 0, 0, error=error)
+
+
+async def delta_stream(start: Callable[[Callable[[TokenDelta], None]], Awaitable[None]],
+                       stop: Callable[[], Awaitable[None]]) -> AsyncIterator[TokenDelta]:
+    """Bridge a request's deltas from the engine thread into the caller's event loop.
+
+    start(on_delta) begins the request; deltas are yielded until the final one. If the
+    caller stops iterating first (client gone, cancelled), stop() aborts the request.
+    """
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
+    await start(lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+    finished = False
+    try:
+        while not finished:
+            delta = await queue.get()
+            finished = delta.finished
+            yield delta
+    finally:
+        if not finished:
+            await stop()
 
 
 class EngineLoop:

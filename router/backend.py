@@ -12,8 +12,8 @@ import asyncio
 from pathlib import Path
 from typing import AsyncIterator, Protocol
 
-from engine.engine_loop import EngineLoop, Overloaded
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.engine_loop import EngineLoop, Overloaded, delta_stream
 from proto.serving import TokenDelta
 
 __all__ = ["Backend", "LocalBackend", "Overloaded"]
@@ -63,25 +63,12 @@ class LocalBackend:
     def tokenizer(self):
         return self._loop.engine.tokenizer
 
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenDelta]:
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
-
-        def on_delta(delta: TokenDelta) -> None:  # called on the engine thread
-            loop.call_soon_threadsafe(queue.put_nowait, delta)
-
+    def generate(self, request_id: str, prompt: str | list[int],
+                 params: SamplingParams) -> AsyncIterator[TokenDelta]:
         # submit waits for the engine lock (up to one step): keep the event loop free.
-        await asyncio.to_thread(self._loop.submit, request_id, prompt, params, on_delta)
-        finished = False
-        try:
-            while not finished:
-                delta = await queue.get()
-                finished = delta.finished
-                yield delta
-        finally:
-            if not finished:
-                await asyncio.to_thread(self._loop.abort, request_id)
+        return delta_stream(
+            lambda on_delta: asyncio.to_thread(self._loop.submit, request_id, prompt, params, on_delta),
+            lambda: self.abort(request_id))
 
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self._loop.abort, request_id)

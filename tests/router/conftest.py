@@ -19,7 +19,6 @@ from engine import EngineConfig
 from proto.serving import TokenDelta
 from router.backend import LocalBackend, Overloaded
 from router.server import ServerHandle, serve
-from tests.checkpoints import make_checkpoint, make_tokenizer
 
 
 class ControlledBackend:
@@ -108,15 +107,9 @@ class Served:
             time.sleep(0.02)
 
 
-@pytest.fixture(scope="session")
-def tiny_model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("router_model")
-    return make_checkpoint(root / "tiny-llama", "llama", make_tokenizer(root / "tok"))
-
-
 @pytest.fixture(scope="module")
-def served(tiny_model_dir):
-    backend = ControlledBackend(LocalBackend(tiny_model_dir, EngineConfig(max_num_batched_tokens=64)))
+def served(tiny_llama_dir):
+    backend = ControlledBackend(LocalBackend(tiny_llama_dir, EngineConfig(max_num_batched_tokens=64)))
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, name="servers", daemon=True)
     thread.start()

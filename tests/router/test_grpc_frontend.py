@@ -44,11 +44,11 @@ def text_of(result) -> str:
     return result.as_numpy("text_output")[0].decode()
 
 
-def greedy_text(served, tiny_model_dir, prompt, n) -> str:
+def greedy_text(served, tiny_llama_dir, prompt, n) -> str:
     """The transformers oracle's text. A random model can end on half a UTF-8 character,
     which the engine never emits, so the oracle's trailing replacement characters go too."""
     tok = served.backend.tokenizer
-    ids = hf_greedy(tiny_model_dir, tok.encode(prompt), n, ignore_eos=True)
+    ids = hf_greedy(tiny_llama_dir, tok.encode(prompt), n, ignore_eos=True)
     return tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
@@ -102,9 +102,9 @@ def test_health_metadata_and_config(served, client):
         assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= set(services)
 
 
-def test_infer_matches_transformers(served, tiny_model_dir, client):
+def test_infer_matches_transformers(served, tiny_llama_dir, client):
     result = client.infer(MODEL, inputs(sampling={"temperature": 0, "max_tokens": 12, "ignore_eos": True}))
-    assert text_of(result) == greedy_text(served, tiny_model_dir, PROMPT, 12)
+    assert text_of(result) == greedy_text(served, tiny_llama_dir, PROMPT, 12)
     assert result.as_numpy("finish_reason")[0] == b"length"
     # vLLM's Triton backend sends sampling values as strings too.
     again = client.infer(MODEL, inputs(sampling={"temperature": "0", "max_tokens": "12", "ignore_eos": "true"}),
@@ -112,7 +112,7 @@ def test_infer_matches_transformers(served, tiny_model_dir, client):
     assert text_of(again) == text_of(result) and again.as_numpy("finish_reason") is None
 
 
-def test_streams_concurrent_requests_with_final_flags(served, tiny_model_dir, client):
+def test_streams_concurrent_requests_with_final_flags(served, tiny_llama_dir, client):
     greedy = {"temperature": 0, "max_tokens": 10, "ignore_eos": True}
     prompts = {"a": PROMPT, "b": "The little dog", "c": "She said"}
     requests = [{"id": i, "inputs": inputs(p, greedy, stream=True)} for i, p in prompts.items()]
@@ -122,9 +122,9 @@ def test_streams_concurrent_requests_with_final_flags(served, tiny_model_dir, cl
         results = by_id[rid]
         finals = [r.get_response().parameters["triton_final_response"].bool_param for r in results]
         assert finals == [False] * (len(results) - 1) + [True] and len(results) > 2
-        assert "".join(text_of(r) for r in results) == greedy_text(served, tiny_model_dir, prompt, 10)
+        assert "".join(text_of(r) for r in results) == greedy_text(served, tiny_llama_dir, prompt, 10)
         assert results[-1].as_numpy("finish_reason")[0] == b"length"
-    assert len(by_id["whole"]) == 1 and text_of(by_id["whole"][0]) == greedy_text(served, tiny_model_dir, PROMPT, 10)
+    assert len(by_id["whole"]) == 1 and text_of(by_id["whole"][0]) == greedy_text(served, tiny_llama_dir, PROMPT, 10)
 
 
 @pytest.mark.parametrize("bad_inputs, needle", [

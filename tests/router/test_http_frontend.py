@@ -24,9 +24,9 @@ def client(served):
         yield c
 
 
-def greedy_text(served, tiny_model_dir, prompt_ids, n) -> str:
+def greedy_text(served, tiny_llama_dir, prompt_ids, n) -> str:
     """The transformers oracle's text (the engine never emits a trailing half character)."""
-    ids = hf_greedy(tiny_model_dir, prompt_ids, n, ignore_eos=True)
+    ids = hf_greedy(tiny_llama_dir, prompt_ids, n, ignore_eos=True)
     return served.backend.tokenizer.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
 
 
@@ -40,8 +40,8 @@ def post(served, path: str, body: bytes | dict) -> tuple[int, dict]:
         return error.code, json.load(error)
 
 
-def test_completion_matches_transformers_streamed_or_not(served, tiny_model_dir, client):
-    expected = greedy_text(served, tiny_model_dir, served.backend.tokenizer.encode(PROMPT), 10)
+def test_completion_matches_transformers_streamed_or_not(served, tiny_llama_dir, client):
+    expected = greedy_text(served, tiny_llama_dir, served.backend.tokenizer.encode(PROMPT), 10)
     completion = client.completions.create(model=MODEL, prompt=PROMPT, **GREEDY)
     assert completion.choices[0].text == expected and completion.choices[0].finish_reason == "length"
     assert completion.usage.completion_tokens == 10
@@ -55,14 +55,14 @@ def test_completion_matches_transformers_streamed_or_not(served, tiny_model_dir,
     assert chunks[-1].usage.total_tokens == completion.usage.total_tokens
 
     by_ids = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], **GREEDY)
-    assert by_ids.choices[0].text == greedy_text(served, tiny_model_dir, [5, 6, 7, 8], 10)
+    assert by_ids.choices[0].text == greedy_text(served, tiny_llama_dir, [5, 6, 7, 8], 10)
 
 
-def test_chat_uses_fallback_template_streamed_or_not(served, tiny_model_dir, client):
+def test_chat_uses_fallback_template_streamed_or_not(served, tiny_llama_dir, client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Tell a story."}]
     rendered = "<s>system: Be brief.\nuser: Tell a story.\nassistant:"  # the documented fallback
     prompt_ids = served.backend.tokenizer.encode(rendered, add_special_tokens=False)
-    expected = greedy_text(served, tiny_model_dir, prompt_ids, 10)
+    expected = greedy_text(served, tiny_llama_dir, prompt_ids, 10)
     chat = client.chat.completions.create(model=MODEL, messages=messages, **GREEDY)
     assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == expected
     assert chat.usage.prompt_tokens == len(prompt_ids)

@@ -7,18 +7,12 @@ import pytest
 
 from engine import EngineConfig, SamplingParams
 from router.backend import LocalBackend, Overloaded
-from tests.checkpoints import hf_greedy, make_checkpoint, make_tokenizer
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("backend")
-    return make_checkpoint(root / "llama", "llama", make_tokenizer(root / "tok"))
+from tests.checkpoints import hf_greedy
 
 
 @pytest.fixture
-def backend(model_dir):
-    b = LocalBackend(model_dir, EngineConfig(max_num_batched_tokens=32), max_waiting=8)
+def backend(tiny_llama_dir):
+    b = LocalBackend(tiny_llama_dir, EngineConfig(max_num_batched_tokens=32), max_waiting=8)
     yield b
     b.close()
 
@@ -31,7 +25,7 @@ async def collect(backend, rid, prompt, params):
     return deltas
 
 
-def test_concurrent_streams_match_transformers(backend, model_dir):
+def test_concurrent_streams_match_transformers(backend, tiny_llama_dir):
     prompts = [[5 + i, 6, 7, 8 + i] * (i + 1) for i in range(6)]
     params = SamplingParams(temperature=0.0, max_tokens=10)
 
@@ -41,7 +35,7 @@ def test_concurrent_streams_match_transformers(backend, model_dir):
     for prompt, deltas in zip(prompts, asyncio.run(main())):
         assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
         tokens = [t for d in deltas for t in d.token_ids]
-        assert tokens == hf_greedy(model_dir, prompt, 10)
+        assert tokens == hf_greedy(tiny_llama_dir, prompt, 10)
     assert backend.stats()["num_free_blocks"] == backend.stats()["num_blocks"]
 
 

@@ -14,8 +14,8 @@ from router.requests import BadRequest, UnknownModel, make_request
 
 
 @pytest.fixture(scope="module")
-def backend(tiny_model_dir):
-    return SimpleNamespace(model_name="m", max_model_len=64, tokenizer=load_tokenizer(tiny_model_dir))
+def backend(tiny_llama_dir):
+    return SimpleNamespace(model_name="m", max_model_len=64, tokenizer=load_tokenizer(tiny_llama_dir))
 
 
 def test_ids_are_unique_and_max_tokens_defaults_fit_the_context(backend):
@@ -76,8 +76,8 @@ def test_openai_bodies(backend):
     assert info.value.param == "messages[0].content"
 
 
-def test_chat_uses_the_tokenizers_own_template(tiny_model_dir):
-    tokenizer = load_tokenizer(tiny_model_dir)
+def test_chat_uses_the_tokenizers_own_template(tiny_llama_dir):
+    tokenizer = load_tokenizer(tiny_llama_dir)
     tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
                                "{% if add_generation_prompt %}<assistant>{% endif %}")
     ids = chat_prompt_ids(tokenizer, [{"role": "user", "content": "hi"}])
