@@ -125,6 +125,7 @@ class EngineConfig:
     num_blocks: int | None = None  # KV blocks; default: from kv_cache_bytes
     kv_cache_bytes: int | None = None  # default: 1 GiB on CPU, 90% of free GPU memory on GPU
     enable_prefix_caching: bool = True
+    tensor_parallel_size: int = 1  # ranks (GPUs) one engine is split over; see engine/parallel.py
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES + ("auto",):
@@ -134,7 +135,7 @@ class EngineConfig:
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_blocks",
-                     "kv_cache_bytes"):
+                     "kv_cache_bytes", "tensor_parallel_size"):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")

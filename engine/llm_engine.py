@@ -19,6 +19,7 @@ from engine.detokenizer import Detokenizer
 from engine.kv_cache import TORCH_DTYPES, KVCache
 from engine.loader import load_model
 from engine.model_runner import ModelRunner
+from engine.parallel import OnStep, TPGroup, TPModelRunner, check_tp_size, rank_device, shard_model
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -68,21 +69,43 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: str) -> str:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig()):
+    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig(), tp_rank: int = 0,
+                 dist_init: str | None = None):
+        """With config.tensor_parallel_size > 1, every rank builds its engine in its own
+        process with the same arguments but its tp_rank, and dist_init (e.g.
+        "tcp://host:port") names where the ranks meet; rank 0 is then used as usual and
+        the others call follow() (see engine/parallel.py)."""
         self.config = config
         self.model_config = mc = ModelConfig.from_dir(model_dir)
+        tp = config.tensor_parallel_size
+        if tp > 1:
+            check_tp_size(mc, tp)
+            if dist_init is None:
+                raise ValueError(f"tensor_parallel_size={tp} needs dist_init, the address where the "
+                                 f"ranks meet (e.g. 'tcp://127.0.0.1:29500')")
+        if not 0 <= tp_rank < tp:
+            raise ValueError(f"tp_rank must be in [0, tensor_parallel_size={tp}), got {tp_rank}")
         self.device = resolve_device(config.device)
+        if tp > 1:
+            self.device = rank_device(self.device, tp_rank)
         self.dtype = resolve_dtype(config.dtype, mc, self.device)
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
         if self.max_model_len > mc.max_position_embeddings:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={mc.max_position_embeddings}")
-        self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], self.device, self.max_model_len)
-        self.tokenizer = load_tokenizer(model_dir)
+        self.tp_group = TPGroup(tp_rank, tp, dist_init, self.device) if tp > 1 else None
+        if self.tp_group is None:
+            self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], self.device, self.max_model_len)
+        else:  # shard on the host, so that a GPU never holds more than its share
+            self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], "cpu", self.max_model_len)
+            self.model = shard_model(self.model, tp_rank, tp).to(self.device)
+        self.tokenizer = load_tokenizer(model_dir) if tp_rank == 0 else None  # followers never tokenize
         layout = KVLayout(model_id=mc.model_id, num_layers=mc.num_layers, total_num_kv_heads=mc.num_kv_heads,
-                          num_kv_heads=mc.num_kv_heads, head_dim=mc.head_dim, block_size=config.block_size,
-                          num_blocks=1, dtype=self.dtype, device=self.device)
+                          num_kv_heads=mc.num_kv_heads // tp, head_dim=mc.head_dim, block_size=config.block_size,
+                          num_blocks=1, dtype=self.dtype, device=self.device, tp_rank=tp_rank, tp_size=tp)
         num_blocks = config.num_blocks or self._default_num_blocks(layout)
+        if self.tp_group is not None:  # rank 0's block ids must be valid on every rank
+            num_blocks = self.tp_group.min_over_ranks(num_blocks)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(f"num_blocks={num_blocks} x block_size={config.block_size} holds fewer tokens "
                              f"than max_model_len={self.max_model_len}; raise num_blocks or kv_cache_bytes")
@@ -92,7 +115,10 @@ class LLMEngine:
             SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
                             max_model_len=self.max_model_len, eos_token_id=mc.eos_token_id),
             self.block_manager)
-        self.runner = ModelRunner(self.model, self.kv_cache)
+        if self.tp_group is None:
+            self.runner = ModelRunner(self.model, self.kv_cache)
+        else:
+            self.runner = TPModelRunner(self.model, self.kv_cache, self.tp_group)
         self.sampler = Sampler()
         self.requests: dict[str, _Request] = {}
 
@@ -184,6 +210,28 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
+    # ---- tensor parallelism ---------------------------------------------------------------
+
+    def follow(self, on_step: OnStep | None = None) -> None:
+        """Ranks > 0: run rank 0's steps until rank 0 calls close(). on_step(payload), if
+        given, runs as each step arrives and returns that step's per-layer hook (or None)."""
+        if self.tp_group is None:
+            raise RuntimeError("follow() is for ranks > 0 of a tensor-parallel engine; this one runs alone")
+        self.runner.follow(on_step)
+
+    def close(self) -> None:
+        """Leave the tensor-parallel group; rank 0 first ends its followers' follow().
+        Nothing to do for an engine that runs alone."""
+        if self.tp_group is None or self.tp_group.closed:
+            return
+        try:
+            if self.tp_group.is_driver:
+                self.runner.stop_followers()
+        except RuntimeError:  # a follower is gone already: there is no one left to stop
+            pass
+        finally:
+            self.tp_group.close()
+
     # ---- the step -------------------------------------------------------------------------
 
     def step(self, on_layer_stored: Callable[[int], None] | None = None) -> list[RequestOutput]:
@@ -195,11 +243,16 @@ class LLMEngine:
         transfers of the prompts this step completes before their layers compute."""
         return self.scheduler.schedule()
 
-    def run(self, out: SchedulerOutput,
-            on_layer_stored: Callable[[int], None] | None = None) -> list[RequestOutput]:
+    def run(self, out: SchedulerOutput, on_layer_stored: Callable[[int], None] | None = None,
+            step_payload: object = None) -> list[RequestOutput]:
+        """step_payload: with tensor parallelism, picklable data that every follower's
+        on_step receives with this step (e.g. the KV transfers that start in it)."""
         if out.is_empty:
             return []
-        logits = self.runner.execute(out.scheduled, on_layer_stored)
+        if self.tp_group is None:
+            logits = self.runner.execute(out.scheduled, on_layer_stored)
+        else:
+            logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload)
         sampling = [s.seq for s in out.scheduled if s.samples]
         tokens = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
         sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens)}

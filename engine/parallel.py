@@ -1,0 +1,243 @@
+"""Tensor parallelism: one engine spread over the GPUs of a worker, one process per rank.
+
+The model is built whole, then sharded from the outside (shard_model), so model.py holds
+no parallelism code. Each rank keeps a contiguous share of the heads and of the MLP:
+
+    qkv_proj   [q heads | k heads | v heads] rows  -> this rank's q, k and v heads (column-parallel)
+    o_proj     columns of this rank's q heads       -> partial sums, all-reduced (row-parallel)
+    gate_up    [gate | up] rows                     -> this rank's slice of gate and of up
+    down_proj  columns of that slice                -> partial sums, all-reduced
+    embedding, norms, lm_head                       -> replicated (simple; the vocab is not split)
+
+Row-parallel biases are kept by rank 0 only, so that the all-reduce adds them once. Query
+head h reads KV head h // (num_heads / num_kv_heads), so contiguous shares keep every
+rank's queries next to their KV heads, and rank r's KV cache holds exactly the heads
+[r * H_kv / tp, (r + 1) * H_kv / tp): KVLayout(tp_rank=r, tp_size=tp) says so to KV transfers.
+
+The ranks run in lockstep, driven by rank 0::
+
+    rank 0 (driver)                                   rank r > 0 (follower)
+    scheduler, block manager, sampler, tokenizer      the sharded model and its KV cache only
+    step(): schedule -> plan the batch                follow(on_step):
+            broadcast StepMessage(step, payload) ---->  receive StepMessage
+            forward (all-reduces) <-----------------+-> hook = on_step(payload); forward(hook)
+            sample, post-process                        (until the driver's close())
+
+The step travels as plain lists (StepInputs) on a Gloo group even when the model's
+all-reduces use NCCL; every rank builds its own tensors from it. The payload is whatever
+picklable data the driver attaches to the step with LLMEngine.run(..., step_payload=...):
+a prefill worker sends the KV transfers that start in this step (request ids, block ids,
+destinations), and each follower's on_step(payload) starts its own rank's sender and
+returns the per-layer hook that pushes each layer once it is stored, exactly as the
+driver's on_layer_stored does on rank 0. Each rank's engine.kv_cache (tensor and layout) is
+what that rank's KV sender or receiver is built on.
+
+Failure and shutdown: the driver's close() tells the followers to stop, and their follow()
+returns. The followers wait for the next step for as long as the server is idle (the
+control group has no practical timeout); a rank whose process dies closes its sockets, so
+the other ranks' pending receive or all-reduce fails at once instead of hanging. A follower
+whose step fails leaves the group the same way; a driver that fails but lives on must
+close() its engine for that effect.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine.config import ModelConfig
+from engine.kv_cache import KVCache
+from engine.model import LlamaModel
+from engine.model_runner import ModelRunner, StepInputs
+from engine.scheduler import ScheduledSeq
+
+# Followers block on the control group between steps, however long the server idles.
+CONTROL_TIMEOUT = timedelta(days=365)
+
+# Runs on every follower when a step arrives: payload in, per-layer hook (or None) out.
+OnStep = Callable[[object], Callable[[int], None] | None]
+
+
+def check_tp_size(config: ModelConfig, tp_size: int) -> None:
+    """Refuse a TP size that does not split the model's heads and MLP evenly."""
+    if tp_size <= 0:
+        raise ValueError(f"tensor_parallel_size must be positive, got {tp_size}")
+    for name in ("num_heads", "num_kv_heads", "intermediate_size"):
+        value = getattr(config, name)
+        if value % tp_size:
+            raise ValueError(f"tensor_parallel_size={tp_size} does not divide the model's "
+                             f"{name}={value} (num_heads={config.num_heads}, num_kv_heads="
+                             f"{config.num_kv_heads}, intermediate_size={config.intermediate_size}); "
+                             f"choose a size that divides all three")
+
+
+def rank_device(device: str, rank: int) -> str:
+    """A rank's device. 'cuda' means GPU `rank` when this process sees several GPUs, and its
+    only GPU when it sees one (one GPU per process, as Ray assigns them)."""
+    if device != "cuda":
+        return device
+    count = torch.cuda.device_count()
+    if count == 1:
+        return "cuda:0"
+    if rank >= count:
+        raise ValueError(f"tp_rank={rank} needs GPU {rank}, but this process sees {count} GPUs")
+    return f"cuda:{rank}"
+
+
+class TPGroup:
+    """This process's membership in a tensor-parallel group.
+
+    compute: the default process group (NCCL on GPU, Gloo on CPU) for the all-reduces;
+    control: a Gloo group for the driver's step broadcasts and small agreements.
+    Created before the model is sharded; close() leaves both.
+    """
+
+    def __init__(self, rank: int, world_size: int, init_method: str, device: str):
+        if dist.is_initialized():
+            raise RuntimeError("this process already belongs to a process group: one engine "
+                               "rank per process")
+        self.rank = rank
+        self.world_size = world_size
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":
+            torch.cuda.set_device(device)
+        dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
+        self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        self.closed = False
+
+    @property
+    def is_driver(self) -> bool:
+        return self.rank == 0
+
+    def min_over_ranks(self, value: int) -> int:
+        """The smallest of every rank's value (e.g. KV blocks that fit: all ranks need the same)."""
+        t = torch.tensor([value], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.control)
+        return int(t.item())
+
+    def broadcast(self, msg: StepMessage | None) -> StepMessage:
+        """The driver sends msg; every other rank passes None and gets the driver's."""
+        box = [msg]
+        dist.broadcast_object_list(box, src=0, group=self.control)
+        return box[0]
+
+    def barrier(self) -> None:
+        dist.barrier(group=self.control)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            dist.destroy_process_group()
+
+
+# ---- sharding ---------------------------------------------------------------------------------
+
+def _share(start: int, size: int, rank: int, world_size: int) -> slice:
+    """The rank's contiguous share of the range [start, start + size)."""
+    n = size // world_size
+    return slice(start + rank * n, start + (rank + 1) * n)
+
+
+def _keep_rows(linear: nn.Linear, shares: list[slice]) -> None:
+    """Column-parallel: keep the output rows (and bias entries) in shares, in order."""
+    linear.weight = nn.Parameter(torch.cat([linear.weight[s] for s in shares]), requires_grad=False)
+    if linear.bias is not None:
+        linear.bias = nn.Parameter(torch.cat([linear.bias[s] for s in shares]), requires_grad=False)
+    linear.out_features = linear.weight.shape[0]
+
+
+def _keep_columns(linear: nn.Linear, share: slice, rank: int) -> None:
+    """Row-parallel: keep the input columns in share; the output becomes a partial sum that
+    is all-reduced after the layer. Only rank 0 adds the bias."""
+    linear.weight = nn.Parameter(linear.weight[:, share].contiguous(), requires_grad=False)
+    linear.in_features = linear.weight.shape[1]
+    if rank != 0:
+        linear.bias = None
+    linear.register_forward_hook(_all_reduce_output)
+
+
+def _all_reduce_output(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(output)
+    return output
+
+
+def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
+    """Cut a whole model down, in place, to tensor-parallel rank `rank` of `world_size`.
+
+    Call once, after the weights are loaded and with the default process group up (the
+    row-parallel layers all-reduce over it in every forward). Returns the model.
+    """
+    config = model.config
+    check_tp_size(config, world_size)
+    for layer in model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert attn.num_heads == config.num_heads, "the model is already sharded"
+        q_size, kv_size = attn.q_size, attn.kv_size
+        _keep_rows(attn.qkv_proj, [_share(0, q_size, rank, world_size),
+                                   _share(q_size, kv_size, rank, world_size),
+                                   _share(q_size + kv_size, kv_size, rank, world_size)])
+        _keep_columns(attn.o_proj, _share(0, q_size, rank, world_size), rank)
+        attn.num_heads //= world_size
+        attn.num_kv_heads //= world_size
+        attn.q_size //= world_size
+        attn.kv_size //= world_size
+
+        inter = mlp.intermediate_size
+        _keep_rows(mlp.gate_up_proj, [_share(0, inter, rank, world_size),
+                                      _share(inter, inter, rank, world_size)])
+        _keep_columns(mlp.down_proj, _share(0, inter, rank, world_size), rank)
+        mlp.intermediate_size //= world_size
+    return model
+
+
+# ---- lockstep execution -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StepMessage:
+    """What the driver broadcasts before each forward."""
+
+    step: StepInputs | None  # the batch to run; None tells the followers to stop
+    payload: object = None  # picklable data for the followers' on_step (e.g. transfers starting)
+
+
+class TPModelRunner(ModelRunner):
+    """A ModelRunner in a TP group: the driver broadcasts each step before running it, the
+    followers run the steps they receive."""
+
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, group: TPGroup):
+        super().__init__(model, kv_cache)
+        self.group = group
+
+    @torch.inference_mode()
+    def execute(self, scheduled: list[ScheduledSeq],
+                on_layer_stored: Callable[[int], None] | None = None,
+                step_payload: object = None) -> torch.Tensor:
+        """Driver: run one step on every rank; returns the logits, as ModelRunner.execute."""
+        if not self.group.is_driver:
+            raise RuntimeError(f"rank {self.group.rank} follows rank 0: call follow(), not step()")
+        step = self.plan(scheduled)
+        self.group.broadcast(StepMessage(step, step_payload))
+        return self.model.compute_logits(self.forward(step, on_layer_stored))
+
+    def follow(self, on_step: OnStep | None = None) -> None:
+        """Follower: run the driver's steps until it stops the group."""
+        if self.group.is_driver:
+            raise RuntimeError("rank 0 drives the group: it steps, it does not follow")
+        try:
+            while (msg := self.group.broadcast(None)).step is not None:
+                hook = on_step(msg.payload) if on_step is not None else None
+                self.forward(msg.step, hook)
+            self.group.barrier()
+        except BaseException:
+            self.group.close()  # the driver's pending all-reduce fails now, not at a timeout
+            raise
+
+    def stop_followers(self) -> None:
+        """Driver: end every follower's follow()."""
+        self.group.broadcast(StepMessage(None))
+        self.group.barrier()
