@@ -1,0 +1,248 @@
+"""What one instance can serve within the SLO: the options the MILP chooses from.
+
+An option is a (node hardware, role, tp, pp) with its latency coefficients, KV capacity
+and SLO-feasible throughput:
+
+- prefill: the highest Poisson rate at which the SLO's TTFT percentile holds (M/G/1 over
+  the workload's prompt lengths, planner/queueing.py);
+- decode: the highest rate at which the batch that the rate builds up stays within the
+  TPOT target and the KV memory. The batch is random (a negative binomial, see
+  queueing.decode_batch_pmf) and is taken at the SLO's TPOT percentile, because a
+  request's TPOT is set by the batches it shares. KV also holds the prompts reserved for
+  requests still in prefill (decode reserves before prefill pushes), about rate x TTFT
+  of them, and is sized for a far higher quantile than TPOT: running out of it preempts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from planner import queueing
+from planner.gpus import NodeHardware
+from planner.latency import Coefficients, LatencyTable
+from proto.model_spec import ModelSpec
+from proto.slo import SLOSpec
+
+GPU_MEMORY_UTILIZATION = 0.9  # the rest: activations, CUDA context, fragmentation
+MIN_PREFILL_BUDGET = 512  # scheduler token budget floor (the engine's default chunk)
+PARALLEL_SIZES = (1, 2, 4, 8)
+MAX_DECODE_BATCH = 1024
+# Running out of KV blocks preempts and recomputes sequences, which adds load exactly when
+# there is none to spare; KV is sized for the 99.9th percentile of its occupancy.
+KV_SAFETY_Z = 3.1  # beyond this a step's kernels stop scaling with the batch
+# Prompts per prefill step are bounded by the token budget; this only caps the case of
+# many short prompts, whose batching barely saves time over running them in turn.
+MAX_PREFILL_SEQS = 16
+
+
+@dataclass(frozen=True)
+class WorkloadStats:
+    """Samples of the workload's lengths, and the averages the capacity model uses."""
+
+    input_tokens: np.ndarray
+    output_tokens: np.ndarray
+    max_tokens: int  # the longest request (prompt plus output) the workload holds
+
+    @property
+    def mean_decode_steps(self) -> float:
+        """Decode steps per request: every output token but the first, which prefill samples
+        (floored above zero: a workload of one-token outputs still has a finite decode rate)."""
+        return max(float(np.maximum(self.output_tokens - 1, 0).mean()), 1e-3)
+
+    @property
+    def decode_context(self) -> float:
+        """Mean KV tokens of a decoding sequence, weighted by how long each one decodes."""
+        return self.decode_kv_moments[0]
+
+    @property
+    def decode_kv_moments(self) -> tuple[float, float]:
+        """E[X], E[X^2] of the KV tokens X of a sequence seen in a decode batch at a random
+        step: its prompt plus a uniform share of its output, weighted by decode steps."""
+        steps = np.maximum(self.output_tokens - 1, 0).astype(float)
+        prompt = self.input_tokens.astype(float)
+        if not steps.sum():
+            return float(prompt.mean()), float((prompt ** 2).mean())
+        w = steps / steps.sum()
+        first = (w * (prompt + steps / 2)).sum()
+        second = (w * (prompt ** 2 + prompt * steps + steps ** 2 / 3)).sum()
+        return float(first), float(second)
+
+
+@dataclass(frozen=True)
+class InstanceOption:
+    role: str  # prefill | decode
+    hardware: NodeHardware
+    tp: int
+    pp: int
+    coefficients: Coefficients
+    kv_tokens: int  # KV capacity of the instance in tokens
+    capacity_rps: float  # SLO-feasible throughput
+    max_batch_size: int  # scheduler max_num_seqs (per pipeline stage's batch)
+    max_batched_tokens: int  # scheduler token budget
+
+    @property
+    def gpu_type(self) -> str:
+        return self.hardware.gpu.name
+
+    @property
+    def num_gpus(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def cost_per_hour(self) -> float:
+        return self.num_gpus * self.hardware.cost_per_gpu_hour
+
+    def label(self) -> str:
+        return f"{self.role} {self.gpu_type} tp={self.tp} pp={self.pp}"
+
+
+def valid_parallelism(model: ModelSpec, tp: int, pp: int) -> bool:
+    """tp must split the query heads and split (or replicate) the KV heads evenly."""
+    kv_ok = model.num_kv_heads % tp == 0 or tp % model.num_kv_heads == 0
+    return model.num_heads % tp == 0 and kv_ok and pp <= model.num_layers
+
+
+def kv_capacity_tokens(model: ModelSpec, hw: NodeHardware, tp: int, pp: int) -> int:
+    """Tokens of KV one instance holds; 0 when its share of the weights does not fit."""
+    free = hw.memory_bytes * GPU_MEMORY_UTILIZATION - model.weight_bytes / (tp * pp)
+    layers_per_stage = math.ceil(model.num_layers / pp)
+    heads_per_gpu = math.ceil(model.num_kv_heads / tp)  # replicated when tp > KV heads
+    per_token = 2 * layers_per_stage * heads_per_gpu * model.head_dim * model.dtype_bytes
+    return max(int(free // per_token), 0)
+
+
+def fits(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, max_tokens: int) -> bool:
+    """Whether the instance holds its weights and the longest request in one engine's KV."""
+    return valid_parallelism(model, tp, pp) and kv_capacity_tokens(model, hw, tp, pp) // pp >= max_tokens
+
+
+def prefill_service_s(coeffs: Coefficients, stats: WorkloadStats) -> np.ndarray:
+    return coeffs.prefill_ms(stats.input_tokens.astype(float)) / 1e3
+
+
+def prefill_capacity(coeffs: Coefficients, pp: int, stats: WorkloadStats, slo: SLOSpec) -> float:
+    return queueing.max_rate(prefill_service_s(coeffs, stats), slo.ttft_s, slo.ttft_percentile / 100, pp)
+
+
+@dataclass(frozen=True)
+class DecodeLimits:
+    capacity_rps: float
+    max_batch_size: int  # per pipeline stage's batch
+
+
+def decode_load(coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: float) -> tuple[float, float]:
+    """(rho, a) of one decode engine's batch distribution (queueing.decode_batch_pmf)."""
+    per_seq_ms = coeffs.B * stats.decode_context + coeffs.C
+    rho = engine_rate_rps * stats.mean_decode_steps * per_seq_ms / 1e3
+    return rho, coeffs.A / per_seq_ms
+
+
+def decode_tpot_exceed(coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: float, t_s: float) -> float:
+    """P(a decode step of one engine's batch takes longer than t_s) at this arrival rate."""
+    rho, a = decode_load(coeffs, stats, engine_rate_rps)
+    if rho >= 1:
+        return 1.0
+    per_seq_ms = coeffs.B * stats.decode_context + coeffs.C
+    k = math.floor((t_s * 1e3 - coeffs.A) / per_seq_ms)  # the largest batch within t_s
+    return 1.0 if k < 0 else float(queueing.decode_batch_pmf(rho, a)[k + 1:].sum())
+
+
+def decode_limits(coeffs: Coefficients, pp: int, kv_tokens: int, stats: WorkloadStats, slo: SLOSpec,
+                  block_size: int) -> DecodeLimits:
+    ctx, ctx2 = stats.decode_kv_moments
+    ctx += block_size / 2  # half a block of slack per sequence
+    var_ctx = max(ctx2 - stats.decode_context ** 2, 0.0)
+    prompt = float(stats.input_tokens.mean()) + block_size / 2
+    prompt2 = float((stats.input_tokens.astype(float) ** 2).mean())
+    tpot_ms = slo.tpot_s * 1e3
+    kv_per_engine = kv_tokens / pp
+
+    def feasible(rate: float) -> bool:
+        rho, a = decode_load(coeffs, stats, rate / pp)
+        if rho >= 1:
+            return False
+        pmf = queueing.decode_batch_pmf(rho, a)
+        batch = queueing.batch_quantile(pmf, slo.tpot_percentile / 100)
+        if coeffs.decode_ms(batch, batch * stats.decode_context) > tpot_ms:
+            return False
+        # KV of one engine: its batch plus the prompts reserved for requests in prefill
+        # (Poisson, about rate x TTFT of them), each of a random size.
+        mean_n = (a + 1) * rho / (1 - rho)  # the negative binomial's moments
+        var_n = mean_n / (1 - rho)
+        reserved = rate / pp * slo.ttft_s
+        mean = mean_n * ctx + reserved * prompt
+        var = mean_n * var_ctx + var_n * ctx ** 2 + reserved * prompt2
+        return mean + KV_SAFETY_Z * math.sqrt(var) <= kv_per_engine
+
+    per_seq_ms = coeffs.B * stats.decode_context + coeffs.C
+    lo, hi = 0.0, pp * 1e3 / (stats.mean_decode_steps * per_seq_ms)  # rho = 1
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+    if lo <= 0:
+        return DecodeLimits(0.0, 1)
+    # The scheduler's batch cap counts running and reserved sequences (decode reserves a slot
+    # before prefill runs). Running ones: within TPOT at their own step, and few enough to
+    # leave KV for the reservations expected at this rate, so that a burst queues instead
+    # of preempting; plus room for the reservations themselves.
+    reserved = lo / pp * slo.ttft_s
+    kv_for_batch = kv_per_engine - reserved * prompt
+    # n ctx + z sqrt(n var_ctx) = kv_for_batch is a quadratic in sqrt(n).
+    z_sigma = KV_SAFETY_Z * math.sqrt(var_ctx)
+    root = (math.sqrt(z_sigma ** 2 + 4 * ctx * max(kv_for_batch, 0.0)) - z_sigma) / (2 * ctx)
+    running = min((tpot_ms - coeffs.A) / per_seq_ms, root ** 2)
+    cap = int(running + reserved + KV_SAFETY_Z * math.sqrt(reserved))
+    return DecodeLimits(lo, min(max(cap, 1), MAX_DECODE_BATCH))
+
+
+def enumerate_options(model: ModelSpec, hardware: dict[NodeHardware, int], latency: LatencyTable,
+                      stats: WorkloadStats, slo: SLOSpec, block_size: int) -> list[InstanceOption]:
+    """Every (role, tp, pp) that fits each hardware, up to its largest node's GPU count.
+
+    A node hosts an option only when tp x pp divides the node's GPU count, so instances of
+    one node pack without waste and the MILP needs only a GPU count per node. Options with
+    zero capacity are dropped.
+    """
+    options = []
+    prefill_budget = max(int(stats.input_tokens.max()), MIN_PREFILL_BUDGET)
+    for hw, max_gpus in hardware.items():
+        for tp in PARALLEL_SIZES:
+            for pp in PARALLEL_SIZES:
+                if tp * pp > max_gpus or not fits(model, hw, tp, pp, stats.max_tokens):
+                    continue
+                kv_tokens = kv_capacity_tokens(model, hw, tp, pp)
+                coeffs = latency.coefficients(hw, tp, pp)
+                cap = prefill_capacity(coeffs, pp, stats, slo)
+                if cap > 0:
+                    options.append(InstanceOption("prefill", hw, tp, pp, coeffs, kv_tokens, cap,
+                                                  max_batch_size=MAX_PREFILL_SEQS,
+                                                  max_batched_tokens=prefill_budget))
+                limits = decode_limits(coeffs, pp, kv_tokens, stats, slo, block_size)
+                if limits.capacity_rps > 0:
+                    options.append(InstanceOption("decode", hw, tp, pp, coeffs, kv_tokens,
+                                                  limits.capacity_rps, limits.max_batch_size,
+                                                  max(MIN_PREFILL_BUDGET, limits.max_batch_size)))
+    return options
+
+
+def prune_dominated(options: list[InstanceOption]) -> list[InstanceOption]:
+    """Drop an option when k copies of a smaller one on the same hardware serve as much.
+
+    Replacing it by those copies keeps every node's GPU count, and the KV traffic depends
+    only on the rate, so the MILP's optimum is unchanged while it has fewer variables.
+    """
+    kept = []
+    for o in options:
+        dominated = any(
+            p is not o and p.role == o.role and p.hardware == o.hardware
+            and o.num_gpus % p.num_gpus == 0
+            and ((o.num_gpus // p.num_gpus) * p.capacity_rps > o.capacity_rps
+                 or ((o.num_gpus // p.num_gpus) * p.capacity_rps == o.capacity_rps
+                     and (p.num_gpus, p.tp) < (o.num_gpus, o.tp)))
+            for p in options)
+        if not dominated:
+            kept.append(o)
+    return kept

@@ -1,0 +1,189 @@
+"""Layer-split mode, for models that fit no single node: Helix's max-flow MILP, per phase.
+
+Each node runs one stage: a contiguous range of the model's layers for prefill or for
+decode, tensor-parallel over its GPUs. Layers are grouped into at most MAX_UNITS units so
+the ranges stay few. Requests flow through stages whose ranges chain from layer 0 to the
+last layer; the most that flows through the prefill stages and through the decode stages
+(the smaller of the two) is the goodput::
+
+    z[c,r,s,e]  integer  nodes of class c (identical nodes) running units [s, e) for
+                         role r; a node runs one stage, so sum over (r, s, e) <= |c|
+    f[c,r,s,e]  >= 0     requests/s through those stages,  f <= cap(c, r, e - s) z
+    sum of f ending at boundary j == sum of f starting at j      (each role, 0 < j < U)
+    goodput <= sum of f starting at 0                             (each role)
+    NIC: activations in and out between stages, plus the KV a prefill stage sends to the
+         decode stages holding the same layers, fit the NICs of the nodes carrying them
+         (listed cluster links are not modelled in this mode)
+
+A stage of k of the model's L layers gets k / L of the TTFT and TPOT targets, so a chain
+of stages meets the whole target; its capacity is the single-instance model
+(planner/capacity.py) with the latency coefficients scaled by k / L.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass, replace
+from typing import Callable
+
+from planner import queueing
+from planner.capacity import (WorkloadStats, decode_limits, decode_load, decode_tpot_exceed, kv_capacity_tokens,
+                              prefill_capacity, prefill_service_s, valid_parallelism)
+from planner.gpus import NodeHardware
+from planner.latency import Coefficients, LatencyTable
+from planner.network import BANDWIDTH_UTILIZATION
+from planner.solver import SolveOptions, solve
+from proto.cluster import ClusterSpec
+from proto.model_spec import ModelSpec
+from proto.plan import LayerStage, Metrics, SolverInfo
+from proto.slo import SLOSpec
+
+MAX_UNITS = 12
+ROLES = ("prefill", "decode")
+
+
+@dataclass(frozen=True)
+class LayerSplit:
+    stages: tuple[LayerStage, ...]
+    goodput_rps: float
+    solver: SolverInfo
+
+
+def unit_bounds(num_layers: int) -> list[int]:
+    units = min(num_layers, MAX_UNITS)
+    return [round(j * num_layers / units) for j in range(units + 1)]
+
+
+def stage_tp(model: ModelSpec, num_gpus: int) -> int:
+    """The largest power-of-two tensor parallelism the node's GPUs and the heads allow."""
+    tp = 1
+    while tp * 2 <= num_gpus and valid_parallelism(model, tp * 2, 1):
+        tp *= 2
+    return tp
+
+
+def _scaled(c: Coefficients, f: float) -> Coefficients:
+    return Coefficients(c.a * f, c.b * f, c.c * f, c.A * f, c.B * f, c.C * f, c.source)
+
+
+def stage_model(model: ModelSpec, hw: NodeHardware, tp: int, layers: int, latency: LatencyTable,
+                slo: SLOSpec) -> tuple[Coefficients, SLOSpec, ModelSpec]:
+    """A stage's coefficients and SLO share; the part of the model it holds (whose
+    embeddings are counted whole: small beside a model that needs splitting)."""
+    share = layers / model.num_layers
+    coeffs = _scaled(latency.coefficients(hw, tp, 1), share)
+    return coeffs, replace(slo, ttft_s=slo.ttft_s * share, tpot_s=slo.tpot_s * share), \
+        replace(model, num_layers=layers)
+
+
+def stage_capacity(model: ModelSpec, hw: NodeHardware, tp: int, layers: int, role: str, latency: LatencyTable,
+                   stats: WorkloadStats, slo: SLOSpec, block_size: int) -> float:
+    """Requests/s a node serves holding `layers` layers for role, within its share of the SLO."""
+    coeffs, stage_slo, part = stage_model(model, hw, tp, layers, latency, slo)
+    if kv_capacity_tokens(part, hw, tp, 1) < stats.max_tokens:
+        return 0.0
+    if role == "prefill":
+        return prefill_capacity(coeffs, 1, stats, stage_slo)
+    return decode_limits(coeffs, 1, kv_capacity_tokens(part, hw, tp, 1), stats, stage_slo, block_size).capacity_rps
+
+
+def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], model: ModelSpec,
+                      latency: LatencyTable, stats: WorkloadStats, slo: SLOSpec, block_size: int,
+                      solve_options: SolveOptions, progress: Callable[[str], None] | None = None) -> LayerSplit:
+    import pulp
+
+    bounds = unit_bounds(model.num_layers)
+    units = len(bounds) - 1
+    act_bytes = model.hidden_size * model.dtype_bytes  # per token crossing a stage boundary
+    kv_layer_bytes = model.kv_bytes_per_token / model.num_layers
+    mean_in = float(stats.input_tokens.mean())
+    mean_out = float(stats.output_tokens.mean())
+    # Identical nodes are one class with integer counts: no symmetric twins to search.
+    classes: dict[tuple, list[str]] = defaultdict(list)
+    for node in cluster.nodes:
+        classes[(hardware[node.name], node.num_gpus, node.nic_gb_s)].append(node.name)
+    prob = pulp.LpProblem("layer_split", pulp.LpMaximize)
+    z, f, caps = {}, {}, {}
+    cache: dict[tuple, float] = {}  # (hardware, tp, role, layers) -> capacity
+    for k, ((hw, num_gpus, _), names) in enumerate(classes.items()):
+        tp = stage_tp(model, num_gpus)
+        for r in ROLES:
+            for s in range(units):
+                for e in range(s + 1, units + 1):
+                    key = (hw, tp, r, bounds[e] - bounds[s])
+                    if key not in cache:
+                        cache[key] = stage_capacity(model, hw, tp, key[3], r, latency, stats, slo, block_size)
+                    cap = cache[key]
+                    if cap <= 0:
+                        continue
+                    caps[k, r, s, e] = (cap, tp)
+                    z[k, r, s, e] = prob.add_variable(f"z_{k}_{r[0]}_{s}_{e}", 0, len(names), cat="Integer")
+                    f[k, r, s, e] = prob.add_variable(f"f_{k}_{r[0]}_{s}_{e}", 0)
+    goodput = prob.add_variable("goodput", 0)
+    prob += goodput
+    for key, var in f.items():
+        prob += var <= caps[key][0] * z[key]
+    for k, ((_, _, nic_gb_s), names) in enumerate(classes.items()):
+        mine = [key for key in z if key[0] == k]
+        prob += pulp.lpSum(z[key] for key in mine) <= len(names)
+        sent, received, nic = [], [], []
+        for key in mine:
+            _, r, s, e = key
+            per_req = act_bytes * (mean_in if r == "prefill" else mean_out)
+            kv = kv_layer_bytes * (bounds[e] - bounds[s]) * mean_in
+            sent.append(f[key] * (per_req * (e < units) + (kv if r == "prefill" else 0.0)))
+            received.append(f[key] * (per_req * (s > 0) + (kv if r == "decode" else 0.0)))
+            nic.append(z[key] * nic_gb_s * 1e9 * BANDWIDTH_UTILIZATION)
+        # A stage's flow splits evenly over its z nodes, so the class's NICs add up.
+        prob += pulp.lpSum(sent) <= pulp.lpSum(nic)
+        prob += pulp.lpSum(received) <= pulp.lpSum(nic)
+    for r in ROLES:
+        for j in range(1, units):
+            prob += (pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and e == j)
+                     == pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and s == j))
+        prob += goodput <= pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and s == 0)
+    info = solve(prob, solve_options, progress)
+    if info.status not in ("optimal", "time_limit"):
+        return LayerSplit((), 0.0, info)
+    stages = []
+    free = [list(names) for names in classes.values()]
+    for (k, r, s, e), var in f.items():
+        count, rate = round(z[k, r, s, e].value() or 0), var.value() or 0.0
+        if count and rate > 1e-9:
+            for node in (free[k].pop(0) for _ in range(count)):
+                stages.append(LayerStage(role=r, node=node, gpu_type=hardware[node].gpu.name, tp=caps[k, r, s, e][1],
+                                         layer_start=bounds[s], layer_end=bounds[e], rate_rps=round(rate / count, 4)))
+    stages.sort(key=lambda st: (ROLES.index(st.role), st.layer_start, st.node))
+    return LayerSplit(tuple(stages), float(goodput.value() or 0.0), info)
+
+
+def predict_split(split: LayerSplit, hardware: dict[str, NodeHardware], model: ModelSpec, latency: LatencyTable,
+                  stats: WorkloadStats, slo: SLOSpec) -> Metrics:
+    """Figures at the split's goodput. Each stage meets its share of a target with some
+    probability; a chain meets the target when all its stages do, so the worst stage of
+    each role bounds attainment, and the largest quantile-to-share ratio bounds the
+    percentiles (a chain's shares add up to one)."""
+    worst_miss = {r: 0.0 for r in ROLES}
+    ttft_bound = tpot_bound = 0.0
+    for st in split.stages:
+        layers = st.layer_end - st.layer_start
+        share = layers / model.num_layers
+        coeffs, stage_slo, _ = stage_model(model, hardware[st.node], st.tp, layers, latency, slo)
+        if st.role == "prefill":
+            service = prefill_service_s(coeffs, stats)
+            miss = queueing.ttft_exceed_prob(st.rate_rps, service, stage_slo.ttft_s)
+            ttft_s = queueing.ttft_quantile(st.rate_rps, service, slo.ttft_percentile / 100)
+            ttft_bound = max(ttft_bound, ttft_s / share)
+        else:
+            miss = decode_tpot_exceed(coeffs, stats, st.rate_rps, stage_slo.tpot_s)
+            rho, a = decode_load(coeffs, stats, st.rate_rps)
+            if rho >= 1:  # overloaded: no percentile of TPOT is bounded
+                tpot_bound = math.inf
+            else:
+                batch = queueing.batch_quantile(queueing.decode_batch_pmf(rho, a), slo.tpot_percentile / 100)
+                tpot_bound = max(tpot_bound, coeffs.decode_ms(batch, batch * stats.decode_context) / 1e3 / share)
+        worst_miss[st.role] = max(worst_miss[st.role], miss)
+    attainment = (1 - worst_miss["prefill"]) * (1 - worst_miss["decode"])
+    return Metrics(rate_rps=round(split.goodput_rps, 4), goodput_rps=round(split.goodput_rps, 4),
+                   attainment=round(attainment, 4), ttft_s=round(ttft_bound, 4), tpot_s=round(tpot_bound, 4))

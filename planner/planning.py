@@ -1,0 +1,268 @@
+"""From inputs to a plan: prepare the options, solve the MILP, forecast, simulate, write.
+
+    PlanInputs --prepare()--> Problem (hardware, workload stats, options, KV traffic limits)
+               --solve_placement()--> Placement (instances per node, routes)
+               --predict() + simulate()--> Plan (proto/plan.py)
+
+A Problem is what the MILP, exhaustive enumeration, the DistServe-style baseline and the
+simulator all take, so that they are compared on the same inputs.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from planner.capacity import (PARALLEL_SIZES, InstanceOption, WorkloadStats, enumerate_options, fits,
+                              prune_dominated)
+from planner.diagnose import does_not_fit_message, slo_unreachable_message
+from planner.gpus import NodeHardware, node_hardware
+from planner.latency import LatencyTable, Profile
+from planner.milp import Placement, solve_placement
+from planner.network import Traffic, traffic_limits
+from planner.predict import predict
+from planner.simulator import SimResult, Simulator
+from planner.solver import SolveOptions
+from planner.workload import Requests, Trace, WorkloadSpec, load_trace
+from proto.cluster import ClusterSpec
+from proto.model_spec import ModelSpec
+from proto.plan import InstanceGroup, Metrics, Plan, PlanNode, Route
+from proto.schema import as_str
+from proto.slo import SLOSpec
+
+NUM_STAT_SAMPLES = 400  # workload samples behind the queueing model's expectations
+TRANSFER_TPOT_SHARE = 0.25
+SIM_LIFETIMES = 3  # warm-up, counted window, cool-down
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    cluster: ClusterSpec
+    model: ModelSpec
+    workload: WorkloadSpec
+    slo: SLOSpec
+    objective: str = "goodput"  # goodput | cost
+    target_rps: float | None = None  # cost objective: the rate to serve (default: the workload's)
+    profile: Profile | None = None
+    block_size: int = 16
+
+    def __post_init__(self) -> None:
+        as_str("objective", self.objective, ("goodput", "cost"))
+
+
+@dataclass(frozen=True)
+class Problem:
+    inputs: PlanInputs
+    hardware: dict[str, NodeHardware]  # node name -> its GPUs
+    latency: LatencyTable
+    stats: WorkloadStats
+    options: list[InstanceOption]  # every option with positive capacity
+    traffic: Traffic
+    trace: Trace | None
+
+    @property
+    def target_rps(self) -> float:
+        return self.inputs.target_rps or self.inputs.workload.base_rate_rps(self.trace)
+
+
+def workload_stats(workload: WorkloadSpec, trace: Trace | None, seed: int = 0) -> WorkloadStats:
+    rng = np.random.default_rng(seed)
+    if trace is not None:
+        rows = rng.choice(len(trace.input_tokens), min(NUM_STAT_SAMPLES, len(trace.input_tokens)), replace=False)
+        longest = int((trace.input_tokens + trace.output_tokens).max())
+        return WorkloadStats(trace.input_tokens[rows], trace.output_tokens[rows], longest)
+    sample = workload.sample(NUM_STAT_SAMPLES * 25, seed=seed)
+    longest = int((sample.input_tokens + sample.output_tokens).max())
+    return WorkloadStats(sample.input_tokens[:NUM_STAT_SAMPLES], sample.output_tokens[:NUM_STAT_SAMPLES], longest)
+
+
+def kv_traffic(inputs: PlanInputs, hardware: dict[str, NodeHardware], stats: WorkloadStats) -> Traffic:
+    """KV limits, with paths closed whose transfer would spoil short requests' TPOT.
+
+    A transfer of d seconds adds d / (outputs - 1) to a request's TPOT. A path stays open
+    when a long prompt's transfer (the TTFT percentile's prompt) adds at most
+    TRANSFER_TPOT_SHARE of the TPOT target to a short request (the output length below
+    which half of the TPOT percentile's allowed misses lie).
+    """
+    slo = inputs.slo
+    kv_per_token = inputs.model.kv_bytes_per_token
+    short_steps = max(float(np.percentile(stats.output_tokens, (100 - slo.tpot_percentile) / 2)) - 1, 1.0)
+    return traffic_limits(inputs.cluster, hardware, float(stats.input_tokens.mean()) * kv_per_token,
+                          float(np.percentile(stats.input_tokens, slo.ttft_percentile)) * kv_per_token,
+                          TRANSFER_TPOT_SHARE * slo.tpot_s * short_steps)
+
+
+def _read(inputs: PlanInputs) -> tuple[dict[str, NodeHardware], Trace | None, WorkloadStats, LatencyTable]:
+    """What every mode needs: node hardware, the trace (if any), workload stats, latencies."""
+    hardware = {n.name: node_hardware(n) for n in inputs.cluster.nodes}
+    trace = load_trace(inputs.workload.trace) if inputs.workload.trace else None
+    return hardware, trace, workload_stats(inputs.workload, trace), LatencyTable(inputs.model, inputs.profile)
+
+
+def prepare(inputs: PlanInputs) -> Problem:
+    """Options and limits for the inputs; ValueError when nothing fits or meets the SLO."""
+    hardware, trace, stats, latency = _read(inputs)
+    num_gpus = {n.name: n.num_gpus for n in inputs.cluster.nodes}
+    max_gpus: dict[NodeHardware, int] = defaultdict(int)
+    for n in inputs.cluster.nodes:
+        max_gpus[hardware[n.name]] = max(max_gpus[hardware[n.name]], n.num_gpus)
+    options = enumerate_options(inputs.model, dict(max_gpus), latency, stats, inputs.slo, inputs.block_size)
+    missing = [role for role in ("prefill", "decode") if not any(o.role == role for o in options)]
+    if missing:
+        if not any(fits(inputs.model, hw, tp, pp, stats.max_tokens) and tp * pp <= g
+                   for hw, g in max_gpus.items() for tp in PARALLEL_SIZES for pp in PARALLEL_SIZES):
+            raise ValueError(does_not_fit_message(inputs.model, hardware, num_gpus, stats.max_tokens))
+        raise ValueError(slo_unreachable_message(inputs.model, hardware, num_gpus, latency, stats,
+                                                 inputs.slo, missing))
+    traffic = kv_traffic(inputs, hardware, stats)
+    return Problem(inputs, hardware, latency, stats, options, traffic, trace)
+
+
+def place(problem: Problem, solve_options: SolveOptions,
+          progress: Callable[[str], None] | None = None) -> tuple[Placement, list[InstanceOption]]:
+    """Solve the MILP over the non-dominated options; ValueError when it has no answer."""
+    options = prune_dominated(problem.options)
+    inputs = problem.inputs
+    target = problem.target_rps if inputs.objective == "cost" else None
+    placement = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic,
+                                inputs.objective, target, solve_options, progress)
+    if placement.solver.status == "no_solution":
+        raise ValueError(f"the solver found no placement within {solve_options.time_limit_s:g} s; "
+                         f"raise --time-limit")
+    if inputs.objective == "cost" and placement.solver.status == "infeasible":
+        best = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic, "goodput",
+                               None, solve_options)
+        raise ValueError(f"target rate {target:g} req/s is out of reach: the most this cluster serves "
+                         f"within {inputs.slo.describe()} is {best.rate_rps:.2f} req/s")
+    if placement.rate_rps <= 0:
+        raise ValueError("no placement serves any request within the SLO: prefill and decode instances "
+                         "cannot be paired (check nic_gb_s and links: a long prompt's KV must move fast "
+                         "enough not to spoil a short request's TPOT, see docs/planner.md)")
+    return placement, options
+
+
+def simulator(problem: Problem, placement: Placement, options: list[InstanceOption]) -> Simulator:
+    instances = [(n, options[i]) for (n, i), c in sorted(placement.counts.items()) for _ in range(c)]
+    return Simulator(instances, placement.routes, problem.inputs.cluster, problem.hardware,
+                     problem.inputs.model, problem.inputs.block_size)
+
+
+def _sim_requests(problem: Problem, rate_rps: float, num_requests: int, seed: int) -> tuple[Requests, tuple]:
+    """At least num_requests, and enough for a warm-up, a counted window and a cool-down of
+    one request lifetime each (a decode lifetime at the TPOT target can be many seconds, and
+    a short run at a high rate would never load the decode instances)."""
+    slo = problem.inputs.slo
+    lifetime_s = slo.ttft_s + problem.stats.mean_decode_steps * slo.tpot_s
+    n = max(num_requests, math.ceil(rate_rps * SIM_LIFETIMES * lifetime_s))
+    requests = problem.inputs.workload.sample(n, rate_rps=rate_rps, seed=seed, trace=problem.trace)
+    end_s = float(requests.arrival_s[-1])
+    return requests, (lifetime_s, end_s - lifetime_s)
+
+
+def simulate(problem: Problem, placement: Placement, options: list[InstanceOption], rate_rps: float,
+             num_requests: int, seed: int = 0) -> SimResult:
+    requests, window = _sim_requests(problem, rate_rps, num_requests, seed)
+    return simulator(problem, placement, options).run(requests, window)
+
+
+def simulated_goodput(problem: Problem, placement: Placement, options: list[InstanceOption],
+                      num_requests: int, num_steps: int = 6, seed: int = 0) -> float:
+    """Highest rate whose simulated attainment meets the goal (bisection, DistServe-style)."""
+    slo = problem.inputs.slo
+    sim = simulator(problem, placement, options)
+
+    def ok(rate: float) -> bool:
+        requests, window = _sim_requests(problem, rate, num_requests, seed)
+        return sim.run(requests, window).attainment(slo) >= slo.attainment
+
+    lo, hi = 0.0, placement.rate_rps
+    while ok(hi):
+        lo, hi = hi, hi * 1.5
+    for _ in range(num_steps):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if ok(mid) else (lo, mid)
+    return lo
+
+
+def evaluation_rate(problem: Problem, placement: Placement) -> float:
+    """The rate a plan's figures are quoted at: its goodput, or the cost objective's target."""
+    return problem.target_rps if problem.inputs.objective == "cost" else placement.rate_rps
+
+
+def plan_nodes(cluster: ClusterSpec, hardware: dict[str, NodeHardware], used: set[str]) -> tuple[PlanNode, ...]:
+    """The used nodes, in cluster order, with the price the plan was costed at."""
+    return tuple(PlanNode(n.name, n.gpu_type, n.num_gpus, hardware[n.name].cost_per_gpu_hour)
+                 for n in cluster.nodes if n.name in used)
+
+
+def to_plan(problem: Problem, placement: Placement, options: list[InstanceOption], predicted: Metrics,
+            simulated: Metrics | None) -> Plan:
+    inputs = problem.inputs
+    by_option: dict[int, list[str]] = defaultdict(list)
+    for (n, i), c in sorted(placement.counts.items()):
+        by_option[i].extend([n] * c)
+    groups = tuple(
+        InstanceGroup(role=o.role, gpu_type=o.gpu_type, tp=o.tp, pp=o.pp, count=len(nodes), nodes=tuple(nodes),
+                      max_batch_size=o.max_batch_size, max_batched_tokens=o.max_batched_tokens,
+                      capacity_rps=round(o.capacity_rps, 4))
+        for i, nodes in sorted(by_option.items(), key=lambda kv: (options[kv[0]].role != "prefill", kv[0]))
+        for o in [options[i]])
+    nodes = plan_nodes(inputs.cluster, problem.hardware, {n for (n, _) in placement.counts})
+    routes = tuple(Route(p, d, round(r, 4)) for (p, d), r in sorted(placement.routes.items()))
+    return Plan(model=inputs.model, slo=inputs.slo, objective=inputs.objective, nodes=nodes, groups=groups,
+                routes=routes, predicted=predicted, simulated=simulated, solver=placement.solver,
+                block_size=inputs.block_size)
+
+
+def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests: int = 2000,
+              search_goodput: bool = True, progress: Callable[[str], None] | None = None) -> Plan:
+    say = progress or (lambda _msg: None)
+    say(f"planning {inputs.model.name} on {len(inputs.cluster.nodes)} nodes / {inputs.cluster.num_gpus} GPUs "
+        f"for {inputs.slo.describe()}")
+    problem = prepare(inputs)
+    say(f"latency model and SLO capacities: {len(problem.options)} instance options")
+    placement, options = place(problem, solve_options, progress)
+    s = placement.solver
+    say(f"MILP ({s.name}): {s.status}, gap {s.gap:.2%}, {s.solve_time_s:.1f} s, "
+        f"{s.num_variables} variables, {s.num_constraints} constraints")
+    rate = evaluation_rate(problem, placement)
+    predicted = predict(placement, options, problem.stats, inputs.slo, rate)
+    simulated = None
+    if num_sim_requests:
+        say(f"simulating at {rate:.2f} req/s: {num_sim_requests} requests or more, for "
+            f"{SIM_LIFETIMES} request lifetimes")
+        result = simulate(problem, placement, options, rate, num_sim_requests)
+        goodput = None
+        if search_goodput:
+            say("searching the simulated goodput")
+            goodput = simulated_goodput(problem, placement, options, num_sim_requests)
+        simulated = result.metrics(inputs.slo, rate, goodput)
+    return to_plan(problem, placement, options, predicted, simulated)
+
+
+def make_layer_plan(inputs: PlanInputs, solve_options: SolveOptions,
+                    progress: Callable[[str], None] | None = None) -> Plan:
+    """Layer-split mode (planner/layer_split.py): layer ranges over nodes, goodput only."""
+    from planner.layer_split import predict_split, solve_layer_split
+
+    if inputs.objective != "goodput":
+        raise ValueError("objective must be goodput with --layer-split (layer-split plans maximise goodput)")
+    say = progress or (lambda _msg: None)
+    hardware, _, stats, latency = _read(inputs)
+    say(f"layer-split planning of {inputs.model.name} ({inputs.model.num_layers} layers) over "
+        f"{len(inputs.cluster.nodes)} nodes")
+    split = solve_layer_split(inputs.cluster, hardware, inputs.model, latency, stats, inputs.slo,
+                              inputs.block_size, solve_options, progress)
+    if split.goodput_rps <= 0:
+        raise ValueError(f"no layer split serves requests within {inputs.slo.describe()}: the nodes cannot "
+                         f"hold the model's layers for both prefill and decode, or no stage meets its share "
+                         f"of the SLO (solver: {split.solver.status})")
+    nodes = plan_nodes(inputs.cluster, hardware, {s.node for s in split.stages})
+    predicted = predict_split(split, hardware, inputs.model, latency, stats, inputs.slo)
+    return Plan(model=inputs.model, slo=inputs.slo, objective="goodput", nodes=nodes, groups=(), routes=(),
+                stages=split.stages, predicted=predicted, simulated=None, solver=split.solver,
+                block_size=inputs.block_size)

@@ -1,0 +1,142 @@
+"""`tandem profile`: measure the real engine here and fit the latency coefficients.
+
+The engine runs one step at a time (engine.LLMEngine): a prompt of T tokens alone in a
+step times prefill(T); a batch of B sequences, each with its prompt already in the cache,
+times decode steps over K context tokens in all. Medians of a few runs are fitted by
+non-negative least squares to the form planner/latency.py uses:
+
+    prefill ms = a + b T + c T^2          decode ms = A + B K + C batch
+"""
+
+from __future__ import annotations
+
+import itertools
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from planner.latency import Coefficients, Profile, ProfileEntry
+
+DECODE_STEPS = 4  # decode steps timed per (batch, context)
+# torch device name fragments -> GPU table names (more specific fragments first).
+GPU_NAMES = (("H200", "H200"), ("H100", "H100"), ("A100-SXM4-40GB", "A100-40GB"), ("A100-PCIE-40GB", "A100-40GB"),
+             ("A100", "A100-80GB"), ("L40S", "L40S"), ("L4", "L4"), ("A10G", "A10G"), ("T4", "T4"),
+             ("V100", "V100"))
+
+
+def fit_nonnegative(features: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient >= 0 (exhaustive over active sets: 3 features)."""
+    best, best_err = np.zeros(features.shape[1]), float("inf")
+    for mask in itertools.product((False, True), repeat=features.shape[1]):
+        cols = [i for i, on in enumerate(mask) if on]
+        if not cols:
+            continue
+        coef, *_ = np.linalg.lstsq(features[:, cols], target, rcond=None)
+        if (coef < 0).any():
+            continue
+        full = np.zeros(features.shape[1])
+        full[cols] = coef
+        err = float(((features @ full - target) ** 2).sum())
+        if err < best_err:
+            best, best_err = full, err
+    return best
+
+
+def detect_gpu_type(device: str) -> str:
+    import torch
+
+    if not device.startswith("cuda"):
+        return "cpu"
+    name = torch.cuda.get_device_name(torch.device(device))
+    for fragment, gpu_type in GPU_NAMES:
+        if fragment in name:
+            return gpu_type
+    return name
+
+
+def _timed_step(engine) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = engine.schedule()
+    engine.run(out)
+    return (time.perf_counter() - start) * 1e3, out
+
+
+def measure_prefill(engine, tokens: tuple[int, ...], repeats: int, rng) -> list[tuple[int, float]]:
+    from engine import SamplingParams
+
+    points = []
+    vocab = engine.model_config.vocab_size
+    for k, t in itertools.product(range(repeats), tokens):  # repeats interleaved: noise spreads
+        engine.add_request(f"prefill-{t}-{k}", rng.integers(2, vocab, t).tolist(),
+                           SamplingParams(max_tokens=1, ignore_eos=True))
+        ms, _ = _timed_step(engine)
+        points.append((t, ms))
+        while engine.has_unfinished():
+            engine.step()
+    return points
+
+
+def measure_decode(engine, batches: tuple[int, ...], contexts: tuple[int, ...], repeats: int,
+                   rng) -> list[tuple[int, int, float]]:
+    """(batch, context tokens in the batch, ms) per timed decode step."""
+    from engine import SamplingParams
+
+    points = []
+    vocab = engine.model_config.vocab_size
+    for k, b, ctx in itertools.product(range(repeats), batches, contexts):
+        for j in range(b):
+            engine.add_request(f"decode-{b}-{ctx}-{k}-{j}", rng.integers(2, vocab, ctx).tolist(),
+                               SamplingParams(max_tokens=DECODE_STEPS + 2, ignore_eos=True))
+        started: set[str] = set()
+        while len(started) < b:  # prefill every prompt first
+            started.update(o.request_id for o in engine.step())
+        for _ in range(DECODE_STEPS):
+            ms, out = _timed_step(engine)
+            # After the step a decoded sequence has computed exactly the tokens it attended to.
+            context = sum(item.seq.num_computed_tokens for item in out.scheduled)
+            points.append((len(out.scheduled), context, ms))
+        while engine.has_unfinished():
+            engine.step()
+    return points
+
+
+def profile_engine(model_dir: str | None, prefill_tokens: tuple[int, ...], decode_batches: tuple[int, ...],
+                   decode_contexts: tuple[int, ...], gpu_type: str | None = None, dtype: str = "auto",
+                   device: str = "auto", repeats: int = 3,
+                   progress: Callable[[str], None] | None = None) -> Profile:
+    """Time the engine over the grid (prompt lengths; decode batches x contexts) and fit."""
+    from engine import EngineConfig, LLMEngine, ModelConfig
+    from engine.default_model import ensure_default_model
+
+    say = progress or (lambda _msg: None)
+    model_dir = Path(model_dir or ensure_default_model())
+    # Points past the model's context window cannot run; three are the least a fit needs.
+    window = ModelConfig.from_dir(model_dir).max_position_embeddings
+    prefill_tokens = tuple(t for t in prefill_tokens if t < window)
+    decode_contexts = tuple(c for c in decode_contexts if c + DECODE_STEPS + 2 < window)
+    if len(prefill_tokens) < 3 or not decode_contexts:
+        raise ValueError(f"model {model_dir.name} has a context window of {window} tokens: too short to profile")
+    max_len = min(max(max(prefill_tokens), max(decode_contexts) + DECODE_STEPS + 2) + 1, window)
+    config = EngineConfig(dtype=dtype, device=device, max_num_seqs=max(decode_batches),
+                          max_num_batched_tokens=max(max(prefill_tokens), max(decode_contexts)),
+                          max_model_len=max_len, enable_prefix_caching=False)
+    engine = LLMEngine(model_dir, config)
+    gpu_type = gpu_type or detect_gpu_type(engine.device)
+    say(f"profiling {model_dir.name} on {engine.device} ({gpu_type}), {engine.dtype}")
+    rng = np.random.default_rng(0)
+    measure_prefill(engine, prefill_tokens[:1], 1, rng)  # warm-up: first-call allocations
+    prefill = measure_prefill(engine, prefill_tokens, repeats, rng)
+    say(f"  prefill: {len(prefill)} steps timed")
+    decode = measure_decode(engine, decode_batches, decode_contexts, repeats, rng)
+    say(f"  decode: {len(decode)} steps timed")
+    pre = {t: statistics.median(ms for tt, ms in prefill if tt == t) for t in prefill_tokens}
+    t = np.array(list(pre), dtype=float)
+    a, b, c = fit_nonnegative(np.stack([np.ones_like(t), t, t * t], axis=1), np.array(list(pre.values())))
+    rows = np.array(decode, dtype=float)
+    big_a, big_b, big_c = fit_nonnegative(np.stack([np.ones(len(rows)), rows[:, 1], rows[:, 0]], axis=1), rows[:, 2])
+    coeffs = Coefficients(a=float(a), b=float(b), c=float(c), A=float(big_a), B=float(big_b), C=float(big_c),
+                          source="profile")
+    return Profile(model=model_dir.resolve().name, entries=(ProfileEntry(gpu_type, 1, 1, coeffs),))

@@ -1,0 +1,91 @@
+"""`tandem plan` end to end: files in, table or JSON out, a plan file that loads."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from deploy.cli import main
+from proto.plan import Plan
+
+CLUSTER = {"nodes": [{"name": "h100", "gpu_type": "H100", "num_gpus": 2, "nic_gb_s": 50},
+                     {"name": "a100", "count": 2, "gpu_type": "A100-80GB", "num_gpus": 2, "nic_gb_s": 25}]}
+WORKLOAD = {"rate_rps": 4.0,
+            "input_tokens": {"distribution": "lognormal", "median": 800, "sigma": 0.5, "max": 3000},
+            "output_tokens": {"distribution": "uniform", "min": 20, "max": 300}}
+SLO = {"ttft_s": 0.4, "tpot_s": 0.1, "ttft_percentile": 90, "tpot_percentile": 90, "attainment": 0.9}
+
+
+@pytest.fixture
+def files(write_yaml):
+    return {"--cluster": write_yaml("cluster.yaml", CLUSTER), "--workload": write_yaml("workload.yaml", WORKLOAD),
+            "--slo": write_yaml("slo.yaml", SLO)}
+
+
+def argv(files: dict, *extra: str) -> list[str]:
+    return ["plan", "--model", "llama-2-7b", *[x for kv in files.items() for x in kv],
+            "--sim-requests", "300", "--no-goodput-search", "--time-limit", "20", *extra]
+
+
+def test_plan_writes_a_table_and_a_plan_file(files, tmp_path, capsys):
+    out = tmp_path / "plan.yaml"
+    assert main(argv(files, "--out", str(out))) == 0
+    captured = capsys.readouterr()
+    assert "prefill:decode =" in captured.out and "predicted  simulated" in captured.out
+    assert "solver HiGHS: optimal" in captured.out
+    assert "MILP (HiGHS)" in captured.err and "simulating at" in captured.err
+    plan = Plan.load(out)
+    assert plan.num_instances("prefill") >= 1 and plan.num_instances("decode") >= 1
+    assert plan.simulated is not None and plan.simulated.goodput_rps is None
+    assert plan.predicted.goodput_rps == pytest.approx(plan.solver.objective, rel=1e-6)
+    assert {g.gpu_type for g in plan.groups} <= {"H100", "A100-80GB"}
+    assert plan.solver.gap <= 0.005
+
+
+def test_plan_emits_json_for_machines(files, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(argv(files, "--out", str(out), "--emit", "json", "--objective", "cost",
+                     "--target-rate", "3")) == 0
+    emitted = json.loads(capsys.readouterr().out)
+    assert Plan.from_dict(emitted) == Plan.load(out)
+    assert emitted["objective"] == "cost" and emitted["predicted"]["rate_rps"] == 3
+    assert emitted["predicted"]["goodput_rps"] >= 3
+
+
+@pytest.mark.parametrize("bad, field", [
+    ({"nodes": [{"name": "x", "gpu_type": "A100", "num_gpus": 2}]}, "cluster.nodes[0].gpu_type"),
+    ({"nodes": [{"name": "x", "gpu_type": "L4", "num_gpu": 2}]}, "cluster.nodes[0].num_gpu is not a known field"),
+])
+def test_user_errors_exit_2_naming_the_field(files, write_yaml, capsys, bad, field):
+    files["--cluster"] = write_yaml("bad.yaml", bad)
+    assert main(argv(files)) == 2
+    assert field in capsys.readouterr().err
+
+
+def test_layer_split_plans_a_model_that_fits_no_node(files, write_yaml, tmp_path):
+    files["--cluster"] = write_yaml("c.yaml", {"nodes": [
+        {"name": "a", "count": 4, "gpu_type": "A100-40GB", "num_gpus": 2, "nic_gb_s": 25}]})
+    files["--slo"] = write_yaml("s.yaml", {"ttft_s": 3.0, "tpot_s": 0.25})
+    args = argv(files, "--out", str(tmp_path / "p.yaml"))
+    args[2] = "llama-2-70b"
+    assert main(args) == 2  # no single 2 x 40 GB node holds 138 GB of weights
+    assert main(args + ["--layer-split"]) == 0
+    plan = Plan.load(tmp_path / "p.yaml")
+    for role in ("prefill", "decode"):
+        stages = sorted((s for s in plan.stages if s.role == role), key=lambda s: s.layer_start)
+        assert stages[0].layer_start == 0 and stages[-1].layer_end == 80
+        assert all(a.layer_end == b.layer_start for a, b in zip(stages, stages[1:]))
+    assert plan.predicted.goodput_rps > 0
+
+
+def test_plan_from_a_trace(files, write_yaml, tmp_path):
+    rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [
+        f"2023-11-16 18:{i // 60:02d}:{i % 60:02d}.0000000,{300 + 37 * (i % 20)},{10 + 9 * (i % 13)}"
+        for i in range(200)]
+    (tmp_path / "trace.csv").write_text("\n".join(rows) + "\n")
+    files["--workload"] = write_yaml("trace-workload.yaml", {"trace": "trace.csv"})
+    assert main(argv(files, "--out", str(tmp_path / "p.yaml"), "--objective", "cost")) == 0
+    plan = Plan.load(tmp_path / "p.yaml")
+    assert plan.predicted.rate_rps == pytest.approx(1.0, rel=0.01)  # the trace's own rate: one per second
+    assert plan.predicted.goodput_rps >= 1.0

@@ -1,0 +1,68 @@
+"""Latency model: the roofline behaves like hardware does; profiles take precedence."""
+
+from __future__ import annotations
+
+import pytest
+
+from planner.gpus import GPU_SPECS, GPU_TYPES, NodeHardware, node_hardware
+from planner.latency import Coefficients, LatencyTable, Profile, ProfileEntry, roofline
+from planner.models import ARCHITECTURES
+from proto.cluster import NodeSpec
+
+MODEL = ARCHITECTURES["llama-2-13b"]
+
+
+def hw(gpu: str) -> NodeHardware:
+    return node_hardware(NodeSpec("n", gpu, 8))
+
+
+def test_table_covers_the_required_gpus():
+    for name in ("A100-40GB", "A100-80GB", "H100", "H200", "L4", "L40S", "A10G", "T4", "V100"):
+        spec = GPU_SPECS[name]
+        assert spec.peak_flops("float16") > 1e13 and spec.mem_bw_gb_s > 100 and spec.memory_gb >= 16
+    assert set(GPU_TYPES) == set(GPU_SPECS)
+
+
+def test_roofline_scales_like_hardware():
+    a100 = roofline(MODEL, hw("A100-80GB"), 1, 1)
+    # Prefill is compute-bound: 2 x params FLOPs per token at 60% of 312 TFLOP/s.
+    per_token_ms = 2 * (MODEL.num_params - MODEL.vocab_size * MODEL.hidden_size) / (312e12 * 0.6) * 1e3
+    assert a100.b == pytest.approx(per_token_ms)
+    # Decode reads all weights once per step: 26 GB at 80% of 2 TB/s, plus the step overhead.
+    assert a100.A == pytest.approx(1.0 + MODEL.weight_bytes / (2039e9 * 0.8) * 1e3)
+    assert roofline(MODEL, hw("H100"), 1, 1).prefill_ms(1000) < a100.prefill_ms(1000) \
+        < roofline(MODEL, hw("T4"), 1, 1).prefill_ms(1000)
+    tp2 = roofline(MODEL, hw("A100-80GB"), 2, 1)
+    assert 0.5 < tp2.prefill_ms(2000) / a100.prefill_ms(2000) < 0.6  # halved compute, plus all-reduces
+    # Over PCIe the same all-reduces cost more than over NVLink.
+    l40s = roofline(MODEL, hw("L40S"), 4, 1)
+    assert l40s.b - roofline(MODEL, hw("L40S"), 1, 1).b / 4 > tp2.b - a100.b / 2
+
+
+def test_step_ms_mixes_prefill_and_decode():
+    c = Coefficients(a=5, b=0.1, c=0.001, A=8, B=0.01, C=0.2)
+    assert c.prefill_ms(100) == pytest.approx(5 + 10 + 10)
+    assert c.decode_ms(4, 1000) == pytest.approx(8 + 10 + 0.8)
+    assert c.step_ms(100, 100 * 100, 4, 1000) == pytest.approx(8 + 10 + 10 + 10 + 0.8)
+
+
+def test_profile_round_trip_and_precedence(tmp_path):
+    measured = Coefficients(a=1, b=2, c=3, A=4, B=5, C=6, source="profile")
+    profile = Profile("llama-2-13b", (ProfileEntry("A100-80GB", 2, 1, measured),))
+    profile.save(tmp_path / "p.yaml")
+    loaded = Profile.load(tmp_path / "p.yaml")
+    assert loaded == profile
+    table = LatencyTable(MODEL, loaded)
+    assert table.coefficients(hw("A100-80GB"), 2, 1) == measured
+    assert table.coefficients(hw("A100-80GB"), 1, 1).source == "roofline"
+    with pytest.raises(ValueError, match="profile.model is 'llama-2-13b'"):
+        LatencyTable(ARCHITECTURES["llama-2-7b"], loaded)
+
+
+def test_profile_errors_name_the_field():
+    entry = {"gpu_type": "L4", "prefill_ms": {"a": 1, "b": 2, "c": 3}, "decode_ms": {"A": 1, "B": 2}}
+    with pytest.raises(ValueError, match=r"profile.entries\[0\].decode_ms.C is required"):
+        Profile.from_dict({"model": "m", "entries": [entry]})
+    entry["decode_ms"]["C"] = -1
+    with pytest.raises(ValueError, match=r"profile.entries\[0\].decode_ms.C must be >= 0"):
+        Profile.from_dict({"model": "m", "entries": [entry]})
