@@ -1,0 +1,60 @@
+"""The decode worker as a Ray actor: a thin async shell around DecodeWorker.
+
+Streams are async generators: the caller iterates the ObjectRefGenerator Ray returns.
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Callable
+
+from decode_worker.worker import DecodeWorker
+from engine import EngineConfig, SamplingParams
+from engine.engine_loop import delta_stream
+from proto.serving import KVHandle, TokenDelta
+
+
+class DecodeActor:
+    """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop."""
+
+    def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None = None,
+                 transfer_timeout_s: float = 30.0, max_waiting: int = 256):
+        if host is None:  # listen where prefill workers on other nodes can reach us
+            import ray
+            host = ray.util.get_node_ip_address()
+        self.worker = DecodeWorker(model_dir, engine_config, kv_backend, host, transfer_timeout_s, max_waiting)
+
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
+        return self.worker.reserve(request_id, prompt_token_ids, params)
+
+    async def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
+        """Wait for the request's KV, then stream its deltas from the first token on."""
+        await self.worker.transfer_of(request_id).wait_async()
+        async for delta in self._stream(request_id, lambda cb: self.worker.admit(request_id, first_token_id, cb)):
+            yield delta
+
+    async def generate_local(self, request_id: str, prompt_token_ids: list[int],
+                             params: SamplingParams) -> AsyncIterator[TokenDelta]:
+        """Prefill here and decode (short prompts: conditional disaggregation)."""
+        async for delta in self._stream(
+                request_id, lambda cb: self.worker.generate_local(request_id, prompt_token_ids, params, cb)):
+            yield delta
+
+    def _stream(self, request_id: str, start: Callable[[Callable[[TokenDelta], None]], None]):
+        async def start_async(on_delta):
+            start(on_delta)
+
+        async def stop():
+            self.worker.abort(request_id)
+        return delta_stream(start_async, stop)
+
+    def abort(self, request_id: str) -> None:
+        self.worker.abort(request_id)
+
+    def stats(self) -> dict[str, float]:
+        return self.worker.stats()
+
+    def block_size(self) -> int:
+        return self.worker.engine.kv_cache.layout.block_size
+
+    def shutdown(self) -> None:
+        self.worker.close()

@@ -1,0 +1,168 @@
+"""`tandem serve` and `tandem demo`: start workers on Ray, put the router in front."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+
+def register(subparsers) -> None:
+    serve = subparsers.add_parser("serve", help="serve a model: prefill and decode workers behind gRPC and HTTP")
+    _serving_args(serve)
+    serve.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (default 8000; 0 = any)")
+    serve.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (default 8001; 0 = any)")
+    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serve.set_defaults(run=_serve, local_prefill_tokens=32)
+
+    demo = subparsers.add_parser("demo", help="serve the default model, answer one request over HTTP, stop")
+    _serving_args(demo)
+    demo.add_argument("--prompt", default="Once upon a time,")
+    # Every prompt goes through a prefill worker and a KV transfer, however short.
+    demo.set_defaults(run=_demo, local_prefill_tokens=0)
+
+
+def _serving_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", help="Hugging Face checkpoint directory (default: the embedded model)")
+    p.add_argument("--model-name", help="name clients use (default: the directory name)")
+    p.add_argument("--plan", help="plan file from `tandem plan`: workers, GPU types, batch limits")
+    p.add_argument("--num-prefill", type=int, default=1, help="prefill workers without a plan (default 1)")
+    p.add_argument("--num-decode", type=int, default=1, help="decode workers without a plan (default 1)")
+    p.add_argument("--colocated", action="store_true", help="one engine doing both phases, no Ray")
+    p.add_argument("--kv-backend", choices=("nixl", "shm", "torch_dist"),
+                   help="KV transfer backend (default: nixl when installed, else shm)")
+    p.add_argument("--routing", default="load", choices=("load", "round_robin"))
+    p.add_argument("--local-prefill-tokens", type=int,
+                   help="prompts with at most this many uncached tokens prefill on the decode worker "
+                        "(serve: default 32; demo: 0)")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-num-batched-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int)
+
+
+def _default_kv_backend() -> str:
+    try:
+        import nixl  # noqa: F401
+        return "nixl"
+    except ImportError:
+        return "shm"
+
+
+def start_backend(args: argparse.Namespace, log=print):
+    """The backend the flags ask for, and a function that stops it."""
+    from engine import EngineConfig
+    from engine.default_model import ensure_default_model
+
+    if args.plan:
+        from proto.plan import Plan
+        plan = Plan.load(args.plan)
+        model_dir = args.model or plan.model.path or ensure_default_model(log)
+    else:
+        plan = None
+        model_dir = args.model or ensure_default_model(log)
+    model_name = args.model_name or Path(model_dir).name
+    engine_config = EngineConfig(dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
+                                 max_num_batched_tokens=args.max_num_batched_tokens,
+                                 max_model_len=args.max_model_len)
+    if args.colocated:
+        from router.backend import LocalBackend
+        backend = LocalBackend(model_dir, engine_config, model_name)
+        log(f"colocated engine on {model_name}")
+        return backend, backend.close
+
+    import ray
+
+    from deploy.cluster import WorkerGroup, deploy
+    started_ray = not ray.is_initialized()
+    if started_ray:
+        ray.init(include_dashboard=False, log_to_driver=False)  # joins RAY_ADDRESS when it is set
+    use_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if plan is not None:
+        groups = [WorkerGroup(g.role, g.count, g.tp, g.pp, g.gpu_type, use_gpus=use_gpus, max_num_seqs=g.max_batch_size,
+                              max_num_batched_tokens=g.max_batched_tokens) for g in plan.groups]
+        if any(g.tp > 1 or g.pp > 1 for g in plan.groups):
+            log("note: the engine does not shard models yet (tensor/pipeline parallelism is open work in "
+                "issue 4): each worker reserves its planned tp x pp GPUs and runs on one device")
+    else:
+        groups = [WorkerGroup("prefill", args.num_prefill, use_gpus=use_gpus),
+                  WorkerGroup("decode", args.num_decode, use_gpus=use_gpus)]
+    kv_backend = args.kv_backend or _default_kv_backend()
+    log(f"starting {sum(g.count for g in groups if g.role == 'prefill')} prefill and "
+        f"{sum(g.count for g in groups if g.role == 'decode')} decode workers of {model_name} "
+        f"(KV transfer: {kv_backend}) ...")
+    deployment = deploy(model_dir, groups, engine_config, kv_backend=kv_backend, model_name=model_name,
+                        policy=args.routing, local_prefill_tokens=args.local_prefill_tokens)
+
+    def stop():
+        deployment.shutdown()
+        if started_ray:
+            ray.shutdown()
+    return deployment.backend, stop
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from router.server import serve
+
+    backend, stop_backend = start_backend(args)
+
+    async def main():
+        handle = await serve(backend, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host)
+        print(f"Tandem is serving {backend.model_name}\n"
+              f"  OpenAI HTTP:  http://{args.host}:{handle.http_port}/v1  (health /health, metrics /metrics)\n"
+              f"  KServe gRPC:  {args.host}:{handle.grpc_port}  (inference.GRPCInferenceService)\n"
+              f"Ctrl-C or SIGTERM stops it.", flush=True)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stopping.set)
+        await stopping.wait()
+        print("draining ...", flush=True)
+        await handle.stop(grace_s=10.0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop_backend()
+    print("stopped", flush=True)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from router.server import serve
+
+    backend, stop_backend = start_backend(args)
+
+    async def main():
+        handle = await serve(backend, http_port=0, grpc_port=0, host="127.0.0.1")
+        url = f"http://127.0.0.1:{handle.http_port}/v1/completions"
+        body = {"model": backend.model_name, "prompt": args.prompt, "max_tokens": 48, "temperature": 0}
+        print(f"POST {url}\n{json.dumps(body)}", flush=True)
+        start = time.monotonic()
+        answer = await asyncio.to_thread(_post_json, url, body)
+        elapsed = time.monotonic() - start
+        print(f"\n>>> {args.prompt}{answer['choices'][0]['text']}\n"
+              f"    [{answer['usage']['completion_tokens']} tokens in {elapsed:.2f}s, "
+              f"finish_reason={answer['choices'][0]['finish_reason']}]", flush=True)
+        stats = backend.stats()
+        if "kv_transfers_total" in stats:
+            print(f"    served disaggregated: {stats['kv_transfers_total']} KV transfer(s), "
+                  f"{stats['kv_transfer_bytes_total'] / 1024:.0f} KiB of KV moved prefill -> decode", flush=True)
+        await handle.stop(grace_s=1.0)
+
+    try:
+        asyncio.run(main())
+    finally:
+        stop_backend()
+    return 0
+
+
+def _post_json(url: str, body: dict) -> dict:
+    request = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return json.loads(response.read())
