@@ -140,9 +140,9 @@ class LlamaModel(nn.Module):
                 on_layer_stored: Callable[[int], None] | None = None) -> torch.Tensor:
         """input_ids, positions: [N] -> hidden states [N, hidden_size].
 
-        on_layer_stored(layer_idx), if given, is called as soon as a layer's K/V for this
-        batch are in the cache: a KV transfer can start pushing that layer while the
-        next ones compute.
+        on_layer_stored(layer_idx), if given, is called when a layer has run (its K/V
+        for this batch are then in the cache): a KV transfer can push that layer while
+        the next ones compute.
         """
         x = self.embed_tokens(input_ids)
         for i, layer in enumerate(self.layers):
