@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.common import markdown_table, read_trace
+from benchmarks.common import read_trace
 
 
 @dataclass(frozen=True)

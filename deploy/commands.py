@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import json
 import signal
 import time
@@ -47,11 +48,7 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
 
 
 def _default_kv_backend() -> str:
-    try:
-        import nixl  # noqa: F401
-        return "nixl"
-    except ImportError:
-        return "shm"
+    return "nixl" if importlib.util.find_spec("nixl") is not None else "shm"
 
 
 def start_backend(args: argparse.Namespace, log=print):

@@ -83,6 +83,8 @@ class Transport(ABC):
                 device.index not in (None, cache.device.index):
             raise ValueError(f"cache must be contiguous on {layout.device}, got device "
                              f"{cache.device}, contiguous={cache.is_contiguous()}")
+        if (reason := self.unavailable_reason(layout.device)) is not None:
+            raise TransportError(reason)
         self.cache = cache
         self.layout = layout
         self.role = role

@@ -116,8 +116,6 @@ class NixlTransport(Transport):
 
     def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role):
         super().__init__(cache, layout, role)
-        if (reason := self.unavailable_reason(layout.device)) is not None:
-            raise TransportError(reason)
         api = _nixl_api()
         # STRICT: link workers, readers and connect() use the agent from several threads.
         config = api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"],

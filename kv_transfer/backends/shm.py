@@ -74,8 +74,6 @@ class ShmTransport(Transport):
 
     def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role):
         super().__init__(cache, layout, role)
-        if (reason := self.unavailable_reason(layout.device)) is not None:
-            raise TransportError(reason)
         if role == "recv":
             # Moves the storage into an fd-backed shm file in place, whatever torch's sharing
             # strategy (share_memory_() would follow it); a no-op when already there. The fd

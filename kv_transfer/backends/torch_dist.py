@@ -141,8 +141,6 @@ class TorchDistTransport(Transport):
 
     def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role):
         super().__init__(cache, layout, role)
-        if (reason := self.unavailable_reason(layout.device)) is not None:
-            raise TransportError(reason)
         if role == "recv":
             # The store's server listens on every interface; the host only names it for itself.
             self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
