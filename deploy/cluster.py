@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decode_worker.actor import DecodeActor
 from engine import EngineConfig, ModelConfig
-from prefill_worker.actor import PrefillActor
+from prefill_worker.actor import PrefillActor, PrefillFollowerActor
 from proto.kv import DTYPE_BYTES
 from proto.plan import ray_resource_name
 from router.orchestrator import DisaggregatedBackend
@@ -46,9 +47,23 @@ class WorkerGroup:
             bundle[ray_resource_name(self.gpu_type)] = num_gpus
         return bundle
 
+    @property
+    def tensor_parallel(self) -> bool:
+        """Whether a worker runs as tp rank processes. Prefill workers do; decode workers with
+        tp > 1 (and any pp > 1) still run one engine on one device, holding all their GPUs."""
+        return self.role == "prefill" and self.tp > 1 and self.pp == 1
+
+    def bundles(self) -> list[dict[str, float]]:
+        """One worker's resources: one bundle per rank (all on one node), or one for all."""
+        if not self.tensor_parallel:
+            return [self.bundle()]
+        return [replace(self, tp=1).bundle()] * self.tp
+
     def engine_config(self, base: EngineConfig) -> EngineConfig:
         overrides = {k: v for k, v in (("max_num_seqs", self.max_num_seqs),
                                        ("max_num_batched_tokens", self.max_num_batched_tokens)) if v is not None}
+        if self.tensor_parallel:
+            overrides["tensor_parallel_size"] = self.tp
         return replace(base, **overrides)
 
 
@@ -57,19 +72,21 @@ class Deployment:
     """Running actors and the placement group that holds their resources."""
 
     backend: DisaggregatedBackend
-    prefill_actors: list = field(default_factory=list)
+    prefill_actors: list = field(default_factory=list)  # rank 0 of each prefill worker
     decode_actors: list = field(default_factory=list)
-    placement_group: object = None
+    follower_actors: list = field(default_factory=list)  # ranks > 0 of tensor-parallel prefill workers
+    placement_groups: list = field(default_factory=list)
 
     def shutdown(self) -> None:
-        for actor in self.prefill_actors + self.decode_actors:
+        # Rank 0 first: its shutdown releases its followers, whose own shutdown waits for that.
+        for actor in self.prefill_actors + self.follower_actors + self.decode_actors:
             try:
                 ray.get(actor.shutdown.remote(), timeout=30)
             except Exception:  # a dead actor has nothing left to shut down
                 pass
             ray.kill(actor)
-        if self.placement_group is not None:
-            remove_placement_group(self.placement_group)
+        for pg in self.placement_groups:
+            remove_placement_group(pg)
 
 
 def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: EngineConfig, *,
@@ -85,22 +102,30 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
     model_dir = str(Path(model_dir).resolve())
     model = ModelConfig.from_dir(model_dir)
     workers = [g for g in groups for _ in range(g.count)]
-    pg = placement_group([g.bundle() for g in workers], strategy="PACK")
-    ray.get(pg.ready(), timeout=ready_timeout_s)
-    prefill_actors, decode_actors = [], []
-    for index, group in enumerate(workers):
-        options = dict(num_cpus=group.bundle()["CPU"], num_gpus=group.bundle().get("GPU", 0),
-                       resources={k: v for k, v in group.bundle().items() if k.startswith("GPU_")},
-                       scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
-                       max_concurrency=1000)
+    # One placement group per worker, packed onto one node: a TP group's ranks talk over
+    # NCCL/Gloo and must share a node.
+    pgs = [placement_group(g.bundles(), strategy="STRICT_PACK") for g in workers]
+    ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
+    prefill_actors, decode_actors, followers = [], [], []
+    for group, pg in zip(workers, pgs):
+        def options(rank: int) -> dict:
+            bundle = group.bundles()[rank]
+            return dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
+                        resources={k: v for k, v in bundle.items() if k.startswith("GPU_")},
+                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                        max_concurrency=1000)
+        config = group.engine_config(engine_config)
         if group.role == "prefill":
-            actor = ray.remote(PrefillActor).options(**options).remote(
-                model_dir, group.engine_config(engine_config), kv_backend, transfer_timeout_s)
-            prefill_actors.append(actor)
+            dist_init = _dist_init(pg, single_node) if group.tensor_parallel else None
+            driver = ray.remote(PrefillActor).options(**options(0)).remote(
+                model_dir, config, kv_backend, transfer_timeout_s, dist_init)
+            prefill_actors.append(driver)
+            followers += [ray.remote(PrefillFollowerActor).options(**options(rank)).remote(
+                model_dir, config, kv_backend, transfer_timeout_s, rank, dist_init, driver)
+                for rank in range(1, len(group.bundles()))]
         else:
-            actor = ray.remote(DecodeActor).options(**options).remote(
-                model_dir, group.engine_config(engine_config), kv_backend, host, transfer_timeout_s)
-            decode_actors.append(actor)
+            decode_actors.append(ray.remote(DecodeActor).options(**options(0)).remote(
+                model_dir, config, kv_backend, host, transfer_timeout_s))
     block_sizes = ray.get([a.block_size.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)
     dtype = engine_config.dtype if engine_config.dtype != "auto" else "float32"
     backend = DisaggregatedBackend(
@@ -109,4 +134,17 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
         vocab_size=model.vocab_size, block_size=block_sizes[0],
         kv_bytes_per_token=2 * model.num_layers * model.num_kv_heads * model.head_dim * DTYPE_BYTES[dtype],
         policy=policy, local_prefill_tokens=local_prefill_tokens)
-    return Deployment(backend, prefill_actors, decode_actors, pg)
+    return Deployment(backend, prefill_actors, decode_actors, followers, pgs)
+
+
+def _dist_init(pg, single_node: bool) -> str:
+    """The address a TP group's ranks meet at: rank 0's node, a port free there (probed here;
+    on another node a port taken meanwhile makes the group fail to form, loudly)."""
+    if single_node:
+        host = "127.0.0.1"
+    else:
+        node_id = placement_group_table(pg)["bundles_to_node_id"][0]
+        host = next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return f"tcp://{host}:{s.getsockname()[1]}"

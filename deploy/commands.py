@@ -83,9 +83,9 @@ def start_backend(args: argparse.Namespace, log=print):
     if plan is not None:
         groups = [WorkerGroup(g.role, g.count, g.tp, g.pp, g.gpu_type, use_gpus=use_gpus, max_num_seqs=g.max_batch_size,
                               max_num_batched_tokens=g.max_batched_tokens) for g in plan.groups]
-        if any(g.tp > 1 or g.pp > 1 for g in plan.groups):
-            log("note: the engine does not shard models yet (tensor/pipeline parallelism is open work in "
-                "issue 4): each worker reserves its planned tp x pp GPUs and runs on one device")
+        if any((g.role == "decode" and g.tp > 1) or g.pp > 1 for g in plan.groups):
+            log("note: prefill workers run tensor-parallel; decode workers with tp > 1 and pipeline "
+                "parallelism are open work (issue 4): such a worker holds its planned GPUs and runs on one")
     else:
         groups = [WorkerGroup("prefill", args.num_prefill, use_gpus=use_gpus),
                   WorkerGroup("decode", args.num_decode, use_gpus=use_gpus)]

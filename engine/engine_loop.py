@@ -17,8 +17,9 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from proto.serving import TokenDelta
 
-# Called with a step's schedule before it runs; returns the per-layer hook for that step.
-BeforeRun = Callable[[SchedulerOutput], Callable[[int], None] | None]
+# Called with a step's schedule before it runs; returns the per-layer hook for that step
+# and the payload that tensor-parallel followers receive with it (see engine/parallel.py).
+BeforeRun = Callable[[SchedulerOutput], tuple[Callable[[int], None] | None, object]]
 
 
 class Overloaded(RuntimeError):
@@ -157,8 +158,8 @@ class EngineLoop:
                         break
                     self._drain_releases()
                     out = self.engine.schedule()
-                    hook = self.before_run(out) if self.before_run is not None else None
-                    outputs = self.engine.run(out, hook)
+                    hook, payload = self.before_run(out) if self.before_run is not None else (None, None)
+                    outputs = self.engine.run(out, hook, step_payload=payload)
                     deliveries = [(self._callbacks.get(o.request_id), o) for o in outputs]
                     for o in outputs:
                         if o.finished:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from engine import EngineConfig, SamplingParams
-from prefill_worker.worker import PrefillWorker
+from prefill_worker.worker import PrefillFollower, PrefillWorker
 from proto.serving import KVHandle, PrefillResult
 
 
@@ -13,8 +13,8 @@ class PrefillActor:
     """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float = 30.0):
-        self.worker = PrefillWorker(model_dir, engine_config, kv_backend, transfer_timeout_s)
+                 transfer_timeout_s: float = 30.0, dist_init: str | None = None):
+        self.worker = PrefillWorker(model_dir, engine_config, kv_backend, transfer_timeout_s, dist_init)
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       handle: KVHandle) -> PrefillResult:
@@ -37,6 +37,10 @@ class PrefillActor:
     def abort(self, request_id: str) -> None:
         self.worker.abort(request_id)
 
+    def release_part(self, request_id: str) -> None:
+        """A follower rank's part of a transfer released the blocks."""
+        self.worker.release_part(request_id)
+
     def stats(self) -> dict[str, float]:
         return self.worker.stats()
 
@@ -45,3 +49,16 @@ class PrefillActor:
 
     def shutdown(self) -> None:
         self.worker.close()
+
+
+class PrefillFollowerActor:
+    """Rank r > 0 of a tensor-parallel prefill worker; reports its releases to rank 0's actor."""
+
+    def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, transfer_timeout_s: float,
+                 tp_rank: int, dist_init: str, driver):
+        self.follower = PrefillFollower(model_dir, engine_config, kv_backend, transfer_timeout_s, tp_rank,
+                                        dist_init, on_released=lambda r: driver.release_part.remote(r))
+
+    def shutdown(self) -> None:
+        """Call after rank 0's shutdown, which stops this rank's loop."""
+        self.follower.close()

@@ -11,13 +11,19 @@ A request's lifecycle on a prefill worker:
     back through on_release, which frees them on the engine thread.
 An abort before step 2 frees the blocks at once; after it, it cancels the transfer and
 the blocks come back through step 5.
+
+With tensor parallelism the worker is tp processes. Rank 0 (PrefillWorker) schedules;
+the transfers that start in a step travel with it to the other ranks (PrefillFollower),
+each of which starts its own part (its KV heads) of the same transfers and pushes its
+layers. Rank 0 frees a request's blocks only once every rank's part has released them
+(release_part); a follower reports its releases to rank 0 through on_released.
 """
 
 from __future__ import annotations
 
 import threading
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -32,15 +38,37 @@ class PrefillFailed(RuntimeError):
     """The prompt could not be prefilled (aborted, or the engine stopped)."""
 
 
+@dataclass(frozen=True)
+class TransferStart:
+    """A KV transfer that starts in a step; every tensor-parallel rank sends its part."""
+
+    request_id: str
+    block_ids: tuple[int, ...]  # source blocks: the same ids on every rank
+    endpoints: tuple[str, ...]  # the decode worker's KV receivers
+
+
+def start_transfers(sender: KVSender, starts: list[TransferStart], timeout_s: float,
+                    on_release: Callable[[str], None]) -> tuple[Callable[[int], None], dict[str, Transfer]]:
+    """Start this rank's part of each transfer; returns the per-layer push hook and the transfers."""
+    transfers = {s.request_id: sender.start(s.request_id, s.block_ids, s.endpoints, timeout_s,
+                                            on_release=lambda _ids, r=s.request_id: on_release(r))
+                 for s in starts}
+    request_ids = [s.request_id for s in starts]
+    return (lambda layer_idx: [sender.push_layer(r, layer_idx) for r in request_ids]), transfers
+
+
 class PrefillWorker:
     def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float = 30.0):
-        self.engine = LLMEngine(model_dir, engine_config)
+                 transfer_timeout_s: float = 30.0, dist_init: str | None = None):
+        """dist_init: with tensor_parallel_size > 1, the process group address all ranks join."""
+        self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
+        self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
         self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout)
         self._lock = threading.Lock()
         self._pending: dict[str, KVHandle] = {}  # submitted, transfer not started yet
-        self._transfers: dict[str, Transfer] = {}  # started, blocks not released yet
+        self._transfers: dict[str, Transfer] = {}  # rank 0's part started, blocks not released yet
+        self._parts_left: dict[str, int] = {}  # ranks whose part still holds the blocks
         self.loop = EngineLoop(self.engine, before_run=self._before_run)
 
     @property
@@ -80,33 +108,32 @@ class PrefillWorker:
         elif transfer is not None:
             transfer.cancel("request aborted")  # blocks come back through on_release
 
-    def _before_run(self, out: SchedulerOutput) -> Callable[[int], None] | None:
+    def _before_run(self, out: SchedulerOutput) -> tuple[Callable[[int], None] | None, list[TransferStart] | None]:
         """Runs on the engine thread: start the transfers of prompts this step completes."""
-        starting = []
-        for item in out.scheduled:
-            request_id = item.seq.request_id
-            if not item.samples:
-                continue
-            with self._lock:
-                handle = self._pending.pop(request_id, None)
-            if handle is None:
-                continue
-            transfer = self.sender.start(request_id, item.seq.block_ids, handle.endpoints,
-                                         self.transfer_timeout_s, on_release=self._released(request_id))
-            with self._lock:
-                if not transfer.blocks_released:
-                    self._transfers[request_id] = transfer
-            starting.append(request_id)
-        if not starting:
-            return None
-        return lambda layer_idx: [self.sender.push_layer(r, layer_idx) for r in starting]
+        starts = []
+        with self._lock:
+            for item in out.scheduled:
+                handle = self._pending.pop(item.seq.request_id, None) if item.samples else None
+                if handle is not None:
+                    starts.append(TransferStart(item.seq.request_id, tuple(item.seq.block_ids), handle.endpoints))
+                    self._parts_left[item.seq.request_id] = self.tp_size
+        if not starts:
+            return None, None
+        hook, transfers = start_transfers(self.sender, starts, self.transfer_timeout_s, self.release_part)
+        with self._lock:
+            self._transfers.update((r, t) for r, t in transfers.items() if r in self._parts_left)
+        return hook, starts
 
-    def _released(self, request_id: str) -> Callable[[tuple[int, ...]], None]:
-        def on_release(_block_ids: tuple[int, ...]) -> None:
-            with self._lock:
-                self._transfers.pop(request_id, None)
-            self.loop.release_soon(request_id)
-        return on_release
+    def release_part(self, request_id: str) -> None:
+        """One rank's part of a transfer let go of the blocks; the last one frees them."""
+        with self._lock:
+            left = self._parts_left.get(request_id, 0) - 1
+            if left > 0:
+                self._parts_left[request_id] = left
+                return
+            self._parts_left.pop(request_id, None)
+            self._transfers.pop(request_id, None)
+        self.loop.release_soon(request_id)
 
     def stats(self) -> dict[str, float]:
         with self._lock:
@@ -115,4 +142,31 @@ class PrefillWorker:
 
     def close(self) -> None:
         self.loop.close()
+        self.engine.close()  # with tensor parallelism: stops the followers
+        self.sender.close()
+
+
+class PrefillFollower:
+    """Rank r > 0 of a tensor-parallel prefill worker: runs rank 0's steps, sends its KV heads."""
+
+    def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
+                 transfer_timeout_s: float, tp_rank: int, dist_init: str, on_released: Callable[[str], None]):
+        self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
+        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout)
+        self.transfer_timeout_s = transfer_timeout_s
+        self.on_released = on_released
+        self._thread = threading.Thread(target=self.engine.follow, args=(self._on_step,),
+                                        name=f"prefill-rank-{tp_rank}", daemon=True)
+        self._thread.start()
+
+    def _on_step(self, starts: list[TransferStart] | None) -> Callable[[int], None] | None:
+        if not starts:
+            return None
+        hook, _ = start_transfers(self.sender, starts, self.transfer_timeout_s, self.on_released)
+        return hook
+
+    def close(self) -> None:
+        """After rank 0's close(): wait for the follow loop to end, then free everything."""
+        self._thread.join()
+        self.engine.close()
         self.sender.close()

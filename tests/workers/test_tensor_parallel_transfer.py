@@ -1,0 +1,88 @@
+"""A tensor-parallel prefill worker (TP=2, two processes) feeding a TP=1 decode worker.
+
+Each prefill rank sends its own KV heads; the decode worker's receiver assembles them.
+The tokens must equal transformers', and every block on every side must come back.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import queue
+import socket
+import threading
+from dataclasses import replace
+
+import pytest
+
+from decode_worker.worker import DecodeWorker
+from engine import EngineConfig, SamplingParams
+from prefill_worker.worker import PrefillFollower, PrefillWorker
+from tests.checkpoints import hf_greedy
+from tests.workers.test_disaggregated import all_blocks_free, run_request
+
+BACKEND = "shm"
+CONFIG = EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64, max_model_len=256)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def follower_main(model_dir, dist_init, released: mp.Queue, ready: mp.Event) -> None:
+    follower = PrefillFollower(model_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, 10.0, 1, dist_init,
+                               on_released=released.put)
+    ready.set()
+    follower.close()  # returns once rank 0 closes the group
+
+
+@pytest.fixture(scope="module")
+def tp_prefill(tiny_llama_dir):
+    ctx = mp.get_context("spawn")
+    released, ready = ctx.Queue(), ctx.Event()
+    dist_init = f"tcp://127.0.0.1:{free_port()}"
+    proc = ctx.Process(target=follower_main, args=(str(tiny_llama_dir), dist_init, released, ready), daemon=True)
+    proc.start()
+    prefill = PrefillWorker(tiny_llama_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, 10.0,
+                            dist_init=dist_init)
+    assert ready.wait(120), "rank 1 did not start"
+    stop = threading.Event()
+
+    def forward_releases():  # rank 1's releases reach rank 0, as an actor call would carry them
+        while not stop.is_set():
+            try:
+                prefill.release_part(released.get(timeout=0.1))
+            except queue.Empty:
+                pass
+    relay = threading.Thread(target=forward_releases, daemon=True)
+    relay.start()
+    decode = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=10.0)
+    yield prefill, decode
+    decode.close()
+    prefill.close()
+    proc.join(60)
+    stop.set()
+    relay.join()
+
+
+def test_prefill_tp2_to_decode_tp1_matches_transformers(tp_prefill, tiny_llama_dir):
+    prefill, decode = tp_prefill
+    assert prefill.engine.kv_cache.layout.num_kv_heads == 1 and decode.engine.kv_cache.layout.num_kv_heads == 2
+    params = SamplingParams(temperature=0.0, max_tokens=10)
+    for i, n in enumerate((3, 17, 40, 70)):  # 70 > one 32-token chunk
+        prompt = list(range(7, 7 + n))
+        tokens, last = run_request(prefill, decode, f"tp-{i}", prompt, params)
+        assert tokens == hf_greedy(tiny_llama_dir, prompt, 10)
+    assert all_blocks_free(prefill, decode)
+
+
+def test_abort_during_tp_prefill_frees_both_sides(tp_prefill):
+    prefill, decode = tp_prefill
+    params = SamplingParams(temperature=0.0, max_tokens=20)
+    prompt = list(range(5, 120))
+    handle = decode.reserve("tp-abort", prompt, params)
+    prefill.prefill("tp-abort", prompt, params, handle, lambda r: None)
+    prefill.abort("tp-abort")
+    decode.abort("tp-abort")
+    assert all_blocks_free(prefill, decode, timeout_s=15)
