@@ -34,10 +34,8 @@ def helm_bin() -> str:
 
 
 @pytest.fixture
-def tandem_parser(monkeypatch):
-    """The real `tandem` argument parser, with `tandem deploy` whether or not deploy/cli.py lists it yet."""
-    if "deploy.helm_cli" not in cli.COMMAND_MODULES:
-        monkeypatch.setattr(cli, "COMMAND_MODULES", cli.COMMAND_MODULES + ("deploy.helm_cli",))
+def tandem_parser():
+    """The real `tandem` argument parser."""
     return cli.build_parser()
 
 
