@@ -99,10 +99,13 @@ class Scheduler:
         self.held: dict[str, Sequence] = {}  # prefill side: finished, KV still being sent
         self.num_preemptions_total = 0  # since start: a measure of KV memory pressure
 
-    def add(self, seq: Sequence) -> None:
+    def _check_fits(self, seq: Sequence) -> None:
         if len(seq) >= self.config.max_model_len:
             raise ValueError(f"prompt has {len(seq)} tokens; the context window allows at most "
                              f"{self.config.max_model_len - 1} (max_model_len={self.config.max_model_len})")
+
+    def add(self, seq: Sequence) -> None:
+        self._check_fits(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -116,9 +119,7 @@ class Scheduler:
 
         Raises RuntimeError when the batch or the cache has no room for it now.
         """
-        if len(seq) >= self.config.max_model_len:
-            raise ValueError(f"prompt has {len(seq)} tokens; the context window allows at most "
-                             f"{self.config.max_model_len - 1} (max_model_len={self.config.max_model_len})")
+        self._check_fits(seq)
         if len(self.running) + len(self.reserved) >= self.config.max_num_seqs:
             raise RuntimeError(f"no batch slot: {self.config.max_num_seqs} sequences running or reserved")
         # One block more than the prompt needs, so the first decode step cannot be refused.

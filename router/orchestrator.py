@@ -33,13 +33,12 @@ STATS_INTERVAL_S = 0.2
 
 class DisaggregatedBackend:
     def __init__(self, model_dir: str | Path, prefill_actors: list, decode_actors: list, *, model_name: str,
-                 max_model_len: int, vocab_size: int, block_size: int, kv_bytes_per_token: int,
+                 max_model_len: int, block_size: int, kv_bytes_per_token: int,
                  policy: str = "load", local_prefill_tokens: int = 32):
         if not decode_actors:
             raise ValueError("at least one decode worker is needed")
         self.model_name = model_name
         self.max_model_len = max_model_len
-        self.vocab_size = vocab_size
         self.kv_bytes_per_token = kv_bytes_per_token
         self.local_prefill_tokens = local_prefill_tokens
         self._tokenizer = load_tokenizer(model_dir)
@@ -57,20 +56,13 @@ class DisaggregatedBackend:
         return self._tokenizer
 
     def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, str):
-            if self._tokenizer is None:
-                raise ValueError("this model has no tokenizer; send token ids")
-            token_ids = self._tokenizer.encode(prompt)
-        else:
-            token_ids = list(prompt)
-        if not token_ids:
-            raise ValueError("prompt is empty: it must contain at least one token")
-        if len(token_ids) >= self.max_model_len:
-            raise ValueError(f"prompt has {len(token_ids)} tokens; the context window allows at most "
-                             f"{self.max_model_len - 1} (max_model_len={self.max_model_len})")
-        if any(not 0 <= t < self.vocab_size for t in token_ids):
-            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        return token_ids
+        """Token ids to route by. The decode worker's engine validates them (empty, too long,
+        out of vocabulary) and its ValueError reaches the caller unchanged."""
+        if not isinstance(prompt, str):
+            return list(prompt)
+        if self._tokenizer is None:
+            raise ValueError("this model has no tokenizer; send token ids")
+        return self._tokenizer.encode(prompt)
 
     async def generate(self, request_id: str, prompt: str | list[int],
                        params: SamplingParams) -> AsyncIterator[TokenDelta]:
