@@ -80,10 +80,12 @@ def _run_mode(args: argparse.Namespace, mode: str, rate: float) -> dict:
     from deploy.commands import start_backend
     from router.server import serve
 
-    serve_args = argparse.Namespace(
-        model=args.model, model_name="bench", plan=None, num_prefill=1, num_decode=1, colocated=mode == "colocated",
-        kv_backend=args.kv_backend, routing="load", local_prefill_tokens=0, dtype="auto", block_size=16,
-        max_num_seqs=64, max_num_batched_tokens=512, max_model_len=None)
+    from deploy.cli import build_parser
+    argv = ["serve", "--model-name", "bench", "--local-prefill-tokens", "0"]
+    argv += ["--model", args.model] if args.model else []
+    argv += ["--kv-backend", args.kv_backend] if args.kv_backend else []
+    argv += ["--colocated"] if mode == "colocated" else []
+    serve_args = build_parser().parse_args(argv)  # `tandem serve`'s own defaults
     backend, stop_backend = start_backend(serve_args, log=lambda _: None)
 
     async def main():

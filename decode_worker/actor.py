@@ -10,7 +10,7 @@ from typing import AsyncIterator, Callable
 from decode_worker.worker import DecodeWorker
 from engine import EngineConfig, SamplingParams
 from engine.engine_loop import delta_stream
-from proto.serving import KVHandle, TokenDelta
+from proto.serving import KVHandle, TokenDelta, WorkerInfo
 
 
 class DecodeActor:
@@ -53,8 +53,8 @@ class DecodeActor:
     def stats(self) -> dict[str, float]:
         return self.worker.stats()
 
-    def block_size(self) -> int:
-        return self.worker.engine.kv_cache.layout.block_size
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker.engine.max_model_len, self.worker.engine.kv_cache.layout)
 
     def shutdown(self) -> None:
         self.worker.close()

@@ -11,9 +11,8 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decode_worker.actor import DecodeActor
-from engine import EngineConfig, ModelConfig
+from engine import EngineConfig
 from prefill_worker.actor import PrefillActor, PrefillFollowerActor
-from proto.kv import DTYPE_BYTES
 from proto.plan import ray_resource_name
 from router.orchestrator import DisaggregatedBackend
 
@@ -100,7 +99,6 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
     single_node = sum(1 for n in ray.nodes() if n["Alive"]) == 1
     host = "127.0.0.1" if single_node else None
     model_dir = str(Path(model_dir).resolve())
-    model = ModelConfig.from_dir(model_dir)
     workers = [g for g in groups for _ in range(g.count)]
     # One placement group per worker, packed onto one node: a TP group's ranks talk over
     # NCCL/Gloo and must share a node.
@@ -126,13 +124,13 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
         else:
             decode_actors.append(ray.remote(DecodeActor).options(**options(0)).remote(
                 model_dir, config, kv_backend, host, transfer_timeout_s))
-    block_sizes = ray.get([a.block_size.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)
-    dtype = engine_config.dtype if engine_config.dtype != "auto" else "float32"
+    # Waiting for every worker's info is also waiting until every worker is up.
+    infos = ray.get([a.info.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)
+    decode = infos[len(prefill_actors)]  # what decode workers run with is what requests must fit
     backend = DisaggregatedBackend(
-        model_dir, prefill_actors, decode_actors, model_name=model_name,
-        max_model_len=engine_config.max_model_len or min(model.max_position_embeddings, 4096),
-        vocab_size=model.vocab_size, block_size=block_sizes[0],
-        kv_bytes_per_token=2 * model.num_layers * model.num_kv_heads * model.head_dim * DTYPE_BYTES[dtype],
+        model_dir, prefill_actors, decode_actors, model_name=model_name, max_model_len=decode.max_model_len,
+        block_size=decode.layout.block_size,
+        kv_bytes_per_token=decode.layout.bytes_per_token * decode.layout.tp_size,
         policy=policy, local_prefill_tokens=local_prefill_tokens)
     return Deployment(backend, prefill_actors, decode_actors, followers, pgs)
 

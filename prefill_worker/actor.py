@@ -6,7 +6,7 @@ import asyncio
 
 from engine import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillFollower, PrefillWorker
-from proto.serving import KVHandle, PrefillResult
+from proto.serving import KVHandle, PrefillResult, WorkerInfo
 
 
 class PrefillActor:
@@ -44,8 +44,8 @@ class PrefillActor:
     def stats(self) -> dict[str, float]:
         return self.worker.stats()
 
-    def block_size(self) -> int:
-        return self.worker.layout.block_size
+    def info(self) -> WorkerInfo:
+        return WorkerInfo(self.worker.engine.max_model_len, self.worker.layout)
 
     def shutdown(self) -> None:
         self.worker.close()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proto.kv import KVLayout
+
 
 @dataclass(frozen=True)
 class TokenDelta:
@@ -36,3 +38,11 @@ class PrefillResult:
     first_token_id: int  # sampled from the prompt's last position
     num_cached_tokens: int  # prompt tokens served by the prefill worker's prefix cache
     prefill_s: float  # from arrival at the worker to the first token
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What a worker's engine settled on (defaults resolved), for the router."""
+
+    max_model_len: int  # prompt plus output tokens at most
+    layout: KVLayout  # this rank's KV cache: block size, dtype, heads, TP rank and size

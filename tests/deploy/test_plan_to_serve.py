@@ -1,6 +1,5 @@
 """`tandem plan` for a heterogeneous cluster, then `tandem serve --plan` on Ray with fake GPUs."""
 
-import argparse
 import asyncio
 import contextlib
 
@@ -9,7 +8,7 @@ import yaml
 
 ray = pytest.importorskip("ray", reason="ray is not installed")
 
-from deploy.cli import main  # noqa: E402
+from deploy.cli import build_parser, main  # noqa: E402
 from deploy.commands import start_backend  # noqa: E402
 from engine import SamplingParams  # noqa: E402
 from proto.plan import Plan, ray_resource_name  # noqa: E402
@@ -42,10 +41,8 @@ def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
     fake = {ray_resource_name(n["gpu_type"]): n["num_gpus"] for n in CLUSTER["nodes"]}
     ray.init(num_cpus=8, num_gpus=4, resources=fake, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
-    args = argparse.Namespace(model=None, model_name="planned", plan=str(plan_file), num_prefill=1, num_decode=1,
-                              colocated=False, kv_backend="shm", routing="load", local_prefill_tokens=0,
-                              dtype="auto", block_size=16, max_num_seqs=16, max_num_batched_tokens=64,
-                              max_model_len=None)
+    args = build_parser().parse_args(["serve", "--plan", str(plan_file), "--model-name", "planned",
+                                      "--kv-backend", "shm", "--local-prefill-tokens", "0"])
     try:
         backend, stop = start_backend(args, log=lambda _: None)
         try:
