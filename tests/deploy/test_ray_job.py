@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 
 from tests.checkpoints import make_checkpoint, make_tokenizer
+from tests.ports import free_port
 
 RAY = Path(sys.executable).with_name("ray")
 pytestmark = pytest.mark.skipif(not RAY.exists(), reason="the ray CLI is not installed")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_cli(*args, env, timeout=120, check=True):

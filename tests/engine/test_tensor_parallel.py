@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import time
 import traceback
 
@@ -22,6 +21,7 @@ from engine.loader import load_model
 from engine.parallel import shard_model
 from tests.checkpoints import hf_greedy, make_checkpoint
 from tests.engine.test_oracle import random_prompts
+from tests.ports import free_port
 
 TP = 2
 TIMEOUT_S = 120.0
@@ -33,12 +33,6 @@ CONFIG = dict(dtype="float32", block_size=16, max_num_batched_tokens=32, max_num
 GPUS = torch.cuda.device_count()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     GPUS < TP, reason=f"NCCL tensor parallelism needs {TP} GPUs; this machine has {GPUS}"))]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def drive(engine: LLMEngine, prompts: list[list[int]], on_step=None, die_after_steps: int | None = None):

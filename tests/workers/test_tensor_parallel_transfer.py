@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import queue
-import socket
 import threading
 from dataclasses import replace
 
@@ -19,15 +18,10 @@ from engine import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillFollower, PrefillWorker
 from tests.checkpoints import hf_greedy
 from tests.workers.test_disaggregated import all_blocks_free, run_request
+from tests.ports import free_port
 
 BACKEND = "shm"
 CONFIG = EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64, max_model_len=256)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def follower_main(model_dir, dist_init, released: mp.Queue, ready: mp.Event) -> None:
