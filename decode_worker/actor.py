@@ -5,6 +5,7 @@ Streams are async generators: the caller iterates the ObjectRefGenerator Ray ret
 
 from __future__ import annotations
 
+import asyncio
 from typing import AsyncIterator, Callable
 
 from decode_worker.worker import DecodeWorker
@@ -23,8 +24,9 @@ class DecodeActor:
             host = ray.util.get_node_ip_address()
         self.worker = DecodeWorker(model_dir, engine_config, kv_backend, host, transfer_timeout_s, max_waiting)
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
-        return self.worker.reserve(request_id, prompt_token_ids, params)
+    async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
+        # reserve waits for the engine lock (up to one step): keep the actor's event loop free.
+        return await asyncio.to_thread(self.worker.reserve, request_id, prompt_token_ids, params)
 
     async def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
         """Wait for the request's KV, then stream its deltas from the first token on."""
@@ -47,8 +49,8 @@ class DecodeActor:
             self.worker.abort(request_id)
         return delta_stream(start_async, stop)
 
-    def abort(self, request_id: str) -> None:
-        self.worker.abort(request_id)
+    async def abort(self, request_id: str) -> None:
+        await asyncio.to_thread(self.worker.abort, request_id)  # waits for the engine lock
 
     def stats(self) -> dict[str, float]:
         return self.worker.stats()

@@ -127,12 +127,13 @@ class EngineLoop:
                 self._lock.release()
 
     def stats(self) -> dict[str, float]:
-        with self._lock:
-            bm, sched = self.engine.block_manager, self.engine.scheduler
-            return {"num_waiting": len(sched.waiting), "num_running": len(sched.running),
-                    "num_reserved": len(sched.reserved), "num_held": len(sched.held),
-                    "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
-                    "kv_usage": bm.usage, "num_preemptions": sched.num_preemptions_total}
+        # Gauges read with len() only, so no lock: a caller polling them (the router, every
+        # fraction of a second, from an actor's event loop) never waits for a step.
+        bm, sched = self.engine.block_manager, self.engine.scheduler
+        return {"num_waiting": len(sched.waiting), "num_running": len(sched.running),
+                "num_reserved": len(sched.reserved), "num_held": len(sched.held),
+                "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
+                "kv_usage": bm.usage, "num_preemptions": sched.num_preemptions_total}
 
     def close(self) -> None:
         """Stop the thread after its current step; unfinished requests end with an error delta."""

@@ -34,8 +34,8 @@ class PrefillActor:
             self.worker.abort(request_id)
             raise
 
-    def abort(self, request_id: str) -> None:
-        self.worker.abort(request_id)
+    async def abort(self, request_id: str) -> None:
+        await asyncio.to_thread(self.worker.abort, request_id)  # waits for the engine lock
 
     def release_part(self, request_id: str) -> None:
         """A follower rank's part of a transfer released the blocks."""
