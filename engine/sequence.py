@@ -60,11 +60,6 @@ class Sequence:
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
-    def is_prefilling(self) -> bool:
-        """True while prompt tokens (or tokens to recompute after preemption) remain."""
-        return self.num_uncomputed_tokens > 1 or self.num_output_tokens == 0
-
-    @property
     def is_finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 

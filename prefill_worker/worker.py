@@ -22,7 +22,6 @@ layers. Rank 0 frees a request's blocks only once every rank's part has released
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -78,7 +77,6 @@ class PrefillWorker:
     def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                 handle: KVHandle, on_done: Callable[[PrefillResult | Exception], None]) -> None:
         """Prefill a prompt and push its KV to `handle`; on_done gets the first token (or an error)."""
-        arrival = time.monotonic()
         # One token, whatever it is: stop conditions and text are the decode worker's job.
         first_only = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
 
@@ -86,8 +84,7 @@ class PrefillWorker:
             if delta.finish_reason in ("abort", "error"):
                 on_done(PrefillFailed(delta.error or f"prefill of {request_id} was {delta.finish_reason}ed"))
             elif delta.token_ids:
-                on_done(PrefillResult(request_id, delta.token_ids[0], delta.num_cached_tokens,
-                                      time.monotonic() - arrival))
+                on_done(PrefillResult(request_id, delta.token_ids[0]))
 
         with self._lock:
             self._pending[request_id] = handle

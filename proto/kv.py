@@ -75,11 +75,6 @@ class KVLayout:
         return self.block_size * self.head_dim * DTYPE_BYTES[self.dtype]
 
     @property
-    def bytes_per_block(self) -> int:
-        """Bytes of one (layer, K|V, block) across this worker's heads."""
-        return self.num_kv_heads * self.bytes_per_head_block
-
-    @property
     def bytes_per_token(self) -> int:
         """Bytes of KV that one token occupies on this worker, all layers, K and V."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]

@@ -36,8 +36,6 @@ class PrefillResult:
 
     request_id: str
     first_token_id: int  # sampled from the prompt's last position
-    num_cached_tokens: int  # prompt tokens served by the prefill worker's prefix cache
-    prefill_s: float  # from arrival at the worker to the first token
 
 
 @dataclass(frozen=True)
