@@ -249,10 +249,7 @@ class LLMEngine:
         on_step receives with this step (e.g. the KV transfers that start in it)."""
         if out.is_empty:
             return []
-        if self.tp_group is None:
-            logits = self.runner.execute(out.scheduled, on_layer_stored)
-        else:
-            logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload)
+        logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload)
         sampling = [s.seq for s in out.scheduled if s.samples]
         tokens = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
         sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens)}

@@ -93,7 +93,9 @@ class ModelRunner:
         return hidden[sample_indices]
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq],
-                on_layer_stored: Callable[[int], None] | None = None) -> torch.Tensor:
-        """Run one step; returns float32 logits [num_sampling_seqs, vocab] in step order."""
+    def execute(self, scheduled: list[ScheduledSeq], on_layer_stored: Callable[[int], None] | None = None,
+                step_payload: object = None) -> torch.Tensor:
+        """Run one step; returns float32 logits [num_sampling_seqs, vocab] in step order.
+
+        step_payload goes to tensor-parallel followers (TPModelRunner); alone, there are none."""
         return self.model.compute_logits(self.forward(self.plan(scheduled), on_layer_stored))
