@@ -6,9 +6,10 @@ Streams are async generators: the caller iterates the ObjectRefGenerator Ray ret
 from __future__ import annotations
 
 import asyncio
-from typing import AsyncIterator, Callable
+from concurrent.futures import Future
+from typing import AsyncIterator, Callable, Sequence
 
-from decode_worker.worker import DecodeWorker
+from decode_worker.worker import DecodeFollower, DecodeWorker, Settled
 from engine import EngineConfig, SamplingParams
 from engine.engine_loop import delta_stream
 from proto.serving import KVHandle, TokenDelta, WorkerInfo
@@ -18,19 +19,23 @@ class DecodeActor:
     """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None = None,
-                 transfer_timeout_s: float = 30.0, max_waiting: int = 256):
-        if host is None:  # listen where prefill workers on other nodes can reach us
-            import ray
-            host = ray.util.get_node_ip_address()
-        self.worker = DecodeWorker(model_dir, engine_config, kv_backend, host, transfer_timeout_s, max_waiting)
+                 transfer_timeout_s: float = 30.0, max_waiting: int = 256, dist_init: str | None = None,
+                 followers: Sequence = ()):
+        """With tensor parallelism: dist_init, and the DecodeFollowerActor handles of ranks 1..tp-1
+        (created first: their constructors and this one meet in the process group)."""
+        import ray
+        self.worker = DecodeWorker(model_dir, engine_config, kv_backend, host or _node_ip(), transfer_timeout_s,
+                                   max_waiting, dist_init)
+        endpoints = ray.get([f.endpoint.remote() for f in followers])
+        self.worker.attach_followers([RemoteRank(f, e) for f, e in zip(followers, endpoints)])
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
         # reserve waits for the engine lock (up to one step): keep the actor's event loop free.
         return await asyncio.to_thread(self.worker.reserve, request_id, prompt_token_ids, params)
 
     async def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
-        """Wait for the request's KV, then stream its deltas from the first token on."""
-        await self.worker.transfer_of(request_id).wait_async()
+        """Wait for the request's KV on every rank, then stream its deltas from the first token on."""
+        await self.worker.wait_kv_async(request_id)
         async for delta in self._stream(request_id, lambda cb: self.worker.admit(request_id, first_token_id, cb)):
             yield delta
 
@@ -60,3 +65,54 @@ class DecodeActor:
 
     def shutdown(self) -> None:
         self.worker.close()
+
+
+def _node_ip() -> str:
+    """Where prefill workers on other nodes can reach this actor's KV receiver."""
+    import ray
+    return ray.util.get_node_ip_address()
+
+
+class RemoteRank:
+    """A RankPort over Ray: rank 0's line to a DecodeFollowerActor."""
+
+    def __init__(self, actor, endpoint: str):
+        self.actor = actor
+        self.endpoint = endpoint
+
+    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
+        import ray
+        ray.get(self.actor.expect.remote(request_id, list(block_ids), timeout_s))  # registered there
+        return self.actor.settled.remote(request_id).future()
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        self.actor.cancel.remote(request_id, reason)
+
+
+class DecodeFollowerActor:
+    """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps, receives its KV heads."""
+
+    def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None,
+                 tp_rank: int, dist_init: str):
+        self.follower = DecodeFollower(model_dir, engine_config, kv_backend, host or _node_ip(), tp_rank, dist_init)
+        self._parts: dict[str, Future] = {}  # expected, settled() not asked yet
+
+    def endpoint(self) -> str:
+        return self.follower.endpoint
+
+    def expect(self, request_id: str, block_ids: list[int], timeout_s: float) -> None:
+        self._parts[request_id] = self.follower.expect(request_id, block_ids, timeout_s)
+
+    async def settled(self, request_id: str) -> Settled:
+        """Returns once this rank's part is settled (see decode_worker.worker)."""
+        return await asyncio.wrap_future(self._parts.pop(request_id))
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        self.follower.cancel(request_id, reason)
+
+    def stats(self) -> dict[str, float]:
+        return {"num_transfers": self.follower.num_transfers()}
+
+    def shutdown(self) -> None:
+        """Call after rank 0's shutdown, which stops this rank's loop."""
+        self.follower.close()

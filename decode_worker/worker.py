@@ -2,68 +2,211 @@
 
 A request's lifecycle on a decode worker:
 
- 1. reserve(): blocks for the prompt are allocated and registered with the KV receiver,
-    with a deadline; the caller gets a KVHandle to give the prefill worker;
- 2. the KV arrives layer by layer (the receiver tracks it);
- 3. admit(first_token): once the transfer is DONE the request joins the running batch
-    with the prefill worker's first token; if it FAILED, the caller gets TransferFailed
-    and the blocks come back through the receiver's on_release;
+ 1. reserve(): blocks for the prompt are allocated and registered with the KV receiver
+    of every tensor-parallel rank, with a deadline; the caller gets a KVHandle (all ranks'
+    endpoints) to give the prefill worker;
+ 2. the KV arrives layer by layer, each rank receiving its own KV heads;
+ 3. admit(first_token): once every rank's part is DONE (wait_kv) the request joins the
+    running batch with the prefill worker's first token; if a part failed, the caller gets
+    TransferFailed and the blocks are freed once no sender can write any rank's part;
  4. it decodes in the continuous batch and streams deltas until it finishes.
 Short prompts skip 1-3: generate_local() prefills here (conditional disaggregation).
 An abort at any step frees everything the request holds, never blocks a sender may still write.
+
+Tensor parallelism: the worker is tp processes. Rank 0 (DecodeWorker) owns the scheduler
+and the block ids; every rank r > 0 (DecodeFollower) runs rank 0's steps and has its own
+KV receiver on its own cache, which holds the same block ids. Rank 0 reaches a follower
+through a RankPort: expect() registers the blocks there and returns a future that resolves
+once that rank's part is *settled*, i.e. no sender can write its blocks any more (the KV is
+in, or the part failed and its blocks were let go). Rank 0 frees the blocks of a request
+that will not run only when every rank's part is settled.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol, Sequence
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.engine_loop import EngineLoop
 from kv_transfer import KVReceiver, Transfer, TransferState
 from proto.serving import KVHandle, TokenDelta
 
+# How one rank's part of a transfer ended, once its blocks are safe: (state, error).
+Settled = tuple[TransferState, str | None]
+
 
 class TransferFailed(RuntimeError):
     """The request's KV never arrived (deadline, lost prefill worker, cancel)."""
 
 
+class RankPort(Protocol):
+    """Rank 0's line to a follower rank of a tensor-parallel decode worker."""
+
+    endpoint: str  # the follower's KV receiver
+
+    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
+        """Register the blocks with the rank's receiver before returning; the future gets
+        its Settled (or raises if the rank is gone, which can no longer write either)."""
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        """Stop the rank's part; its future settles once its blocks are let go."""
+
+
+def expect_part(receiver: KVReceiver, request_id: str, block_ids: Sequence[int],
+                timeout_s: float) -> tuple[Transfer, Future]:
+    """Register one rank's part with its receiver; the future resolves to its Settled."""
+    settled: Future = Future()
+    transfer = receiver.expect(request_id, block_ids, timeout_s,
+                               on_release=lambda _ids: settled.set_result((transfer.state, transfer.error)))
+    # DONE releases nothing (the blocks stay with the request) and no sender writes after it.
+    transfer.add_done_callback(lambda t: t.state is TransferState.DONE and settled.set_result((t.state, None)))
+    return transfer, settled
+
+
+def outcome(part: Future) -> Settled:
+    """A settled part's Settled; a rank that died settles as FAILED."""
+    try:
+        return part.result(timeout=0)
+    except Exception as exc:  # the follower's actor or process is gone
+        return TransferState.FAILED, f"tensor-parallel rank lost: {exc}"
+
+
+@dataclass
+class _Reserved:
+    """A reserved request's KV, arriving in one part per rank (rank 0's first)."""
+
+    transfer: Transfer  # rank 0's part
+    parts: list[Future]  # every rank's Settled future, rank 0's included
+    ports: list[RankPort] = field(default_factory=list)  # followers with a part to cancel
+    aborted: bool = False  # will never be admitted: free the blocks once all parts settle
+    released: bool = False  # the blocks were given back to the engine
+
+    def settled(self) -> bool:
+        return all(p.done() for p in self.parts)
+
+    def failure(self) -> str | None:
+        """Why some part failed (rank 0's seen at once, the others' once settled); None if none did."""
+        states = [(self.transfer.state, self.transfer.error)]
+        states += [outcome(p) if p.done() else (TransferState.PENDING, None) for p in self.parts[1:]]
+        for rank, (state, error) in enumerate(states):
+            if state.is_terminal and state is not TransferState.DONE:
+                why = error or state.value
+                return f"rank {rank}: {why}" if len(self.parts) > 1 else why
+        return None
+
+
 class DecodeWorker:
     def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
-                 host: str = "127.0.0.1", transfer_timeout_s: float = 30.0, max_waiting: int = 256):
-        self.engine = LLMEngine(model_dir, engine_config)
+                 host: str = "127.0.0.1", transfer_timeout_s: float = 30.0, max_waiting: int = 256,
+                 dist_init: str | None = None):
+        """dist_init: with tensor_parallel_size > 1, the process group address all ranks join;
+        then attach_followers() before the first reserve()."""
+        self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
+        self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
         self.receiver = KVReceiver(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
                                    host=host)
         self.loop = EngineLoop(self.engine, max_waiting=max_waiting)
+        self._followers: list[RankPort] = []
         self._lock = threading.Lock()
-        self._transfers: dict[str, Transfer] = {}  # reserved, not admitted yet
+        self._reserved: dict[str, _Reserved] = {}  # reserved, not admitted yet
 
     @property
     def endpoint(self) -> str:
         return self.receiver.endpoint
 
+    def attach_followers(self, ports: Sequence[RankPort]) -> None:
+        """Ranks 1..tp-1, in rank order (each reports its receiver's endpoint)."""
+        if len(ports) != self.tp_size - 1:
+            raise ValueError(f"a tensor_parallel_size={self.tp_size} worker has {self.tp_size - 1} "
+                             f"follower ranks, got {len(ports)}")
+        self._followers = list(ports)
+
     def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
         """Raises ValueError for a bad prompt, Overloaded when there is no room right now."""
+        if len(self._followers) != self.tp_size - 1:
+            raise RuntimeError(f"the worker's {self.tp_size - 1} follower ranks are not attached yet")
         block_ids = self.loop.reserve(request_id, prompt_token_ids, params)
-        transfer = self.receiver.expect(request_id, block_ids, self.transfer_timeout_s,
-                                        on_release=lambda _ids: self.loop.release_soon(request_id))
+        transfer, settled = expect_part(self.receiver, request_id, block_ids, self.transfer_timeout_s)
+        record = _Reserved(transfer, [settled])
+        try:
+            for port in self._followers:
+                record.parts.append(port.expect(request_id, block_ids, self.transfer_timeout_s))
+                record.ports.append(port)
+        except BaseException as exc:
+            self._track(request_id, record)
+            self.abort(request_id)  # the parts registered so far are cancelled, then freed
+            raise TransferFailed(f"could not register {request_id}'s blocks on every rank: {exc}") from exc
+        self._track(request_id, record)
+        return KVHandle(request_id, (self.endpoint,) + tuple(p.endpoint for p in self._followers),
+                        tuple(block_ids))
+
+    def _track(self, request_id: str, record: _Reserved) -> None:
         with self._lock:
-            self._transfers[request_id] = transfer
-        return KVHandle(request_id, (self.endpoint,), tuple(block_ids))
+            self._reserved[request_id] = record
+        for part in record.parts:
+            part.add_done_callback(lambda _f: self._part_settled(request_id, record))
+
+    def _part_settled(self, request_id: str, record: _Reserved) -> None:
+        """Runs on whatever thread settled a part (possibly under a receiver's lock: no calls back).
+        A failed request keeps its record (admit reports the failure) but gets its blocks freed."""
+        with self._lock:
+            if record.released or not record.settled() or not (record.aborted or record.failure()):
+                return
+            record.released = True
+        self.loop.release_soon(request_id)
+
+    def _drop(self, request_id: str, record: _Reserved) -> None:
+        """A reserved request that will never run: stop every part, free once all settled."""
+        with self._lock:
+            record.aborted = True
+        record.transfer.cancel("request aborted")  # no effect on a settled part
+        for port in record.ports:
+            port.cancel(request_id, "request aborted")
+        self._part_settled(request_id, record)  # frees now if every part had settled already
 
     def transfer_of(self, request_id: str) -> Transfer:
+        """Rank 0's part of a reserved request's transfer."""
         with self._lock:
-            return self._transfers[request_id]
+            return self._reserved[request_id].transfer
+
+    def wait_kv(self, request_id: str, timeout_s: float | None = None) -> bool:
+        """Block until every part is DONE or some part failed; False if timeout_s passed first."""
+        with self._lock:
+            record = self._reserved.get(request_id)
+        if record is None:
+            return True
+        done = threading.Event()
+        check = lambda _f: (record.settled() or record.failure()) and done.set()  # noqa: E731
+        for part in record.parts:
+            part.add_done_callback(check)
+        return done.wait(timeout_s)
+
+    async def wait_kv_async(self, request_id: str) -> None:
+        """wait_kv() from an asyncio loop, without tying up a thread."""
+        with self._lock:
+            record = self._reserved.get(request_id)
+        if record is None:
+            return
+        pending = {asyncio.wrap_future(p) for p in record.parts}
+        while pending and not record.failure():
+            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
 
     def admit(self, request_id: str, first_token_id: int, on_delta: Callable[[TokenDelta], None]) -> None:
-        """Call once transfer_of(request_id) is DONE (wait on it first); starts streaming."""
+        """Call once wait_kv(request_id) returned; starts streaming."""
         with self._lock:
-            transfer = self._transfers.pop(request_id)
-        if transfer.state is not TransferState.DONE:
-            self.abort(request_id)
-            raise TransferFailed(f"KV of {request_id} did not arrive: {transfer.error or transfer.state.value}")
+            record = self._reserved.pop(request_id, None)
+        if record is None:
+            raise TransferFailed(f"{request_id} was aborted before it was admitted")
+        if not record.settled() or record.failure():
+            error = record.failure() or "not every tensor-parallel rank had it yet"
+            self._drop(request_id, record)
+            raise TransferFailed(f"KV of {request_id} did not arrive: {error}")
         try:
             self.loop.admit(request_id, first_token_id, on_delta)
         except KeyError:  # aborted while we were admitting: the KV is here, nobody writes it
@@ -76,18 +219,65 @@ class DecodeWorker:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            transfer = self._transfers.pop(request_id, None)
+            record = self._reserved.pop(request_id, None)
         self.loop.abort(request_id)
-        if transfer is None or transfer.state is TransferState.DONE:
-            self.loop.release_soon(request_id)  # no sender can write these blocks any more
-        else:
-            transfer.cancel("request aborted")  # blocks come back through on_release
+        if record is not None:
+            self._drop(request_id, record)
+        # else: running (the engine freed its blocks), finished, or unknown
 
     def stats(self) -> dict[str, float]:
         with self._lock:
-            num_transfers = len(self._transfers)
+            num_transfers = len(self._reserved)
         return {**self.loop.stats(), "num_transfers": num_transfers}
 
     def close(self) -> None:
         self.loop.close()
+        self.engine.close()  # with tensor parallelism: stops the followers
+        self.receiver.close()
+
+
+class DecodeFollower:
+    """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps and receives its
+    KV heads into the blocks rank 0 reserved. A RankPort in process."""
+
+    def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str, host: str,
+                 tp_rank: int, dist_init: str):
+        self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
+        self.receiver = KVReceiver(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
+                                   host=host)
+        self._lock = threading.Lock()
+        self._transfers: dict[str, Transfer] = {}  # parts not settled yet
+        self._thread = threading.Thread(target=self.engine.follow, name=f"decode-rank-{tp_rank}", daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return self.receiver.endpoint
+
+    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
+        transfer, settled = expect_part(self.receiver, request_id, block_ids, timeout_s)
+        with self._lock:
+            self._transfers[request_id] = transfer
+        settled.add_done_callback(lambda _f: self._forget(request_id, transfer))
+        return settled
+
+    def _forget(self, request_id: str, transfer: Transfer) -> None:
+        with self._lock:
+            if self._transfers.get(request_id) is transfer:
+                del self._transfers[request_id]
+
+    def cancel(self, request_id: str, reason: str) -> None:
+        with self._lock:
+            transfer = self._transfers.get(request_id)
+        if transfer is not None:
+            transfer.cancel(reason)
+
+    def num_transfers(self) -> int:
+        with self._lock:
+            return len(self._transfers)
+
+    def close(self) -> None:
+        """After rank 0's close(): wait for the follow loop to end, then free everything."""
+        self._thread.join()
+        self.engine.close()
         self.receiver.close()

@@ -10,7 +10,7 @@ import ray
 from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from decode_worker.actor import DecodeActor
+from decode_worker.actor import DecodeActor, DecodeFollowerActor
 from engine import EngineConfig
 from prefill_worker.actor import PrefillActor, PrefillFollowerActor
 from proto.plan import ray_resource_name
@@ -48,9 +48,9 @@ class WorkerGroup:
 
     @property
     def tensor_parallel(self) -> bool:
-        """Whether a worker runs as tp rank processes. Prefill workers do; decode workers with
-        tp > 1 (and any pp > 1) still run one engine on one device, holding all their GPUs."""
-        return self.role == "prefill" and self.tp > 1 and self.pp == 1
+        """Whether a worker runs as tp rank processes. Workers with pp > 1 (pipeline stages are
+        not implemented) run one engine on one device, holding all their GPUs."""
+        return self.tp > 1 and self.pp == 1
 
     def bundles(self) -> list[dict[str, float]]:
         """One worker's resources: one bundle per rank (all on one node), or one for all."""
@@ -73,12 +73,12 @@ class Deployment:
     backend: DisaggregatedBackend
     prefill_actors: list = field(default_factory=list)  # rank 0 of each prefill worker
     decode_actors: list = field(default_factory=list)
-    follower_actors: list = field(default_factory=list)  # ranks > 0 of tensor-parallel prefill workers
+    follower_actors: list = field(default_factory=list)  # ranks > 0 of tensor-parallel workers
     placement_groups: list = field(default_factory=list)
 
     def shutdown(self) -> None:
         # Rank 0 first: its shutdown releases its followers, whose own shutdown waits for that.
-        for actor in self.prefill_actors + self.follower_actors + self.decode_actors:
+        for actor in self.prefill_actors + self.decode_actors + self.follower_actors:
             try:
                 ray.get(actor.shutdown.remote(), timeout=30)
             except Exception:  # a dead actor has nothing left to shut down
@@ -113,17 +113,22 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
                         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
                         max_concurrency=1000)
         config = group.engine_config(engine_config)
+        dist_init = _dist_init(pg, single_node) if group.tensor_parallel else None
+        ranks = range(1, len(group.bundles()))
         if group.role == "prefill":
-            dist_init = _dist_init(pg, single_node) if group.tensor_parallel else None
             driver = ray.remote(PrefillActor).options(**options(0)).remote(
                 model_dir, config, kv_backend, transfer_timeout_s, dist_init)
             prefill_actors.append(driver)
             followers += [ray.remote(PrefillFollowerActor).options(**options(rank)).remote(
                 model_dir, config, kv_backend, transfer_timeout_s, rank, dist_init, driver)
-                for rank in range(1, len(group.bundles()))]
-        else:
+                for rank in ranks]
+        else:  # followers first: rank 0 asks them for their KV receivers' endpoints
+            decode_followers = [ray.remote(DecodeFollowerActor).options(**options(rank)).remote(
+                model_dir, config, kv_backend, host, rank, dist_init) for rank in ranks]
             decode_actors.append(ray.remote(DecodeActor).options(**options(0)).remote(
-                model_dir, config, kv_backend, host, transfer_timeout_s))
+                model_dir, config, kv_backend, host, transfer_timeout_s, dist_init=dist_init,
+                followers=decode_followers))
+            followers += decode_followers
     # Waiting for every worker's info is also waiting until every worker is up.
     infos = ray.get([a.info.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)
     decode = infos[len(prefill_actors)]  # what decode workers run with is what requests must fit

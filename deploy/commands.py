@@ -33,6 +33,10 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="plan file from `tandem plan`: workers, GPU types, batch limits")
     p.add_argument("--num-prefill", type=int, default=1, help="prefill workers without a plan (default 1)")
     p.add_argument("--num-decode", type=int, default=1, help="decode workers without a plan (default 1)")
+    p.add_argument("--prefill-tp", type=int, default=1,
+                   help="tensor-parallel size of each prefill worker without a plan (default 1)")
+    p.add_argument("--decode-tp", type=int, default=1,
+                   help="tensor-parallel size of each decode worker without a plan (default 1)")
     p.add_argument("--colocated", action="store_true", help="one engine doing both phases, no Ray")
     p.add_argument("--kv-backend", choices=("nixl", "shm", "torch_dist"),
                    help="KV transfer backend (default: nixl when installed, else shm)")
@@ -83,12 +87,12 @@ def start_backend(args: argparse.Namespace, log=print):
     if plan is not None:
         groups = [WorkerGroup(g.role, g.count, g.tp, g.pp, g.gpu_type, use_gpus=use_gpus, max_num_seqs=g.max_batch_size,
                               max_num_batched_tokens=g.max_batched_tokens) for g in plan.groups]
-        if any((g.role == "decode" and g.tp > 1) or g.pp > 1 for g in plan.groups):
-            log("note: prefill workers run tensor-parallel; decode workers with tp > 1 and pipeline "
-                "parallelism are open work (issue 4): such a worker holds its planned GPUs and runs on one")
+        if any(g.pp > 1 for g in plan.groups):
+            log("note: pipeline parallelism is not implemented; a worker planned with pp > 1 holds its "
+                "planned GPUs and runs its tensor-parallel ranks on the first of each stage's devices")
     else:
-        groups = [WorkerGroup("prefill", args.num_prefill, use_gpus=use_gpus),
-                  WorkerGroup("decode", args.num_decode, use_gpus=use_gpus)]
+        groups = [WorkerGroup("prefill", args.num_prefill, args.prefill_tp, use_gpus=use_gpus),
+                  WorkerGroup("decode", args.num_decode, args.decode_tp, use_gpus=use_gpus)]
     kv_backend = args.kv_backend or _default_kv_backend()
     log(f"starting {sum(g.count for g in groups if g.role == 'prefill')} prefill and "
         f"{sum(g.count for g in groups if g.role == 'decode')} decode workers of {model_name} "

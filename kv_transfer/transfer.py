@@ -4,7 +4,8 @@
        │             │
        └─────────────┴──────▶ FAILED | CANCELLED
 
-A state change is visible at once through `state`, `wait()` and `wait_async()`. Giving the
+A state change is visible at once through `state`, `wait()`, `wait_async()` and
+`add_done_callback()`. Giving the
 blocks back is a separate, later event (`blocks_released`, `on_release`): after a failure a
 peer may still be writing, and blocks are handed back only once it no longer can.
 """
@@ -66,6 +67,7 @@ class Transfer:
         self._finished_s: float | None = None
         self._released = False
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._callbacks: list[Callable[[Transfer], None]] = []
 
     def __repr__(self) -> str:
         return f"Transfer({self.transfer_id!r}, {self._state.value}, error={self._error!r})"
@@ -116,6 +118,15 @@ class Transfer:
             self._waiters.append((loop, future))
         return await future
 
+    def add_done_callback(self, callback: Callable[[Transfer], None]) -> None:
+        """Call `callback(self)` once the state is terminal: at once if it is already, else on
+        the thread that ends the transfer (keep it short)."""
+        with self._cond:
+            if not self._state.is_terminal:
+                self._callbacks.append(callback)
+                return
+        callback(self)
+
     def cancel(self, reason: str = "cancelled") -> None:
         """Stop the transfer: CANCELLED here, FAILED on the peer. No effect once terminal."""
         self._cancel(self.transfer_id, reason)
@@ -140,9 +151,12 @@ class Transfer:
             self._state, self._error = state, error
             self._finished_s = time.monotonic()
             waiters, self._waiters = self._waiters, []
+            callbacks, self._callbacks = self._callbacks, []
             self._cond.notify_all()
         for loop, future in waiters:
             loop.call_soon_threadsafe(_resolve, future, state)
+        for callback in callbacks:
+            callback(self)
         return True
 
     def _release(self) -> None:

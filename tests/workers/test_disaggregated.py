@@ -35,7 +35,7 @@ def run_request(prefill, decode, rid, prompt, params):
     handle = decode.reserve(rid, prompt, params)
     result = wait_for(lambda cb: prefill.prefill(rid, prompt, params, handle, cb))
     assert not isinstance(result, Exception), result
-    assert decode.transfer_of(rid).wait(5.0) is TransferState.DONE
+    assert decode.wait_kv(rid, 5.0)
     deltas = []
     finished = threading.Event()
 

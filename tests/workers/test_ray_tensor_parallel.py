@@ -1,4 +1,6 @@
-"""Prefill TP=2 -> decode TP=1 on a real local Ray cluster, through deploy() and the router."""
+"""Tensor-parallel workers on a real local Ray cluster, through deploy() and the router:
+prefill TP=2 -> decode TP=1, and prefill TP=1 and TP=2 -> decode TP=2 (one decode worker
+of each kind in one deployment, so both pairings are served side by side)."""
 
 import asyncio
 import contextlib
@@ -13,18 +15,22 @@ from tests.checkpoints import hf_greedy  # noqa: E402
 from tests.workers.test_ray_serving import all_free  # noqa: E402
 
 
-def test_prefill_tp2_decode_tp1_serves_transformers_tokens(tiny_llama_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+@pytest.mark.parametrize("groups, num_followers", [
+    ([WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1)], 1),
+    ([WorkerGroup("prefill", 1), WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1, tp=2)], 2),
+], ids=["prefill-tp2-decode-tp1", "prefill-tp1-and-tp2-decode-tp2"])
+def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, groups, num_followers):
+    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
     dep = None
     try:
-        dep = deploy(tiny_llama_dir, [WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1)],
-                     EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64),
-                     kv_backend="shm", model_name="tiny", local_prefill_tokens=0, transfer_timeout_s=10.0)
-        assert len(dep.follower_actors) == 1
+        dep = deploy(tiny_llama_dir, groups, EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64),
+                     kv_backend="shm", model_name="tiny", policy="round_robin", local_prefill_tokens=0,
+                     transfer_timeout_s=10.0)
+        assert len(dep.follower_actors) == num_followers
         backend = dep.backend
         params = SamplingParams(temperature=0.0, max_tokens=8)
-        prompts = [list(range(5, 5 + n)) for n in (4, 33, 70)]
+        prompts = [list(range(5, 5 + n)) for n in (4, 33, 70, 21)]
 
         async def main():
             async def one(i, prompt):
@@ -35,12 +41,16 @@ def test_prefill_tp2_decode_tp1_serves_transformers_tokens(tiny_llama_dir):
                         tokens += delta.token_ids
                 return tokens
             results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            results.append(await one("again", prompts[0]))  # after the others: round robin visits both
             assert await all_free(backend)
             return results
 
-        for prompt, tokens in zip(prompts, asyncio.run(main())):
+        for prompt, tokens in zip(prompts + prompts[:1], asyncio.run(main())):
             assert tokens == hf_greedy(tiny_llama_dir, prompt, 8)
-        assert backend.stats()["kv_transfers_total"] == len(prompts)
+        assert backend.stats()["kv_transfers_total"] == len(prompts) + 1
+        # Ranks > 0 of decode workers hold no part of any transfer any more.
+        stats = ray.get([a.stats.remote() for a in dep.follower_actors if hasattr(a, "stats")])
+        assert all(s["num_transfers"] == 0 for s in stats)
     finally:
         if dep is not None:
             dep.shutdown()
