@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.run(args) or 0
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TimeoutError) as exc:
         print(f"tandem {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

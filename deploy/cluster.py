@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,12 +20,12 @@ from router.orchestrator import DisaggregatedBackend
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    """Identical workers of one role. On GPUs each takes `tp` GPUs; on CPU, `num_cpus` CPUs."""
+    """Identical workers of one role. A worker is `tp` processes (tensor-parallel ranks), each
+    with one GPU on a GPU cluster or `num_cpus` CPUs without GPUs, all on one node."""
 
     role: str  # "prefill" | "decode"
     count: int
     tp: int = 1  # tensor-parallel size
-    pp: int = 1  # pipeline stages; a worker holds tp x pp GPUs on a GPU cluster
     gpu_type: str | None = None  # adds the Ray resource GPU_<type> (a heterogeneous cluster)
     num_cpus: float = 1.0  # CPUs per worker when it runs without GPUs
     use_gpus: bool = False
@@ -34,36 +35,26 @@ class WorkerGroup:
     def __post_init__(self) -> None:
         if self.role not in ("prefill", "decode"):
             raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
-        if self.count < 0 or self.tp < 1 or self.pp < 1:
-            raise ValueError(f"count must be >= 0 and tp, pp >= 1, got count={self.count}, tp={self.tp}, pp={self.pp}")
+        if self.count < 0 or self.tp < 1:
+            raise ValueError(f"count must be >= 0 and tp >= 1, got count={self.count}, tp={self.tp}")
 
-    def bundle(self) -> dict[str, float]:
+    def rank_bundle(self) -> dict[str, float]:
+        """One rank's resources."""
         if not self.use_gpus:
             return {"CPU": self.num_cpus}
-        num_gpus = float(self.tp * self.pp)
-        bundle = {"CPU": 1.0, "GPU": num_gpus}
+        bundle = {"CPU": 1.0, "GPU": 1.0}
         if self.gpu_type:
-            bundle[ray_resource_name(self.gpu_type)] = num_gpus
+            bundle[ray_resource_name(self.gpu_type)] = 1.0
         return bundle
 
-    @property
-    def tensor_parallel(self) -> bool:
-        """Whether a worker runs as tp rank processes. Workers with pp > 1 (pipeline stages are
-        not implemented) run one engine on one device, holding all their GPUs."""
-        return self.tp > 1 and self.pp == 1
-
     def bundles(self) -> list[dict[str, float]]:
-        """One worker's resources: one bundle per rank (all on one node), or one for all."""
-        if not self.tensor_parallel:
-            return [self.bundle()]
-        return [replace(self, tp=1).bundle()] * self.tp
+        """One worker's resources: a bundle per rank (placed on one node)."""
+        return [self.rank_bundle()] * self.tp
 
     def engine_config(self, base: EngineConfig) -> EngineConfig:
         overrides = {k: v for k, v in (("max_num_seqs", self.max_num_seqs),
                                        ("max_num_batched_tokens", self.max_num_batched_tokens)) if v is not None}
-        if self.tensor_parallel:
-            overrides["tensor_parallel_size"] = self.tp
-        return replace(base, **overrides)
+        return replace(base, tensor_parallel_size=self.tp, **overrides)
 
 
 @dataclass
@@ -102,8 +93,16 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
     workers = [g for g in groups for _ in range(g.count)]
     # One placement group per worker, packed onto one node: a TP group's ranks talk over
     # NCCL/Gloo and must share a node.
+    check_capacity(groups)
     pgs = [placement_group(g.bundles(), strategy="STRICT_PACK") for g in workers]
-    ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
+    try:
+        ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        for pg in pgs:
+            remove_placement_group(pg)
+        raise TimeoutError(f"the workers' resources ({describe(groups)}) were not free within "
+                           f"{ready_timeout_s:g} s; the Ray cluster has {_fmt(ray.available_resources())} "
+                           f"available now") from None
     prefill_actors, decode_actors, followers = [], [], []
     for group, pg in zip(workers, pgs):
         def options(rank: int) -> dict:
@@ -113,8 +112,8 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
                         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
                         max_concurrency=1000)
         config = group.engine_config(engine_config)
-        dist_init = _dist_init(pg, single_node) if group.tensor_parallel else None
-        ranks = range(1, len(group.bundles()))
+        dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
+        ranks = range(1, group.tp)
         if group.role == "prefill":
             driver = ray.remote(PrefillActor).options(**options(0)).remote(
                 model_dir, config, kv_backend, transfer_timeout_s, dist_init)
@@ -138,6 +137,39 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
         kv_bytes_per_token=decode.layout.bytes_per_token * decode.layout.tp_size,
         policy=policy, local_prefill_tokens=local_prefill_tokens)
     return Deployment(backend, prefill_actors, decode_actors, followers, pgs)
+
+
+def check_capacity(groups: list[WorkerGroup]) -> None:
+    """Refuse, naming the resource, workers that the Ray cluster could never hold."""
+    nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
+    total: Counter = Counter()
+    need: Counter = Counter()
+    for resources in nodes:
+        total.update(resources)
+    for g in groups:
+        for bundle in g.bundles() * g.count:
+            need.update(bundle)
+    short = [f"{need[k]:g} {k} (the cluster has {total.get(k, 0):g})" for k in sorted(need) if need[k] > total.get(k, 0)]
+    if short:
+        raise ValueError(f"the workers ({describe(groups)}) need {', '.join(short)}: give Ray more "
+                         f"(e.g. ray start --num-cpus/--num-gpus) or ask for fewer workers or ranks")
+    for g in groups:
+        worker: Counter = Counter()
+        for bundle in g.bundles():
+            worker.update(bundle)
+        if g.count and not any(all(node.get(k, 0) >= v for k, v in worker.items()) for node in nodes):
+            raise ValueError(f"a {g.role} worker with tp={g.tp} needs {_fmt(worker)} on one node "
+                             f"(its ranks share a node); no node of the Ray cluster has that")
+
+
+def describe(groups: list[WorkerGroup]) -> str:
+    return ", ".join(f"{g.count} {g.role} x tp={g.tp}" + (f" on {g.gpu_type}" if g.gpu_type else "")
+                     for g in groups if g.count)
+
+
+def _fmt(resources) -> str:
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())
+                     if k in ("CPU", "GPU") or k.startswith("GPU_"))
 
 
 def _dist_init(pg, single_node: bool) -> str:

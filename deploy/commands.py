@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import signal
 import time
 import urllib.request
@@ -63,6 +64,7 @@ def start_backend(args: argparse.Namespace, log=print):
     if args.plan:
         from proto.plan import Plan
         plan = Plan.load(args.plan)
+        plan.check_servable()
         model_dir = args.model or plan.model.path or ensure_default_model(log)
     else:
         plan = None
@@ -79,24 +81,24 @@ def start_backend(args: argparse.Namespace, log=print):
 
     import ray
 
-    from deploy.cluster import WorkerGroup, deploy
+    from deploy.cluster import WorkerGroup, deploy, describe
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init(include_dashboard=False, log_to_driver=False)  # joins RAY_ADDRESS when it is set
+    if started_ray and os.environ.get("RAY_ADDRESS"):
+        ray.init(include_dashboard=False, log_to_driver=False)  # joins the cluster
+    elif started_ray:
+        # A local cluster: at least a CPU per worker rank, however few cores (they share them).
+        ranks = (sum(g.count * g.tp for g in plan.groups) if plan is not None
+                 else args.num_prefill * args.prefill_tp + args.num_decode * args.decode_tp)
+        ray.init(num_cpus=max(os.cpu_count() or 1, ranks), include_dashboard=False, log_to_driver=False)
     use_gpus = ray.cluster_resources().get("GPU", 0) > 0
     if plan is not None:
-        groups = [WorkerGroup(g.role, g.count, g.tp, g.pp, g.gpu_type, use_gpus=use_gpus, max_num_seqs=g.max_batch_size,
+        groups = [WorkerGroup(g.role, g.count, g.tp, g.gpu_type, use_gpus=use_gpus, max_num_seqs=g.max_batch_size,
                               max_num_batched_tokens=g.max_batched_tokens) for g in plan.groups]
-        if any(g.pp > 1 for g in plan.groups):
-            log("note: pipeline parallelism is not implemented; a worker planned with pp > 1 holds its "
-                "planned GPUs and runs its tensor-parallel ranks on the first of each stage's devices")
     else:
         groups = [WorkerGroup("prefill", args.num_prefill, args.prefill_tp, use_gpus=use_gpus),
                   WorkerGroup("decode", args.num_decode, args.decode_tp, use_gpus=use_gpus)]
     kv_backend = args.kv_backend or _default_kv_backend()
-    log(f"starting {sum(g.count for g in groups if g.role == 'prefill')} prefill and "
-        f"{sum(g.count for g in groups if g.role == 'decode')} decode workers of {model_name} "
-        f"(KV transfer: {kv_backend}) ...")
+    log(f"starting workers ({describe(groups)}) of {model_name} (KV transfer: {kv_backend}) ...")
     deployment = deploy(model_dir, groups, engine_config, kv_backend=kv_backend, model_name=model_name,
                         policy=args.routing, local_prefill_tokens=args.local_prefill_tokens)
 

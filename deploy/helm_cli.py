@@ -51,6 +51,7 @@ def run_helm_values(args: argparse.Namespace) -> int:
     from proto.plan import Plan
 
     plan = Plan.load(args.plan)
+    plan.check_servable()  # the chart's router runs `tandem serve --plan`
     model_dir = args.model_dir or default_model_dir(plan)
     if args.model_copy_command and not args.model_copy_image:
         raise ValueError("--model-copy-command needs --model-copy-image")

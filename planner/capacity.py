@@ -199,8 +199,9 @@ def decode_limits(coeffs: Coefficients, pp: int, kv_tokens: int, stats: Workload
 
 
 def enumerate_options(model: ModelSpec, hardware: dict[NodeHardware, int], latency: LatencyTable,
-                      stats: WorkloadStats, slo: SLOSpec, block_size: int) -> list[InstanceOption]:
-    """Every (role, tp, pp) that fits each hardware, up to its largest node's GPU count.
+                      stats: WorkloadStats, slo: SLOSpec, block_size: int,
+                      max_pp: int = max(PARALLEL_SIZES)) -> list[InstanceOption]:
+    """Every (role, tp, pp <= max_pp) that fits each hardware, up to its largest node's GPU count.
 
     A node hosts an option only when tp x pp divides the node's GPU count, so instances of
     one node pack without waste and the MILP needs only a GPU count per node. Options with
@@ -211,7 +212,7 @@ def enumerate_options(model: ModelSpec, hardware: dict[NodeHardware, int], laten
     for hw, max_gpus in hardware.items():
         for tp in PARALLEL_SIZES:
             for pp in PARALLEL_SIZES:
-                if tp * pp > max_gpus or not fits(model, hw, tp, pp, stats.max_tokens):
+                if pp > max_pp or tp * pp > max_gpus or not fits(model, hw, tp, pp, stats.max_tokens):
                     continue
                 kv_tokens = kv_capacity_tokens(model, hw, tp, pp)
                 coeffs = latency.coefficients(hw, tp, pp)

@@ -42,6 +42,9 @@ def register(subparsers) -> None:
     plan.add_argument("--no-goodput-search", action="store_true",
                       help="simulate at the planned rate only, not the bisection for simulated goodput")
     plan.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
+    plan.add_argument("--max-pp", type=int, default=1, choices=(1, 2, 4, 8),
+                      help="pipeline stages per instance at most (default 1: tandem serve runs tensor "
+                           "parallelism, not pipeline stages; raise it to see what PP would plan)")
     plan.set_defaults(run=run_plan)
 
     profile = subparsers.add_parser(
@@ -88,6 +91,7 @@ def plan_inputs(args: argparse.Namespace):
         target_rps=args.target_rate,
         profile=Profile.load(args.profile) if args.profile else None,
         block_size=args.block_size,
+        max_pp=args.max_pp,
     )
 
 

@@ -62,13 +62,13 @@ def does_not_fit_message(model: ModelSpec, hardware: dict[str, NodeHardware], nu
 
 def slo_unreachable_message(model: ModelSpec, hardware: dict[str, NodeHardware], num_gpus: dict[str, int],
                             latency: LatencyTable, stats: WorkloadStats, slo: SLOSpec,
-                            missing_roles: list[str]) -> str:
-    """The best zero-load TTFT and TPOT over every configuration that fits."""
+                            missing_roles: list[str], max_pp: int = max(PARALLEL_SIZES)) -> str:
+    """The best zero-load TTFT and TPOT over every configuration that fits (pp <= max_pp)."""
     best_ttft, best_tpot = (np.inf, ""), (np.inf, "")
     for name, hw in hardware.items():
         for tp in PARALLEL_SIZES:
             for pp in PARALLEL_SIZES:
-                if tp * pp > num_gpus[name] or not fits(model, hw, tp, pp, stats.max_tokens):
+                if pp > max_pp or tp * pp > num_gpus[name] or not fits(model, hw, tp, pp, stats.max_tokens):
                     continue
                 c = latency.coefficients(hw, tp, pp)
                 label = f"{hw.gpu.name} tp={tp} pp={pp}"

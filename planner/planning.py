@@ -49,9 +49,12 @@ class PlanInputs:
     target_rps: float | None = None  # cost objective: the rate to serve (default: the workload's)
     profile: Profile | None = None
     block_size: int = 16
+    max_pp: int = max(PARALLEL_SIZES)  # pipeline stages at most (tandem plan defaults to 1: see cli)
 
     def __post_init__(self) -> None:
         as_str("objective", self.objective, ("goodput", "cost"))
+        if self.max_pp not in PARALLEL_SIZES:
+            raise ValueError(f"max_pp must be one of {PARALLEL_SIZES}, got {self.max_pp}")
 
 
 @dataclass(frozen=True)
@@ -110,14 +113,22 @@ def prepare(inputs: PlanInputs) -> Problem:
     max_gpus: dict[NodeHardware, int] = defaultdict(int)
     for n in inputs.cluster.nodes:
         max_gpus[hardware[n.name]] = max(max_gpus[hardware[n.name]], n.num_gpus)
-    options = enumerate_options(inputs.model, dict(max_gpus), latency, stats, inputs.slo, inputs.block_size)
+    options = enumerate_options(inputs.model, dict(max_gpus), latency, stats, inputs.slo, inputs.block_size,
+                                inputs.max_pp)
     missing = [role for role in ("prefill", "decode") if not any(o.role == role for o in options)]
     if missing:
-        if not any(fits(inputs.model, hw, tp, pp, stats.max_tokens) and tp * pp <= g
-                   for hw, g in max_gpus.items() for tp in PARALLEL_SIZES for pp in PARALLEL_SIZES):
+        fitting = [(tp * pp, pp, tp, hw.gpu.name) for hw, g in max_gpus.items() for tp in PARALLEL_SIZES
+                   for pp in PARALLEL_SIZES if tp * pp <= g and fits(inputs.model, hw, tp, pp, stats.max_tokens)]
+        if not fitting:
             raise ValueError(does_not_fit_message(inputs.model, hardware, num_gpus, stats.max_tokens))
+        if all(pp > inputs.max_pp for _, pp, _, _ in fitting):
+            _, pp, tp, gpu = min(fitting)
+            raise ValueError(f"model {inputs.model.name} fits an instance on this cluster only with pipeline "
+                             f"parallelism (e.g. {gpu} tp={tp} pp={pp}), and max_pp is {inputs.max_pp}: "
+                             f"tandem serve does not run pipeline stages yet; plan with --max-pp {pp} "
+                             f"to see such a plan anyway, or with --layer-split")
         raise ValueError(slo_unreachable_message(inputs.model, hardware, num_gpus, latency, stats,
-                                                 inputs.slo, missing))
+                                                 inputs.slo, missing, inputs.max_pp))
     traffic = kv_traffic(inputs, hardware, stats)
     return Problem(inputs, hardware, latency, stats, options, traffic, trace)
 

@@ -64,3 +64,23 @@ def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
             stop()
     finally:
         ray.shutdown()
+
+
+def test_plans_serve_cannot_run_are_refused_before_anything_starts(tmp_path, capsys):
+    """Pipeline stages and layer-split stages are planned (what-if) but not served yet."""
+    from dataclasses import replace
+
+    from proto.plan import LayerStage
+    from tests.deploy.helm_support import uniform_plan
+
+    plan = uniform_plan()
+    piped = replace(plan, groups=(replace(plan.groups[0], tp=4, pp=2),) + plan.groups[1:])
+    split = replace(plan, groups=(), stages=(LayerStage("prefill", "h100-0", "H100", 8, 0, 16, 1.0),))
+    for bad, message in ((piped, "plan.groups[prefill H100].pp is 2"), (split, "this plan is layer-split")):
+        path = tmp_path / "bad.yaml"
+        bad.save(path)
+        for command in (["serve", "--plan", str(path)], ["deploy", "helm-values", "--plan", str(path)]):
+            assert main(command) == 2
+            err = capsys.readouterr().err
+            assert message in err, err
+    assert not ray.is_initialized()

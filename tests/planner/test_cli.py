@@ -41,6 +41,8 @@ def test_plan_writes_a_table_and_a_plan_file(files, tmp_path, capsys):
     assert plan.predicted.goodput_rps == pytest.approx(plan.solver.objective, rel=1e-6)
     assert {g.gpu_type for g in plan.groups} <= {"H100", "A100-80GB"}
     assert plan.solver.gap <= 0.005
+    assert all(g.pp == 1 for g in plan.groups)  # --max-pp 1 by default: a plan tandem serve runs
+    plan.check_servable()
 
 
 def test_plan_emits_json_for_machines(files, tmp_path, capsys):

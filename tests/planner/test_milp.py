@@ -117,3 +117,23 @@ def test_symmetric_nodes_solve_to_the_same_optimum():
     brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic,
                                  "goodput")
     assert milp.rate_rps == pytest.approx(brute.rate_rps, rel=1e-6)
+
+
+def test_pipeline_only_fit_says_how_to_plan_it():
+    """16 T4s hold llama-2-70b only as tp=8 x pp=2; tandem serve runs no pipeline stages."""
+    nodes = [{"name": "t4", "gpu_type": "T4", "num_gpus": 16}]
+    with pytest.raises(ValueError) as err:
+        prepare(make_inputs(nodes, model="llama-2-70b", max_pp=1))
+    message = str(err.value)
+    assert "only with pipeline parallelism (e.g. T4 tp=8 pp=2)" in message and "--max-pp 2" in message
+    relaxed = SLOSpec(ttft_s=5.0, tpot_s=0.5)
+    options = prepare(make_inputs(nodes, model="llama-2-70b", slo=relaxed, max_pp=2)).options
+    assert {(o.tp, o.pp) for o in options} == {(8, 2)}
+    with pytest.raises(ValueError, match="max_pp must be one of"):
+        make_inputs(nodes, max_pp=3)
+
+
+def test_max_pp_limits_the_options():
+    nodes = [{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 8}]
+    assert {o.pp for o in prepare(make_inputs(nodes)).options} > {1}
+    assert {o.pp for o in prepare(make_inputs(nodes, max_pp=1)).options} == {1}
