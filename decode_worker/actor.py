@@ -9,7 +9,7 @@ import asyncio
 from concurrent.futures import Future
 from typing import AsyncIterator, Callable, Sequence
 
-from decode_worker.worker import DecodeFollower, DecodeWorker, Settled
+from decode_worker.worker import DecodeFollower, DecodeWorker, RankLost, Settled
 from engine import EngineConfig, SamplingParams
 from engine.engine_loop import delta_stream
 from proto.serving import KVHandle, TokenDelta, WorkerInfo
@@ -27,7 +27,7 @@ class DecodeActor:
         self.worker = DecodeWorker(model_dir, engine_config, kv_backend, host or _node_ip(), transfer_timeout_s,
                                    max_waiting, dist_init)
         endpoints = ray.get([f.endpoint.remote() for f in followers])
-        self.worker.attach_followers([RemoteRank(f, e) for f, e in zip(followers, endpoints)])
+        self.worker.attach_followers([RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints), 1)])
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
         # reserve waits for the engine lock (up to one step): keep the actor's event loop free.
@@ -76,13 +76,17 @@ def _node_ip() -> str:
 class RemoteRank:
     """A RankPort over Ray: rank 0's line to a DecodeFollowerActor."""
 
-    def __init__(self, actor, endpoint: str):
+    def __init__(self, actor, endpoint: str, rank: int):
         self.actor = actor
         self.endpoint = endpoint
+        self.rank = rank
 
     def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
         import ray
-        ray.get(self.actor.expect.remote(request_id, list(block_ids), timeout_s))  # registered there
+        try:
+            ray.get(self.actor.expect.remote(request_id, list(block_ids), timeout_s))  # registered there
+        except ray.exceptions.RayActorError as exc:
+            raise RankLost(f"tensor-parallel rank {self.rank} of this decode worker is gone: {exc}") from None
         return self.actor.settled.remote(request_id).future()
 
     def cancel(self, request_id: str, reason: str) -> None:

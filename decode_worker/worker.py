@@ -44,14 +44,19 @@ class TransferFailed(RuntimeError):
     """The request's KV never arrived (deadline, lost prefill worker, cancel)."""
 
 
+class RankLost(RuntimeError):
+    """A follower rank is gone: the worker cannot run its tensor-parallel engine any more."""
+
+
 class RankPort(Protocol):
     """Rank 0's line to a follower rank of a tensor-parallel decode worker."""
 
     endpoint: str  # the follower's KV receiver
 
     def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
-        """Register the blocks with the rank's receiver before returning; the future gets
-        its Settled (or raises if the rank is gone, which can no longer write either)."""
+        """Register the blocks with the rank's receiver before returning (RankLost if the rank
+        is gone); the future gets its Settled (or raises if the rank dies, which can no longer
+        write either)."""
 
     def cancel(self, request_id: str, reason: str) -> None:
         """Stop the rank's part; its future settles once its blocks are let go."""
@@ -141,6 +146,8 @@ class DecodeWorker:
         except BaseException as exc:
             self._track(request_id, record)
             self.abort(request_id)  # the parts registered so far are cancelled, then freed
+            if isinstance(exc, RankLost):
+                self.loop.fail(exc)  # every request ends with this error; stats() now raises
             raise TransferFailed(f"could not register {request_id}'s blocks on every rank: {exc}") from exc
         self._track(request_id, record)
         return KVHandle(request_id, (self.endpoint,) + tuple(p.endpoint for p in self._followers),
@@ -226,6 +233,8 @@ class DecodeWorker:
         # else: running (the engine freed its blocks), finished, or unknown
 
     def stats(self) -> dict[str, float]:
+        """Raises RuntimeError once the engine broke: the router then stops picking this worker."""
+        self.loop.check_running()
         with self._lock:
             num_transfers = len(self._reserved)
         return {**self.loop.stats(), "num_transfers": num_transfers}

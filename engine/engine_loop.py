@@ -72,7 +72,8 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
-    def _check_running(self) -> None:
+    def check_running(self) -> None:
+        """Raise RuntimeError (naming why) once the loop stopped or its engine broke."""
         if self._error is not None or self._stopping:
             raise RuntimeError(f"engine loop is not running: {self._error or 'stopped'}")
 
@@ -80,7 +81,7 @@ class EngineLoop:
                on_delta: Callable[[TokenDelta], None], hold_blocks: bool = False) -> None:
         """Queue a request. Bad input raises ValueError here, before anything is queued."""
         with self._lock:
-            self._check_running()
+            self.check_running()
             if len(self.engine.scheduler.waiting) >= self.max_waiting:
                 raise Overloaded(f"{len(self.engine.scheduler.waiting)} requests are already waiting "
                                  f"(max_waiting={self.max_waiting}); retry later")
@@ -91,7 +92,7 @@ class EngineLoop:
     def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> list[int]:
         """Decode side: blocks for a prompt prefilled elsewhere (see LLMEngine.reserve)."""
         with self._lock:
-            self._check_running()
+            self.check_running()
             try:
                 return self.engine.reserve(request_id, prompt, params)
             except RuntimeError as exc:  # no slot or no blocks right now
@@ -100,7 +101,7 @@ class EngineLoop:
     def admit(self, request_id: str, first_token_id: int, on_delta: Callable[[TokenDelta], None]) -> None:
         """Decode side: the KV arrived; stream from the first token on."""
         with self._lock:
-            self._check_running()
+            self.check_running()
             out = self.engine.admit(request_id, first_token_id)
             if not out.finished:
                 self._callbacks[request_id] = on_delta
@@ -134,6 +135,14 @@ class EngineLoop:
                 "num_reserved": len(sched.reserved), "num_held": len(sched.held),
                 "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
                 "kv_usage": bm.usage, "num_preemptions": sched.num_preemptions_total}
+
+    def fail(self, reason: BaseException) -> None:
+        """Stop for good because something the engine depends on broke (a lost tensor-parallel
+        rank): unfinished requests end with an error delta naming `reason`."""
+        with self._lock:
+            self._error = self._error or reason
+            self._stopping = True
+            self._work.notify()
 
     def close(self) -> None:
         """Stop the thread after its current step; unfinished requests end with an error delta."""

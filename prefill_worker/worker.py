@@ -133,6 +133,8 @@ class PrefillWorker:
         self.loop.release_soon(request_id)
 
     def stats(self) -> dict[str, float]:
+        """Raises RuntimeError once the engine broke: the router then stops picking this worker."""
+        self.loop.check_running()
         with self._lock:
             num_transfers = len(self._transfers)
         return {**self.loop.stats(), "num_transfers": num_transfers}

@@ -126,11 +126,12 @@ class DisaggregatedBackend:
         results = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
         self._alive = True
         for view, result in zip(views, results):
-            if isinstance(result, Exception):
-                self._alive = False
-                view.stats = {"num_free_blocks": 0, "num_blocks": 1, "num_waiting": 1e9}  # never pick it
-            else:
+            view.alive = not isinstance(result, Exception)
+            if view.alive:
                 view.stats = result
+            else:
+                self._alive = False
+                view.stats = {"num_free_blocks": 0, "num_blocks": 1}
 
     def is_ready(self) -> bool:
         return self._alive

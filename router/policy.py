@@ -25,6 +25,7 @@ class WorkerView:
     index: int
     stats: dict[str, float]
     cached: "OrderedDict[bytes, None]"
+    alive: bool = True  # False once its stats call failed (dead actor, broken engine)
 
     def overlap_blocks(self, hashes: list[bytes]) -> int:
         n = 0
@@ -50,28 +51,36 @@ class Router:
         self.block_size = block_size
         self.prefill = [WorkerView(i, {}, OrderedDict()) for i in range(num_prefill)]
         self.decode = [WorkerView(i, {}, OrderedDict()) for i in range(num_decode)]
-        self._rr_prefill = itertools.cycle(range(num_prefill)) if num_prefill else None
-        self._rr_decode = itertools.cycle(range(num_decode))
+        self._turns = {"prefill": itertools.count(), "decode": itertools.count()}  # round robin's positions
 
     def hashes(self, token_ids: list[int]) -> list[bytes]:
         return prefix_block_hashes(token_ids, self.block_size)
 
     def pick_decode(self, hashes: list[bytes]) -> WorkerView:
         if self.policy == "round_robin":
-            return self.decode[next(self._rr_decode)]
+            return self._next(self.decode, "decode")
 
         def score(w: WorkerView):
             free = w.stats.get("num_free_blocks", 0) / max(1.0, w.stats.get("num_blocks", 1))
             busy = w.stats.get("num_running", 0) + w.stats.get("num_reserved", 0) + w.stats.get("num_waiting", 0)
             return (free, -busy, w.overlap_blocks(hashes))
-        return max(self.decode, key=score)
+        return max(_alive(self.decode), key=score)
 
     def pick_prefill(self, hashes: list[bytes]) -> WorkerView:
         if self.policy == "round_robin":
-            return self.prefill[next(self._rr_prefill)]
+            return self._next(self.prefill, "prefill")
 
         def score(w: WorkerView):
             queued = w.stats.get("num_waiting", 0) + w.stats.get("num_running", 0)
             # A cached block saves a block of compute; a queued request costs about one prompt.
             return w.overlap_blocks(hashes) - queued * max(1, len(hashes))
-        return max(self.prefill, key=score)
+        return max(_alive(self.prefill), key=score)
+
+    def _next(self, views: list[WorkerView], role: str) -> WorkerView:
+        alive = _alive(views)
+        return alive[next(self._turns[role]) % len(alive)]
+
+
+def _alive(views: list[WorkerView]) -> list[WorkerView]:
+    """The live workers; all of them when none is (the request then fails with the reason)."""
+    return [v for v in views if v.alive] or views

@@ -34,6 +34,17 @@ def test_states_move_forward_only():
     assert before <= finished == transfer.finished_s <= time.monotonic()
 
 
+def test_done_callbacks_run_once_at_the_terminal_state():
+    transfer, seen = make(), []
+    transfer.add_done_callback(lambda t: seen.append(("early", t.state)))
+    transfer._moving()
+    assert seen == []
+    transfer._finish(TransferState.DONE)
+    transfer._finish(TransferState.FAILED, "too late")
+    transfer.add_done_callback(lambda t: seen.append(("late", t.state)))  # already terminal: at once
+    assert seen == [("early", TransferState.DONE), ("late", TransferState.DONE)]
+
+
 def test_wait_and_wait_async_see_the_terminal_state():
     transfer = make()
     assert transfer.wait(0.01) is TransferState.PENDING

@@ -55,3 +55,59 @@ def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, group
         if dep is not None:
             dep.shutdown()
         ray.shutdown()
+
+
+def test_workers_the_cluster_cannot_hold_are_refused_naming_the_resource(tiny_llama_dir):
+    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    try:
+        with pytest.raises(ValueError, match=r"need 4 CPU \(the cluster has 3\)"):
+            deploy(tiny_llama_dir, [WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1, tp=2)],
+                   EngineConfig(), kv_backend="shm", model_name="tiny")
+        with pytest.raises(ValueError, match=r"need 2 GPU \(the cluster has 0\)"):
+            deploy(tiny_llama_dir, [WorkerGroup("decode", 1, tp=2, use_gpus=True)],
+                   EngineConfig(), kv_backend="shm", model_name="tiny")
+        assert ray.util.placement_group_table() == {}  # nothing was reserved
+    finally:
+        ray.shutdown()
+
+
+def test_lost_decode_rank_fails_its_worker_and_the_rest_are_served(tiny_llama_dir):
+    """A decode worker whose rank 1 died answers with an error naming it, then the router
+    stops picking it; the other decode worker serves on."""
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
+    dep = None
+    try:
+        dep = deploy(tiny_llama_dir, [WorkerGroup("prefill", 1), WorkerGroup("decode", 1, tp=2),
+                                      WorkerGroup("decode", 1)],
+                     EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64),
+                     kv_backend="shm", model_name="tiny", policy="round_robin", local_prefill_tokens=0,
+                     transfer_timeout_s=10.0)
+        backend = dep.backend
+        ray.kill(dep.follower_actors[0])
+        params = SamplingParams(temperature=0.0, max_tokens=6)
+        prompt = list(range(5, 30))
+
+        async def one(rid):
+            deltas = []
+            async with contextlib.aclosing(backend.generate(rid, prompt, params)) as stream:
+                async for delta in stream:
+                    deltas.append(delta)
+            return deltas
+
+        async def main():
+            first = await one("to-broken")  # round robin: decode worker 0, whose rank 1 is gone
+            await backend.refresh()
+            assert not backend.is_ready()
+            rest = [await one(f"after-{i}") for i in range(2)]
+            return first, rest
+
+        first, rest = asyncio.run(main())
+        assert first[-1].finish_reason == "error" and "rank 1 of this decode worker is gone" in first[-1].error
+        for deltas in rest:
+            assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, 6)
+        assert ray.get(dep.decode_actors[1].stats.remote())["num_free_blocks"] == 64
+    finally:
+        if dep is not None:
+            dep.shutdown()
+        ray.shutdown()
