@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
@@ -118,6 +118,7 @@ class DecodeWorker:
                                    host=host)
         self.loop = EngineLoop(self.engine, max_waiting=max_waiting)
         self._followers: list[RankPort] = []
+        self._pool = ThreadPoolExecutor(max(1, self.tp_size - 1), thread_name_prefix="decode-rank-port")
         self._lock = threading.Lock()
         self._reserved: dict[str, _Reserved] = {}  # reserved, not admitted yet
 
@@ -139,17 +140,21 @@ class DecodeWorker:
         block_ids = self.loop.reserve(request_id, prompt_token_ids, params)
         transfer, settled = expect_part(self.receiver, request_id, block_ids, self.transfer_timeout_s)
         record = _Reserved(transfer, [settled])
-        try:
-            for port in self._followers:
-                record.parts.append(port.expect(request_id, block_ids, self.transfer_timeout_s))
+        # Every rank registers at once: a round trip per request, not one per rank.
+        calls = [self._pool.submit(p.expect, request_id, block_ids, self.transfer_timeout_s) for p in self._followers]
+        error = None
+        for port, call in zip(self._followers, calls):
+            try:
+                record.parts.append(call.result())
                 record.ports.append(port)
-        except BaseException as exc:
-            self._track(request_id, record)
-            self.abort(request_id)  # the parts registered so far are cancelled, then freed
-            if isinstance(exc, RankLost):
-                self.loop.fail(exc)  # every request ends with this error; stats() now raises
-            raise TransferFailed(f"could not register {request_id}'s blocks on every rank: {exc}") from exc
+            except BaseException as exc:  # keep collecting: the parts that did register must be cancelled
+                error = error or exc
         self._track(request_id, record)
+        if error is not None:
+            self.abort(request_id)  # the parts registered are cancelled, then the blocks freed
+            if isinstance(error, RankLost):
+                self.loop.fail(error)  # every request ends with this error; stats() now raises
+            raise TransferFailed(f"could not register {request_id}'s blocks on every rank: {error}") from error
         return KVHandle(request_id, (self.endpoint,) + tuple(p.endpoint for p in self._followers),
                         tuple(block_ids))
 
@@ -243,6 +248,7 @@ class DecodeWorker:
         self.loop.close()
         self.engine.close()  # with tensor parallelism: stops the followers
         self.receiver.close()
+        self._pool.shutdown()
 
 
 class DecodeFollower:

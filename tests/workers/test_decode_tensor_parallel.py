@@ -182,3 +182,33 @@ def test_abort_at_each_step_frees_both_ranks(tp_decode):
     assert started.wait(10)
     decode.abort("a3")
     assert all_blocks_free(prefill) and all_settled(decode, port)
+
+
+class RefusingPort:
+    """A port whose rank refuses one request's registration (e.g. a clashing id there)."""
+
+    def __init__(self, port, refuse: str):
+        self.port, self.refuse, self.endpoint = port, refuse, port.endpoint
+
+    def expect(self, request_id, block_ids, timeout_s):
+        if request_id == self.refuse:
+            raise RuntimeError(f"rank 1 refuses {request_id}")
+        return self.port.expect(request_id, block_ids, timeout_s)
+
+    def cancel(self, request_id, reason):
+        self.port.cancel(request_id, reason)
+
+
+def test_a_rank_refusing_registration_fails_reserve_only(tp_decode, tiny_llama_dir):
+    prefill, decode, port = tp_decode
+    decode.attach_followers([RefusingPort(port, "refused")])
+    try:
+        with pytest.raises(TransferFailed, match="could not register refused's blocks on every rank: rank 1 refuses"):
+            decode.reserve("refused", list(range(5, 40)), SamplingParams(max_tokens=3))
+        assert all_settled(decode, port)
+        prompt = list(range(9, 30))  # the worker serves on
+        tokens, _ = run_request(prefill, decode, "served", prompt, SamplingParams(temperature=0.0, max_tokens=4))
+        assert tokens == hf_greedy(tiny_llama_dir, prompt, 4)
+    finally:
+        decode.attach_followers([port])
+    assert all_blocks_free(prefill) and all_settled(decode, port)
