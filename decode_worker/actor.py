@@ -109,7 +109,8 @@ class DecodeFollowerActor:
 
     async def settled(self, request_id: str) -> Settled:
         """Returns once this rank's part is settled (see decode_worker.worker)."""
-        return await asyncio.wrap_future(self._parts.pop(request_id))
+        # shield: a cancelled call must not cancel the part's future, which the receiver sets
+        return await asyncio.shield(asyncio.wrap_future(self._parts.pop(request_id)))
 
     def cancel(self, request_id: str, reason: str) -> None:
         self.follower.cancel(request_id, reason)

@@ -90,6 +90,7 @@ class _Reserved:
     ports: list[RankPort] = field(default_factory=list)  # followers with a part to cancel
     aborted: bool = False  # will never be admitted: free the blocks once all parts settle
     released: bool = False  # the blocks were given back to the engine
+    kv_ready: Future = field(default_factory=Future)  # set once every part is DONE or one failed
 
     def settled(self) -> bool:
         return all(p.done() for p in self.parts)
@@ -163,11 +164,16 @@ class DecodeWorker:
             self._reserved[request_id] = record
         for part in record.parts:
             part.add_done_callback(lambda _f: self._part_settled(request_id, record))
+        # Rank 0's failure is known before its blocks are let go: wake the waiters at once.
+        record.transfer.add_done_callback(lambda _t: self._part_settled(request_id, record))
 
     def _part_settled(self, request_id: str, record: _Reserved) -> None:
-        """Runs on whatever thread settled a part (possibly under a receiver's lock: no calls back).
-        A failed request keeps its record (admit reports the failure) but gets its blocks freed."""
+        """Runs on whatever thread ended or settled a part (possibly under a receiver's lock: no
+        calls back). A failed request keeps its record (admit reports the failure) but gets its
+        blocks freed once every part is settled."""
         with self._lock:
+            if not record.kv_ready.done() and (record.settled() or record.failure()):
+                record.kv_ready.set_result(None)
             if record.released or not record.settled() or not (record.aborted or record.failure()):
                 return
             record.released = True
@@ -189,25 +195,24 @@ class DecodeWorker:
 
     def wait_kv(self, request_id: str, timeout_s: float | None = None) -> bool:
         """Block until every part is DONE or some part failed; False if timeout_s passed first."""
-        with self._lock:
-            record = self._reserved.get(request_id)
+        record = self._record(request_id)
         if record is None:
             return True
-        done = threading.Event()
-        check = lambda _f: (record.settled() or record.failure()) and done.set()  # noqa: E731
-        for part in record.parts:
-            part.add_done_callback(check)
-        return done.wait(timeout_s)
+        try:
+            record.kv_ready.result(timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def wait_kv_async(self, request_id: str) -> None:
         """wait_kv() from an asyncio loop, without tying up a thread."""
+        record = self._record(request_id)
+        if record is not None:  # shield: a cancelled waiter must not cancel kv_ready itself
+            await asyncio.shield(asyncio.wrap_future(record.kv_ready))
+
+    def _record(self, request_id: str) -> _Reserved | None:
         with self._lock:
-            record = self._reserved.get(request_id)
-        if record is None:
-            return
-        pending = {asyncio.wrap_future(p) for p in record.parts}
-        while pending and not record.failure():
-            _, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            return self._reserved.get(request_id)
 
     def admit(self, request_id: str, first_token_id: int, on_delta: Callable[[TokenDelta], None]) -> None:
         """Call once wait_kv(request_id) returned; starts streaming."""
