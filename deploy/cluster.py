@@ -142,22 +142,15 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
 def check_capacity(groups: list[WorkerGroup]) -> None:
     """Refuse, naming the resource, workers that the Ray cluster could never hold."""
     nodes = [n["Resources"] for n in ray.nodes() if n["Alive"]]
-    total: Counter = Counter()
-    need: Counter = Counter()
-    for resources in nodes:
-        total.update(resources)
-    for g in groups:
-        for bundle in g.bundles() * g.count:
-            need.update(bundle)
+    total: Counter = sum((Counter(resources) for resources in nodes), Counter())
+    per_worker = [(g, sum((Counter(b) for b in g.bundles()), Counter())) for g in groups if g.count]
+    need: Counter = sum((Counter({k: v * g.count for k, v in w.items()}) for g, w in per_worker), Counter())
     short = [f"{need[k]:g} {k} (the cluster has {total.get(k, 0):g})" for k in sorted(need) if need[k] > total.get(k, 0)]
     if short:
         raise ValueError(f"the workers ({describe(groups)}) need {', '.join(short)}: give Ray more "
                          f"(e.g. ray start --num-cpus/--num-gpus) or ask for fewer workers or ranks")
-    for g in groups:
-        worker: Counter = Counter()
-        for bundle in g.bundles():
-            worker.update(bundle)
-        if g.count and not any(all(node.get(k, 0) >= v for k, v in worker.items()) for node in nodes):
+    for g, worker in per_worker:
+        if not any(all(node.get(k, 0) >= v for k, v in worker.items()) for node in nodes):
             raise ValueError(f"a {g.role} worker with tp={g.tp} needs {_fmt(worker)} on one node "
                              f"(its ranks share a node); no node of the Ray cluster has that")
 

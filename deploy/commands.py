@@ -10,6 +10,7 @@ import os
 import signal
 import time
 import urllib.request
+from dataclasses import replace
 from pathlib import Path
 
 
@@ -82,21 +83,21 @@ def start_backend(args: argparse.Namespace, log=print):
     import ray
 
     from deploy.cluster import WorkerGroup, deploy, describe
+    if plan is not None:
+        groups = [WorkerGroup(g.role, g.count, g.tp, g.gpu_type, max_num_seqs=g.max_batch_size,
+                              max_num_batched_tokens=g.max_batched_tokens) for g in plan.groups]
+    else:
+        groups = [WorkerGroup("prefill", args.num_prefill, args.prefill_tp),
+                  WorkerGroup("decode", args.num_decode, args.decode_tp)]
     started_ray = not ray.is_initialized()
     if started_ray and os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False, log_to_driver=False)  # joins the cluster
     elif started_ray:
         # A local cluster: at least a CPU per worker rank, however few cores (they share them).
-        ranks = (sum(g.count * g.tp for g in plan.groups) if plan is not None
-                 else args.num_prefill * args.prefill_tp + args.num_decode * args.decode_tp)
+        ranks = sum(g.count * g.tp for g in groups)
         ray.init(num_cpus=max(os.cpu_count() or 1, ranks), include_dashboard=False, log_to_driver=False)
-    use_gpus = ray.cluster_resources().get("GPU", 0) > 0
-    if plan is not None:
-        groups = [WorkerGroup(g.role, g.count, g.tp, g.gpu_type, use_gpus=use_gpus, max_num_seqs=g.max_batch_size,
-                              max_num_batched_tokens=g.max_batched_tokens) for g in plan.groups]
-    else:
-        groups = [WorkerGroup("prefill", args.num_prefill, args.prefill_tp, use_gpus=use_gpus),
-                  WorkerGroup("decode", args.num_decode, args.decode_tp, use_gpus=use_gpus)]
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        groups = [replace(g, use_gpus=True) for g in groups]
     kv_backend = args.kv_backend or _default_kv_backend()
     log(f"starting workers ({describe(groups)}) of {model_name} (KV transfer: {kv_backend}) ...")
     deployment = deploy(model_dir, groups, engine_config, kv_backend=kv_backend, model_name=model_name,

@@ -46,7 +46,6 @@ class DisaggregatedBackend:
         self.decode_actors = decode_actors
         self.router = Router(policy, len(prefill_actors), len(decode_actors), block_size)
         self._stats_at = 0.0
-        self._alive = True
         self.counters = {"kv_transfers_total": 0, "kv_transfer_failures_total": 0,
                          "kv_transfer_bytes_total": 0, "kv_transfer_seconds_total": 0.0,
                          "local_prefills_total": 0}
@@ -124,17 +123,13 @@ class DisaggregatedBackend:
         views = self.router.prefill + self.router.decode
         actors = self.prefill_actors + self.decode_actors
         results = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
-        self._alive = True
         for view, result in zip(views, results):
             view.alive = not isinstance(result, Exception)
-            if view.alive:
-                view.stats = result
-            else:
-                self._alive = False
-                view.stats = {"num_free_blocks": 0, "num_blocks": 1}
+            view.stats = result if view.alive else {"num_free_blocks": 0, "num_blocks": 1}
 
     def is_ready(self) -> bool:
-        return self._alive
+        """Every worker answered its last stats call."""
+        return all(v.alive for v in self.router.prefill + self.router.decode)
 
     def stats(self) -> dict[str, float]:
         """Sums over workers (prefill_* and decode_*), KV usage of the decode pool, counters."""
