@@ -20,7 +20,7 @@ from engine import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillWorker
 from tests.checkpoints import hf_greedy
 from tests.ports import free_port
-from tests.workers.test_disaggregated import all_blocks_free, run_request, wait_for
+from tests.workers.test_disaggregated import all_blocks_free, assert_oracle, run_request, wait_for
 
 BACKEND = "shm"
 CONFIG = EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64, max_model_len=256)
@@ -124,11 +124,7 @@ def all_settled(decode, port) -> bool:
 def test_decode_tp2_matches_transformers(tp_decode, tiny_llama_dir):
     prefill, decode, port = tp_decode
     assert decode.engine.kv_cache.layout.num_kv_heads == 1 and prefill.engine.kv_cache.layout.num_kv_heads == 2
-    params = SamplingParams(temperature=0.0, max_tokens=10)
-    for i, n in enumerate((3, 17, 40, 70)):  # 70 > one 32-token chunk
-        prompt = list(range(7, 7 + n))
-        tokens, _ = run_request(prefill, decode, f"dtp-{i}", prompt, params)
-        assert tokens == hf_greedy(tiny_llama_dir, prompt, 10)
+    assert_oracle(prefill, decode, tiny_llama_dir, "dtp")
     assert all_blocks_free(prefill) and all_settled(decode, port)
 
 

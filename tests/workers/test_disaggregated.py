@@ -48,6 +48,16 @@ def run_request(prefill, decode, rid, prompt, params):
     return [t for d in deltas for t in d.token_ids], deltas[-1]
 
 
+def assert_oracle(prefill, decode, model_dir, prefix, lengths=(3, 17, 40, 70), max_tokens=10):
+    """Greedy requests of these prompt lengths (70 > one 32-token chunk) equal transformers."""
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
+    for i, n in enumerate(lengths):
+        prompt = list(range(7, 7 + n))
+        tokens, last = run_request(prefill, decode, f"{prefix}-{i}", prompt, params)
+        assert tokens == hf_greedy(model_dir, prompt, max_tokens)
+        assert last.finished and last.finish_reason in ("stop", "length")
+
+
 def wait_for(start):
     box, done = [], threading.Event()
     start(lambda r: (box.append(r), done.set()))

@@ -16,8 +16,7 @@ import pytest
 from decode_worker.worker import DecodeWorker
 from engine import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillFollower, PrefillWorker
-from tests.checkpoints import hf_greedy
-from tests.workers.test_disaggregated import all_blocks_free, run_request
+from tests.workers.test_disaggregated import all_blocks_free, assert_oracle
 from tests.ports import free_port
 
 BACKEND = "shm"
@@ -63,11 +62,7 @@ def tp_prefill(tiny_llama_dir):
 def test_prefill_tp2_to_decode_tp1_matches_transformers(tp_prefill, tiny_llama_dir):
     prefill, decode = tp_prefill
     assert prefill.engine.kv_cache.layout.num_kv_heads == 1 and decode.engine.kv_cache.layout.num_kv_heads == 2
-    params = SamplingParams(temperature=0.0, max_tokens=10)
-    for i, n in enumerate((3, 17, 40, 70)):  # 70 > one 32-token chunk
-        prompt = list(range(7, 7 + n))
-        tokens, last = run_request(prefill, decode, f"tp-{i}", prompt, params)
-        assert tokens == hf_greedy(tiny_llama_dir, prompt, 10)
+    assert_oracle(prefill, decode, tiny_llama_dir, "tp")
     assert all_blocks_free(prefill, decode)
 
 
