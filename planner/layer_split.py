@@ -11,9 +11,11 @@ last layer; the most that flows through the prefill stages and through the decod
     f[c,r,s,e]  >= 0     requests/s through those stages,  f <= cap(c, r, e - s) z
     sum of f ending at boundary j == sum of f starting at j      (each role, 0 < j < U)
     goodput <= sum of f starting at 0                             (each role)
-    NIC: activations in and out between stages, plus the KV a prefill stage sends to the
-         decode stages holding the same layers, fit the NICs of the nodes carrying them
-         (listed cluster links are not modelled in this mode)
+    cap(c, r, s, e) is also capped by one node's NIC: the activations in and out between
+    stages, plus the KV a prefill stage sends to the decode stages holding the same
+    layers, of the f / z requests/s each of the z nodes carries, fit that node's NIC
+    (per node, not summed over a class: a spare NIC cannot carry another node's bytes;
+    listed cluster links are not modelled in this mode)
 
 A stage of k of the model's L layers gets k / L of the TTFT and TPOT targets, so a chain
 of stages meets the whole target; its capacity is the single-instance model
@@ -88,6 +90,26 @@ def stage_capacity(model: ModelSpec, hw: NodeHardware, tp: int, layers: int, rol
     return decode_limits(coeffs, 1, kv_capacity_tokens(part, hw, tp, 1), stats, stage_slo, block_size).capacity_rps
 
 
+def stage_bytes_per_request(model: ModelSpec, stats: WorkloadStats, role: str, layer_start: int,
+                            layer_end: int) -> tuple[float, float]:
+    """Bytes one request makes a node of the stage send and receive: the hidden states
+    to and from the neighbouring stages (every prompt token in prefill, one per output
+    token in decode), and the KV of the stage's layers from prefill to decode."""
+    tokens = float(stats.input_tokens.mean() if role == "prefill" else stats.output_tokens.mean())
+    activations = model.hidden_size * model.dtype_bytes * tokens
+    kv = model.kv_bytes_per_token / model.num_layers * (layer_end - layer_start) * float(stats.input_tokens.mean())
+    sent = activations * (layer_end < model.num_layers) + (kv if role == "prefill" else 0.0)
+    received = activations * (layer_start > 0) + (kv if role == "decode" else 0.0)
+    return sent, received
+
+
+def nic_capacity(model: ModelSpec, stats: WorkloadStats, role: str, layer_start: int, layer_end: int,
+                 nic_gb_s: float) -> float:
+    """Requests/s one node's NIC carries for the stage, in its busier direction."""
+    busiest = max(stage_bytes_per_request(model, stats, role, layer_start, layer_end))
+    return nic_gb_s * 1e9 * BANDWIDTH_UTILIZATION / busiest if busiest > 0 else math.inf
+
+
 def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], model: ModelSpec,
                       latency: LatencyTable, stats: WorkloadStats, slo: SLOSpec, block_size: int,
                       solve_options: SolveOptions, progress: Callable[[str], None] | None = None) -> LayerSplit:
@@ -95,10 +117,6 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
 
     bounds = unit_bounds(model.num_layers)
     units = len(bounds) - 1
-    act_bytes = model.hidden_size * model.dtype_bytes  # per token crossing a stage boundary
-    kv_layer_bytes = model.kv_bytes_per_token / model.num_layers
-    mean_in = float(stats.input_tokens.mean())
-    mean_out = float(stats.output_tokens.mean())
     # Identical nodes are one class with integer counts: no symmetric twins to search.
     classes: dict[tuple, list[str]] = defaultdict(list)
     for node in cluster.nodes:
@@ -106,7 +124,7 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
     prob = pulp.LpProblem("layer_split", pulp.LpMaximize)
     z, f, caps = {}, {}, {}
     cache: dict[tuple, float] = {}  # (hardware, tp, role, layers) -> capacity
-    for k, ((hw, num_gpus, _), names) in enumerate(classes.items()):
+    for k, ((hw, num_gpus, nic_gb_s), names) in enumerate(classes.items()):
         tp = stage_tp(model, num_gpus)
         for r in ROLES:
             for s in range(units):
@@ -114,7 +132,7 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
                     key = (hw, tp, r, bounds[e] - bounds[s])
                     if key not in cache:
                         cache[key] = stage_capacity(model, hw, tp, key[3], r, latency, stats, slo, block_size)
-                    cap = cache[key]
+                    cap = min(cache[key], nic_capacity(model, stats, r, bounds[s], bounds[e], nic_gb_s))
                     if cap <= 0:
                         continue
                     caps[k, r, s, e] = (cap, tp)
@@ -124,20 +142,8 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
     prob += goodput
     for key, var in f.items():
         prob += var <= caps[key][0] * z[key]
-    for k, ((_, _, nic_gb_s), names) in enumerate(classes.items()):
-        mine = [key for key in z if key[0] == k]
-        prob += pulp.lpSum(z[key] for key in mine) <= len(names)
-        sent, received, nic = [], [], []
-        for key in mine:
-            _, r, s, e = key
-            per_req = act_bytes * (mean_in if r == "prefill" else mean_out)
-            kv = kv_layer_bytes * (bounds[e] - bounds[s]) * mean_in
-            sent.append(f[key] * (per_req * (e < units) + (kv if r == "prefill" else 0.0)))
-            received.append(f[key] * (per_req * (s > 0) + (kv if r == "decode" else 0.0)))
-            nic.append(z[key] * nic_gb_s * 1e9 * BANDWIDTH_UTILIZATION)
-        # A stage's flow splits evenly over its z nodes, so the class's NICs add up.
-        prob += pulp.lpSum(sent) <= pulp.lpSum(nic)
-        prob += pulp.lpSum(received) <= pulp.lpSum(nic)
+    for k, names in enumerate(classes.values()):
+        prob += pulp.lpSum(v for key, v in z.items() if key[0] == k) <= len(names)
     for r in ROLES:
         for j in range(1, units):
             prob += (pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and e == j)
