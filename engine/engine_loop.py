@@ -4,17 +4,30 @@ Callers submit, reserve, admit and abort from any thread; the loop thread steps 
 whenever it has work and hands each request's outputs to that request's callback. Calls
 and steps are serialised by one lock, so the engine itself stays single-threaded. KV
 transfer threads never wait for a step: release_soon() only queues the request id.
+
+Admission queues rather than refuses: submitted requests wait in the scheduler and
+reservations (decode side) in a FIFO here, until the batch and the cache have room; only
+when max_waiting requests already wait is a new one refused (Overloaded). An abort that
+arrives before its request (the caller gave up while its submit or reserve was on the way)
+is remembered, so that the request is refused when it arrives instead of holding blocks.
+
+A step that raises cannot be blamed on one request (those that can fail alone, in sampling
+or post-processing, are failed by the engine itself): the loop then stops for good, every
+request ends with a retryable error, and `healthy` turns False at once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
+from concurrent.futures import Future
 from typing import AsyncIterator, Awaitable, Callable
 
 from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
 from proto.serving import TokenDelta
 
 # Called with a step's schedule before it runs; returns the per-layer hook for that step
@@ -22,18 +35,32 @@ from proto.serving import TokenDelta
 BeforeRun = Callable[[SchedulerOutput], tuple[Callable[[int], None] | None, object]]
 
 
+MAX_TOMBSTONES = 4096  # aborts remembered for requests not seen yet; request ids are unique
+
+
 class Overloaded(RuntimeError):
     """Admission control refused a request: too many are already waiting."""
+
+
+class RequestAborted(RuntimeError):
+    """The request was aborted before (or while) it was admitted."""
+
+
+class Unavailable(RuntimeError):
+    """This engine (or worker) cannot serve now: it stopped or broke. Retry elsewhere or later."""
 
 
 def to_delta(out: RequestOutput) -> TokenDelta:
     return TokenDelta(request_id=out.request_id, token_ids=tuple(out.new_token_ids), text=out.new_text,
                       finished=out.finished, finish_reason=out.finish_reason,
-                      num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens)
+                      num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
+                      error=out.error)
 
 
-def final_delta(request_id: str, reason: str, error: str | None = None) -> TokenDelta:
-    return TokenDelta(request_id, (), "", True, reason, 0, 0, error=error)
+def final_delta(request_id: str, reason: str, error: str | None = None, retryable: bool = True) -> TokenDelta:
+    """A request's last delta when it ends outside a step: aborted, or failed by the server's
+    state (retryable: a broken engine, a lost worker), unless told otherwise."""
+    return TokenDelta(request_id, (), "", True, reason, 0, 0, error=error, retryable=retryable)
 
 
 async def delta_stream(start: Callable[[Callable[[TokenDelta], None]], Awaitable[None]],
@@ -65,6 +92,9 @@ class EngineLoop:
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._callbacks: dict[str, Callable[[TokenDelta], None]] = {}
+        # Decode side: reservations waiting for a batch slot and blocks, oldest first.
+        self._reservations: OrderedDict[str, tuple[Sequence, Future]] = OrderedDict()
+        self._tombstones: OrderedDict[str, None] = OrderedDict()  # aborted before they arrived
         self._releases: list[str] = []  # appended by KV transfer threads, drained by the loop
         self._releases_lock = threading.Lock()
         self._stopping = False
@@ -72,31 +102,69 @@ class EngineLoop:
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
 
+    @property
+    def healthy(self) -> bool:
+        """False from the moment the loop stopped or its engine broke."""
+        return self._error is None and not self._stopping
+
     def check_running(self) -> None:
-        """Raise RuntimeError (naming why) once the loop stopped or its engine broke."""
-        if self._error is not None or self._stopping:
-            raise RuntimeError(f"engine loop is not running: {self._error or 'stopped'}")
+        """Raise Unavailable (naming why) once the loop stopped or its engine broke."""
+        if not self.healthy:
+            raise Unavailable(f"engine loop is not running: {self._error or 'stopped'}")
+
+    def _check_admissible(self, request_id: str) -> None:
+        """Under the lock, before a request is queued: the loop runs, the request was not
+        aborted already, and the queues have room."""
+        self.check_running()
+        if request_id in self._tombstones:
+            del self._tombstones[request_id]
+            raise RequestAborted(f"{request_id} was aborted before it arrived")
+        num_waiting = len(self.engine.scheduler.waiting) + len(self._reservations)
+        if num_waiting >= self.max_waiting:
+            raise Overloaded(f"{num_waiting} requests are already waiting "
+                             f"(max_waiting={self.max_waiting}); retry later")
 
     def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
                on_delta: Callable[[TokenDelta], None], hold_blocks: bool = False) -> None:
         """Queue a request. Bad input raises ValueError here, before anything is queued."""
         with self._lock:
-            self.check_running()
-            if len(self.engine.scheduler.waiting) >= self.max_waiting:
-                raise Overloaded(f"{len(self.engine.scheduler.waiting)} requests are already waiting "
-                                 f"(max_waiting={self.max_waiting}); retry later")
+            self._check_admissible(request_id)
+            if request_id in self._reservations:
+                raise ValueError(f"request id {request_id!r} is already in use")
             self.engine.add_request(request_id, prompt, params, hold_blocks=hold_blocks)
             self._callbacks[request_id] = on_delta
             self._work.notify()
 
-    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> list[int]:
-        """Decode side: blocks for a prompt prefilled elsewhere (see LLMEngine.reserve)."""
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Future:
+        """Decode side: blocks for a prompt prefilled elsewhere (see LLMEngine.reserve).
+
+        Bad input raises ValueError and a full queue Overloaded, here. Otherwise the request
+        waits, first in first out, until the batch and the cache have room; the future then
+        gets its block ids, or RequestAborted if abort() came first, or the loop's error.
+        Callbacks on the future run under the loop's lock: they must not call the loop.
+        """
+        future: Future = Future()
         with self._lock:
-            self.check_running()
+            self._check_admissible(request_id)
+            if request_id in self._reservations:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._reservations[request_id] = (self.engine.new_reservation(request_id, prompt, params), future)
+            self._grant_reservations()
+        return future
+
+    def _grant_reservations(self) -> None:
+        """Under the lock: give blocks to waiting reservations in order, while they fit."""
+        while self._reservations:
+            request_id, (seq, future) = next(iter(self._reservations.items()))
+            if not self.engine.can_reserve(seq):
+                return
+            del self._reservations[request_id]
+            if not future.set_running_or_notify_cancel():
+                continue  # its waiter gave up: no blocks for it
             try:
-                return self.engine.reserve(request_id, prompt, params)
-            except RuntimeError as exc:  # no slot or no blocks right now
-                raise Overloaded(str(exc)) from exc
+                future.set_result(self.engine.reserve_blocks(seq))
+            except ValueError as exc:  # its id was taken meanwhile by a submit
+                future.set_exception(exc)
 
     def admit(self, request_id: str, first_token_id: int, on_delta: Callable[[TokenDelta], None]) -> None:
         """Decode side: the KV arrived; stream from the first token on."""
@@ -110,10 +178,18 @@ class EngineLoop:
 
     def abort(self, request_id: str) -> None:
         """Drop a request and free its blocks (held ones wait for release_soon); its
-        callback gets a final "abort" delta."""
+        callback gets a final "abort" delta. A request not seen yet is refused when it comes."""
         with self._lock:
             callback = self._callbacks.pop(request_id, None)
+            queued = self._reservations.pop(request_id, None)
+            if queued is not None:
+                _fail(queued[1], RequestAborted(f"{request_id} was aborted while it waited for room"))
+            elif request_id not in self.engine.requests:
+                self._tombstones[request_id] = None
+                while len(self._tombstones) > MAX_TOMBSTONES:
+                    self._tombstones.popitem(last=False)
             self.engine.abort(request_id)
+            self._grant_reservations()
         if callback is not None:
             callback(final_delta(request_id, "abort"))
 
@@ -131,7 +207,7 @@ class EngineLoop:
         # Gauges read with len() only, so no lock: a caller polling them (the router, every
         # fraction of a second, from an actor's event loop) never waits for a step.
         bm, sched = self.engine.block_manager, self.engine.scheduler
-        return {"num_waiting": len(sched.waiting), "num_running": len(sched.running),
+        return {"num_waiting": len(sched.waiting) + len(self._reservations), "num_running": len(sched.running),
                 "num_reserved": len(sched.reserved), "num_held": len(sched.held),
                 "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
                 "kv_usage": bm.usage, "num_preemptions": sched.num_preemptions_total}
@@ -156,6 +232,8 @@ class EngineLoop:
             releases, self._releases = self._releases, []
         for request_id in releases:
             self.engine.release(request_id)
+        if releases:
+            self._grant_reservations()
 
     def _run(self) -> None:
         try:
@@ -174,6 +252,7 @@ class EngineLoop:
                     for o in outputs:
                         if o.finished:
                             self._callbacks.pop(o.request_id, None)
+                    self._grant_reservations()  # finished requests gave their blocks back
                 for callback, out in deliveries:
                     if callback is not None:
                         callback(to_delta(out))
@@ -183,8 +262,18 @@ class EngineLoop:
 
     def _fail_all(self, reason: BaseException) -> None:
         with self._lock:
+            self._stopping = True
             callbacks, self._callbacks = self._callbacks, {}
+            reservations, self._reservations = self._reservations, OrderedDict()
             for request_id in callbacks:
                 self.engine.abort(request_id)
+        for _seq, future in reservations.values():
+            _fail(future, Unavailable(f"engine loop is not running: {reason}"))
         for request_id, callback in callbacks.items():
             callback(final_delta(request_id, "error", str(reason)))
+
+
+def _fail(future: Future, error: BaseException) -> None:
+    """Fail a reservation's future unless its waiter cancelled it already."""
+    if future.set_running_or_notify_cancel():
+        future.set_exception(error)

@@ -42,9 +42,10 @@ class RequestOutput:
     new_text: str  # text that became final in that step (empty without a tokenizer)
     text: str | None  # the whole decoded output once finished, else None
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" once finished
+    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
     num_cached_tokens: int  # prompt tokens served by the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)  # arrival_s, first_token_s, finished_s
+    error: str | None = None  # why this request failed (finish_reason "error"), else None
 
 
 @dataclass
@@ -52,6 +53,7 @@ class _Request:
     seq: Sequence
     detokenizer: Detokenizer | None
     first_token_s: float | None = None
+    error: str | None = None  # set when the request failed on its own (see run())
 
 
 def resolve_device(name: str) -> str:
@@ -152,10 +154,26 @@ class LLMEngine:
     def reserve(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Decode side: allocate blocks for a prompt whose KV another worker computes.
 
-        Returns the block ids to receive into. The request waits until admit(); if it is
-        aborted first, its blocks are held until release() (the KV may still be arriving).
+        Returns the block ids to receive into; RuntimeError when the batch or the cache has
+        no room now. The request waits until admit(); if it is aborted first, its blocks are
+        held until release() (the KV may still be arriving).
         """
+        return self.reserve_blocks(self.new_reservation(request_id, prompt, params))
+
+    def new_reservation(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """First half of reserve(): the validated request (ValueError when it is bad), not
+        tracked yet; reserve_blocks() gives it blocks once can_reserve() says there is room."""
         seq = self._new_sequence(request_id, prompt, params, hold_blocks=True)
+        self.scheduler.check_fits(seq)
+        return seq
+
+    def can_reserve(self, seq: Sequence) -> bool:
+        return self.scheduler.can_reserve(seq)
+
+    def reserve_blocks(self, seq: Sequence) -> list[int]:
+        """Second half of reserve(): the block ids (RuntimeError when there is no room)."""
+        if seq.request_id in self.requests:
+            raise ValueError(f"request id {seq.request_id!r} is already in use")
         block_ids = self.scheduler.reserve(seq)
         self._track(seq)
         return block_ids
@@ -251,36 +269,52 @@ class LLMEngine:
             return []
         logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload)
         sampling = [s.seq for s in out.scheduled if s.samples]
-        tokens = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
-        sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens)}
+        tokens, failures = self.sampler.sample(logits, [s.request_id for s in sampling],
+                                               [s.params for s in sampling])
+        sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens) if tok is not None}
         self.scheduler.update(out, sampled)
         now = time.monotonic()
-        return [self._sampled(self.requests[item.seq.request_id], sampled[item.seq.request_id], now)
-                for item in out.scheduled if item.seq.request_id in sampled]
+        outputs = [self._failed(self.requests[r], why, now) for r, why in failures.items() if r in self.requests]
+        return outputs + [self._sampled(self.requests[item.seq.request_id], sampled[item.seq.request_id], now)
+                          for item in out.scheduled if item.seq.request_id in sampled]
 
     def _sampled(self, req: _Request, token_id: int, now: float) -> RequestOutput:
         """Post-process one request's new token: text, stop strings, output, clean-up."""
         seq = req.seq
         req.first_token_s = req.first_token_s or now
-        if req.detokenizer is not None and req.detokenizer.append(token_id) and not seq.is_finished:
-            self.scheduler.finish(seq, FinishReason.STOP)  # a stop string appeared
-        output = self._output(req, [token_id], now)
+        try:
+            if req.detokenizer is not None and req.detokenizer.append(token_id) and not seq.is_finished:
+                self.scheduler.finish(seq, FinishReason.STOP)  # a stop string appeared
+            output = self._output(req, [token_id], now)
+        except Exception as exc:  # this request's text, not the batch: fail it alone
+            return self._failed(req, f"post-processing token {token_id} failed: {exc!r}", now)
         if seq.is_finished:
-            self.sampler.forget(seq.request_id)
-            del self.requests[seq.request_id]
+            self._forget(seq.request_id)
         return output
+
+    def _failed(self, req: _Request, error: str, now: float) -> RequestOutput:
+        """End one request with an error that is its own; the others in its batch go on."""
+        req.error = error
+        self.scheduler.finish(req.seq, FinishReason.ERROR)  # no-op when it had just finished otherwise
+        req.seq.finish_reason = FinishReason.ERROR
+        self._forget(req.seq.request_id)
+        return self._output(req, [], now)
+
+    def _forget(self, request_id: str) -> None:
+        self.sampler.forget(request_id)
+        del self.requests[request_id]
 
     def _output(self, req: _Request, new_token_ids: list[int], now: float) -> RequestOutput:
         seq = req.seq
         metrics = {"arrival_s": seq.arrival_s, "first_token_s": req.first_token_s}
         if seq.is_finished:
             metrics["finished_s"] = now
-        detok = req.detokenizer
+        detok = req.detokenizer if req.error is None else None
         return RequestOutput(
             request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
             token_ids=list(seq.output_token_ids), new_token_ids=new_token_ids,
             new_text=detok.delta(seq.is_finished) if detok else "",
             text=(detok.text if detok else None) if seq.is_finished else None,
             finished=seq.is_finished, finish_reason=seq.finish_reason.value if seq.finish_reason else None,
-            num_cached_tokens=seq.num_cached_prompt_tokens, metrics=metrics)
+            num_cached_tokens=seq.num_cached_prompt_tokens, metrics=metrics, error=req.error)
 

@@ -99,13 +99,13 @@ class Scheduler:
         self.held: dict[str, Sequence] = {}  # prefill side: finished, KV still being sent
         self.num_preemptions_total = 0  # since start: a measure of KV memory pressure
 
-    def _check_fits(self, seq: Sequence) -> None:
+    def check_fits(self, seq: Sequence) -> None:
         if len(seq) >= self.config.max_model_len:
             raise ValueError(f"prompt has {len(seq)} tokens; the context window allows at most "
                              f"{self.config.max_model_len - 1} (max_model_len={self.config.max_model_len})")
 
     def add(self, seq: Sequence) -> None:
-        self._check_fits(seq)
+        self.check_fits(seq)
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 
@@ -119,16 +119,21 @@ class Scheduler:
 
         Raises RuntimeError when the batch or the cache has no room for it now.
         """
-        self._check_fits(seq)
-        if len(self.running) + len(self.reserved) >= self.config.max_num_seqs:
-            raise RuntimeError(f"no batch slot: {self.config.max_num_seqs} sequences running or reserved")
-        # One block more than the prompt needs, so the first decode step cannot be refused.
-        if not self.block_manager.can_allocate(seq, len(seq) + 1):
-            raise RuntimeError(f"not enough free KV blocks for a {len(seq)}-token prompt")
+        self.check_fits(seq)
+        if not self.can_reserve(seq):
+            raise RuntimeError(f"no room for a {len(seq)}-token prompt: {len(self.running) + len(self.reserved)} "
+                               f"of {self.config.max_num_seqs} batch slots taken, "
+                               f"{self.block_manager.num_free_blocks} KV blocks free")
         self.block_manager.allocate(seq, len(seq))
         seq.hold_blocks = True  # until admitted, only the KV receiver may give them back
         self.reserved[seq.request_id] = seq
         return list(seq.block_ids)
+
+    def can_reserve(self, seq: Sequence) -> bool:
+        """Whether reserve(seq) would find a batch slot and blocks now."""
+        # One block more than the prompt needs, so the first decode step cannot be refused.
+        return (len(self.running) + len(self.reserved) < self.config.max_num_seqs
+                and self.block_manager.can_allocate(seq, len(seq) + 1))
 
     def admit(self, request_id: str, first_token_id: int) -> Sequence:
         """Start decoding a reserved sequence whose KV has arrived, after its first token."""

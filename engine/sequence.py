@@ -17,6 +17,7 @@ class FinishReason(str, enum.Enum):
     STOP = "stop"  # EOS, a stop token id or a stop string
     LENGTH = "length"  # max_tokens reached, or the model's context window is full
     ABORT = "abort"  # cancelled by the caller
+    ERROR = "error"  # failed on its own (its sampling or text); the rest of its batch went on
 
 
 class Sequence:

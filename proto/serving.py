@@ -19,6 +19,10 @@ class TokenDelta:
     num_prompt_tokens: int  # prompt length in tokens
     num_cached_tokens: int  # prompt tokens that came from the prefix cache
     error: str | None = None  # why the request failed (finish_reason "error"), else None
+    # For an "error": True when the cause is the server's state (a worker died or broke, the
+    # server is shutting down), so the same request may succeed if retried (gRPC UNAVAILABLE,
+    # HTTP 503); False when the request failed on its own (INTERNAL, 500).
+    retryable: bool = False
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ def test_max_tokens_must_be_positive(max_tokens):
 
 
 @pytest.mark.parametrize("field,value,message", [
-    ("temperature", -1.0, "temperature must be >= 0"),
+    ("temperature", -1.0, "temperature must be a finite number >= 0"),
     ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
     ("top_k", -5, "top_k must be -1, 0"),
 ])
