@@ -30,8 +30,11 @@ class DecodeActor:
         self.worker.attach_followers([RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints), 1)])
 
     async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
-        # reserve waits for the engine lock (up to one step): keep the actor's event loop free.
-        return await asyncio.to_thread(self.worker.reserve, request_id, prompt_token_ids, params)
+        """Wait (queued, without a thread) for room, then register the blocks on every rank."""
+        # Both halves wait for the engine lock or for followers: keep the actor's event loop free.
+        granted = await asyncio.to_thread(self.worker.request_blocks, request_id, prompt_token_ids, params)
+        block_ids = await asyncio.wrap_future(granted)
+        return await asyncio.to_thread(self.worker.register, request_id, block_ids)
 
     async def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
         """Wait for the request's KV on every rank, then stream its deltas from the first token on."""

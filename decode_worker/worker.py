@@ -2,9 +2,10 @@
 
 A request's lifecycle on a decode worker:
 
- 1. reserve(): blocks for the prompt are allocated and registered with the KV receiver
-    of every tensor-parallel rank, with a deadline; the caller gets a KVHandle (all ranks'
-    endpoints) to give the prefill worker;
+ 1. reserve(): the request waits (first in, first out) for a batch slot and blocks for its
+    prompt (request_blocks), which are then registered with the KV receiver of every
+    tensor-parallel rank, with a deadline (register); the caller gets a KVHandle (all
+    ranks' endpoints) to give the prefill worker;
  2. the KV arrives layer by layer, each rank receiving its own KV heads;
  3. admit(first_token): once every rank's part is DONE (wait_kv) the request joins the
     running batch with the prefill worker's first token; if a part failed, the caller gets
@@ -26,13 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import MAX_TOMBSTONES, EngineLoop, RequestAborted
 from kv_transfer import KVReceiver, Transfer, TransferState
 from proto.serving import KVHandle, TokenDelta
 
@@ -122,6 +124,7 @@ class DecodeWorker:
         self._pool = ThreadPoolExecutor(max(1, self.tp_size - 1), thread_name_prefix="decode-rank-port")
         self._lock = threading.Lock()
         self._reserved: dict[str, _Reserved] = {}  # reserved, not admitted yet
+        self._tombstones: OrderedDict[str, None] = OrderedDict()  # aborted before register() tracked them
 
     @property
     def endpoint(self) -> str:
@@ -134,11 +137,21 @@ class DecodeWorker:
                              f"follower ranks, got {len(ports)}")
         self._followers = list(ports)
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
-        """Raises ValueError for a bad prompt, Overloaded when there is no room right now."""
+    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                timeout_s: float | None = None) -> KVHandle:
+        """request_blocks() then register(), blocking up to timeout_s for room (TimeoutError)."""
+        return self.register(request_id, self.request_blocks(request_id, prompt_token_ids, params).result(timeout_s))
+
+    def request_blocks(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Future:
+        """Queue the request for blocks; the future gets them once the batch and the cache have
+        room (or RequestAborted). Raises ValueError for a bad prompt and Overloaded when
+        max_waiting requests wait already."""
         if len(self._followers) != self.tp_size - 1:
             raise RuntimeError(f"the worker's {self.tp_size - 1} follower ranks are not attached yet")
-        block_ids = self.loop.reserve(request_id, prompt_token_ids, params)
+        return self.loop.reserve(request_id, prompt_token_ids, params)
+
+    def register(self, request_id: str, block_ids: list[int]) -> KVHandle:
+        """Register granted blocks with every rank's KV receiver; returns where prefill must push."""
         transfer, settled = expect_part(self.receiver, request_id, block_ids, self.transfer_timeout_s)
         record = _Reserved(transfer, [settled])
         # Every rank registers at once: a round trip per request, not one per rank.
@@ -150,7 +163,8 @@ class DecodeWorker:
                 record.ports.append(port)
             except BaseException as exc:  # keep collecting: the parts that did register must be cancelled
                 error = error or exc
-        self._track(request_id, record)
+        if not self._track(request_id, record):
+            raise RequestAborted(f"{request_id} was aborted while its blocks were being registered")
         if error is not None:
             self.abort(request_id)  # the parts registered are cancelled, then the blocks freed
             if isinstance(error, RankLost):
@@ -159,13 +173,21 @@ class DecodeWorker:
         return KVHandle(request_id, (self.endpoint,) + tuple(p.endpoint for p in self._followers),
                         tuple(block_ids))
 
-    def _track(self, request_id: str, record: _Reserved) -> None:
+    def _track(self, request_id: str, record: _Reserved) -> bool:
+        """Keep the record; False (and the record dropped) when the request was aborted meanwhile."""
         with self._lock:
-            self._reserved[request_id] = record
+            aborted = request_id in self._tombstones
+            if aborted:
+                del self._tombstones[request_id]
+            else:
+                self._reserved[request_id] = record
         for part in record.parts:
             part.add_done_callback(lambda _f: self._part_settled(request_id, record))
         # Rank 0's failure is known before its blocks are let go: wake the waiters at once.
         record.transfer.add_done_callback(lambda _t: self._part_settled(request_id, record))
+        if aborted:
+            self._drop(request_id, record)
+        return not aborted
 
     def _part_settled(self, request_id: str, record: _Reserved) -> None:
         """Runs on whatever thread ended or settled a part (possibly under a receiver's lock: no
@@ -237,6 +259,10 @@ class DecodeWorker:
     def abort(self, request_id: str) -> None:
         with self._lock:
             record = self._reserved.pop(request_id, None)
+            if record is None:  # perhaps granted blocks not registered yet: register() drops them
+                self._tombstones[request_id] = None
+                while len(self._tombstones) > MAX_TOMBSTONES:
+                    self._tombstones.popitem(last=False)
         self.loop.abort(request_id)
         if record is not None:
             self._drop(request_id, record)

@@ -82,6 +82,8 @@ class PrefillWorker:
 
         def on_delta(delta: TokenDelta) -> None:
             if delta.finish_reason in ("abort", "error"):
+                if delta.finish_reason == "error":
+                    self.abort(request_id)  # a transfer that started stops; its blocks come back
                 on_done(PrefillFailed(delta.error or f"prefill of {request_id} was {delta.finish_reason}ed"))
             elif delta.token_ids:
                 on_done(PrefillResult(request_id, delta.token_ids[0]))

@@ -9,14 +9,19 @@ interface over prefill and decode workers.
 from __future__ import annotations
 
 import asyncio
+from dataclasses import dataclass
 from pathlib import Path
-from typing import AsyncIterator, Protocol
+from typing import AsyncIterator, Mapping, Protocol
 
 from engine import EngineConfig, LLMEngine, SamplingParams
-from engine.engine_loop import EngineLoop, Overloaded, delta_stream
+from engine.engine_loop import EngineLoop, Overloaded, Unavailable, delta_stream
 from proto.serving import TokenDelta
 
-__all__ = ["Backend", "LocalBackend", "Overloaded"]
+__all__ = ["STATS_INTERVAL_S", "Backend", "LocalBackend", "Overloaded", "Unavailable", "WorkerStatus"]
+
+# While served, a backend's health and worker stats are at most this old (router/server.py
+# refreshes them on this interval).
+STATS_INTERVAL_S = 0.2
 
 
 class Backend(Protocol):
@@ -43,10 +48,24 @@ class Backend(Protocol):
         """Whether every worker is up and requests can be served."""
 
     def stats(self) -> dict[str, float]:
-        """Gauges for /metrics: queue lengths, KV block usage, transfer counters."""
+        """Gauges for /metrics: queue lengths, KV block usage, transfer counters (sums over
+        the workers that are up)."""
+
+    def workers(self) -> list[WorkerStatus]:
+        """Each worker: up or not, and its own gauges (none when it is down)."""
 
     async def refresh(self) -> None:
         """Bring stats() up to date (a /metrics scrape calls it)."""
+
+
+@dataclass(frozen=True)
+class WorkerStatus:
+    """One worker as the router last saw it, for per-worker gauges."""
+
+    role: str  # "prefill" | "decode" | "colocated"
+    index: int  # within its role
+    up: bool  # answered its last stats call and its engine runs
+    stats: Mapping[str, float]  # its gauges (num_waiting, num_reserved, ...); empty when down
 
 
 class LocalBackend:
@@ -74,10 +93,14 @@ class LocalBackend:
         await asyncio.to_thread(self._loop.abort, request_id)
 
     def is_ready(self) -> bool:
-        return True
+        return self._loop.healthy
 
     def stats(self) -> dict[str, float]:
         return self._loop.stats()
+
+    def workers(self) -> list[WorkerStatus]:
+        up = self._loop.healthy
+        return [WorkerStatus("colocated", 0, up, self._loop.stats() if up else {})]
 
     async def refresh(self) -> None:
         """stats() is read live from the engine: nothing to fetch."""

@@ -36,19 +36,41 @@ STATS_HELP = {
     "kv_transfer_bytes_total": "KV bytes moved from prefill to decode since start",
     "kv_transfer_seconds_total": "Seconds spent in KV transfers since start",
     "local_prefills_total": "Requests prefilled on their decode worker since start",
+    "num_reserved": "Requests holding KV blocks while their KV arrives (decode)",
+    "num_held": "Finished requests whose blocks a KV transfer still holds",
+    "num_transfers": "KV transfers this worker is part of now",
 }
 
 
+def _metric_name(prefix: str, key: str) -> str:
+    return prefix + re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
 class _BackendStats:
-    """Reads Backend.stats() on every scrape."""
+    """Reads Backend.stats() and Backend.workers() on every scrape."""
 
     def __init__(self, backend):
         self.backend = backend
 
     def collect(self):
         for key, value in self.backend.stats().items():
-            name = "tandem_backend_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
-            yield GaugeMetricFamily(name, STATS_HELP.get(key, f"Backend.stats()[{key!r}]"), value=float(value))
+            yield GaugeMetricFamily(_metric_name("tandem_backend_", key),
+                                    STATS_HELP.get(key, f"Backend.stats()[{key!r}]"), value=float(value))
+        workers = self.backend.workers()
+        up = GaugeMetricFamily("tandem_worker_up", "1 while the worker answers and its engine runs, else 0",
+                               labels=["role", "worker"])
+        families: dict[str, GaugeMetricFamily] = {}
+        for w in workers:
+            labels = [w.role, str(w.index)]
+            up.add_metric(labels, 1.0 if w.up else 0.0)
+            for key, value in w.stats.items():  # a worker that is down reports none
+                if key not in families:
+                    families[key] = GaugeMetricFamily(_metric_name("tandem_worker_", key),
+                                                      STATS_HELP.get(key, f"a worker's stats()[{key!r}]"),
+                                                      labels=["role", "worker"])
+                families[key].add_metric(labels, float(value))
+        yield up
+        yield from families.values()
 
 
 class Metrics:
@@ -63,7 +85,7 @@ class Metrics:
         self.e2e_s = Histogram("tandem_e2e_request_latency_seconds", "Time from arrival to the last token",
                                ["frontend"], buckets=E2E_BUCKETS_S, registry=r)
         self.requests = Counter("tandem_requests", "Requests by how they ended: stop, length, error, abort, "
-                                "cancelled (client gone), invalid, not_found, overloaded",
+                                "unavailable, cancelled (client gone), invalid, not_found, overloaded",
                                 ["frontend", "finish_reason"], registry=r)
         self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of admitted requests",
                                      ["frontend"], registry=r)

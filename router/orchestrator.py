@@ -22,13 +22,14 @@ from typing import AsyncIterator
 from ray.exceptions import RayActorError, RayTaskError
 
 from engine import SamplingParams
-from engine.engine_loop import Overloaded, final_delta
+from engine.engine_loop import Overloaded, Unavailable, final_delta
 from engine.tokenizer import load_tokenizer
 from proto.serving import TokenDelta
+from router.backend import STATS_INTERVAL_S, WorkerStatus
 from router.policy import Router
 
 log = logging.getLogger(__name__)
-STATS_INTERVAL_S = 0.2
+WORKER_STATS_TIMEOUT_S = 2.0
 
 
 class DisaggregatedBackend:
@@ -68,20 +69,21 @@ class DisaggregatedBackend:
         token_ids = self.encode(prompt)
         await self._refresh_stats()
         hashes = self.router.hashes(token_ids)
-        decode_view = self.router.pick_decode(hashes)
+        decode_view = self.router.pick_decode(hashes)  # Unavailable when no decode worker is up
         decode = self.decode_actors[decode_view.index]
         prefill = None
         transfer_start: float | None = None  # set while the first delta after a transfer is awaited
-        finished = False
+        finished = False  # the request ended on the workers: nothing left to abort
         try:
             uncached = len(token_ids) - decode_view.overlap_blocks(hashes) * self.router.block_size
             if not self.prefill_actors or uncached <= self.local_prefill_tokens:
                 self.counters["local_prefills_total"] += 1
                 stream = decode.generate_local.remote(request_id, token_ids, params)
             else:
-                handle = await _unwrap(decode.reserve.remote(request_id, token_ids, params))
                 prefill_view = self.router.pick_prefill(hashes)
                 prefill = self.prefill_actors[prefill_view.index]
+                # Waits in the decode worker's queue until it has a batch slot and blocks.
+                handle = await _unwrap(decode.reserve.remote(request_id, token_ids, params))
                 result = await _unwrap(prefill.prefill.remote(request_id, token_ids, params, handle))
                 prefill_view.remember(hashes)
                 stream = decode.admit.remote(request_id, result.first_token_id)
@@ -96,13 +98,15 @@ class DisaggregatedBackend:
                 yield delta
         except (ValueError, Overloaded):
             raise  # the caller's fault or admission control: the frontends map these
-        except (RayTaskError, RayActorError) as exc:
+        except (RayTaskError, RayActorError, Unavailable) as exc:
+            # A worker failed or died: the request may succeed elsewhere (retryable). The
+            # workers' health is looked at now, not at the next interval.
             if prefill is not None:
                 self.counters["kv_transfer_failures_total"] += 1
-            finished = True
-            yield final_delta(request_id, "error", _reason(exc))
+            self._stats_at = 0.0
+            yield final_delta(request_id, "error", _reason(exc), retryable=True)
         finally:
-            if not finished:
+            if not finished:  # failed or cancelled anywhere: free what either worker holds
                 decode.abort.remote(request_id)
                 if prefill is not None:
                     prefill.abort.remote(request_id)
@@ -122,26 +126,39 @@ class DisaggregatedBackend:
         self._stats_at = time.monotonic()
         views = self.router.prefill + self.router.decode
         actors = self.prefill_actors + self.decode_actors
-        results = await asyncio.gather(*(a.stats.remote() for a in actors), return_exceptions=True)
+        # A worker that does not answer within WORKER_STATS_TIMEOUT_S is as good as down.
+        results = await asyncio.gather(*(asyncio.wait_for(a.stats.remote(), WORKER_STATS_TIMEOUT_S)
+                                         for a in actors), return_exceptions=True)
         for view, result in zip(views, results):
+            # A worker that does not answer (dead actor) or whose engine broke (its stats()
+            # raises) is down: no stats are made up for it.
             view.alive = not isinstance(result, Exception)
-            view.stats = result if view.alive else {"num_free_blocks": 0, "num_blocks": 1}
+            view.stats = result if view.alive else {}
 
     def is_ready(self) -> bool:
-        """Every worker answered its last stats call."""
+        """Every worker answered its last stats call (at most STATS_INTERVAL_S ago while served)."""
         return all(v.alive for v in self.router.prefill + self.router.decode)
 
+    def workers(self) -> list[WorkerStatus]:
+        return [WorkerStatus(role, v.index, v.alive, v.stats)
+                for role, views in (("prefill", self.router.prefill), ("decode", self.router.decode))
+                for v in views]
+
     def stats(self) -> dict[str, float]:
-        """Sums over workers (prefill_* and decode_*), KV usage of the decode pool, counters."""
+        """Sums over the workers that are up (prefill_* and decode_*), KV usage of the live
+        decode pool, counters."""
         out: dict[str, float] = dict(self.counters)
         for role, views in (("prefill", self.router.prefill), ("decode", self.router.decode)):
-            for key in ("num_waiting", "num_running", "num_free_blocks", "num_blocks", "num_preemptions"):
-                out[f"{role}_{key}"] = sum(v.stats.get(key, 0) for v in views)
+            live = [v for v in views if v.alive]
+            out[f"{role}_num_workers_up"] = len(live)
+            for key in ("num_waiting", "num_running", "num_reserved", "num_held", "num_transfers",
+                        "num_free_blocks", "num_blocks", "num_preemptions"):
+                out[f"{role}_{key}"] = sum(v.stats.get(key, 0) for v in live)
         out["num_waiting"] = out["prefill_num_waiting"] + out["decode_num_waiting"]
         out["num_running"] = out["decode_num_running"]
         out["num_free_blocks"] = out["decode_num_free_blocks"]
         out["num_blocks"] = out["decode_num_blocks"]
-        out["kv_usage"] = 1.0 - out["num_free_blocks"] / max(1.0, out["num_blocks"])
+        out["kv_usage"] = 1.0 - out["num_free_blocks"] / out["num_blocks"] if out["num_blocks"] else 0.0
         return out
 
     async def refresh(self) -> None:
@@ -151,12 +168,12 @@ class DisaggregatedBackend:
 
 
 async def _unwrap(ref):
-    """Await a Ray result, re-raising a worker's ValueError or Overloaded as itself."""
+    """Await a Ray result, re-raising a worker's ValueError, Overloaded or Unavailable as itself."""
     try:
         return await ref
     except RayTaskError as exc:
         cause = getattr(exc, "cause", None)
-        if isinstance(cause, (ValueError, Overloaded)):
+        if isinstance(cause, (ValueError, Overloaded, Unavailable)):
             raise cause from None
         raise
 

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from engine.block_manager import prefix_block_hashes
+from engine.engine_loop import Unavailable
 
 POLICIES = ("load", "round_robin")
 MAX_TRACKED_BLOCKS = 200_000  # per worker; the oldest hashes are forgotten first
@@ -64,7 +65,7 @@ class Router:
             free = w.stats.get("num_free_blocks", 0) / max(1.0, w.stats.get("num_blocks", 1))
             busy = w.stats.get("num_running", 0) + w.stats.get("num_reserved", 0) + w.stats.get("num_waiting", 0)
             return (free, -busy, w.overlap_blocks(hashes))
-        return max(_alive(self.decode), key=score)
+        return max(_alive(self.decode, "decode"), key=score)
 
     def pick_prefill(self, hashes: list[bytes]) -> WorkerView:
         if self.policy == "round_robin":
@@ -74,13 +75,16 @@ class Router:
             queued = w.stats.get("num_waiting", 0) + w.stats.get("num_running", 0)
             # A cached block saves a block of compute; a queued request costs about one prompt.
             return w.overlap_blocks(hashes) - queued * max(1, len(hashes))
-        return max(_alive(self.prefill), key=score)
+        return max(_alive(self.prefill, "prefill"), key=score)
 
     def _next(self, views: list[WorkerView], role: str) -> WorkerView:
-        alive = _alive(views)
+        alive = _alive(views, role)
         return alive[next(self._turns[role]) % len(alive)]
 
 
-def _alive(views: list[WorkerView]) -> list[WorkerView]:
-    """The live workers; all of them when none is (the request then fails with the reason)."""
-    return [v for v in views if v.alive] or views
+def _alive(views: list[WorkerView], role: str) -> list[WorkerView]:
+    """The live workers; Unavailable when none is."""
+    alive = [v for v in views if v.alive]
+    if not alive:
+        raise Unavailable(f"no {role} worker is up (of {len(views)})")
+    return alive
