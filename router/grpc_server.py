@@ -22,12 +22,12 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from proto.kserve import grpc_service_pb2 as pb
 from proto.kserve import grpc_service_pb2_grpc as pb_grpc
-from router.backend import Overloaded
+from router.backend import Overloaded, Unavailable
 from router.kserve import (FINAL_RESPONSE, KServeRequest, check_model_version, infer_response, model_config,
                            model_metadata, parse_infer_request)
-from router.metrics import Metrics
 from router.requests import BadRequest, UnknownModel
-from router.streaming import RequestFailed, stream_deltas
+from router.security import KeyInterceptor
+from router.streaming import RequestFailed, Serving, stream_deltas
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 SERVER_NAME = "tandem"
@@ -43,6 +43,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, Overloaded):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
+    if isinstance(exc, Unavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, RequestFailed):
         return (grpc.StatusCode.UNAVAILABLE if exc.retryable else grpc.StatusCode.INTERNAL), str(exc)
     log.error("request failed unexpectedly", exc_info=exc)
@@ -50,10 +52,12 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, backend, metrics: Metrics, server_version: str):
-        self.backend = backend
-        self.metrics = metrics
+    def __init__(self, serving: Serving, server_version: str):
+        self.serving = serving
+        self.backend = serving.backend
+        self.metrics = serving.metrics
         self.server_version = server_version
+        self.closing = asyncio.Event()  # set at the end of a shutdown: open streams end (status OK)
 
     async def ServerLive(self, request, context):
         return pb.ServerLiveResponse(live=True)
@@ -86,9 +90,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except UnknownModel as exc:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(exc))
 
-    def _parse(self, msg: pb.ModelInferRequest, streaming_call: bool) -> KServeRequest:
+    async def _parse(self, msg: pb.ModelInferRequest, streaming_call: bool) -> KServeRequest:
         try:
-            request = parse_infer_request(self.backend, msg)
+            request = await parse_infer_request(self.backend, self.serving.encoder, msg)
             if request.stream and not streaming_call:
                 raise BadRequest("input 'stream' is true, which needs ModelStreamInfer; "
                                  "ModelInfer returns the whole text in one response", "stream")
@@ -99,7 +103,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _whole_text(self, request: KServeRequest) -> tuple[str, str | None]:
         parts, finish_reason = [], None
-        deltas = stream_deltas(self.backend, self.metrics, FRONTEND, request.generate)
+        deltas = stream_deltas(self.serving, FRONTEND, request.generate)
         async with contextlib.aclosing(deltas):
             async for delta in deltas:
                 parts.append(delta.text)
@@ -108,7 +112,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, msg, context):
         try:
-            request = self._parse(msg, streaming_call=False)
+            request = await self._parse(msg, streaming_call=False)
             text, finish_reason = await self._whole_text(request)
             return infer_response(self.backend, request, text, finish_reason, final=None)
         except Exception as exc:  # every failure becomes a status; cancellation is not an Exception
@@ -125,16 +129,25 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task = asyncio.create_task(self._stream_one(msg, responses.put_nowait))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)  # a long-lived stream must not pile them up
-                # The client half-closed: the stream ends once its requests are answered.
-                await asyncio.gather(*tasks)
             finally:
+                # The client half-closed (or the server closes): the stream ends once its
+                # requests are answered.
+                await asyncio.gather(*tasks, return_exceptions=True)
                 responses.put_nowait(None)
 
+        async def close_at_shutdown() -> None:
+            # The server's last step: stop reading, let the stream's requests (already cut)
+            # send their last responses, then end the stream with status OK.
+            await self.closing.wait()
+            reader.cancel()
+
         reader = asyncio.create_task(read_requests())
+        closer = asyncio.create_task(close_at_shutdown())
         try:
             while (response := await responses.get()) is not None:
                 yield response
-        finally:  # normal end, or the call was cancelled: closing the tasks aborts their requests
+        finally:
+            closer.cancel()  # normal end, or the call was cancelled: closing the tasks aborts their requests
             running = (reader, *tasks)
             for task in running:
                 task.cancel()
@@ -143,13 +156,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _stream_one(self, msg: pb.ModelInferRequest,
                           emit: Callable[[pb.ModelStreamInferResponse], None]) -> None:
         try:
-            request = self._parse(msg, streaming_call=True)
+            request = await self._parse(msg, streaming_call=True)
             if not request.stream:
                 text, finish_reason = await self._whole_text(request)
                 emit(pb.ModelStreamInferResponse(
                     infer_response=infer_response(self.backend, request, text, finish_reason, final=True)))
                 return
-            deltas = stream_deltas(self.backend, self.metrics, FRONTEND, request.generate)
+            deltas = stream_deltas(self.serving, FRONTEND, request.generate)
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
                     if delta.text or delta.finished:
@@ -165,17 +178,21 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
 
 class HealthServicer(health.aio.HealthServicer):
-    """grpc.health.v1 whose answer for the inference service follows Backend.is_ready()."""
+    """grpc.health.v1 whose answer for the inference service follows Backend.is_ready(): on
+    every Check, and for Watch streams whenever the server refreshes the backend's health."""
 
     def __init__(self, backend):
         super().__init__()
         self.backend = backend
 
-    async def Check(self, request, context):
+    async def publish(self) -> None:
         ready = self.backend.is_ready()
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         for service in ("", SERVICE_NAME):
             await self.set(service, status)  # ignored once shutting down: NOT_SERVING stays
+
+    async def Check(self, request, context):
+        await self.publish()
         return await super().Check(request, context)
 
 
@@ -188,16 +205,21 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-async def start_grpc_server(backend, metrics: Metrics, host: str, port: int,
-                            server_version: str) -> tuple[grpc.aio.Server, HealthServicer, int]:
-    """Start serving; returns the server, its health servicer and the bound port."""
-    server = grpc.aio.server()
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(backend, metrics, server_version), server)
-    health_servicer = HealthServicer(backend)
+async def start_grpc_server(serving: Serving, host: str, port: int, server_version: str
+                            ) -> tuple[grpc.aio.Server, InferenceServicer, HealthServicer, int]:
+    """Start serving; returns the server, its servicers and the bound port."""
+    security = serving.security
+    # Larger messages cannot hold a request that fits the context window: refused unread.
+    server = grpc.aio.server(options=[("grpc.max_receive_message_length", serving.encoder.max_request_bytes)],
+                             interceptors=[KeyInterceptor(security)] if security.api_keys else None)
+    servicer = InferenceServicer(serving, server_version)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    health_servicer = HealthServicer(serving.backend)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
     reflection.enable_server_reflection(names, server, pool=_reflection_pool())
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    bound = server.add_insecure_port(address)
+    credentials = security.grpc_credentials()
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     await server.start()
-    return server, health_servicer, bound
+    return server, servicer, health_servicer, bound

@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP frontend (aiohttp), with /health and /metrics.
 
 Errors are JSON bodies {"error": {"message", "type", "param", "code"}}: 400 bad input
-(param names the field), 404 unknown model or path, 429 overloaded, 500 internal error,
-503 unavailable or shutting down. Once a stream has started, an error is sent as one more
+(param names the field), 401 no valid API key, 404 unknown model or path, 413 a body too
+large for any request that fits, 429 the queue is full, 500 the request failed on its own,
+503 a worker is down or the server is shutting down (retry). Once a stream has started, an error is sent as one more
 event, data: {"error": {...}}, followed by data: [DONE]. A client that disconnects cancels
 its handler, which aborts the request in the backend.
 """
@@ -17,16 +18,17 @@ import time
 
 from aiohttp import web
 
-from router.backend import Overloaded
-from router.metrics import CONTENT_TYPE, Metrics
+from router.backend import Overloaded, Unavailable
+from router.metrics import CONTENT_TYPE
 from router.openai_protocol import (OpenAIRequest, chunk_body, parse_chat, parse_completion, response_body,
                                     usage, usage_chunk_body)
 from router.requests import BadRequest, UnknownModel
-from router.streaming import RequestFailed, stream_deltas
+from router.security import OPEN_HTTP_PATHS, UNAUTHORIZED
+from router.streaming import RequestFailed, Serving, stream_deltas
 
 FRONTEND = "http"
-# aiohttp's default 1 MiB is less than a long-context prompt sent as JSON token ids.
-MAX_BODY_BYTES = 16 << 20
+# Bodies up to this size are parsed on the event loop; larger ones on a worker thread.
+INLINE_JSON_BYTES = 64 << 10
 # A scrape waits this long for fresh backend stats, then shows the last ones (Prometheus'
 # default scrape timeout is 10 s).
 STATS_REFRESH_TIMEOUT_S = 5.0
@@ -51,6 +53,8 @@ def http_error(exc: Exception) -> HTTPError:
         return HTTPError(400, "invalid_request_error", str(exc), exc.param)
     if isinstance(exc, Overloaded):
         return HTTPError(429, "overloaded_error", str(exc))
+    if isinstance(exc, Unavailable):
+        return HTTPError(503, "unavailable_error", str(exc))
     if isinstance(exc, RequestFailed):
         return HTTPError(503, "unavailable_error", str(exc)) if exc.retryable \
             else HTTPError(500, "internal_error", str(exc))
@@ -63,18 +67,27 @@ def sse(payload: dict) -> bytes:
     return f"data: {json.dumps(payload)}\n\n".encode()
 
 
+def parse_json(raw: bytes):
+    """The body as JSON; BadRequest for anything that is not (invalid, or nested too deeply)."""
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BadRequest(f"the request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("the request body is nested too deeply") from None
+
+
 class HTTPFrontend:
-    def __init__(self, backend, metrics: Metrics):
-        self.backend = backend
-        self.metrics = metrics
+    def __init__(self, serving: Serving):
+        self.serving = serving
+        self.backend = serving.backend
+        self.metrics = serving.metrics
         self.created = int(time.time())
-        self.draining = False  # set by the server's stop(): new requests get 503
-        self.num_in_flight = 0
-        self.idle = asyncio.Event()  # set while no request is being handled
-        self.idle.set()
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self._middleware], client_max_size=MAX_BODY_BYTES)
+        # Larger bodies cannot hold a request that fits the context window: refused unread (413).
+        app = web.Application(middlewares=[self._middleware],
+                              client_max_size=self.serving.encoder.max_request_bytes)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         app.router.add_get("/v1/models", self.models)
@@ -83,28 +96,27 @@ class HTTPFrontend:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         return app
 
+    def _needs_key(self, path: str) -> bool:
+        security = self.serving.security
+        return path not in OPEN_HTTP_PATHS and not (path == "/metrics" and security.public_metrics)
+
     @web.middleware
     async def _middleware(self, request: web.Request, handler):
-        if self.draining:
-            return web.json_response(HTTPError(503, "unavailable_error", "the server is shutting down").body,
-                                     status=503)
-        self.num_in_flight += 1
-        self.idle.clear()
         try:
+            if self._needs_key(request.path) and not self.serving.security.allows(request.headers.get("Authorization")):
+                raise HTTPError(401, "invalid_request_error", UNAUTHORIZED, code="invalid_api_key")
+            self.serving.check_open()
             return await handler(request)
         except Exception as exc:
             error = http_error(exc)
             if error.status == 500:
                 log.error("%s %s failed", request.method, request.path, exc_info=exc)
-            return web.json_response(error.body, status=error.status)
-        finally:
-            self.num_in_flight -= 1
-            if self.num_in_flight == 0:
-                self.idle.set()
+            headers = {"WWW-Authenticate": "Bearer"} if error.status == 401 else None
+            return web.json_response(error.body, status=error.status, headers=headers)
 
     async def health(self, request: web.Request) -> web.Response:
         if not self.backend.is_ready():
-            raise HTTPError(503, "unavailable_error", "the backend is not ready")
+            raise HTTPError(503, "unavailable_error", "the backend is not ready: a worker is down or broken")
         return web.json_response({"status": "ok"})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
@@ -134,15 +146,20 @@ class HTTPFrontend:
 
     async def _generate(self, http_request: web.Request, parse) -> web.StreamResponse:
         try:
+            encoder = self.serving.encoder
             try:
-                body = await http_request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise BadRequest(f"the request body is not valid JSON: {exc}") from None
-            request = parse(body, self.backend)
+                raw = await http_request.read()
+            except web.HTTPRequestEntityTooLarge:
+                raise HTTPError(413, "invalid_request_error",
+                                f"the request body is larger than {encoder.max_request_bytes} bytes, more "
+                                f"than any request that fits the context window of {self.backend.max_model_len} "
+                                f"tokens") from None
+            body = parse_json(raw) if len(raw) <= INLINE_JSON_BYTES else await asyncio.to_thread(parse_json, raw)
+            request = await parse(body, self.backend, encoder)
         except BadRequest as exc:
             self.metrics.count(FRONTEND, "not_found" if isinstance(exc, UnknownModel) else "invalid")
             raise
-        deltas = stream_deltas(self.backend, self.metrics, FRONTEND, request.generate)
+        deltas = stream_deltas(self.serving, FRONTEND, request.generate)
         async with contextlib.aclosing(deltas):
             # The first delta comes before any response byte, so refusals (overload, bad
             # input found by the backend) are still plain JSON errors with their status.

@@ -8,12 +8,13 @@ The model looks like Triton's vLLM backend model: inputs `text_input` (BYTES), o
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 
 from proto.kserve import grpc_service_pb2 as pb
-from router.requests import (SAMPLING_FIELDS, BadRequest, GenerateRequest, UnknownModel, check_model,
-                             encode_text, make_request)
+from router.requests import (SAMPLING_FIELDS, BadRequest, GenerateRequest, PromptEncoder, UnknownModel, brief,
+                             check_model, make_request)
 
 MODEL_VERSION = "1"  # the one version served; "" also selects it, as in Triton
 PLATFORM = "tandem"
@@ -34,7 +35,7 @@ class KServeRequest:
 def check_model_version(backend, name: str, version: str) -> None:
     check_model(backend, name, "model_name")
     if version not in ("", MODEL_VERSION):
-        raise UnknownModel(f"model {name!r} has no version {version!r}; the served version is "
+        raise UnknownModel(f"model {brief(name)} has no version {brief(version)}; the served version is "
                            f"{MODEL_VERSION!r}", "model_version")
 
 
@@ -72,11 +73,14 @@ def _input_values(msg: pb.ModelInferRequest) -> dict:
     for i, tensor in enumerate(msg.inputs):
         name = tensor.name
         if name not in INPUTS:
-            raise BadRequest(f"unexpected input {name!r}; inputs are {', '.join(INPUTS)}", name)
+            raise BadRequest(f"unexpected input {brief(name)}; inputs are {', '.join(INPUTS)}", name)
         if name in values:
             raise BadRequest(f"input {name!r} is given twice", name)
         if tensor.datatype != INPUTS[name]:
-            raise BadRequest(f"input {name!r} must have datatype {INPUTS[name]}, got {tensor.datatype!r}", name)
+            raise BadRequest(f"input {name!r} must have datatype {INPUTS[name]}, got {brief(tensor.datatype)}", name)
+        if any(d < 1 for d in tensor.shape) or math.prod(tensor.shape) != 1:
+            raise BadRequest(f"input {name!r} must have a shape of one element, [1] (batching is not "
+                             f"supported), got {brief(list(tensor.shape))}", name)
         elements = _elements(tensor, msg.raw_input_contents[i] if msg.raw_input_contents else None)
         if len(elements) != 1:
             raise BadRequest(f"input {name!r} must hold exactly one element (batching is not supported), "
@@ -110,12 +114,14 @@ def _sampling_fields(raw: bytes | None) -> dict:
         fields = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"{param} is not valid JSON: {exc}", param) from None
+    except RecursionError:
+        raise BadRequest(f"{param} is nested too deeply to be a JSON object of sampling fields", param) from None
     if not isinstance(fields, dict):
         raise BadRequest(f"{param} must be a JSON object, got {type(fields).__name__}", param)
     return {name: _coerce(name, value) for name, value in fields.items()}
 
 
-def parse_infer_request(backend, msg: pb.ModelInferRequest) -> KServeRequest:
+async def parse_infer_request(backend, encoder: PromptEncoder, msg: pb.ModelInferRequest) -> KServeRequest:
     """Validate a ModelInferRequest; raises BadRequest (or UnknownModel) naming the field."""
     check_model_version(backend, msg.model_name, msg.model_version)
     values = _input_values(msg)
@@ -126,9 +132,10 @@ def parse_infer_request(backend, msg: pb.ModelInferRequest) -> KServeRequest:
     outputs = tuple(o.name for o in msg.outputs) or tuple(OUTPUTS)
     for name in outputs:
         if name not in OUTPUTS:
-            raise BadRequest(f"unknown output {name!r}; outputs are {', '.join(OUTPUTS)}", name)
-    prompt_ids = encode_text(backend.tokenizer, text, "text_input")
-    generate = make_request(backend, "kserve", prompt_ids, _sampling_fields(values.get("sampling_parameters")),
+            raise BadRequest(f"unknown output {brief(name)}; outputs are {', '.join(OUTPUTS)}", name)
+    fields = _sampling_fields(values.get("sampling_parameters"))
+    prompt_ids = await encoder.encode(text, "text_input")
+    generate = make_request(backend, "kserve", prompt_ids, fields,
                             prompt_param="text_input", param_prefix="sampling_parameters.")
     return KServeRequest(generate, bool(values.get("stream", False)), msg.id, outputs)
 

@@ -13,7 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from router.requests import SAMPLING_FIELDS, BadRequest, GenerateRequest, check_model, encode_text, make_request
+from router.requests import (SAMPLING_FIELDS, BadRequest, GenerateRequest, PromptEncoder, brief, check_model,
+                             check_text, make_request)
 
 # Used when the tokenizer has no chat template of its own: one "role: content" line per
 # message, then "assistant:" for the model to continue.
@@ -46,7 +47,7 @@ def _optional(body: dict, name: str, kind: type, default):
     if value is None:
         return default
     if not isinstance(value, kind):
-        raise BadRequest(f"{name} must be {kind.__name__}, got {value!r}", name)
+        raise BadRequest(f"{name} must be {kind.__name__}, got {brief(value)}", name)
     return value
 
 
@@ -59,7 +60,7 @@ def _common(body: Any, backend) -> tuple[dict, bool, bool]:
     check_model(backend, body["model"])
     for name, unused in UNSUPPORTED.items():
         if body.get(name) is not None and body[name] not in unused:
-            raise BadRequest(f"{name}={body[name]!r} is not supported; leave it unset", name)
+            raise BadRequest(f"{name}={brief(body[name])} is not supported; leave it unset", name)
     stream = _optional(body, "stream", bool, False)
     options = _optional(body, "stream_options", dict, {})
     include_usage = options.get("include_usage") is True
@@ -72,18 +73,18 @@ def _is_token_ids(value: Any) -> bool:
         isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def parse_completion(body: Any, backend) -> OpenAIRequest:
+async def parse_completion(body: Any, backend, encoder: PromptEncoder) -> OpenAIRequest:
     fields, stream, include_usage = _common(body, backend)
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and (isinstance(prompt[0], str) or _is_token_ids(prompt[0])):
         prompt = prompt[0]  # a batch of one
     if isinstance(prompt, str):
-        prompt_ids = encode_text(backend.tokenizer, prompt, "prompt")
+        prompt_ids = await encoder.encode(prompt, "prompt")
     elif _is_token_ids(prompt):
         prompt_ids = prompt
     else:
         raise BadRequest("prompt must be a string or a list of token ids (one prompt per request), "
-                         f"got {prompt!r:.80}", "prompt")
+                         f"got {brief(prompt)}", "prompt")
     generate = make_request(backend, "cmpl", prompt_ids, fields, prompt_param="prompt")
     return OpenAIRequest(generate, False, body["model"], stream, include_usage, int(time.time()))
 
@@ -101,24 +102,30 @@ def _message_text(message: Any, i: int) -> dict:
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise BadRequest(f"{where}.content must be a string or a list of text parts", f"{where}.content")
+    if content:
+        check_text(content, f"{where}.content")
     return {"role": message["role"], "content": content}
 
 
-def chat_prompt_ids(tokenizer, messages: list[dict]) -> list[int]:
+async def chat_prompt_ids(encoder: PromptEncoder, messages: list[dict]) -> list[int]:
     """The tokenizer's chat template (or FALLBACK_CHAT_TEMPLATE) applied, then tokenized."""
-    if tokenizer is None:
+    if encoder.tokenizer is None:
         raise BadRequest("this model has no tokenizer, so it cannot serve chat", "messages")
-    template = None if tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
+    num_chars = sum(len(m["content"]) for m in messages)
+    if num_chars > encoder.max_chars:
+        raise BadRequest(f"messages have {num_chars} characters of content, more than any prompt that fits "
+                         f"the context window of {encoder.max_model_len} tokens can have ({encoder.max_chars})",
+                         "messages")
+    template = None if encoder.tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
     try:
-        text = tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                             add_generation_prompt=True)
+        text = await encoder.chat_template(messages, template)
     except Exception as exc:  # templates raise their own errors (e.g. roles must alternate)
         raise BadRequest(f"the chat template refused these messages: {exc}", "messages") from None
     # The template writes the special tokens (BOS) itself; encoding must not add them again.
-    return tokenizer.encode(text, add_special_tokens=False)
+    return await encoder.encode(text, "messages", add_special_tokens=False)
 
 
-def parse_chat(body: Any, backend) -> OpenAIRequest:
+async def parse_chat(body: Any, backend, encoder: PromptEncoder) -> OpenAIRequest:
     fields, stream, include_usage = _common(body, backend)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -127,7 +134,7 @@ def parse_chat(body: Any, backend) -> OpenAIRequest:
     if body.get("max_completion_tokens") is not None:
         fields["max_tokens"] = body["max_completion_tokens"]
     # No max_tokens: as many as fit, as OpenAI and vLLM do for chat.
-    generate = make_request(backend, "chatcmpl", chat_prompt_ids(backend.tokenizer, messages), fields,
+    generate = make_request(backend, "chatcmpl", await chat_prompt_ids(encoder, messages), fields,
                             prompt_param="messages", default_max_tokens=None)
     return OpenAIRequest(generate, True, body["model"], stream, include_usage, int(time.time()))
 

@@ -1,20 +1,54 @@
 """One request's deltas from the backend to a frontend, with its metrics.
 
 Both frontends read a request through `stream_deltas`. Closing it (the frontend's client
-cancelled or disconnected, or the server is shutting down) closes the backend's stream,
-which aborts the request and frees its KV blocks on every worker.
+cancelled or disconnected) closes the backend's stream, which aborts the request and frees
+its KV blocks on every worker. `Serving` is what the two frontends share: the backend, the
+metrics, the prompt bounds, who may call, and the requests in flight, so that a shutdown can
+wait for them and then cut the rest with an error that says why.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from proto.serving import TokenDelta
-from router.backend import Overloaded
+from router.backend import Overloaded, Unavailable
 from router.metrics import Metrics
-from router.requests import BadRequest, GenerateRequest
+from router.requests import BadRequest, GenerateRequest, PromptEncoder
+from router.security import Security
+
+SHUTDOWN_MESSAGE = "the server is shutting down"
+
+
+@dataclass(eq=False)
+class Serving:
+    """The state both frontends share."""
+
+    backend: object  # router.backend.Backend
+    metrics: Metrics
+    encoder: PromptEncoder
+    security: Security = Security()
+    draining: bool = False  # new requests are refused (503 / UNAVAILABLE) while running ones finish
+    cutting: bool = False  # the grace period is over: requests still running are aborted
+    in_flight: set[str] = field(default_factory=set)  # request ids being streamed
+    idle: asyncio.Event = field(default_factory=asyncio.Event)  # set while in_flight is empty
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def check_open(self) -> None:
+        """Unavailable once the server drains: no new request is started."""
+        if self.draining:
+            raise Unavailable(SHUTDOWN_MESSAGE)
+
+    async def cut(self) -> None:
+        """End every request still in flight: each ends with a retryable shutdown error."""
+        self.cutting = True
+        await asyncio.gather(*(self.backend.abort(r) for r in list(self.in_flight)))
 
 
 class RequestFailed(RuntimeError):
@@ -30,32 +64,37 @@ class RequestFailed(RuntimeError):
         self.retryable = retryable
 
 
-def _failure(delta: TokenDelta, backend) -> RequestFailed:
+def _failure(delta: TokenDelta, serving: Serving) -> RequestFailed:
+    if serving.cutting:
+        return RequestFailed(f"{SHUTDOWN_MESSAGE}: the request was stopped before it finished", retryable=True)
     if delta.finish_reason == "abort":
         return RequestFailed("the request was aborted by the server", retryable=True)
-    return RequestFailed(f"the request failed: {delta.error or 'unknown error'}",
-                         retryable=not backend.is_ready())
+    return RequestFailed(f"the request failed: {delta.error or 'unknown error'}", retryable=delta.retryable)
 
 
-async def stream_deltas(backend, metrics: Metrics, frontend: str,
-                        request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+async def stream_deltas(serving: Serving, frontend: str, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
     """Yield the request's deltas; the last has finished=True and finish_reason stop or length.
 
-    Raises BadRequest (the backend refused the input), Overloaded, or RequestFailed (an
-    "error" or "abort" delta: deltas before it have been yielded).
+    Raises BadRequest (the backend refused the input), Overloaded, Unavailable (no worker,
+    or the server drains), or RequestFailed (an "error" or "abort" delta: deltas before it
+    have been yielded).
     """
+    metrics = serving.metrics
     arrival_s = time.monotonic()
     first_token_s = last_token_s = None
     num_tokens = 0
     outcome = "cancelled"  # unless the stream ends otherwise, the consumer closed it early
     metrics.in_flight.labels(frontend).inc()
+    serving.in_flight.add(request.request_id)
+    serving.idle.clear()
     try:
-        stream = backend.generate(request.request_id, list(request.prompt_token_ids), request.params)
+        serving.check_open()
+        stream = serving.backend.generate(request.request_id, list(request.prompt_token_ids), request.params)
         async with contextlib.aclosing(stream):
             async for delta in stream:
                 if delta.finish_reason in ("error", "abort"):
                     outcome = delta.finish_reason
-                    raise _failure(delta, backend)
+                    raise _failure(delta, serving)
                 if delta.token_ids:
                     last_token_s = time.monotonic()
                     if first_token_s is None:
@@ -70,6 +109,9 @@ async def stream_deltas(backend, metrics: Metrics, frontend: str,
     except Overloaded:
         outcome = "overloaded"
         raise
+    except Unavailable:
+        outcome = "unavailable"
+        raise
     except ValueError as exc:  # Backend.generate refused the input before the first delta
         outcome = "invalid"
         raise BadRequest(str(exc)) from None
@@ -80,6 +122,9 @@ async def stream_deltas(backend, metrics: Metrics, frontend: str,
         raise
     finally:
         metrics.in_flight.labels(frontend).dec()
+        serving.in_flight.discard(request.request_id)
+        if not serving.in_flight:
+            serving.idle.set()
         metrics.count(frontend, outcome)
         if outcome in ("stop", "length") and first_token_s is not None:
             metrics.e2e_s.labels(frontend).observe(last_token_s - arrival_s)

@@ -17,16 +17,19 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine import EngineConfig
 from proto.serving import TokenDelta
-from router.backend import LocalBackend, Overloaded
+from router.backend import LocalBackend, Overloaded, Unavailable
+from router.requests import PromptEncoder
 from router.server import ServerHandle, serve
 
 
 class ControlledBackend:
     """LocalBackend passed through, unless a test asks for a failure.
 
-    fail: None, "overloaded" (refuse at admission), "error" (an error delta after the first
-    text delta, as when a worker dies mid-stream) or "abort" (the server aborts the request
-    there, as on a transfer timeout). ready: what is_ready() says.
+    fail: None, "overloaded" (refuse at admission), "unavailable" (refuse: no worker up),
+    "error" (an error delta after the first text delta that is the request's own, as when
+    its sampling fails), "worker_died" (the same, but retryable: its worker died mid-stream)
+    or "abort" (the server aborts the request there, as on a transfer timeout).
+    ready: what is_ready() says.
     """
 
     def __init__(self, inner: LocalBackend):
@@ -44,13 +47,18 @@ class ControlledBackend:
     async def generate(self, request_id, prompt, params):
         if self.fail == "overloaded":
             raise Overloaded("8 requests are already waiting (max_waiting=8); retry later")
+        if self.fail == "unavailable":
+            raise Unavailable("no decode worker is up (of 1)")
         stream = self.inner.generate(request_id, prompt, params)
         try:
             async for delta in stream:
                 yield delta
-                if self.fail in ("error", "abort") and delta.text and not delta.finished:
-                    error = "decode worker 0 died" if self.fail == "error" else None
-                    yield TokenDelta(request_id, (), "", True, self.fail, delta.num_prompt_tokens, 0, error)
+                if self.fail in ("error", "worker_died", "abort") and delta.text and not delta.finished:
+                    reason, error = {"error": ("error", "sampling failed: bad row"),
+                                     "worker_died": ("error", "decode worker 0 died"),
+                                     "abort": ("abort", None)}[self.fail]
+                    yield TokenDelta(request_id, (), "", True, reason, delta.num_prompt_tokens, 0, error,
+                                     retryable=self.fail == "worker_died")
                     return
         finally:
             await stream.aclose()
@@ -68,12 +76,20 @@ class ControlledBackend:
     def stats(self):
         return self.inner.stats()
 
+    def workers(self):
+        return self.inner.workers()
+
 
 @dataclass
 class Served:
     backend: ControlledBackend
     handle: ServerHandle
     loop: asyncio.AbstractEventLoop
+
+    @property
+    def encoder(self) -> PromptEncoder:
+        """The bounds the servers apply (the same object's twin: built from the same backend)."""
+        return PromptEncoder(self.backend.tokenizer, self.backend.max_model_len)
 
     @property
     def http_url(self) -> str:

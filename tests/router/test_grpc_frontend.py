@@ -151,14 +151,22 @@ def test_unknown_model_overload_and_failure_statuses(client, backend):
     with pytest.raises(InferenceServerException) as info:
         client.infer(MODEL, inputs())
     assert info.value.status() == "StatusCode.RESOURCE_EXHAUSTED" and "max_waiting" in info.value.message()
-    backend.fail = "error"
+    backend.fail = "error"  # the request's own failure: retrying it would fail again
     with pytest.raises(InferenceServerException) as info:
         client.infer(MODEL, inputs(sampling={"max_tokens": 20, "ignore_eos": True}))
-    assert info.value.status() == "StatusCode.INTERNAL" and "decode worker 0 died" in info.value.message()
-    backend.ready = False  # the worker is gone for now: the client may retry later
-    with pytest.raises(InferenceServerException) as info:
-        client.infer(MODEL, inputs(sampling={"max_tokens": 20, "ignore_eos": True}))
-    assert info.value.status() == "StatusCode.UNAVAILABLE"
+    assert info.value.status() == "StatusCode.INTERNAL" and "sampling failed" in info.value.message()
+    # A worker that died: UNAVAILABLE whether the router has noticed yet (ready) or not, and
+    # whether the request was refused before its stream or failed in it.
+    for ready in (True, False):
+        backend.ready = ready
+        backend.fail = "worker_died"
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(MODEL, inputs(sampling={"max_tokens": 20, "ignore_eos": True}))
+        assert info.value.status() == "StatusCode.UNAVAILABLE" and "decode worker 0 died" in info.value.message()
+        backend.fail = "unavailable"
+        with pytest.raises(InferenceServerException) as info:
+            client.infer(MODEL, inputs())
+        assert info.value.status() == "StatusCode.UNAVAILABLE" and "no decode worker is up" in info.value.message()
 
 
 def test_stream_error_keeps_other_requests_going(client, served):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import queue
+import time
 
 import numpy as np
 import openai
@@ -71,13 +72,48 @@ def _grpc_live(client) -> bool:
         return False
 
 
-def test_stop_cancels_what_outlasts_the_grace_period(served):
+def test_stop_cuts_what_outlasts_the_grace_period_with_an_error_that_says_so(served):
     handle = served.run(serve(served.backend, 0, 0, "127.0.0.1"))
+    grpc_client = triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}")
+    responses: queue.Queue = queue.Queue()
+    grpc_client.start_stream(callback=lambda result, error: responses.put((result, error)))
+    grpc_client.async_stream_infer(MODEL, text_input(PROMPT, '{"max_tokens": 400, "ignore_eos": true}'),
+                                   request_id="long")
+    assert responses.get(timeout=30)[1] is None
     with openai.OpenAI(base_url=f"http://127.0.0.1:{handle.http_port}/v1", api_key="unused", max_retries=0) as http:
         stream = http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400, stream=True,
                                          extra_body={"ignore_eos": True})
         next(iter(stream))
         served.run(handle.stop(grace_s=0.1))
-        with pytest.raises(openai.APIConnectionError):
+        # Not a silent close: an error event, then [DONE].
+        with pytest.raises(openai.APIError, match="the server is shutting down"):
             list(stream)
+    while True:  # the gRPC stream's request ends with an error response naming the shutdown
+        result, error = responses.get(timeout=30)
+        if error is not None:
+            break
+    assert "UNAVAILABLE: the server is shutting down" in error.message()
+    grpc_client.stop_stream()
+    grpc_client.close()
+    served.wait_all_blocks_free()
+
+
+def test_during_the_drain_new_requests_get_503_not_a_refused_connection(served):
+    handle = served.run(serve(served.backend, 0, 0, "127.0.0.1"))
+    with openai.OpenAI(base_url=f"http://127.0.0.1:{handle.http_port}/v1", api_key="unused", max_retries=0) as http:
+        stream = http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400, stream=True,
+                                         extra_body={"ignore_eos": True})
+        next(iter(stream))
+        stopping = asyncio.run_coroutine_threadsafe(handle.stop(grace_s=30), served.loop)
+        while not handle.serving.draining:
+            time.sleep(0.01)
+        with pytest.raises(openai.InternalServerError, match="shutting down") as info:
+            http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2)
+        assert info.value.status_code == 503
+        with triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}") as grpc_client:
+            with pytest.raises(triton.InferenceServerException) as grpc_info:
+                grpc_client.infer(MODEL, text_input(PROMPT, '{"max_tokens": 2}')[:2])
+        assert grpc_info.value.status() == "StatusCode.UNAVAILABLE" and "shutting down" in grpc_info.value.message()
+        assert list(stream)[-1].choices[0].finish_reason == "length"  # the running one finishes
+    stopping.result(30)
     served.wait_all_blocks_free()
