@@ -17,6 +17,7 @@ user supplies) with an entry for the exact (GPU type, tp, pp); else the roofline
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Iterable
 
 from planner.gpus import NodeHardware
 from proto.model_spec import ModelSpec
@@ -141,10 +142,19 @@ class Profile:
 class LatencyTable:
     """Coefficients for every (node hardware, tp, pp): the profile's where it has them."""
 
-    def __init__(self, model: ModelSpec, profile: Profile | None = None):
+    def __init__(self, model: ModelSpec, profile: Profile | None = None, gpu_types: Iterable[str] | None = None):
+        """gpu_types: the cluster's; a profile entry for none of them is refused (a mistyped
+        name would otherwise leave that GPU type on the roofline without a word)."""
         if profile is not None and profile.model != model.name:
             raise ValueError(f"profile.model is {profile.model!r} but the plan is for model "
                              f"{model.name!r}: profile coefficients hold for one model only")
+        if profile is not None and gpu_types is not None:
+            known = tuple(dict.fromkeys(gpu_types))
+            for i, e in enumerate(profile.entries):
+                if e.gpu_type not in known:
+                    raise ValueError(f"profile.entries[{i}].gpu_type {e.gpu_type!r} matches no node of the "
+                                     f"cluster; its GPU types: {', '.join(known)} (tandem profile --gpu-type "
+                                     f"files measurements under one)")
         self.model = model
         self.profile = profile
 

@@ -157,9 +157,12 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
     for (k, r, s, e), var in f.items():
         count, rate = round(z[k, r, s, e].value() or 0), var.value() or 0.0
         if count and rate > 1e-9:
+            tp = caps[k, r, s, e][1]
             for node in (free[k].pop(0) for _ in range(count)):
-                stages.append(LayerStage(role=r, node=node, gpu_type=hardware[node].gpu.name, tp=caps[k, r, s, e][1],
-                                         layer_start=bounds[s], layer_end=bounds[e], rate_rps=round(rate / count, 4)))
+                source = latency.coefficients(hardware[node], tp, 1).source
+                stages.append(LayerStage(role=r, node=node, gpu_type=hardware[node].gpu.name, tp=tp,
+                                         layer_start=bounds[s], layer_end=bounds[e], rate_rps=round(rate / count, 4),
+                                         latency_source=source))
     stages.sort(key=lambda st: (ROLES.index(st.role), st.layer_start, st.node))
     return LayerSplit(tuple(stages), float(goodput.value() or 0.0), info)
 

@@ -103,7 +103,8 @@ def _read(inputs: PlanInputs) -> tuple[dict[str, NodeHardware], Trace | None, Wo
     """What every mode needs: node hardware, the trace (if any), workload stats, latencies."""
     hardware = {n.name: node_hardware(n) for n in inputs.cluster.nodes}
     trace = load_trace(inputs.workload.trace) if inputs.workload.trace else None
-    return hardware, trace, workload_stats(inputs.workload, trace), LatencyTable(inputs.model, inputs.profile)
+    latency = LatencyTable(inputs.model, inputs.profile, (n.gpu_type for n in inputs.cluster.nodes))
+    return hardware, trace, workload_stats(inputs.workload, trace), latency
 
 
 def prepare(inputs: PlanInputs) -> Problem:
@@ -219,7 +220,7 @@ def to_plan(problem: Problem, placement: Placement, options: list[InstanceOption
     groups = tuple(
         InstanceGroup(role=o.role, gpu_type=o.gpu_type, tp=o.tp, pp=o.pp, count=len(nodes), nodes=tuple(nodes),
                       max_batch_size=o.max_batch_size, max_batched_tokens=o.max_batched_tokens,
-                      capacity_rps=round(o.capacity_rps, 4))
+                      capacity_rps=round(o.capacity_rps, 4), latency_source=o.coefficients.source)
         for i, nodes in sorted(by_option.items(), key=lambda kv: (options[kv[0]].role != "prefill", kv[0]))
         for o in [options[i]])
     nodes = plan_nodes(inputs.cluster, problem.hardware, {n for (n, _) in placement.counts})

@@ -34,16 +34,16 @@ def format_plan(plan: Plan) -> str:
              f"SLO: {slo.describe()}", ""]
     if plan.groups:
         rows = [[g.role, g.gpu_type, g.tp, g.pp, g.count, g.count * g.gpus_per_instance, g.max_batch_size,
-                 f"{g.capacity_rps:.2f}", _nodes(g.nodes)] for g in plan.groups]
-        lines += _table(["role", "gpu", "tp", "pp", "inst", "gpus", "batch", "req/s each", "nodes"], rows)
+                 f"{g.capacity_rps:.2f}", g.latency_source, _nodes(g.nodes)] for g in plan.groups]
+        lines += _table(["role", "gpu", "tp", "pp", "inst", "gpus", "batch", "req/s each", "latency", "nodes"], rows)
         p_gpus = sum(g.count * g.gpus_per_instance for g in plan.groups if g.role == "prefill")
         d_gpus = sum(g.count * g.gpus_per_instance for g in plan.groups if g.role == "decode")
         lines.append(f"prefill:decode = {plan.num_instances('prefill')}:{plan.num_instances('decode')} "
                      f"instances, {p_gpus}:{d_gpus} GPUs")
     if plan.stages:
-        rows = [[s.role, s.node, s.gpu_type, s.tp, f"{s.layer_start}-{s.layer_end - 1}", f"{s.rate_rps:.2f}"]
-                for s in plan.stages]
-        lines += _table(["role", "node", "gpu", "tp", "layers", "req/s"], rows)
+        rows = [[s.role, s.node, s.gpu_type, s.tp, f"{s.layer_start}-{s.layer_end - 1}", f"{s.rate_rps:.2f}",
+                 s.latency_source] for s in plan.stages]
+        lines += _table(["role", "node", "gpu", "tp", "layers", "req/s", "latency"], rows)
     lines.append("")
     sim: Metrics | None = plan.simulated
     pred = plan.predicted

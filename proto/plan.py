@@ -21,6 +21,7 @@ tp x pp GPUs of one type, inside one node; a group is the instances of one role 
         max_batch_size: 8                  # engine max_num_seqs
         max_batched_tokens: 8192           # engine max_num_batched_tokens
         capacity_rps: 6.1                  # requests/s one instance serves within the SLO
+        latency_source: profile            # profile | roofline: where its step times came from
     routes:                                # planned prefill -> decode KV traffic
       - {prefill_node: h100-0, decode_node: h100-0, rate_rps: 12.2}
     stages: []                             # layer-split mode only (see LayerStage)
@@ -48,6 +49,7 @@ PLAN_VERSION = 1
 ROLES = ("prefill", "decode")
 OBJECTIVES = ("goodput", "cost")
 SOLVER_STATUSES = ("optimal", "time_limit", "infeasible", "no_solution")
+LATENCY_SOURCES = ("roofline", "profile")
 
 
 def ray_resource_name(gpu_type: str) -> str:
@@ -80,9 +82,11 @@ class InstanceGroup:
     max_batch_size: int  # the engine's max_num_seqs
     max_batched_tokens: int  # the engine's max_num_batched_tokens
     capacity_rps: float  # requests/s one instance serves within the SLO (planning estimate)
+    latency_source: str = "roofline"  # one of LATENCY_SOURCES: a profile entry, or the GPU table's roofline
 
     def __post_init__(self) -> None:
         where = f"plan.groups[{self.role} {self.gpu_type} tp={self.tp} pp={self.pp}]"
+        as_str(f"{where}.latency_source", self.latency_source, LATENCY_SOURCES)
         as_str(f"{where}.role", self.role, ROLES)
         as_str(f"{where}.gpu_type", self.gpu_type)
         for name in ("tp", "pp", "count", "max_batch_size", "max_batched_tokens"):
@@ -124,9 +128,11 @@ class LayerStage:
     layer_start: int
     layer_end: int
     rate_rps: float  # requests/s that flow through this stage
+    latency_source: str = "roofline"  # one of LATENCY_SOURCES, of the node's full-model (tp, pp=1) figures
 
     def __post_init__(self) -> None:
         where = f"plan.stages[{self.role} {self.node}]"
+        as_str(f"{where}.latency_source", self.latency_source, LATENCY_SOURCES)
         as_str(f"{where}.role", self.role, ROLES)
         as_int(f"{where}.tp", self.tp, minimum=1)
         as_int(f"{where}.layer_start", self.layer_start, minimum=0)

@@ -79,6 +79,38 @@ def test_layer_split_plans_a_model_that_fits_no_node(files, write_yaml, tmp_path
         assert stages[0].layer_start == 0 and stages[-1].layer_end == 80
         assert all(a.layer_end == b.layer_start for a, b in zip(stages, stages[1:]))
     assert plan.predicted.goodput_rps > 0
+    assert {s.latency_source for s in plan.stages} == {"roofline"}
+
+
+def _profile_entry(gpu_type: str, tp: int) -> dict:
+    from planner.gpus import node_hardware
+    from planner.latency import roofline
+    from planner.models import ARCHITECTURES
+    from proto.cluster import NodeSpec
+
+    c = roofline(ARCHITECTURES["llama-2-7b"], node_hardware(NodeSpec("n", "A100-80GB", 2)), tp, 1)
+    return {"gpu_type": gpu_type, "tp": tp, "pp": 1, "prefill_ms": {"a": c.a, "b": c.b, "c": c.c},
+            "decode_ms": {"A": c.A, "B": c.B, "C": c.C}}
+
+
+def test_plan_says_where_each_groups_latencies_come_from(files, write_yaml, tmp_path, capsys):
+    # The A100 configurations are profiled (with the roofline's figures); the H100 ones are not.
+    profile = {"model": "llama-2-7b", "entries": [_profile_entry("A100-80GB", tp) for tp in (1, 2)]}
+    files["--profile"] = write_yaml("profile.yaml", profile)
+    assert main(argv(files, "--out", str(tmp_path / "p.yaml"))) == 0
+    plan = Plan.load(tmp_path / "p.yaml")
+    assert {(g.gpu_type, g.latency_source) for g in plan.groups} == {("A100-80GB", "profile"), ("H100", "roofline")}
+    table = capsys.readouterr().out.splitlines()
+    assert table[3].split()[-2:] == ["latency", "nodes"]
+    assert any(row.startswith(("prefill", "decode")) and "A100-80GB" in row and " profile " in row for row in table)
+
+
+def test_profile_entry_matching_no_node_is_an_error(files, write_yaml, tmp_path, capsys):
+    profile = {"model": "llama-2-7b", "entries": [_profile_entry("A100-80GB", 1), _profile_entry("A100-80G", 2)]}
+    files["--profile"] = write_yaml("profile.yaml", profile)
+    assert main(argv(files, "--out", str(tmp_path / "p.yaml"))) == 2
+    assert ("profile.entries[1].gpu_type 'A100-80G' matches no node of the cluster; its GPU types: "
+            "H100, A100-80GB") in capsys.readouterr().err
 
 
 def test_plan_from_a_trace(files, write_yaml, tmp_path):

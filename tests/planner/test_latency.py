@@ -66,3 +66,12 @@ def test_profile_errors_name_the_field():
     entry["decode_ms"]["C"] = -1
     with pytest.raises(ValueError, match=r"profile.entries\[0\].decode_ms.C must be >= 0"):
         Profile.from_dict({"model": "m", "entries": [entry]})
+
+
+def test_profile_entry_for_no_gpu_type_of_the_cluster_is_an_error():
+    measured = Coefficients(a=1, b=2, c=3, A=4, B=5, C=6, source="profile")
+    profile = Profile("llama-2-13b", (ProfileEntry("A100-80GB", 1, 1, measured), ProfileEntry("A100", 2, 1, measured)))
+    with pytest.raises(ValueError, match=r"profile.entries\[1\].gpu_type 'A100' matches no node of the cluster; "
+                                         r"its GPU types: A100-80GB, L4"):
+        LatencyTable(MODEL, profile, gpu_types=("A100-80GB", "L4", "A100-80GB"))
+    assert LatencyTable(MODEL, profile, gpu_types=("A100", "A100-80GB")).profile is profile
