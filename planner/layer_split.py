@@ -168,14 +168,17 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
 
 
 def predict_split(split: LayerSplit, hardware: dict[str, NodeHardware], model: ModelSpec, latency: LatencyTable,
-                  stats: WorkloadStats, slo: SLOSpec) -> Metrics:
-    """Figures at the split's goodput. Each stage meets its share of a target with some
+                  stats: WorkloadStats, slo: SLOSpec, rate_rps: float | None = None) -> Metrics:
+    """Figures at rate_rps (default: the split's goodput), every stage's flow scaled to it.
+    Each stage meets its share of a target with some
     probability; a chain meets the target when all its stages do, so the worst stage of
     each role bounds attainment, and the largest quantile-to-share ratio bounds the
     percentiles (a chain's shares add up to one)."""
+    rate_rps = split.goodput_rps if rate_rps is None else rate_rps
+    scale = rate_rps / split.goodput_rps if split.goodput_rps else 0.0
     worst_miss = {r: 0.0 for r in ROLES}
     ttft_bound = tpot_bound = 0.0
-    for st in split.stages:
+    for st in (replace(st, rate_rps=st.rate_rps * scale) for st in split.stages):
         layers = st.layer_end - st.layer_start
         share = layers / model.num_layers
         coeffs, stage_slo, _ = stage_model(model, hardware[st.node], st.tp, layers, latency, slo)
@@ -194,5 +197,5 @@ def predict_split(split: LayerSplit, hardware: dict[str, NodeHardware], model: M
                 tpot_bound = max(tpot_bound, coeffs.decode_ms(batch, batch * stats.decode_context) / 1e3 / share)
         worst_miss[st.role] = max(worst_miss[st.role], miss)
     attainment = (1 - worst_miss["prefill"]) * (1 - worst_miss["decode"])
-    return Metrics(rate_rps=round(split.goodput_rps, 4), goodput_rps=round(split.goodput_rps, 4),
+    return Metrics(rate_rps=round(rate_rps, 4), goodput_rps=round(split.goodput_rps, 4),
                    attainment=round(attainment, 4), ttft_s=round(ttft_bound, 4), tpot_s=round(tpot_bound, 4))

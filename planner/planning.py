@@ -24,7 +24,7 @@ from planner.gpus import NodeHardware, node_hardware
 from planner.latency import LatencyTable, Profile
 from planner.milp import Placement, solve_placement
 from planner.network import Traffic, traffic_limits
-from planner.predict import predict
+from planner.predict import goal_warning, predict
 from planner.simulator import SimResult, Simulator
 from planner.solver import SolveOptions
 from planner.workload import Requests, Trace, WorkloadSpec, load_trace
@@ -212,7 +212,7 @@ def plan_nodes(cluster: ClusterSpec, hardware: dict[str, NodeHardware], used: se
 
 
 def to_plan(problem: Problem, placement: Placement, options: list[InstanceOption], predicted: Metrics,
-            simulated: Metrics | None) -> Plan:
+            simulated: Metrics | None, warnings: tuple[str, ...] = ()) -> Plan:
     inputs = problem.inputs
     by_option: dict[int, list[str]] = defaultdict(list)
     for (n, i), c in sorted(placement.counts.items()):
@@ -227,7 +227,7 @@ def to_plan(problem: Problem, placement: Placement, options: list[InstanceOption
     routes = tuple(Route(p, d, round(r, 4)) for (p, d), r in sorted(placement.routes.items()))
     return Plan(model=inputs.model, slo=inputs.slo, objective=inputs.objective, nodes=nodes, groups=groups,
                 routes=routes, predicted=predicted, simulated=simulated, solver=placement.solver,
-                block_size=inputs.block_size)
+                block_size=inputs.block_size, warnings=warnings)
 
 
 def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests: int = 2000,
@@ -243,6 +243,8 @@ def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests:
         f"{s.num_variables} variables, {s.num_constraints} constraints")
     rate = evaluation_rate(problem, placement)
     predicted = predict(placement, options, problem.stats, inputs.slo, rate)
+    warnings = _warn(say, goal_warning(predicted, inputs.slo, lambda r: predict(
+        placement, options, problem.stats, inputs.slo, r).attainment, inputs.objective))
     simulated = None
     if num_sim_requests:
         say(f"simulating at {rate:.2f} req/s: {num_sim_requests} requests or more, for "
@@ -253,7 +255,15 @@ def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests:
             say("searching the simulated goodput")
             goodput = simulated_goodput(problem, placement, options, num_sim_requests)
         simulated = result.metrics(inputs.slo, rate, goodput)
-    return to_plan(problem, placement, options, predicted, simulated)
+    return to_plan(problem, placement, options, predicted, simulated, warnings)
+
+
+def _warn(say: Callable[[str], None], *warnings: str | None) -> tuple[str, ...]:
+    """The warnings that apply, each said on the progress channel as it is found."""
+    found = tuple(w for w in warnings if w)
+    for w in found:
+        say(f"warning: {w}")
+    return found
 
 
 def make_layer_plan(inputs: PlanInputs, solve_options: SolveOptions,
@@ -275,6 +285,8 @@ def make_layer_plan(inputs: PlanInputs, solve_options: SolveOptions,
                          f"of the SLO (solver: {split.solver.status})")
     nodes = plan_nodes(inputs.cluster, hardware, {s.node for s in split.stages})
     predicted = predict_split(split, hardware, inputs.model, latency, stats, inputs.slo)
+    warnings = _warn(say, goal_warning(predicted, inputs.slo, lambda r: predict_split(
+        split, hardware, inputs.model, latency, stats, inputs.slo, r).attainment, "goodput"))
     return Plan(model=inputs.model, slo=inputs.slo, objective="goodput", nodes=nodes, groups=(), routes=(),
                 stages=split.stages, predicted=predicted, simulated=None, solver=split.solver,
-                block_size=inputs.block_size)
+                block_size=inputs.block_size, warnings=warnings)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -20,6 +21,9 @@ from planner.capacity import InstanceOption, WorkloadStats, decode_tpot_exceed, 
 from planner.milp import Placement
 from proto.plan import Metrics
 from proto.slo import SLOSpec
+
+# Half the last digit the table shows: a shortfall below this reads as meeting the goal.
+ATTAINMENT_SHOWN = 5e-4
 
 
 @dataclass(frozen=True)
@@ -79,3 +83,33 @@ def predict(placement: Placement, options: list[InstanceOption], stats: Workload
                    attainment=round(float(np.clip(attainment, 0, 1)), 4),
                    ttft_s=round(_mixture_quantile(ttft_exceed, slo.ttft_percentile / 100, slo.ttft_s), 4),
                    tpot_s=round(_mixture_quantile(tpot_exceed, slo.tpot_percentile / 100, slo.tpot_s), 4))
+
+
+def rate_meeting_goal(attainment_at: Callable[[float], float], goal: float, rate_rps: float) -> float:
+    """The highest rate up to rate_rps at which the forecast's attainment meets goal (the
+    forecast falls as the rate rises); 0 when even a nearly idle cluster misses it."""
+    lo, hi = 0.0, rate_rps
+    if attainment_at(rate_rps * 1e-6) < goal - ATTAINMENT_SHOWN:
+        return 0.0
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if attainment_at(mid) >= goal - ATTAINMENT_SHOWN else (lo, mid)
+    return lo
+
+
+def goal_warning(predicted: Metrics, slo: SLOSpec, attainment_at: Callable[[float], float],
+                 objective: str) -> str | None:
+    """What to say when the forecast at the plan's rate falls below the attainment goal:
+    the rate at which it meets the goal, and what else would."""
+    if predicted.attainment >= slo.attainment - ATTAINMENT_SHOWN:
+        return None
+    head = (f"forecast attainment {predicted.attainment:.3f} at {predicted.rate_rps:.2f} req/s is below the goal "
+            f"{slo.attainment:.3f}")
+    meets = rate_meeting_goal(attainment_at, slo.attainment, predicted.rate_rps)
+    if meets <= 0:
+        return (f"{head} at any rate: even unloaded, more than {1 - slo.attainment:.1%} of requests miss the TTFT "
+                f"or TPOT target; loosen the SLO or use faster GPUs")
+    instead = ("plan with a higher --target-rate for headroom" if objective == "cost"
+               else "serve at most that, or add GPUs")
+    return (f"{head}; the forecast meets the goal up to {meets:.2f} req/s "
+            f"({meets / predicted.rate_rps:.0%} of it): {instead}, or loosen the SLO")

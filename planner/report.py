@@ -65,4 +65,5 @@ def format_plan(plan: Plan) -> str:
               f"predicted goodput per GPU {goodput / max(plan.num_gpus, 1):.3f} req/s",
               f"solver {s.name}: {s.status}, gap {s.gap:.2%}, {s.solve_time_s:.2f} s, "
               f"{s.num_variables} variables, {s.num_constraints} constraints"]
+    lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

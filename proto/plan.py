@@ -28,6 +28,7 @@ tp x pp GPUs of one type, inside one node; a group is the instances of one role 
     predicted: {rate_rps: 12.2, goodput_rps: 12.2, attainment: 0.93, ttft_s: 0.31, tpot_s: 0.06}
     simulated: {...}                       # the same figures from the simulator, or null
     solver: {name: HiGHS, status: optimal, gap: 0.0, solve_time_s: 0.4, objective: 12.2}
+    warnings: []                           # what to know before trusting the figures
 
 Layer-split mode (a model that fits no single node) fills ``stages`` instead of ``groups``:
 each stage is one node holding a contiguous range of layers for one role; the stages of a
@@ -185,6 +186,9 @@ class Plan:
     simulated: Metrics | None = None
     stages: tuple[LayerStage, ...] = ()
     block_size: int = 16
+    # What a reader must know before trusting the figures: a forecast below the attainment
+    # goal (and the rate at which it meets it), a solve stopped at its time limit.
+    warnings: tuple[str, ...] = ()
     version: int = PLAN_VERSION
 
     def __post_init__(self) -> None:
@@ -192,6 +196,8 @@ class Plan:
         if self.version != PLAN_VERSION:
             raise ValueError(f"plan.version must be {PLAN_VERSION}, got {self.version!r}")
         as_int("plan.block_size", self.block_size, minimum=1)
+        for i, warning in enumerate(self.warnings):
+            as_str(f"plan.warnings[{i}]", warning)
         if not self.groups and not self.stages:
             raise ValueError("plan.groups and plan.stages are both empty: the plan places nothing")
         nodes = {n.name: n for n in self.nodes}
@@ -263,7 +269,7 @@ class Plan:
     def from_dict(data: dict) -> "Plan":
         check_keys("plan", data, ("model", "slo", "objective", "nodes", "groups", "routes",
                                   "predicted", "solver"),
-                   ("simulated", "stages", "block_size", "version"))
+                   ("simulated", "stages", "block_size", "warnings", "version"))
 
         def each(key, cls):
             items = data.get(key) or []

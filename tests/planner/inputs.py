@@ -18,3 +18,6 @@ def make_inputs(nodes: list[dict], links: list[dict] = (), model: str = "llama-2
     cluster = ClusterSpec.from_dict({"nodes": nodes, "links": list(links)})
     return PlanInputs(cluster=cluster, model=ARCHITECTURES[model], workload=kwargs.pop("workload", WORKLOAD),
                       slo=kwargs.pop("slo", SLO), **kwargs)
+# Solver time limits in tests guard against a hung solver; no test races them, so a slow
+# or loaded machine takes longer but reaches the same proven answer.
+GENEROUS_TIME_LIMIT_S = 600.0

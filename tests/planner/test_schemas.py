@@ -140,6 +140,14 @@ def test_plan_round_trips(tmp_path, suffix):
     assert plan.groups[0].ray_resource == ray_resource_name("A100-80GB") == "GPU_A100_80GB"
 
 
+def test_plan_warnings_round_trip(tmp_path):
+    plan = _plan(warnings=("forecast attainment 0.850 at 2.50 req/s is below the goal 0.900",))
+    plan.save(tmp_path / "plan.yaml")
+    assert Plan.load(tmp_path / "plan.yaml") == plan
+    with pytest.raises(ValueError, match=r"plan.warnings\[0\] must be a non-empty string"):
+        _plan(warnings=("",))
+
+
 def test_layer_split_plan_round_trips(tmp_path):
     stages = (LayerStage("prefill", "a-0", "A100-80GB", 8, 0, 32, 1.0),
               LayerStage("decode", "l4", "L4", 4, 0, 32, 1.0))
