@@ -203,9 +203,9 @@ def enumerate_options(model: ModelSpec, hardware: dict[NodeHardware, int], laten
                       max_pp: int = max(PARALLEL_SIZES)) -> list[InstanceOption]:
     """Every (role, tp, pp <= max_pp) that fits each hardware, up to its largest node's GPU count.
 
-    A node hosts an option only when tp x pp divides the node's GPU count, so instances of
-    one node pack without waste and the MILP needs only a GPU count per node. Options with
-    zero capacity are dropped.
+    A node hosts an option when tp x pp is at most its GPU count (planner/milp.py:
+    power-of-two instances pack whenever their GPUs add up). Options with zero capacity are
+    dropped.
     """
     options = []
     prefill_budget = max(int(stats.input_tokens.max()), MIN_PREFILL_BUDGET)

@@ -1,17 +1,21 @@
 """Messages for inputs that have no plan: what does not fit, and what would.
 
-Two ways to fail: the model fits no instance on any node (name the smallest
-configurations that would hold it), or instances fit but none meets the SLO even with
-no load at all (name the best TTFT and TPOT the cluster attains).
+Three ways to fail: the model fits no instance on any node (name the smallest
+configurations that would hold it); instances fit but none meets the SLO even with no load
+at all (name the best TTFT and TPOT the cluster attains); or prefill and decode instances
+fit but cannot be paired (no node holds both, and the network closes every path between
+nodes, or there is no other node).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from planner.capacity import PARALLEL_SIZES, WorkloadStats, fits, prefill_service_s
+from planner.capacity import PARALLEL_SIZES, InstanceOption, WorkloadStats, fits, prefill_service_s
 from planner.gpus import GPU_SPECS, NodeHardware
 from planner.latency import LatencyTable
+from planner.network import Traffic
+from proto.cluster import ClusterSpec
 from proto.model_spec import ModelSpec
 from proto.slo import SLOSpec
 
@@ -80,3 +84,41 @@ def slo_unreachable_message(model: ModelSpec, hardware: dict[str, NodeHardware],
             f"Best attainable on this cluster: P{slo.ttft_percentile:g} TTFT {best_ttft[0]:.3f} s "
             f"({best_ttft[1]}, no queueing) against {slo.ttft_s:g} s; TPOT {best_tpot[0]:.4f} s "
             f"({best_tpot[1]}, batch of one) against {slo.tpot_s:g} s")
+
+
+def unpaired_message(cluster: ClusterSpec, model: ModelSpec, options: list[InstanceOption],
+                     hosts: dict[str, list[int]], traffic: Traffic) -> str:
+    """Why no request can be served although prefill and decode instances fit somewhere."""
+    def smallest(node: str, role: str) -> int | None:
+        sizes = [options[i].num_gpus for i in hosts[node] if options[i].role == role]
+        return min(sizes) if sizes else None
+
+    need = {n.name: (smallest(n.name, "prefill"), smallest(n.name, "decode")) for n in cluster.nodes}
+    reasons = []
+    both = [n for n in cluster.nodes if None not in need[n.name] and sum(need[n.name]) <= n.num_gpus]
+    if not both:
+        largest: dict[str, tuple[int, str]] = {}
+        for n in cluster.nodes:
+            largest[n.gpu_type] = max(largest.get(n.gpu_type, (0, "")), (n.num_gpus, n.name))
+        sizes = []
+        for gpu_type, (num_gpus, name) in largest.items():
+            p, d = need[name]
+            if p is None and d is None:
+                continue
+            roles = (f"{p} GPUs (prefill) and {d} (decode)" if None not in (p, d)
+                     else f"{p or d} GPUs ({'prefill' if p else 'decode'}; the other role meets the SLO on none)")
+            sizes.append(f"an {gpu_type} instance of {model.name} needs {roles}, and node {name} has {num_gpus}")
+        reasons.append("no node holds a prefill and a decode instance at once (" + "; ".join(sizes) + ")")
+    elif all(traffic.local_rps[n.name] <= 0 for n in both):
+        reasons.append(f"inside nodes {', '.join(n.name for n in both)} the GPU link is too slow for a long "
+                       f"prompt's KV")
+    senders = [n.name for n in cluster.nodes if need[n.name][0] is not None]
+    receivers = [n.name for n in cluster.nodes if need[n.name][1] is not None]
+    pairs = [(a, b) for a in senders for b in receivers if a != b]
+    if not pairs:
+        reasons.append("no other node holds an instance to pair with")
+    else:
+        reasons.append("between nodes the network closes every path (check nic_gb_s and links: a long "
+                       "prompt's KV must move fast enough not to spoil a short request's TPOT, see docs/planner.md)")
+    return ("no placement serves any request within the SLO: a request needs a prefill and a decode instance, "
+            "and " + "; ".join(reasons))

@@ -48,9 +48,15 @@ class Placement:
 
 def compatible_options(cluster: ClusterSpec, hardware: dict[str, NodeHardware],
                        options: list[InstanceOption]) -> dict[str, list[int]]:
-    """Indices of the options each node can host (its hardware, tp x pp dividing its GPUs)."""
+    """Indices of the options each node can host: its hardware, at most its GPUs.
+
+    Instance sizes (tp x pp) are powers of two, so any set of instances whose GPUs add up
+    to at most the node's count packs into it (largest first, each on GPUs aligned to its
+    size): a 3-GPU node holds a tp=2 instance beside a tp=1 one, and the GPU count per
+    node is the whole packing constraint.
+    """
     return {n.name: [i for i, o in enumerate(options)
-                     if o.hardware == hardware[n.name] and n.num_gpus % o.num_gpus == 0]
+                     if o.hardware == hardware[n.name] and o.num_gpus <= n.num_gpus]
             for n in cluster.nodes}
 
 

@@ -19,10 +19,10 @@ import numpy as np
 
 from planner.capacity import (PARALLEL_SIZES, InstanceOption, WorkloadStats, enumerate_options, fits,
                               prune_dominated)
-from planner.diagnose import does_not_fit_message, slo_unreachable_message
+from planner.diagnose import does_not_fit_message, slo_unreachable_message, unpaired_message
 from planner.gpus import NodeHardware, node_hardware
 from planner.latency import LatencyTable, Profile
-from planner.milp import Placement, solve_placement
+from planner.milp import Placement, compatible_options, solve_placement
 from planner.network import Traffic, traffic_limits
 from planner.predict import goal_warning, predict
 from planner.simulator import SimResult, Simulator
@@ -151,9 +151,8 @@ def place(problem: Problem, solve_options: SolveOptions,
         raise ValueError(f"target rate {target:g} req/s is out of reach: the most this cluster serves "
                          f"within {inputs.slo.describe()} is {best.rate_rps:.2f} req/s")
     if placement.rate_rps <= 0:
-        raise ValueError("no placement serves any request within the SLO: prefill and decode instances "
-                         "cannot be paired (check nic_gb_s and links: a long prompt's KV must move fast "
-                         "enough not to spoil a short request's TPOT, see docs/planner.md)")
+        hosts = compatible_options(inputs.cluster, problem.hardware, options)
+        raise ValueError(unpaired_message(inputs.cluster, inputs.model, options, hosts, problem.traffic))
     return placement, options
 
 

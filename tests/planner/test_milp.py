@@ -10,9 +10,9 @@ from planner.milp import solve_placement
 from planner.planning import place, prepare
 from planner.solver import SolveOptions
 from proto.slo import SLOSpec
-from tests.planner.inputs import SLO, make_inputs
+from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, SLO, make_inputs
 
-EXACT = SolveOptions(time_limit_s=30, gap_rel=1e-9)
+EXACT = SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S, gap_rel=1e-9)
 
 MIXED = [{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2},
          {"name": "l4", "gpu_type": "L4", "num_gpus": 4},
@@ -137,3 +137,37 @@ def test_max_pp_limits_the_options():
     nodes = [{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 8}]
     assert {o.pp for o in prepare(make_inputs(nodes)).options} > {1}
     assert {o.pp for o in prepare(make_inputs(nodes, max_pp=1)).options} == {1}
+
+
+def test_three_gpu_nodes_host_a_tp2_instance_each():
+    # llama-2-13b's 26 GB of weights need two L4s: a 3-GPU node holds one such instance.
+    nodes = [{"name": "l4", "count": 2, "gpu_type": "L4", "num_gpus": 3}]
+    problem = prepare(make_inputs(nodes, model="llama-2-13b", slo=SLOSpec(ttft_s=2.0, tpot_s=0.2), max_pp=1))
+    placement, options = place(problem, EXACT)
+    assert placement.rate_rps > 0
+    assert {(options[i].tp, options[i].pp) for (_, i) in placement.counts} == {(2, 1)}
+    for node in ("l4-0", "l4-1"):
+        assert sum(c * options[i].num_gpus for (n, i), c in placement.counts.items() if n == node) <= 3
+
+
+def test_three_gpu_node_uses_its_third_gpu_for_a_tp1_instance():
+    # llama-2-7b fits one L4; the MILP may pack tp=2 and tp=1 instances into 3 GPUs, and
+    # finds what exhaustive enumeration over every packing finds.
+    nodes = [{"name": "l4", "gpu_type": "L4", "num_gpus": 3}]
+    problem = prepare(make_inputs(nodes, slo=SLOSpec(ttft_s=0.6, tpot_s=0.1)))
+    placement, options = place(problem, EXACT)
+    brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic,
+                                 "goodput")
+    assert placement.rate_rps == pytest.approx(brute.rate_rps, rel=1e-6)
+    assert sorted(options[i].num_gpus for (_, i), c in placement.counts.items() for _ in range(c)) == [1, 2]
+
+
+def test_a_node_too_small_for_both_roles_names_the_cause():
+    nodes = [{"name": "l4", "gpu_type": "L4", "num_gpus": 3}]
+    problem = prepare(make_inputs(nodes, model="llama-2-13b", slo=SLOSpec(ttft_s=2.0, tpot_s=0.2)))
+    with pytest.raises(ValueError) as err:
+        place(problem, EXACT)
+    message = str(err.value)
+    assert "nic_gb_s" not in message and "links" not in message
+    assert "a prefill and a decode instance" in message
+    assert "L4 instance of llama-2-13b needs 2 GPUs" in message and "node l4 has 3" in message
