@@ -179,3 +179,49 @@ def test_plan_file_errors_name_the_field(tmp_path):
         Plan.from_dict(data)
     with pytest.raises(ValueError, match=r"nodes must name one node per instance: 2 instances, 1 nodes"):
         InstanceGroup("decode", "L4", 4, 1, 2, ("l4",), 40, 512, 2.5)
+
+
+@pytest.mark.parametrize("name, billions", [("opt-13b", 12.85), ("opt-66b", 65.7), ("opt-175b", 174.6)])
+def test_opt_models_have_two_matrix_mlps(name, billions):
+    spec = resolve_model(name)
+    assert spec.mlp == "dense" and spec.tie_word_embeddings
+    # The published counts include biases and learned positions (under 0.2% of the weights).
+    assert spec.num_params / 1e9 == pytest.approx(billions, rel=0.003)
+    assert ARCHITECTURES["llama-2-13b"].mlp == "gated"
+    assert 12.9e9 < ARCHITECTURES["llama-2-13b"].num_params < 13.1e9  # three matrices: 13.0B
+
+
+def test_model_mlp_kind_is_checked(write_yaml):
+    spec = ARCHITECTURES["opt-13b"].to_dict()
+    assert resolve_model(write_yaml("opt.yaml", spec)) == ARCHITECTURES["opt-13b"]
+    with pytest.raises(ValueError, match="model.mlp must be one of gated, dense; got 'relu'"):
+        resolve_model(write_yaml("bad.yaml", {**spec, "mlp": "relu"}))
+
+
+def test_opt_config_json_reads_as_a_dense_mlp(tmp_path):
+    config = {"architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": 5120, "ffn_dim": 20480,
+              "num_hidden_layers": 40, "num_attention_heads": 40, "vocab_size": 50272,
+              "max_position_embeddings": 2048, "word_embed_proj_dim": 5120, "torch_dtype": "float16",
+              "do_layer_norm_before": True, "activation_function": "relu"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    spec = resolve_model(str(tmp_path))
+    assert spec.mlp == "dense" and spec.intermediate_size == 20480 and spec.num_kv_heads == 40
+    assert spec.num_params == ARCHITECTURES["opt-13b"].num_params
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"architectures": ["GPTNeoXForCausalLM"]}, r"config.json architectures GPTNeoXForCausalLM is not one the "
+                                                r"planner can size; known: LlamaForCausalLM, .*OPTForCausalLM"),
+    ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 8},
+     r"config.json num_local_experts: a mixture-of-experts model, which the planner cannot size"),
+    ({"architectures": ["LlamaForCausalLM"], "num_experts": 64},
+     r"config.json num_experts: a mixture-of-experts model"),
+    ({"architectures": ["OPTForCausalLM"], "word_embed_proj_dim": 512},
+     r"config.json word_embed_proj_dim \(512\) differs from hidden_size \(1024\)"),
+])
+def test_config_json_the_planner_cannot_size_is_refused_by_name(tmp_path, config, message):
+    base = {"hidden_size": 1024, "intermediate_size": 4096, "ffn_dim": 4096, "num_hidden_layers": 4,
+            "num_attention_heads": 8, "vocab_size": 1000}
+    (tmp_path / "config.json").write_text(json.dumps({**base, **config}))
+    with pytest.raises(ValueError, match=message):
+        resolve_model(str(tmp_path))
