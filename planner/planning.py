@@ -37,6 +37,7 @@ from proto.slo import SLOSpec
 NUM_STAT_SAMPLES = 400  # workload samples behind the queueing model's expectations
 TRANSFER_TPOT_SHARE = 0.25
 SIM_LIFETIMES = 3  # warm-up, counted window, cool-down
+GOODPUT_SEARCH_STEPS = 6  # bisection steps of the simulated goodput, after the bracket
 
 
 @dataclass(frozen=True)
@@ -181,14 +182,21 @@ def simulate(problem: Problem, placement: Placement, options: list[InstanceOptio
 
 
 def simulated_goodput(problem: Problem, placement: Placement, options: list[InstanceOption],
-                      num_requests: int, num_steps: int = 6, seed: int = 0) -> float:
-    """Highest rate whose simulated attainment meets the goal (bisection, DistServe-style)."""
+                      num_requests: int, num_steps: int = GOODPUT_SEARCH_STEPS, seed: int = 0,
+                      progress: Callable[[str], None] | None = None) -> float:
+    """Highest rate whose simulated attainment meets the goal (bisection, DistServe-style);
+    progress hears each simulation's rate and attainment (each can take seconds)."""
     slo = problem.inputs.slo
     sim = simulator(problem, placement, options)
+    say = progress or (lambda _msg: None)
 
     def ok(rate: float) -> bool:
         requests, window = _sim_requests(problem, rate, num_requests, seed)
-        return sim.run(requests, window).attainment(slo) >= slo.attainment
+        attainment = sim.run(requests, window).attainment(slo)
+        meets = attainment >= slo.attainment
+        say(f"  goodput search: {rate:.2f} req/s -> attainment {attainment:.3f} "
+            f"({'meets' if meets else 'misses'} the goal)")
+        return meets
 
     lo, hi = 0.0, placement.rate_rps
     while ok(hi):
@@ -251,8 +259,9 @@ def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests:
         result = simulate(problem, placement, options, rate, num_sim_requests)
         goodput = None
         if search_goodput:
-            say("searching the simulated goodput")
-            goodput = simulated_goodput(problem, placement, options, num_sim_requests)
+            say(f"searching the simulated goodput: simulations from {placement.rate_rps:.2f} req/s up until "
+                f"the goal fails, then {GOODPUT_SEARCH_STEPS} bisection steps")
+            goodput = simulated_goodput(problem, placement, options, num_sim_requests, progress=progress)
         simulated = result.metrics(inputs.slo, rate, goodput)
     return to_plan(problem, placement, options, predicted, simulated, warnings)
 

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from planner.planning import make_plan, place, prepare
+from planner.planning import make_plan, place, prepare, simulated_goodput
 from planner.predict import predict
 from planner.report import format_plan
 from planner.solver import SolveOptions
@@ -42,3 +42,19 @@ def test_forecast_meeting_the_goal_has_no_warning():
     plan = make_plan(make_inputs(MIXED, slo=SLOSpec(ttft_s=0.4, tpot_s=0.1, attainment=0.8)), OPTIONS,
                      num_sim_requests=0)
     assert plan.predicted.attainment >= 0.8 and plan.warnings == ()
+
+
+def test_goodput_search_reports_every_simulation():
+    problem = prepare(make_inputs([{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2}]))
+    placement, options = place(problem, OPTIONS)
+    messages = []
+    goodput = simulated_goodput(problem, placement, options, num_requests=200, num_steps=3,
+                                progress=messages.append)
+    steps = [re.fullmatch(r"  goodput search: ([\d.]+) req/s -> attainment ([\d.]+) \((meets|misses) the goal\)", m)
+             for m in messages]
+    assert all(steps) and len(steps) >= 4  # the bracket's simulations, then 3 bisection steps
+    rates = [float(m.group(1)) for m in steps]
+    assert rates[0] == pytest.approx(placement.rate_rps, abs=0.01)
+    for m in steps:
+        assert (m.group(3) == "meets") == (float(m.group(2)) >= problem.inputs.slo.attainment)
+    assert goodput == pytest.approx(max([0.0] + [r for r, m in zip(rates, steps) if m.group(3) == "meets"]), abs=0.01)
