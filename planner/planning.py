@@ -30,7 +30,7 @@ from planner.solver import SolveOptions
 from planner.workload import Requests, Trace, WorkloadSpec, load_trace
 from proto.cluster import ClusterSpec
 from proto.model_spec import ModelSpec
-from proto.plan import InstanceGroup, Metrics, Plan, PlanNode, Route
+from proto.plan import InstanceGroup, Metrics, Plan, PlanNode, Route, SolverInfo
 from proto.schema import as_str
 from proto.slo import SLOSpec
 
@@ -143,9 +143,9 @@ def place(problem: Problem, solve_options: SolveOptions,
     target = problem.target_rps if inputs.objective == "cost" else None
     placement = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic,
                                 inputs.objective, target, solve_options, progress)
-    if placement.solver.status == "no_solution":
-        raise ValueError(f"the solver found no placement within {solve_options.time_limit_s:g} s; "
-                         f"raise --time-limit")
+    if placement.solver.status == "no_solution" or (placement.solver.status == "time_limit"
+                                                     and placement.rate_rps <= 0):
+        raise ValueError(stopped_message(solve_options, "a placement that serves requests"))
     if inputs.objective == "cost" and placement.solver.status == "infeasible":
         best = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic, "goodput",
                                None, solve_options)
@@ -155,6 +155,23 @@ def place(problem: Problem, solve_options: SolveOptions,
         hosts = compatible_options(inputs.cluster, problem.hardware, options)
         raise ValueError(unpaired_message(inputs.cluster, inputs.model, options, hosts, problem.traffic))
     return placement, options
+
+
+def stopped_message(solve_options: SolveOptions, what: str) -> str:
+    limit = solve_options.time_limit_s
+    return (f"the solver stopped at its time limit ({limit:g} s) before it found {what}; "
+            f"raise --time-limit (e.g. --time-limit {limit * 4:g})")
+
+
+def time_limit_warning(solver: SolverInfo, solve_options: SolveOptions, objective: str) -> str | None:
+    """A plan from a solve that hit its time limit is the best found, not proven best."""
+    if solver.status != "time_limit":
+        return None
+    better = "serve" if objective == "goodput" else "cost"
+    more = "more" if objective == "goodput" else "less"
+    return (f"the solver stopped at its time limit ({solve_options.time_limit_s:g} s) with a proven gap of "
+            f"{solver.gap:.2%}: a better plan may {better} up to {solver.gap:.2%} {more}; raise --time-limit "
+            f"(or --gap) to prove it")
 
 
 def simulator(problem: Problem, placement: Placement, options: list[InstanceOption]) -> Simulator:
@@ -250,8 +267,9 @@ def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests:
         f"{s.num_variables} variables, {s.num_constraints} constraints")
     rate = evaluation_rate(problem, placement)
     predicted = predict(placement, options, problem.stats, inputs.slo, rate)
-    warnings = _warn(say, goal_warning(predicted, inputs.slo, lambda r: predict(
-        placement, options, problem.stats, inputs.slo, r).attainment, inputs.objective))
+    warnings = _warn(say, time_limit_warning(placement.solver, solve_options, inputs.objective),
+                     goal_warning(predicted, inputs.slo, lambda r: predict(
+                         placement, options, problem.stats, inputs.slo, r).attainment, inputs.objective))
     simulated = None
     if num_sim_requests:
         say(f"simulating at {rate:.2f} req/s: {num_sim_requests} requests or more, for "
@@ -287,14 +305,17 @@ def make_layer_plan(inputs: PlanInputs, solve_options: SolveOptions,
         f"{len(inputs.cluster.nodes)} nodes")
     split = solve_layer_split(inputs.cluster, hardware, inputs.model, latency, stats, inputs.slo,
                               inputs.block_size, solve_options, progress)
+    if split.solver.status == "no_solution" or (split.solver.status == "time_limit" and not split.stages):
+        raise ValueError(stopped_message(solve_options, "a layer split that serves requests"))
     if split.goodput_rps <= 0:
         raise ValueError(f"no layer split serves requests within {inputs.slo.describe()}: the nodes cannot "
                          f"hold the model's layers for both prefill and decode, or no stage meets its share "
                          f"of the SLO (solver: {split.solver.status})")
     nodes = plan_nodes(inputs.cluster, hardware, {s.node for s in split.stages})
     predicted = predict_split(split, hardware, inputs.model, latency, stats, inputs.slo)
-    warnings = _warn(say, goal_warning(predicted, inputs.slo, lambda r: predict_split(
-        split, hardware, inputs.model, latency, stats, inputs.slo, r).attainment, "goodput"))
+    warnings = _warn(say, time_limit_warning(split.solver, solve_options, "goodput"),
+                     goal_warning(predicted, inputs.slo, lambda r: predict_split(
+                         split, hardware, inputs.model, latency, stats, inputs.slo, r).attainment, "goodput"))
     return Plan(model=inputs.model, slo=inputs.slo, objective="goodput", nodes=nodes, groups=(), routes=(),
                 stages=split.stages, predicted=predicted, simulated=None, solver=split.solver,
                 block_size=inputs.block_size, warnings=warnings)

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from deploy.cli import main
-from proto.plan import Plan
+from proto.plan import Plan, SolverInfo
+from tests.planner.inputs import GENEROUS_TIME_LIMIT_S
 
 CLUSTER = {"nodes": [{"name": "h100", "gpu_type": "H100", "num_gpus": 2, "nic_gb_s": 50},
                      {"name": "a100", "count": 2, "gpu_type": "A100-80GB", "num_gpus": 2, "nic_gb_s": 25}]}
@@ -24,8 +25,10 @@ def files(write_yaml):
 
 
 def argv(files: dict, *extra: str) -> list[str]:
+    # A generous time limit: these solves take a second; on a slow or loaded machine they
+    # take longer and still prove the same plan (tests must not race the solver).
     return ["plan", "--model", "llama-2-7b", *[x for kv in files.items() for x in kv],
-            "--sim-requests", "300", "--no-goodput-search", "--time-limit", "20", *extra]
+            "--sim-requests", "300", "--no-goodput-search", "--time-limit", str(GENEROUS_TIME_LIMIT_S), *extra]
 
 
 def test_plan_writes_a_table_and_a_plan_file(files, tmp_path, capsys):
@@ -74,6 +77,7 @@ def test_layer_split_plans_a_model_that_fits_no_node(files, write_yaml, tmp_path
     assert main(args) == 2  # no single 2 x 40 GB node holds 138 GB of weights
     assert main(args + ["--layer-split"]) == 0
     plan = Plan.load(tmp_path / "p.yaml")
+    assert plan.solver.status == "optimal"  # proven, however long the machine took
     for role in ("prefill", "decode"):
         stages = sorted((s for s in plan.stages if s.role == role), key=lambda s: s.layer_start)
         assert stages[0].layer_start == 0 and stages[-1].layer_end == 80
@@ -123,3 +127,43 @@ def test_plan_from_a_trace(files, write_yaml, tmp_path):
     plan = Plan.load(tmp_path / "p.yaml")
     assert plan.predicted.rate_rps == pytest.approx(1.0, rel=0.01)  # the trace's own rate: one per second
     assert plan.predicted.goodput_rps >= 1.0
+
+
+def _stopped(status: str):
+    """A solve that hit its time limit before setting any variable: status no_solution, or
+    time_limit with nothing better than the empty incumbent."""
+    def solve(problem, options, progress=None):
+        return SolverInfo(name="HiGHS", status=status, gap=float("inf") if status == "no_solution" else 1.0,
+                          solve_time_s=options.time_limit_s, objective=0.0)
+    return solve
+
+
+@pytest.mark.parametrize("status", ["no_solution", "time_limit"])
+@pytest.mark.parametrize("layer_split", [False, True])
+def test_a_solve_stopped_by_its_time_limit_says_so(files, write_yaml, tmp_path, capsys, monkeypatch, status,
+                                                    layer_split):
+    import planner.layer_split
+    import planner.milp
+
+    monkeypatch.setattr(planner.layer_split if layer_split else planner.milp, "solve", _stopped(status))
+    args = argv(files, "--out", str(tmp_path / "p.yaml"), "--time-limit", "7") + (["--layer-split"] * layer_split)
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "the solver stopped at its time limit (7 s)" in err and "raise --time-limit" in err
+    assert "places nothing" not in err and "nic_gb_s" not in err and "no layer split serves" not in err
+    assert not (tmp_path / "p.yaml").exists()
+
+
+def test_a_plan_from_a_solve_stopped_by_its_time_limit_warns(files, tmp_path, capsys, monkeypatch):
+    from dataclasses import replace
+
+    import planner.milp
+    from planner.solver import solve
+
+    monkeypatch.setattr(planner.milp, "solve", lambda *a, **k: replace(solve(*a, **k), status="time_limit", gap=0.04))
+    assert main(argv(files, "--out", str(tmp_path / "p.yaml"), "--time-limit", "7")) == 0
+    captured = capsys.readouterr()
+    warning = ("the solver stopped at its time limit (7 s) with a proven gap of 4.00%: a better plan may serve up "
+               "to 4.00% more; raise --time-limit (or --gap) to prove it")
+    assert f"warning: {warning}" in captured.err and f"warning: {warning}" in captured.out
+    assert Plan.load(tmp_path / "p.yaml").warnings == (warning,)

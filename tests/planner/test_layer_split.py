@@ -9,10 +9,9 @@ from planner.network import BANDWIDTH_UTILIZATION
 from planner.planning import _read
 from planner.solver import SolveOptions
 from proto.slo import SLOSpec
-from tests.planner.inputs import make_inputs
+from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, make_inputs
 
-# Generous: these problems solve in seconds; the limit only guards against a hung solver.
-OPTIONS = SolveOptions(time_limit_s=600, gap_rel=1e-4)
+OPTIONS = SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S, gap_rel=1e-4)
 SLO = SLOSpec(ttft_s=3.0, tpot_s=0.25)
 
 

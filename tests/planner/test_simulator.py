@@ -16,7 +16,7 @@ from planner.simulator import Simulator
 from planner.solver import SolveOptions
 from planner.workload import Requests
 from proto.cluster import ClusterSpec, NodeSpec
-from tests.planner.inputs import SLO, make_inputs
+from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, SLO, make_inputs
 
 MODEL = ARCHITECTURES["llama-2-7b"]
 NODE = NodeSpec("n", "A100-80GB", 8)
@@ -82,7 +82,7 @@ def test_decode_kv_limit_holds_back_prefill():
 def test_simulation_agrees_with_the_forecast_below_capacity():
     problem = prepare(make_inputs([{"name": "a", "gpu_type": "A100-80GB", "num_gpus": 2},
                                    {"name": "l4", "gpu_type": "L4", "num_gpus": 4}]))
-    placement, options = place(problem, SolveOptions())
+    placement, options = place(problem, SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S))
     rate = 0.8 * placement.rate_rps
     simulated = simulate(problem, placement, options, rate, num_requests=1500).metrics(SLO, rate, None)
     predicted = predict(placement, options, problem.stats, SLO, rate)
