@@ -48,7 +48,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 
 from benchmarks.common import markdown_table  # noqa: E402
-from kv_transfer import KVReceiver, KVSender, TransferState, backend_names  # noqa: E402
+from kv_transfer import KVReceiver, KVSender, TransferState, backend_names, new_secret  # noqa: E402
 from proto.kv import KVLayout  # noqa: E402
 
 SHAPE = dict(num_layers=32, total_num_kv_heads=8, num_kv_heads=8, head_dim=128, block_size=16,
@@ -94,13 +94,13 @@ def _sender_main(conn) -> None:
     while (request := conn.recv()) is not None:
         command, args = request
         if command == "open":
-            backend, layout, endpoint = args
-            sender = KVSender(backend, marked_cache(layout), layout)
+            backend, layout, endpoint, secret = args
+            sender = KVSender(backend, marked_cache(layout), layout, secret=secret)
             sender.connect(endpoint)
             conn.send(None)
         elif command == "engine":
-            backend, model_dir, endpoint = args
-            engine, sender = _open_engine(backend, model_dir, endpoint)
+            backend, model_dir, endpoint, secret = args
+            engine, sender = _open_engine(backend, model_dir, endpoint, secret)
             conn.send(None)
         elif command == "send":
             transfer_id, src_ids, endpoint = args
@@ -119,7 +119,7 @@ def _sender_main(conn) -> None:
         sender.close()
 
 
-def _open_engine(backend: str, model_dir: str, endpoint: str):
+def _open_engine(backend: str, model_dir: str, endpoint: str, secret: bytes):
     from engine import EngineConfig, LLMEngine, SamplingParams
     # On a CPU, compute and the transfer share the cores: one core is left to the transfer,
     # as a GPU leaves copies to its DMA engines. With every core computing, the transfer
@@ -133,7 +133,7 @@ def _open_engine(backend: str, model_dir: str, endpoint: str):
     engine = LLMEngine(model_dir, config)
     engine.add_request("warm-up", _prompt(), SamplingParams(max_tokens=1))
     engine.step()  # the first forward pays one-time costs; not measured
-    sender = KVSender(backend, engine.kv_cache.tensor, engine.kv_cache.layout)
+    sender = KVSender(backend, engine.kv_cache.tensor, engine.kv_cache.layout, secret=secret)
     sender.connect(endpoint)
     return engine, sender
 
@@ -198,11 +198,12 @@ def bandwidth_rows(backend: str, tokens: tuple[int, ...], reps: dict[int, int]) 
     num_blocks = max(tokens) // SHAPE["block_size"]
     layout = kv_layout("llama-3-8b-shape", num_blocks)
     cache = torch.empty(layout.shape, dtype=torch.bfloat16)  # untouched pages: no copy into shm
-    receiver = KVReceiver(backend, cache, layout)
+    secret = new_secret()
+    receiver = KVReceiver(backend, cache, layout, secret=secret)
     sender = SenderProcess()
     rows = []
     try:
-        sender.call("open", backend, layout, receiver.endpoint)
+        sender.call("open", backend, layout, receiver.endpoint, secret)
         timed_transfer(receiver, sender, "warm-up", [0], [0])
         block_size = SHAPE["block_size"]
         maps = [(n, "contiguous", list(range(n // block_size)), list(range(n // block_size)))
@@ -253,12 +254,13 @@ def exposed_row(backend: str, model_dir: Path, runs: int) -> dict:
     from engine.config import ModelConfig
     num_blocks = PREFILL_TOKENS // SHAPE["block_size"]
     layout = kv_layout(ModelConfig.from_dir(model_dir).model_id, num_blocks)
-    receiver = KVReceiver(backend, torch.empty(layout.shape, dtype=torch.bfloat16), layout)
+    secret = new_secret()
+    receiver = KVReceiver(backend, torch.empty(layout.shape, dtype=torch.bfloat16), layout, secret=secret)
     sender = SenderProcess()
     dst_ids = list(range(num_blocks))
     samples = []
     try:
-        sender.call("engine", backend, str(model_dir), receiver.endpoint)
+        sender.call("engine", backend, str(model_dir), receiver.endpoint, secret)
         timed_transfer(receiver, sender, "warm-up", dst_ids, dst_ids)  # faults in the pages
         for run in range(runs):
             request_id = f"prefill-{run}"

@@ -20,12 +20,12 @@ class DecodeActor:
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None = None,
                  transfer_timeout_s: float = 30.0, max_waiting: int = 256, dist_init: str | None = None,
-                 followers: Sequence = ()):
+                 followers: Sequence = (), *, kv_secret: bytes):
         """With tensor parallelism: dist_init, and the DecodeFollowerActor handles of ranks 1..tp-1
         (created first: their constructors and this one meet in the process group)."""
         import ray
         self.worker = DecodeWorker(model_dir, engine_config, kv_backend, host or _node_ip(), transfer_timeout_s,
-                                   max_waiting, dist_init)
+                                   max_waiting, dist_init, kv_secret=kv_secret)
         endpoints = ray.get([f.endpoint.remote() for f in followers])
         self.worker.attach_followers([RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints), 1)])
 
@@ -100,8 +100,9 @@ class DecodeFollowerActor:
     """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps, receives its KV heads."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None,
-                 tp_rank: int, dist_init: str):
-        self.follower = DecodeFollower(model_dir, engine_config, kv_backend, host or _node_ip(), tp_rank, dist_init)
+                 tp_rank: int, dist_init: str, *, kv_secret: bytes):
+        self.follower = DecodeFollower(model_dir, engine_config, kv_backend, host or _node_ip(), tp_rank, dist_init,
+                                       kv_secret=kv_secret)
         self._parts: dict[str, Future] = {}  # expected, settled() not asked yet
 
     def endpoint(self) -> str:

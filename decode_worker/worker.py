@@ -111,14 +111,15 @@ class _Reserved:
 class DecodeWorker:
     def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
                  host: str = "127.0.0.1", transfer_timeout_s: float = 30.0, max_waiting: int = 256,
-                 dist_init: str | None = None):
+                 dist_init: str | None = None, *, kv_secret: bytes):
         """dist_init: with tensor_parallel_size > 1, the process group address all ranks join;
-        then attach_followers() before the first reserve()."""
+        then attach_followers() before the first reserve(). kv_secret: the deployment's
+        (kv_transfer/auth.py); only prefill workers holding it may send KV here."""
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
         self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
         self.receiver = KVReceiver(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
-                                   host=host)
+                                   secret=kv_secret, host=host)
         self.loop = EngineLoop(self.engine, max_waiting=max_waiting)
         self._followers: list[RankPort] = []
         self._pool = ThreadPoolExecutor(max(1, self.tp_size - 1), thread_name_prefix="decode-rank-port")
@@ -287,10 +288,10 @@ class DecodeFollower:
     KV heads into the blocks rank 0 reserved. A RankPort in process."""
 
     def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str, host: str,
-                 tp_rank: int, dist_init: str):
+                 tp_rank: int, dist_init: str, *, kv_secret: bytes):
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
         self.receiver = KVReceiver(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
-                                   host=host)
+                                   secret=kv_secret, host=host)
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}  # parts not settled yet
         self._thread = threading.Thread(target=self.engine.follow, name=f"decode-rank-{tp_rank}", daemon=True)

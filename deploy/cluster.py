@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -13,6 +14,7 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decode_worker.actor import DecodeActor, DecodeFollowerActor
 from engine import EngineConfig
+from kv_transfer.auth import deployment_secret
 from prefill_worker.actor import PrefillActor, PrefillFollowerActor
 from proto.plan import ray_resource_name
 from router.orchestrator import DisaggregatedBackend
@@ -81,14 +83,20 @@ class Deployment:
 
 def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: EngineConfig, *,
            kv_backend: str, model_name: str, policy: str = "load", local_prefill_tokens: int = 32,
-           transfer_timeout_s: float = 30.0, ready_timeout_s: float = 300.0) -> Deployment:
+           transfer_timeout_s: float = 30.0, ready_timeout_s: float = 300.0,
+           kv_secret: bytes | None = None) -> Deployment:
     """Reserve every worker's resources in one placement group, start the actors, wait until ready.
 
     Decode workers' KV receivers listen on loopback when the Ray cluster is this one node,
-    and on their node's IP otherwise (prefill workers may be elsewhere).
+    and on their node's IP otherwise (prefill workers may be elsewhere). Every worker gets the
+    deployment's KV secret (kv_secret, else $TANDEM_KV_SECRET, else a new one): KV moves only
+    between workers that hold it.
     """
+    kv_secret = kv_secret or deployment_secret()
     single_node = sum(1 for n in ray.nodes() if n["Alive"]) == 1
     host = "127.0.0.1" if single_node else None
+    # On one node, UCX (nixl) keeps its listeners on loopback too, unless the user chose devices.
+    env_vars = {"UCX_NET_DEVICES": "lo"} if single_node and "UCX_NET_DEVICES" not in os.environ else {}
     model_dir = str(Path(model_dir).resolve())
     workers = [g for g in groups for _ in range(g.count)]
     # One placement group per worker, packed onto one node: a TP group's ranks talk over
@@ -110,23 +118,23 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
             return dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                         resources={k: v for k, v in bundle.items() if k.startswith("GPU_")},
                         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                        max_concurrency=1000)
+                        max_concurrency=1000, runtime_env={"env_vars": env_vars})
         config = group.engine_config(engine_config)
         dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
         ranks = range(1, group.tp)
         if group.role == "prefill":
             driver = ray.remote(PrefillActor).options(**options(0)).remote(
-                model_dir, config, kv_backend, transfer_timeout_s, dist_init)
+                model_dir, config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret)
             prefill_actors.append(driver)
             followers += [ray.remote(PrefillFollowerActor).options(**options(rank)).remote(
-                model_dir, config, kv_backend, transfer_timeout_s, rank, dist_init, driver)
+                model_dir, config, kv_backend, transfer_timeout_s, rank, dist_init, driver, kv_secret=kv_secret)
                 for rank in ranks]
         else:  # followers first: rank 0 asks them for their KV receivers' endpoints
             decode_followers = [ray.remote(DecodeFollowerActor).options(**options(rank)).remote(
-                model_dir, config, kv_backend, host, rank, dist_init) for rank in ranks]
+                model_dir, config, kv_backend, host, rank, dist_init, kv_secret=kv_secret) for rank in ranks]
             decode_actors.append(ray.remote(DecodeActor).options(**options(0)).remote(
                 model_dir, config, kv_backend, host, transfer_timeout_s, dist_init=dist_init,
-                followers=decode_followers))
+                followers=decode_followers, kv_secret=kv_secret))
             followers += decode_followers
     # Waiting for every worker's info is also waiting until every worker is up.
     infos = ray.get([a.info.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)

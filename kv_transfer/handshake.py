@@ -14,8 +14,9 @@ from proto.kv import KVLayout
 MUST_MATCH = ("version", "model_id", "dtype", "block_size", "num_layers", "total_num_kv_heads",
               "head_dim")
 
-# Version of the control messages in kv_transfer/messages.py; bumped when they change.
-PROTOCOL_VERSION = 1
+# Version of the control messages in kv_transfer/messages.py; bumped when they change
+# (2: both sides authenticate with the deployment's secret; torch_dist meets over the channel).
+PROTOCOL_VERSION = 2
 
 
 class HandshakeError(RuntimeError):

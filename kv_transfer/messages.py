@@ -1,11 +1,14 @@
 """Control messages between a sender and a receiver, and the TCP channel that carries them.
 
 Bytes of KV never travel here: only the handshake, block ids and progress. One connection
-per (sender, receiver) pair, opened by the sender::
+per (sender, receiver) pair, opened by the sender; both sides prove they hold the
+deployment's secret before anything else (kv_transfer/auth.py)::
 
     sender                                receiver
-      Hello(layout, backend)      ──▶     check_compatible
-                                  ◀──     Welcome(layout, transport info) | Refuse(reason)
+                                  ◀──     Challenge(nonce)
+      Hello(layout, backend, proof) ──▶   verify the proof, check_compatible
+                                  ◀──     Welcome(layout, transport info, proof) | Refuse(reason)
+      StoreSet(key, value)        ◀─▶     (backends that rendezvous: torch_dist's process group)
       Begin(id, num_blocks)       ──▶     match with expect(id, dst_block_ids)
                                   ◀──     Accept(id, dst_block_ids) | Abort(id, reason)
       LayerSent(id, layer, seq)   ──▶     (one per layer, after its bytes landed; two-sided
@@ -29,20 +32,34 @@ import json
 import socket
 import struct
 import threading
+import time
 from dataclasses import dataclass
 
 from proto.kv import KVLayout
 
-MAX_MESSAGE_BYTES = 64 << 20  # far above any real message; bounds memory on garbage input
+# Far above any real message (the largest, an Accept of a long prompt's block ids, is tens of
+# KiB); bounds what an authenticated peer can make a reader allocate.
+MAX_MESSAGE_BYTES = 16 << 20
+# What a receiver reads from a peer that has not proven itself yet: one Hello, a few hundred bytes.
+MAX_HANDSHAKE_BYTES = 4 << 10
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """Receiver -> sender, first on a connection: prove you hold the secret, over this nonce."""
+
+    nonce: bytes
 
 
 @dataclass(frozen=True)
 class Hello:
-    """Sender -> receiver, first on a connection."""
+    """Sender -> receiver, answering the Challenge."""
 
     layout: KVLayout  # the sender's cache
     backend: str  # registry name of the sender's transport
     protocol: int  # the sender's handshake.PROTOCOL_VERSION
+    nonce: bytes  # the sender's own challenge to the receiver
+    proof: bytes  # auth.proof(secret, "hello", challenge nonce, nonce)
 
 
 @dataclass(frozen=True)
@@ -50,8 +67,17 @@ class Welcome:
     """Receiver -> sender: the handshake passed."""
 
     layout: KVLayout  # the receiver's cache
-    link_id: str  # unique name of this connection (torch_dist prefixes its store keys with it)
+    link_id: str  # unique name of this connection
     transport_info: bytes  # the receiver transport's local_info(): how to reach its cache
+    proof: bytes  # auth.proof(secret, "welcome", hello nonce, challenge nonce)
+
+
+@dataclass(frozen=True)
+class StoreSet:
+    """Either way while a link opens: one key of a backend's two-party rendezvous."""
+
+    key: str
+    value: bytes
 
 
 @dataclass(frozen=True)
@@ -108,9 +134,9 @@ class Quiesced:
     transfer_id: str
 
 
-Message = Hello | Welcome | Refuse | Begin | Accept | LayerSent | Confirm | Abort | Quiesced
+Message = Challenge | Hello | Welcome | StoreSet | Refuse | Begin | Accept | LayerSent | Confirm | Abort | Quiesced
 _KINDS = {cls.__name__: cls for cls in
-          (Hello, Welcome, Refuse, Begin, Accept, LayerSent, Confirm, Abort, Quiesced)}
+          (Challenge, Hello, Welcome, StoreSet, Refuse, Begin, Accept, LayerSent, Confirm, Abort, Quiesced)}
 
 
 def encode(msg: Message) -> bytes:
@@ -136,13 +162,13 @@ def decode(data: bytes) -> Message:
             if field.type == "KVLayout":
                 value = KVLayout(**value)
             elif field.type == "bytes":
-                value = base64.b64decode(value)
+                value = base64.b64decode(value, validate=True)
             elif field.type.startswith("tuple"):
                 value = tuple(value)
             kwargs[field.name] = value
         return cls(**kwargs)
-    except (KeyError, TypeError, json.JSONDecodeError) as e:
-        raise ValueError(f"not a kv_transfer message: {e!r}") from e
+    except (KeyError, TypeError, ValueError, AttributeError, RecursionError) as e:
+        raise ValueError(f"not a kv_transfer message: {e!r:.200}") from e
 
 
 def parse_endpoint(endpoint: str) -> tuple[str, int]:
@@ -162,6 +188,10 @@ class Channel:
         self._sock = sock
         self._send_lock = threading.Lock()
 
+    @property
+    def local_host(self) -> str:
+        return self._sock.getsockname()[0]
+
     @classmethod
     def connect(cls, endpoint: str, timeout_s: float) -> Channel:
         return cls(socket.create_connection(parse_endpoint(endpoint), timeout=timeout_s))
@@ -176,14 +206,15 @@ class Channel:
         except OSError:
             return False
 
-    def recv(self, timeout_s: float | None = None) -> Message | None:
-        """The next message; None when the connection closed, broke, carried garbage or
-        `timeout_s` passed. Only one thread may receive on a channel."""
+    def recv(self, timeout_s: float | None = None, max_bytes: int = MAX_MESSAGE_BYTES) -> Message | None:
+        """The next message; None when the connection closed, broke, carried garbage, a
+        message longer than max_bytes (nothing is allocated for it) or `timeout_s` passed.
+        Only one thread may receive on a channel."""
         try:
             self._sock.settimeout(timeout_s)
             header = self._recv_exactly(4)
             size = struct.unpack("!I", header)[0] if header else 0
-            if not header or size > MAX_MESSAGE_BYTES:
+            if not header or size > max_bytes:
                 return None
             data = self._recv_exactly(size)
             return decode(data) if data is not None else None
@@ -207,3 +238,39 @@ class Channel:
         except OSError:
             pass
         self._sock.close()
+
+
+class Rendezvous:
+    """A two-party key-value exchange over a channel, for a backend to meet its peer while a
+    link opens (torch_dist's process group). Only usable before the link's reader starts:
+    it receives on the channel itself."""
+
+    def __init__(self, channel: Channel, timeout_s: float):
+        self._channel = channel
+        self._timeout_s = timeout_s
+        self._values: dict[str, bytes] = {}
+
+    def set(self, key: str, value: bytes) -> None:
+        self._values[key] = value
+        if not self._channel.send(StoreSet(key, value)):
+            raise ConnectionError("the peer left during the rendezvous")
+
+    def get(self, key: str) -> bytes:
+        deadline = time.monotonic() + self._timeout_s
+        while key not in self._values:
+            remaining = deadline - time.monotonic()
+            msg = self._channel.recv(timeout_s=max(remaining, 1e-3)) if remaining > 0 else None
+            if not isinstance(msg, StoreSet):
+                raise ConnectionError(f"no rendezvous key {key!r} from the peer within {self._timeout_s:g} s "
+                                      f"(got {type(msg).__name__})")
+            self._values[msg.key] = msg.value
+        return self._values[key]
+
+    def has(self, key: str) -> bool:
+        return key in self._values
+
+    @property
+    def local_host(self) -> str:
+        """This side's address on the control connection: where the peer can reach it."""
+        return self._channel.local_host
+

@@ -29,16 +29,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kv_transfer.auth import check_secret, new_nonce, proof, verify
 from kv_transfer.blocks import check_block_ids
 from kv_transfer.handshake import HandshakeError, check_compatible
-from kv_transfer.messages import (Abort, Accept, Begin, Channel, Confirm, Hello, LayerSent,
-                                  Quiesced, Refuse, Welcome)
+from kv_transfer.messages import (MAX_HANDSHAKE_BYTES, Abort, Accept, Begin, Challenge, Channel, Confirm, Hello,
+                                  LayerSent, Quiesced, Refuse, Rendezvous, Welcome)
 from kv_transfer.resharding import head_slice, src_ranks_of
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
 from kv_transfer.transport import RecvLink, load_backend
 from proto.kv import KVLayout
 
 log = logging.getLogger(__name__)
+MAX_HANDSHAKES = 16  # connections proving themselves at once
+MAX_LINKS = 256  # authenticated senders at once (one per prefill rank that sends here)
 
 
 @dataclass(eq=False)
@@ -78,17 +81,25 @@ class KVReceiver:
     write only into blocks registered with expect().
     """
 
-    def __init__(self, backend: str, cache: torch.Tensor, layout: KVLayout,
-                 host: str = "127.0.0.1", port: int = 0, handshake_timeout_s: float = 30.0):
+    def __init__(self, backend: str, cache: torch.Tensor, layout: KVLayout, *, secret: bytes,
+                 host: str = "127.0.0.1", port: int = 0, handshake_timeout_s: float = 10.0,
+                 max_handshakes: int = MAX_HANDSHAKES, max_links: int = MAX_LINKS):
+        """secret: the deployment's (kv_transfer/auth.py); only senders holding it are served.
+        Listens on `host` only. At most max_handshakes connections may be proving themselves
+        at once (each for at most handshake_timeout_s, reading at most MAX_HANDSHAKE_BYTES),
+        and at most max_links authenticated ones may be open; others are closed on arrival."""
         self.backend = backend
         self.layout = layout
         self.handshake_timeout_s = handshake_timeout_s
-        self._transport = load_backend(backend)(cache, layout, "recv")
+        self._secret = check_secret(secret)
+        self.max_handshakes, self.max_links = max_handshakes, max_links
+        self._transport = load_backend(backend)(cache, layout, "recv", self._secret)
         self._server = socket.create_server((host, port))
         bound = self._server.getsockname()[1]
         self.endpoint = f"[{host}]:{bound}" if ":" in host else f"{host}:{bound}"
         self._lock = threading.Lock()
         self._links: list[_Link] = []
+        self._num_handshakes = 0  # connections not authenticated yet
         self._threads: list[threading.Thread] = []
         self._transfers: dict[str, _Incoming] = {}
         self._closed = False
@@ -151,11 +162,23 @@ class KVReceiver:
                 if self._closed:
                     sock.close()
                     return
-                self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+                full = self._num_handshakes >= self.max_handshakes or len(self._links) >= self.max_links
+                if not full:
+                    self._num_handshakes += 1
+                    self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+            if full:  # nothing is read from, or kept for, a connection over the limits
+                log.warning("KV receiver %s: refusing a connection (%d handshakes, %d links open)",
+                            self.endpoint, self._num_handshakes, len(self._links))
+                sock.close()
+                continue
             thread.start()
 
     def _serve(self, channel: Channel) -> None:
-        link = self._handshake(channel)
+        try:
+            link = self._handshake(channel)
+        finally:
+            with self._lock:
+                self._num_handshakes -= 1
         if link is None:
             channel.close()
             return
@@ -177,8 +200,14 @@ class KVReceiver:
         self._lose(link, reason)
 
     def _handshake(self, channel: Channel) -> _Link | None:
-        hello = channel.recv(timeout_s=self.handshake_timeout_s)
-        if not isinstance(hello, Hello):
+        """Challenge the peer; only one that proves it holds the secret gets more than the
+        nonce, and only a bounded Hello is read from it before it has."""
+        challenge = new_nonce()
+        channel.send(Challenge(challenge))
+        hello = channel.recv(timeout_s=self.handshake_timeout_s, max_bytes=MAX_HANDSHAKE_BYTES)
+        if not isinstance(hello, Hello) or not verify(self._secret, hello.proof, "hello", challenge, hello.nonce):
+            if isinstance(hello, Hello):
+                channel.send(Refuse("authentication failed: the sender does not hold this deployment's KV secret"))
             return None
         try:
             check_compatible(hello.layout, self.layout, hello.backend, self.backend, hello.protocol)
@@ -188,9 +217,11 @@ class KVReceiver:
         heads = head_slice(self.layout.total_num_kv_heads, hello.layout.tp_rank,
                            hello.layout.tp_size, self.layout.tp_rank, self.layout.tp_size)
         link_id = uuid.uuid4().hex
-        channel.send(Welcome(self.layout, link_id, self._transport.local_info()))
+        channel.send(Welcome(self.layout, link_id, self._transport.local_info(),
+                             proof(self._secret, "welcome", hello.nonce, challenge)))
         try:
-            data = self._transport.open_recv_link(hello.layout, heads, link_id) if heads else None
+            rendezvous = Rendezvous(channel, self.handshake_timeout_s)
+            data = self._transport.open_recv_link(hello.layout, heads, link_id, rendezvous) if heads else None
         except Exception as e:
             log.warning("cannot open a %s link to sender rank %d: %s", self.backend,
                         hello.layout.tp_rank, e)

@@ -27,10 +27,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kv_transfer.auth import AuthenticationError, check_secret, new_nonce, proof, verify
 from kv_transfer.blocks import check_block_ids
 from kv_transfer.handshake import PROTOCOL_VERSION, HandshakeError
-from kv_transfer.messages import (Abort, Accept, Begin, Channel, Confirm, Hello, LayerSent,
-                                  Message, Quiesced, Refuse, Welcome, parse_endpoint)
+from kv_transfer.messages import (MAX_HANDSHAKE_BYTES, Abort, Accept, Begin, Challenge, Channel, Confirm, Hello,
+                                  LayerSent, Message, Quiesced, Refuse, Rendezvous, Welcome, parse_endpoint)
 from kv_transfer.resharding import dst_ranks_of, head_slice
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
 from kv_transfer.transport import SendLink, TransportError, load_backend
@@ -84,12 +85,14 @@ class KVSender:
     blocks of running transfers. Thread-safe; callbacks run on kv_transfer threads.
     """
 
-    def __init__(self, backend: str, cache: torch.Tensor, layout: KVLayout,
+    def __init__(self, backend: str, cache: torch.Tensor, layout: KVLayout, *, secret: bytes,
                  connect_timeout_s: float = 30.0):
+        """secret: the deployment's (kv_transfer/auth.py); receivers without it are refused."""
         self.backend = backend
         self.layout = layout
         self.connect_timeout_s = connect_timeout_s
-        self._transport = load_backend(backend)(cache, layout, "send")
+        self._secret = check_secret(secret)
+        self._transport = load_backend(backend)(cache, layout, "send", self._secret)
         self._on_gpu = cache.is_cuda
         self._lock = threading.Lock()
         self._accepted = threading.Condition(self._lock)
@@ -211,19 +214,27 @@ class KVSender:
     def _open(self, endpoint: str) -> _Link:
         channel = Channel.connect(endpoint, self.connect_timeout_s)
         try:
-            channel.send(Hello(self.layout, self.backend, PROTOCOL_VERSION))
+            challenge = channel.recv(timeout_s=self.connect_timeout_s, max_bytes=MAX_HANDSHAKE_BYTES)
+            if not isinstance(challenge, Challenge):
+                raise ConnectionError(f"receiver at {endpoint} sent no Challenge (got {type(challenge).__name__})")
+            nonce = new_nonce()
+            channel.send(Hello(self.layout, self.backend, PROTOCOL_VERSION, nonce,
+                               proof(self._secret, "hello", challenge.nonce, nonce)))
             reply = channel.recv(timeout_s=self.connect_timeout_s)
             if isinstance(reply, Refuse):
                 raise HandshakeError(f"receiver at {endpoint} refused: {reply.reason}")
             if not isinstance(reply, Welcome):
-                raise ConnectionError(f"receiver at {endpoint} sent no Welcome (got {reply!r})")
+                raise ConnectionError(f"receiver at {endpoint} sent no Welcome (got {type(reply).__name__})")
+            if not verify(self._secret, reply.proof, "welcome", nonce, challenge.nonce):
+                raise AuthenticationError(f"receiver at {endpoint} does not hold this deployment's KV secret")
             peer = reply.layout
             heads = head_slice(self.layout.total_num_kv_heads, self.layout.tp_rank,
                                self.layout.tp_size, peer.tp_rank, peer.tp_size)
             data = None
             if heads is not None:
-                data = self._transport.open_send_link(parse_endpoint(endpoint)[0], peer,
-                                                      reply.transport_info, heads, reply.link_id)
+                data = self._transport.open_send_link(parse_endpoint(endpoint)[0], peer, reply.transport_info,
+                                                      heads, reply.link_id,
+                                                      Rendezvous(channel, self.connect_timeout_s))
         except BaseException:
             channel.close()
             raise

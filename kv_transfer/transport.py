@@ -4,7 +4,7 @@ A Transport is the data plane of one worker's cache: it only moves bytes. Everyt
 (handshake, block ownership, states, deadlines, cancel) lives once in KVSender/KVReceiver,
 so every backend behaves the same and passes the same conformance suite.
 
-    KVSender ── control (TCP, kv_transfer/messages.py) ── KVReceiver
+    KVSender ── control (TCP, authenticated, kv_transfer/messages.py) ── KVReceiver
        │                                                      │
     Transport(role="send")                          Transport(role="recv")
        └─ SendLink ─────── bytes of KV (backend) ───────▶ RecvLink
@@ -22,6 +22,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
+from kv_transfer.messages import Rendezvous
 from kv_transfer.resharding import HeadSlice
 from proto.kv import KVLayout
 
@@ -73,7 +74,7 @@ class Transport(ABC):
 
     name: ClassVar[str]
 
-    def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role):
+    def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role, secret: bytes):
         # KVLayout dtype names are torch attribute names ("bfloat16", ...).
         if tuple(cache.shape) != layout.shape or cache.dtype != getattr(torch, layout.dtype):
             raise ValueError(f"cache must be {layout.dtype} with shape {layout.shape} (the layout's), "
@@ -88,6 +89,7 @@ class Transport(ABC):
         self.cache = cache
         self.layout = layout
         self.role = role
+        self.secret = secret  # the deployment's: guards any side door the backend opens
 
     @classmethod
     def unavailable_reason(cls, device: str) -> str | None:
@@ -100,11 +102,14 @@ class Transport(ABC):
 
     @abstractmethod
     def open_send_link(self, peer_host: str, peer_layout: KVLayout, peer_info: bytes,
-                       heads: HeadSlice, link_id: str) -> SendLink:
-        """Sender: connect the data plane to a receiver that sent `peer_info`."""
+                       heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> SendLink:
+        """Sender: connect the data plane to a receiver that sent `peer_info`. `rendezvous`
+        exchanges keys with the receiver over the authenticated control connection, while
+        the receiver opens its end."""
 
     @abstractmethod
-    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str) -> RecvLink:
+    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str,
+                       rendezvous: Rendezvous) -> RecvLink:
         """Receiver: the matching end, opened right after the Welcome was sent."""
 
     def close(self) -> None:

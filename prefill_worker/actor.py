@@ -13,8 +13,9 @@ class PrefillActor:
     """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float = 30.0, dist_init: str | None = None):
-        self.worker = PrefillWorker(model_dir, engine_config, kv_backend, transfer_timeout_s, dist_init)
+                 transfer_timeout_s: float = 30.0, dist_init: str | None = None, *, kv_secret: bytes):
+        self.worker = PrefillWorker(model_dir, engine_config, kv_backend, transfer_timeout_s, dist_init,
+                                    kv_secret=kv_secret)
 
     async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
                       handle: KVHandle) -> PrefillResult:
@@ -55,9 +56,10 @@ class PrefillFollowerActor:
     """Rank r > 0 of a tensor-parallel prefill worker; reports its releases to rank 0's actor."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, transfer_timeout_s: float,
-                 tp_rank: int, dist_init: str, driver):
+                 tp_rank: int, dist_init: str, driver, *, kv_secret: bytes):
         self.follower = PrefillFollower(model_dir, engine_config, kv_backend, transfer_timeout_s, tp_rank,
-                                        dist_init, on_released=lambda r: driver.release_part.remote(r))
+                                        dist_init, on_released=lambda r: driver.release_part.remote(r),
+                                        kv_secret=kv_secret)
 
     def shutdown(self) -> None:
         """Call after rank 0's shutdown, which stops this rank's loop."""

@@ -58,12 +58,14 @@ def start_transfers(sender: KVSender, starts: list[TransferStart], timeout_s: fl
 
 class PrefillWorker:
     def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float = 30.0, dist_init: str | None = None):
-        """dist_init: with tensor_parallel_size > 1, the process group address all ranks join."""
+                 transfer_timeout_s: float = 30.0, dist_init: str | None = None, *, kv_secret: bytes):
+        """dist_init: with tensor_parallel_size > 1, the process group address all ranks join.
+        kv_secret: the deployment's (kv_transfer/auth.py); KV goes only to decode workers holding it."""
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
         self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
-        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout)
+        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
+                               secret=kv_secret)
         self._lock = threading.Lock()
         self._pending: dict[str, KVHandle] = {}  # submitted, transfer not started yet
         self._transfers: dict[str, Transfer] = {}  # rank 0's part started, blocks not released yet
@@ -151,9 +153,11 @@ class PrefillFollower:
     """Rank r > 0 of a tensor-parallel prefill worker: runs rank 0's steps, sends its KV heads."""
 
     def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float, tp_rank: int, dist_init: str, on_released: Callable[[str], None]):
+                 transfer_timeout_s: float, tp_rank: int, dist_init: str, on_released: Callable[[str], None],
+                 *, kv_secret: bytes):
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
-        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout)
+        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
+                               secret=kv_secret)
         self.transfer_timeout_s = transfer_timeout_s
         self.on_released = on_released
         self._thread = threading.Thread(target=self.engine.follow, args=(self._on_step,),

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from kv_transfer.blocks import all_chunk_offsets, layer_chunk_ids
+from kv_transfer.messages import Rendezvous
 from kv_transfer.resharding import HeadSlice
 from kv_transfer.transport import RecvLink, Role, SendLink, Transport, TransportError
 from proto.kv import KVLayout
@@ -114,8 +115,8 @@ class NixlTransport(Transport):
             return "a VRAM cache needs a CUDA device, and there is none"
         return None
 
-    def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role):
-        super().__init__(cache, layout, role)
+    def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role, secret: bytes):
+        super().__init__(cache, layout, role, secret)
         api = _nixl_api()
         # STRICT: link workers, readers and connect() use the agent from several threads.
         config = api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"],
@@ -144,7 +145,7 @@ class NixlTransport(Transport):
         return struct.pack("!I", len(header)) + header + self.agent.get_agent_metadata()
 
     def open_send_link(self, peer_host: str, peer_layout: KVLayout, peer_info: bytes,
-                       heads: HeadSlice, link_id: str) -> SendLink:
+                       heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> SendLink:
         (size,) = struct.unpack_from("!I", peer_info)
         info = json.loads(peer_info[4:4 + size])
         remote = info["agent"]
@@ -173,7 +174,8 @@ class NixlTransport(Transport):
                 del self._remotes[remote]
                 self.agent.remove_remote_agent(remote)
 
-    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str) -> RecvLink:
+    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str,
+                       rendezvous: Rendezvous) -> RecvLink:
         return RecvLink()  # one-sided: the sender's WRITE is the whole transfer
 
     def close(self) -> None:

@@ -10,8 +10,10 @@ The sender keeps up to _MAX_IN_FLIGHT sends going: a layer's source blocks are f
 gathered, and waiting for each send before announcing the next layer would add a round of
 thread wake-ups on both sides to every layer.
 
-Each link is its own two-rank process group (rank 0 receiver, rank 1 sender) on the
-receiver's TCPStore, under the link id. The default process group is never touched, so
+Each link is its own two-rank process group (rank 0 receiver, rank 1 sender). The ranks meet
+through the link's authenticated control connection (messages.Rendezvous), not a TCPStore:
+no store listens for anyone to read or write, and Gloo's own sockets bind the address each
+side already uses to reach the other. The default process group is never touched, so
 workers may use torch.distributed for tensor parallelism at the same time.
 """
 
@@ -19,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import datetime
-import json
 import time
 
 import numpy as np
@@ -27,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from kv_transfer.blocks import chunk_offsets, coalesce, copy_chunks, layer_chunk_ids
+from kv_transfer.messages import Rendezvous
 from kv_transfer.resharding import HeadSlice
 from kv_transfer.transport import RecvLink, Role, SendLink, Transport, TransportError
 from proto.kv import KVLayout
@@ -36,12 +38,34 @@ _SENDER_RANK, _RECEIVER_RANK = 1, 0
 _MAX_IN_FLIGHT = 4  # sends (and their staging tensors) a sender link keeps going at once
 
 
+class _RendezvousStore(dist.Store):
+    """The c10d Store the process group meets through: set/get/wait over the control connection
+    (the only calls a two-rank Gloo or NCCL group makes while it forms)."""
+
+    def __init__(self, rendezvous: Rendezvous):
+        super().__init__()
+        self._rendezvous = rendezvous
+
+    def set(self, key: str, value) -> None:
+        self._rendezvous.set(key, value.encode() if isinstance(value, str) else bytes(value))
+
+    def get(self, key: str) -> bytes:
+        return self._rendezvous.get(key)
+
+    def wait(self, keys, timeout=None) -> None:
+        for key in keys:
+            self._rendezvous.get(key)
+
+    def check(self, keys) -> bool:
+        return all(self._rendezvous.has(key) for key in keys)
+
+
 class _Link(SendLink, RecvLink):
     """Either end of one link; `two_sided` makes the sender announce each layer first."""
 
     two_sided = True
 
-    def __init__(self, transport: TorchDistTransport, store: dist.Store, rank: int,
+    def __init__(self, transport: TorchDistTransport, rendezvous: Rendezvous, rank: int,
                  heads: HeadSlice):
         self._cache, self._layout = transport.cache, transport.layout
         self._device = transport.cache.device
@@ -50,12 +74,19 @@ class _Link(SendLink, RecvLink):
         self._peer = _RECEIVER_RANK if rank == _SENDER_RANK else _SENDER_RANK
         # (work, staging, deadline) of sends not yet known complete; staging must outlive them.
         self._in_flight: collections.deque = collections.deque()
-        if self._device.type == "cuda":
-            options = dist.ProcessGroupNCCL.Options()
-            options._timeout = _SETUP_TIMEOUT
-            self._group = dist.ProcessGroupNCCL(store, rank, 2, options)
-        else:
-            self._group = dist.ProcessGroupGloo(store, rank, 2, _SETUP_TIMEOUT)
+        store = _RendezvousStore(rendezvous)
+        try:
+            if self._device.type == "cuda":
+                options = dist.ProcessGroupNCCL.Options()
+                options._timeout = _SETUP_TIMEOUT
+                self._group = dist.ProcessGroupNCCL(store, rank, 2, options)
+            else:
+                options = dist.ProcessGroupGloo._Options()
+                options._timeout = _SETUP_TIMEOUT
+                options._devices = [dist.ProcessGroupGloo.create_device(hostname=rendezvous.local_host)]
+                self._group = dist.ProcessGroupGloo(store, rank, 2, options)
+        except (RuntimeError, ConnectionError) as e:
+            raise TransportError(f"the link's process group did not form: {str(e).splitlines()[0]}") from e
 
     def write_layer(self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray,
                     seq: int, deadline: float) -> None:
@@ -139,24 +170,13 @@ class TorchDistTransport(Transport):
             return "this torch build has no Gloo"
         return None
 
-    def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role):
-        super().__init__(cache, layout, role)
-        if role == "recv":
-            # The store's server listens on every interface; the host only names it for itself.
-            self._store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False,
-                                        timeout=_SETUP_TIMEOUT)
-
     def local_info(self) -> bytes:
-        return json.dumps({"store_port": self._store.port}).encode()
+        return b"{}"  # the peers meet over the control connection (messages.Rendezvous)
 
     def open_send_link(self, peer_host: str, peer_layout: KVLayout, peer_info: bytes,
-                       heads: HeadSlice, link_id: str) -> SendLink:
-        port = json.loads(peer_info)["store_port"]
-        try:
-            store = dist.TCPStore(peer_host, port, is_master=False, timeout=_SETUP_TIMEOUT)
-            return _Link(self, dist.PrefixStore(link_id, store), _SENDER_RANK, heads)
-        except RuntimeError as e:
-            raise TransportError(f"cannot join the link group at {peer_host}:{port}: {e}") from e
+                       heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> SendLink:
+        return _Link(self, rendezvous, _SENDER_RANK, heads)
 
-    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str) -> RecvLink:
-        return _Link(self, dist.PrefixStore(link_id, self._store), _RECEIVER_RANK, heads)
+    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str,
+                       rendezvous: Rendezvous) -> RecvLink:
+        return _Link(self, rendezvous, _RECEIVER_RANK, heads)

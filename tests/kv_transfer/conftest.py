@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from kv_transfer import backend_names, load_backend
-from tests.kv_transfer.peer import LocalPeer, Peer, make_layout
+from tests.kv_transfer.peer import TEST_SECRET, LocalPeer, Peer, make_layout
 
 BACKENDS = tuple(name for name in backend_names() if name != "slow_shm")
 DEVICES = ("cpu", "cuda")
@@ -71,15 +71,15 @@ class Ends:
         self.env = env
         self._built: list[tuple[object, str]] = []
 
-    def receiver(self, peer, layout, backend: str | None = None) -> tuple[str, str]:
+    def receiver(self, peer, layout, backend: str | None = None, secret: bytes = TEST_SECRET) -> tuple[str, str]:
         name = self.env.new_id("rx")
-        endpoint = peer.call("receiver", name, backend or self.env.backend, layout)
+        endpoint = peer.call("receiver", name, backend or self.env.backend, layout, secret)
         self._built.append((peer, name))
         return name, endpoint
 
-    def sender(self, peer, layout, seed: int, backend: str | None = None) -> str:
+    def sender(self, peer, layout, seed: int, backend: str | None = None, secret: bytes = TEST_SECRET) -> str:
         name = self.env.new_id("tx")
-        peer.call("sender", name, backend or self.env.backend, layout, seed)
+        peer.call("sender", name, backend or self.env.backend, layout, seed, secret)
         self._built.append((peer, name))
         return name
 

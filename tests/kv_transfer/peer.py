@@ -25,6 +25,7 @@ from proto.kv import KVLayout
 register_backend("slow_shm", "tests.kv_transfer.slow_backend:SlowShmTransport")
 
 SCRIBBLE = 0x5A  # byte written over blocks after their release, as a new owner would
+TEST_SECRET = b"tandem-tests-kv-secret-0123456789"  # the deployment secret every test peer holds
 
 
 def make_layout(dtype: str = "bfloat16", tp_rank: int = 0, tp_size: int = 1,
@@ -66,15 +67,15 @@ class Node:
         self.transfers: dict[str, Transfer] = {}
         self.release_log: dict[str, dict] = {}
 
-    def receiver(self, name: str, backend: str, layout: KVLayout) -> str:
+    def receiver(self, name: str, backend: str, layout: KVLayout, secret: bytes = TEST_SECRET) -> str:
         self.caches[name] = torch.zeros(layout.shape, dtype=getattr(torch, layout.dtype),
                                         device=layout.device)
-        self.ends[name] = KVReceiver(backend, self.caches[name], layout)
+        self.ends[name] = KVReceiver(backend, self.caches[name], layout, secret=secret)
         return self.ends[name].endpoint
 
-    def sender(self, name: str, backend: str, layout: KVLayout, seed: int) -> None:
+    def sender(self, name: str, backend: str, layout: KVLayout, seed: int, secret: bytes = TEST_SECRET) -> None:
         self.caches[name] = shard(content(layout, seed), layout).to(layout.device)
-        self.ends[name] = KVSender(backend, self.caches[name], layout)
+        self.ends[name] = KVSender(backend, self.caches[name], layout, secret=secret)
 
     def connect(self, name: str, endpoint: str) -> None:
         self.ends[name].connect(endpoint)

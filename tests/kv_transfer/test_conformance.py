@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kv_transfer import HandshakeError
-from tests.kv_transfer.peer import Peer, as_bytes, content, make_layout, shard
+from tests.kv_transfer.peer import Peer, PeerError, as_bytes, content, make_layout, shard
 
 TIMEOUT_S = 30.0  # deadline of transfers that must not expire
 
@@ -197,3 +197,34 @@ def test_handshake_mismatch_names_the_field(env, ends, field, value, message):
     env.local.call("start", tx, tid, [0], [endpoint], TIMEOUT_S)
     sent = env.local.call("wait_released", tid, 0)
     assert sent["state"] == "failed" and message in sent["error"] and sent["released"]
+
+
+WRONG_SECRET = b"not-this-deployment-secret-0123456"
+
+
+def test_a_sender_without_the_secret_is_refused_and_writes_nothing(env, ends):
+    rx, endpoint = ends.receiver(env.local, env.layout(receiver=True))
+    tx = ends.sender(env.peers[0], env.layout(receiver=False), seed=23, secret=WRONG_SECRET)
+    before = env.local.call("cache", rx)
+    with pytest.raises(PeerError, match="authentication failed"):
+        env.peers[0].call("connect", tx, endpoint)
+    tid = env.new_id("intruder")
+    env.local.call("expect", rx, tid, [0, 1], 1.0)
+    env.peers[0].call("start", tx, tid, [0, 1], [endpoint], TIMEOUT_S)
+    env.peers[0].call("push", tx, tid, list(range(env.layout(receiver=False).num_layers)))
+    sent = env.peers[0].call("wait_released", tid, TIMEOUT_S)
+    assert sent["state"] == "failed" and "authentication failed" in sent["error"]
+    received = env.local.call("wait_released", tid, TIMEOUT_S)  # its own deadline: nobody began
+    assert received["state"] == "failed" and received["released"]
+    assert np.array_equal(env.local.call("cache", rx), before)
+
+
+def test_a_receiver_without_the_secret_gets_no_kv(env, ends):
+    rx, endpoint = ends.receiver(env.local, env.layout(receiver=True), secret=WRONG_SECRET)
+    tx = ends.sender(env.peers[0], env.layout(receiver=False), seed=29)
+    tid = env.new_id("impostor")
+    env.peers[0].call("start", tx, tid, [0], [endpoint], TIMEOUT_S)
+    sent = env.peers[0].call("wait_released", tid, TIMEOUT_S)
+    # The receiver refuses the sender's proof; had it not, the sender refuses the receiver's.
+    assert sent["state"] == "failed" and ("authentication failed" in sent["error"]
+                                          or "does not hold this deployment's KV secret" in sent["error"])

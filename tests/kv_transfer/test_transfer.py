@@ -94,11 +94,11 @@ def test_registry_names_the_choices_and_imports_lazily():
 
 
 def test_a_transport_refuses_a_cache_unlike_its_layout():
-    from tests.kv_transfer.peer import make_layout
+    from tests.kv_transfer.peer import TEST_SECRET, make_layout
     layout = make_layout()
     shm = load_backend("shm")
     with pytest.raises(ValueError, match=r"cache must be bfloat16 with shape \(4, 2, 24, 4, 4, 16\)"):
-        shm(torch.zeros(layout.shape, dtype=torch.float16), layout, "send")
+        shm(torch.zeros(layout.shape, dtype=torch.float16), layout, "send", TEST_SECRET)
     with pytest.raises(ValueError, match="cache must be contiguous on cpu"):
         shm(torch.zeros(layout.shape[::-1], dtype=torch.bfloat16).permute(5, 4, 3, 2, 1, 0),
-            layout, "send")
+            layout, "send", TEST_SECRET)

@@ -19,6 +19,7 @@ from decode_worker.worker import DecodeFollower, DecodeWorker, TransferFailed
 from engine import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillWorker
 from tests.checkpoints import hf_greedy
+from tests.kv_transfer.peer import TEST_SECRET
 from tests.ports import free_port
 from tests.workers.test_disaggregated import all_blocks_free, assert_oracle, run_request, wait_for
 
@@ -29,7 +30,8 @@ DEADLINE_S = 5.0
 
 def follower_main(model_dir: str, dist_init: str, conn) -> None:
     """Rank 1: a DecodeFollower serving rank 0's port requests from a pipe."""
-    follower = DecodeFollower(model_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, "127.0.0.1", 1, dist_init)
+    follower = DecodeFollower(model_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, "127.0.0.1", 1, dist_init,
+                              kv_secret=TEST_SECRET)
     send_lock = threading.Lock()
 
     def send(msg) -> None:
@@ -105,10 +107,10 @@ def tp_decode(tiny_llama_dir):
     proc.start()
     port = PipePort(parent)
     decode = DecodeWorker(tiny_llama_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND,
-                          transfer_timeout_s=DEADLINE_S, dist_init=dist_init)
+                          transfer_timeout_s=DEADLINE_S, dist_init=dist_init, kv_secret=TEST_SECRET)
     port.endpoint = port._await(("endpoint", None)).result(120)
     decode.attach_followers([port])
-    prefill = PrefillWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=DEADLINE_S)
+    prefill = PrefillWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=DEADLINE_S, kv_secret=TEST_SECRET)
     yield prefill, decode, port
     prefill.close()
     decode.close()

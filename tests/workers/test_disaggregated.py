@@ -14,6 +14,7 @@ from engine import EngineConfig, SamplingParams
 from kv_transfer import TransferState
 from prefill_worker.worker import PrefillWorker
 from tests.checkpoints import hf_greedy
+from tests.kv_transfer.peer import TEST_SECRET
 
 BACKEND = "shm"
 # Generous for a loaded 2-core CI machine; the deadline test waits it out once.
@@ -23,8 +24,8 @@ DECODE_DEADLINE_S = 5.0
 @pytest.fixture(scope="module")
 def workers(tiny_llama_dir):
     config = EngineConfig(max_num_batched_tokens=32, num_blocks=64)
-    prefill = PrefillWorker(tiny_llama_dir, config, BACKEND, transfer_timeout_s=5.0)
-    decode = DecodeWorker(tiny_llama_dir, config, BACKEND, transfer_timeout_s=DECODE_DEADLINE_S)
+    prefill = PrefillWorker(tiny_llama_dir, config, BACKEND, transfer_timeout_s=5.0, kv_secret=TEST_SECRET)
+    decode = DecodeWorker(tiny_llama_dir, config, BACKEND, transfer_timeout_s=DECODE_DEADLINE_S, kv_secret=TEST_SECRET)
     yield prefill, decode
     prefill.close()
     decode.close()

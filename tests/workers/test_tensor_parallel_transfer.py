@@ -17,6 +17,7 @@ from decode_worker.worker import DecodeWorker
 from engine import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillFollower, PrefillWorker
 from tests.workers.test_disaggregated import all_blocks_free, assert_oracle
+from tests.kv_transfer.peer import TEST_SECRET
 from tests.ports import free_port
 
 BACKEND = "shm"
@@ -25,7 +26,7 @@ CONFIG = EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64,
 
 def follower_main(model_dir, dist_init, released: mp.Queue, ready: mp.Event) -> None:
     follower = PrefillFollower(model_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, 10.0, 1, dist_init,
-                               on_released=released.put)
+                               on_released=released.put, kv_secret=TEST_SECRET)
     ready.set()
     follower.close()  # returns once rank 0 closes the group
 
@@ -38,7 +39,7 @@ def tp_prefill(tiny_llama_dir):
     proc = ctx.Process(target=follower_main, args=(str(tiny_llama_dir), dist_init, released, ready), daemon=True)
     proc.start()
     prefill = PrefillWorker(tiny_llama_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, 10.0,
-                            dist_init=dist_init)
+                            dist_init=dist_init, kv_secret=TEST_SECRET)
     assert ready.wait(120), "rank 1 did not start"
     stop = threading.Event()
 
@@ -50,7 +51,7 @@ def tp_prefill(tiny_llama_dir):
                 pass
     relay = threading.Thread(target=forward_releases, daemon=True)
     relay.start()
-    decode = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=10.0)
+    decode = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=10.0, kv_secret=TEST_SECRET)
     yield prefill, decode
     decode.close()
     prefill.close()
