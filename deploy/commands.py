@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import signal
@@ -19,7 +18,17 @@ def register(subparsers) -> None:
     _serving_args(serve)
     serve.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (default 8000; 0 = any)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (default 8001; 0 = any)")
-    serve.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
+    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
+                       help="require this key (Authorization: Bearer KEY; gRPC metadata authorization); "
+                            "repeat for several; also read from $TANDEM_API_KEY (comma-separated)")
+    serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key")
+    serve.add_argument("--ssl-certfile", help="PEM certificate: serve both APIs over TLS")
+    serve.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
+    serve.add_argument("--ssl-ca-certs", help="PEM CA bundle: require client certificates it signed (mTLS)")
+    serve.add_argument("--shutdown-grace-s", type=float, default=10.0,
+                       help="on SIGTERM, seconds running requests may finish before they are cut (default 10)")
     serve.set_defaults(run=_serve, local_prefill_tokens=32)
 
     demo = subparsers.add_parser("demo", help="serve the default model, answer one request over HTTP, stop")
@@ -54,7 +63,33 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
 
 
 def _default_kv_backend() -> str:
-    return "nixl" if importlib.util.find_spec("nixl") is not None else "shm"
+    """nixl where it can run (its own check: the CUDA-specific wheels install no `nixl`), else shm."""
+    from kv_transfer import load_backend
+    return "nixl" if load_backend("nixl").unavailable_reason("cpu") is None else "shm"
+
+
+def _start_local_ray(host: str, num_cpus: int) -> None:
+    """A Ray cluster on this machine only. With a loopback --host its services and metrics
+    endpoints stay on loopback too: Ray binds them to the node's address, and its single-machine
+    mode (the one it uses on macOS and Windows) makes that 127.0.0.1."""
+    from router.security import is_loopback
+    if is_loopback(host):
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by Ray and by the processes it starts
+        import ray._private.ray_constants as ray_constants
+        ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
+    import ray
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+
+
+def security_from(args: argparse.Namespace, log=print):
+    """The API keys and TLS the flags ask for; warns when an open API faces the network."""
+    from router.security import Security, is_loopback
+    security = Security.from_keys(args.api_key, public_metrics=args.public_metrics, ssl_certfile=args.ssl_certfile,
+                                  ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs)
+    if not security.api_keys and not is_loopback(args.host):
+        log(f"WARNING: serving on {args.host} without an API key: anyone who can reach it may use it "
+            f"(--api-key or $TANDEM_API_KEY to require one)")
+    return security
 
 
 def start_backend(args: argparse.Namespace, log=print):
@@ -95,7 +130,7 @@ def start_backend(args: argparse.Namespace, log=print):
     elif started_ray:
         # A local cluster: at least a CPU per worker rank, however few cores (they share them).
         ranks = sum(g.count * g.tp for g in groups)
-        ray.init(num_cpus=max(os.cpu_count() or 1, ranks), include_dashboard=False, log_to_driver=False)
+        _start_local_ray(getattr(args, "host", "127.0.0.1"), max(os.cpu_count() or 1, ranks))
     if ray.cluster_resources().get("GPU", 0) > 0:
         groups = [replace(g, use_gpus=True) for g in groups]
     kv_backend = args.kv_backend or _default_kv_backend()
@@ -113,12 +148,17 @@ def start_backend(args: argparse.Namespace, log=print):
 def _serve(args: argparse.Namespace) -> int:
     from router.server import serve
 
+    security = security_from(args)  # bad key or certificate settings fail before anything starts
     backend, stop_backend = start_backend(args)
 
     async def main():
-        handle = await serve(backend, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host)
-        print(f"Tandem is serving {backend.model_name}\n"
-              f"  OpenAI HTTP:  http://{args.host}:{handle.http_port}/v1  (health /health, metrics /metrics)\n"
+        handle = await serve(backend, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host,
+                             security=security)
+        scheme = "https" if security.tls else "http"
+        access = (f"{len(security.api_keys)} API key(s)" if security.api_keys else "no API key") + \
+            (", TLS" + (" with client certificates" if security.ssl_ca_certs else "") if security.tls else "")
+        print(f"Tandem is serving {backend.model_name} ({access})\n"
+              f"  OpenAI HTTP:  {scheme}://{args.host}:{handle.http_port}/v1  (health /health, metrics /metrics)\n"
               f"  KServe gRPC:  {args.host}:{handle.grpc_port}  (inference.GRPCInferenceService)\n"
               f"Ctrl-C or SIGTERM stops it.", flush=True)
         stopping = asyncio.Event()
@@ -126,8 +166,8 @@ def _serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stopping.set)
         await stopping.wait()
-        print("draining ...", flush=True)
-        await handle.stop(grace_s=10.0)
+        print(f"draining (up to {args.shutdown_grace_s:g} s) ...", flush=True)
+        await handle.stop(grace_s=args.shutdown_grace_s)
 
     try:
         asyncio.run(main())

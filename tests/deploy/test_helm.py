@@ -77,14 +77,59 @@ def test_default_values_deploy_a_cpu_demo(helm_bin, tmp_path, tandem_parser):
     lint(helm_bin)
     docs = render(helm_bin)
     validate(docs, tmp_path)
-    assert Counter(d["kind"] for d in docs) == {"Service": 2, "Deployment": 1, "RayCluster": 1}
+    assert Counter(d["kind"] for d in docs) == {"Service": 2, "Deployment": 1, "RayCluster": 1, "Secret": 1}
     args = serve_args(docs, tandem_parser)
     assert args.plan is None and (args.num_prefill, args.num_decode) == (1, 1)
+    assert args.host == "0.0.0.0" and args.public_metrics and not args.api_key and not args.ssl_certfile
     assert args.model == EMBEDDED_MODEL and (args.http_port, args.grpc_port) == (8000, 8001)
     (group,) = one(docs, "RayCluster")["spec"]["workerGroupSpecs"]
     assert group["replicas"] == 1 and group["rayStartParams"] == {}
     (container,) = group["template"]["spec"]["containers"]
     assert not any("gpu" in key for key in container["resources"]["limits"])
+
+
+def env_of(container: dict) -> dict[str, dict]:
+    return {e["name"]: e for e in container["env"]}
+
+
+def test_keys_tls_and_the_kv_secret_come_from_secrets(helm_bin, tmp_path, tandem_parser):
+    values = write_values(tmp_path, {"security": {
+        "apiKeys": {"secretName": "router-keys", "secretKey": "keys"}, "publicMetrics": False,
+        "tls": {"secretName": "router-tls", "clientCASecretName": "client-ca"}, "kvSecretName": "my-kv"},
+        "metrics": {"serviceMonitor": {"enabled": True}}})
+    lint(helm_bin, values)
+    docs = render(helm_bin, values)
+    validate(docs, tmp_path)
+    assert "Secret" not in Counter(d["kind"] for d in docs)  # the named KV secret is used, none made
+    args = serve_args(docs, tandem_parser)
+    assert (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs) == (
+        "/etc/tandem-tls/tls.crt", "/etc/tandem-tls/tls.key", "/etc/tandem-client-ca/ca.crt")
+    assert not args.public_metrics
+    pod = router_pod(docs)["spec"]
+    (container,) = pod["containers"]
+    env = env_of(container)
+    assert env["TANDEM_API_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "router-keys", "key": "keys"}
+    assert env["TANDEM_KV_SECRET"]["valueFrom"]["secretKeyRef"] == {"name": "my-kv", "key": "kv-secret"}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["tls"] == "/etc/tandem-tls" and mounts["client-ca"] == "/etc/tandem-client-ca"
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    assert secrets == {"tls": "router-tls", "client-ca": "client-ca"}
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # kubelet has no client certificate
+        assert container[probe]["tcpSocket"] == {"port": "http"}
+    endpoint = one(docs, "ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["scheme"] == "https"
+    assert endpoint["authorization"]["credentials"] == {"name": "router-keys", "key": "keys"}
+
+
+def test_tls_without_client_certificates_keeps_http_probes(helm_bin, tmp_path):
+    values = write_values(tmp_path, {"security": {"tls": {"secretName": "router-tls"}}})
+    docs = render(helm_bin, values)
+    (container,) = router_pod(docs)["spec"]["containers"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["httpGet"] == {"path": "/health", "port": "http", "scheme": "HTTPS"}
+    kv = one(docs, "Secret")
+    assert len(kv["data"]["kv-secret"]) > 64  # a random secret the chart made, base64
+    assert env_of(container)["TANDEM_KV_SECRET"]["valueFrom"]["secretKeyRef"]["name"] == kv["metadata"]["name"]
 
 
 def test_plan_values_deploy_exactly_the_plan(helm_bin, tmp_path, tandem_parser):

@@ -177,3 +177,18 @@ needs at least as many GPUs in worker pods of that type, in pods large enough fo
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* The router's health probe: GET /health (HTTPS under TLS), or a TCP connect under mTLS. */}}
+{{- define "tandem.healthProbe" -}}
+{{- if .Values.security.tls.clientCASecretName -}}
+tcpSocket:
+  port: http
+{{- else -}}
+httpGet:
+  path: /health
+  port: http
+  {{- if .Values.security.tls.secretName }}
+  scheme: HTTPS
+  {{- end }}
+{{- end }}
+{{- end }}
