@@ -168,34 +168,43 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
 
 
 def predict_split(split: LayerSplit, hardware: dict[str, NodeHardware], model: ModelSpec, latency: LatencyTable,
-                  stats: WorkloadStats, slo: SLOSpec, rate_rps: float | None = None) -> Metrics:
-    """Figures at rate_rps (default: the split's goodput), every stage's flow scaled to it.
-    Each stage meets its share of a target with some
-    probability; a chain meets the target when all its stages do, so the worst stage of
-    each role bounds attainment, and the largest quantile-to-share ratio bounds the
-    percentiles (a chain's shares add up to one)."""
-    rate_rps = split.goodput_rps if rate_rps is None else rate_rps
-    scale = rate_rps / split.goodput_rps if split.goodput_rps else 0.0
-    worst_miss = {r: 0.0 for r in ROLES}
+                  stats: WorkloadStats, slo: SLOSpec) -> Metrics:
+    """Figures at the split's goodput. A chain's shares of a target add up to one, so the
+    largest quantile-to-share ratio of any stage bounds the percentiles."""
     ttft_bound = tpot_bound = 0.0
-    for st in (replace(st, rate_rps=st.rate_rps * scale) for st in split.stages):
+    for st in split.stages:
         layers = st.layer_end - st.layer_start
         share = layers / model.num_layers
-        coeffs, stage_slo, _ = stage_model(model, hardware[st.node], st.tp, layers, latency, slo)
+        coeffs, _, _ = stage_model(model, hardware[st.node], st.tp, layers, latency, slo)
         if st.role == "prefill":
-            service = prefill_service_s(coeffs, stats)
-            miss = queueing.ttft_exceed_prob(st.rate_rps, service, stage_slo.ttft_s)
-            ttft_s = queueing.ttft_quantile(st.rate_rps, service, slo.ttft_percentile / 100)
+            ttft_s = queueing.ttft_quantile(st.rate_rps, prefill_service_s(coeffs, stats), slo.ttft_percentile / 100)
             ttft_bound = max(ttft_bound, ttft_s / share)
+            continue
+        rho, a = decode_load(coeffs, stats, st.rate_rps)
+        if rho >= 1:  # overloaded: no percentile of TPOT is bounded
+            tpot_bound = math.inf
         else:
-            miss = decode_tpot_exceed(coeffs, stats, st.rate_rps, stage_slo.tpot_s)
-            rho, a = decode_load(coeffs, stats, st.rate_rps)
-            if rho >= 1:  # overloaded: no percentile of TPOT is bounded
-                tpot_bound = math.inf
-            else:
-                batch = queueing.batch_quantile(queueing.decode_batch_pmf(rho, a), slo.tpot_percentile / 100)
-                tpot_bound = max(tpot_bound, coeffs.decode_ms(batch, batch * stats.decode_context) / 1e3 / share)
-        worst_miss[st.role] = max(worst_miss[st.role], miss)
-    attainment = (1 - worst_miss["prefill"]) * (1 - worst_miss["decode"])
-    return Metrics(rate_rps=round(rate_rps, 4), goodput_rps=round(split.goodput_rps, 4),
+            batch = queueing.batch_quantile(queueing.decode_batch_pmf(rho, a), slo.tpot_percentile / 100)
+            tpot_bound = max(tpot_bound, coeffs.decode_ms(batch, batch * stats.decode_context) / 1e3 / share)
+    attainment = split_attainment(split, hardware, model, latency, stats, slo, split.goodput_rps)
+    return Metrics(rate_rps=round(split.goodput_rps, 4), goodput_rps=round(split.goodput_rps, 4),
                    attainment=round(attainment, 4), ttft_s=round(ttft_bound, 4), tpot_s=round(tpot_bound, 4))
+
+
+def split_attainment(split: LayerSplit, hardware: dict[str, NodeHardware], model: ModelSpec, latency: LatencyTable,
+                     stats: WorkloadStats, slo: SLOSpec, rate_rps: float) -> float:
+    """Forecast attainment at rate_rps, every stage's flow scaled to it. Each stage meets
+    its share of a target with some probability; a chain meets the target when all its
+    stages do, so the worst stage of each role bounds attainment."""
+    scale = rate_rps / split.goodput_rps if split.goodput_rps else 0.0
+    worst_miss = {r: 0.0 for r in ROLES}
+    for st in split.stages:
+        rate = st.rate_rps * scale
+        coeffs, stage_slo, _ = stage_model(model, hardware[st.node], st.tp, st.layer_end - st.layer_start,
+                                           latency, slo)
+        if st.role == "prefill":
+            miss = queueing.ttft_exceed_prob(rate, prefill_service_s(coeffs, stats), stage_slo.ttft_s)
+        else:
+            miss = decode_tpot_exceed(coeffs, stats, rate, stage_slo.tpot_s)
+        worst_miss[st.role] = max(worst_miss[st.role], miss)
+    return (1 - worst_miss["prefill"]) * (1 - worst_miss["decode"])

@@ -24,7 +24,7 @@ from planner.gpus import NodeHardware, node_hardware
 from planner.latency import LatencyTable, Profile
 from planner.milp import Placement, compatible_options, solve_placement
 from planner.network import Traffic, traffic_limits
-from planner.predict import goal_warning, predict
+from planner.predict import attainment, goal_warning, predict
 from planner.simulator import SimResult, Simulator
 from planner.solver import SolveOptions
 from planner.workload import Requests, Trace, WorkloadSpec, load_trace
@@ -268,8 +268,8 @@ def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests:
     rate = evaluation_rate(problem, placement)
     predicted = predict(placement, options, problem.stats, inputs.slo, rate)
     warnings = _warn(say, time_limit_warning(placement.solver, solve_options, inputs.objective),
-                     goal_warning(predicted, inputs.slo, lambda r: predict(
-                         placement, options, problem.stats, inputs.slo, r).attainment, inputs.objective))
+                     goal_warning(predicted, inputs.slo, lambda r: attainment(
+                         placement, options, problem.stats, inputs.slo, r), inputs.objective))
     simulated = None
     if num_sim_requests:
         say(f"simulating at {rate:.2f} req/s: {num_sim_requests} requests or more, for "
@@ -295,7 +295,7 @@ def _warn(say: Callable[[str], None], *warnings: str | None) -> tuple[str, ...]:
 def make_layer_plan(inputs: PlanInputs, solve_options: SolveOptions,
                     progress: Callable[[str], None] | None = None) -> Plan:
     """Layer-split mode (planner/layer_split.py): layer ranges over nodes, goodput only."""
-    from planner.layer_split import predict_split, solve_layer_split
+    from planner.layer_split import predict_split, solve_layer_split, split_attainment
 
     if inputs.objective != "goodput":
         raise ValueError("objective must be goodput with --layer-split (layer-split plans maximise goodput)")
@@ -314,8 +314,8 @@ def make_layer_plan(inputs: PlanInputs, solve_options: SolveOptions,
     nodes = plan_nodes(inputs.cluster, hardware, {s.node for s in split.stages})
     predicted = predict_split(split, hardware, inputs.model, latency, stats, inputs.slo)
     warnings = _warn(say, time_limit_warning(split.solver, solve_options, "goodput"),
-                     goal_warning(predicted, inputs.slo, lambda r: predict_split(
-                         split, hardware, inputs.model, latency, stats, inputs.slo, r).attainment, "goodput"))
+                     goal_warning(predicted, inputs.slo, lambda r: split_attainment(
+                         split, hardware, inputs.model, latency, stats, inputs.slo, r), "goodput"))
     return Plan(model=inputs.model, slo=inputs.slo, objective="goodput", nodes=nodes, groups=(), routes=(),
                 stages=split.stages, predicted=predicted, simulated=None, solver=split.solver,
                 block_size=inputs.block_size, warnings=warnings)

@@ -24,6 +24,7 @@ from proto.slo import SLOSpec
 
 # Half the last digit the table shows: a shortfall below this reads as meeting the goal.
 ATTAINMENT_SHOWN = 5e-4
+GOAL_RATE_STEPS = 20  # bisection steps for the rate that meets the goal: within 1e-6 of the plan's rate
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,23 @@ def _mixture_quantile(exceed, quantile: float, hi: float) -> float:
 
 def predict(placement: Placement, options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec,
             rate_rps: float) -> Metrics:
+    ttft_exceed, tpot_exceed = _exceed(placement, options, stats, rate_rps)
+    return Metrics(rate_rps=round(rate_rps, 4), goodput_rps=round(placement.rate_rps, 4),
+                   attainment=round(attainment(placement, options, stats, slo, rate_rps), 4),
+                   ttft_s=round(_mixture_quantile(ttft_exceed, slo.ttft_percentile / 100, slo.ttft_s), 4),
+                   tpot_s=round(_mixture_quantile(tpot_exceed, slo.tpot_percentile / 100, slo.tpot_s), 4))
+
+
+def attainment(placement: Placement, options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec,
+               rate_rps: float) -> float:
+    """Forecast fraction of requests meeting both targets at rate_rps."""
+    ttft_exceed, tpot_exceed = _exceed(placement, options, stats, rate_rps)
+    return float(np.clip((1 - ttft_exceed(slo.ttft_s)) * (1 - tpot_exceed(slo.tpot_s)), 0, 1))
+
+
+def _exceed(placement: Placement, options: list[InstanceOption], stats: WorkloadStats,
+            rate_rps: float) -> tuple[Callable[[float], float], Callable[[float], float]]:
+    """P(TTFT > t) and P(TPOT > t) over all requests at rate_rps, as functions of t."""
     loads = _instance_loads(placement, options, rate_rps)
     prefill = [l for l in loads if l.option.role == "prefill"]
     decode = [l for l in loads if l.option.role == "decode"]
@@ -78,11 +96,7 @@ def predict(placement: Placement, options: list[InstanceOption], stats: Workload
         return sum(l.rate_rps * decode_tpot_exceed(l.option.coefficients, stats, l.rate_rps / l.option.pp, t)
                    for l in decode) / d_total
 
-    attainment = (1 - ttft_exceed(slo.ttft_s)) * (1 - tpot_exceed(slo.tpot_s))
-    return Metrics(rate_rps=round(rate_rps, 4), goodput_rps=round(placement.rate_rps, 4),
-                   attainment=round(float(np.clip(attainment, 0, 1)), 4),
-                   ttft_s=round(_mixture_quantile(ttft_exceed, slo.ttft_percentile / 100, slo.ttft_s), 4),
-                   tpot_s=round(_mixture_quantile(tpot_exceed, slo.tpot_percentile / 100, slo.tpot_s), 4))
+    return ttft_exceed, tpot_exceed
 
 
 def rate_meeting_goal(attainment_at: Callable[[float], float], goal: float, rate_rps: float) -> float:
@@ -91,7 +105,7 @@ def rate_meeting_goal(attainment_at: Callable[[float], float], goal: float, rate
     lo, hi = 0.0, rate_rps
     if attainment_at(rate_rps * 1e-6) < goal - ATTAINMENT_SHOWN:
         return 0.0
-    for _ in range(30):
+    for _ in range(GOAL_RATE_STEPS):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if attainment_at(mid) >= goal - ATTAINMENT_SHOWN else (lo, mid)
     return lo
