@@ -11,6 +11,7 @@ import pytest
 
 from decode_worker.worker import DecodeWorker, TransferFailed
 from engine import EngineConfig, SamplingParams
+from engine.engine_loop import RequestAborted
 from kv_transfer import TransferState
 from prefill_worker.worker import PrefillWorker
 from tests.checkpoints import hf_greedy
@@ -135,3 +136,19 @@ def test_abort_while_decoding_frees_blocks(workers):
     assert started.wait(5)
     decode.abort("long")
     assert all_blocks_free(prefill, decode)
+
+
+def test_an_abort_that_overtakes_reserve_frees_the_blocks_at_once(workers):
+    """The router gave up while reserve() was on its way: the abort reaches the worker after
+    the blocks were granted but before they were registered, or before the request arrived."""
+    _, decode = workers
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+    block_ids = decode.request_blocks("overtaken", list(range(5, 40)), params).result(10)
+    decode.abort("overtaken")
+    with pytest.raises(RequestAborted):
+        decode.register("overtaken", block_ids)
+    assert decode.stats()["num_transfers"] == 0  # dropped at once, never left to its deadline
+    decode.abort("early")
+    with pytest.raises(RequestAborted):
+        decode.request_blocks("early", list(range(5, 40)), params)
+    assert all_blocks_free(decode)
