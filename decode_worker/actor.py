@@ -11,6 +11,7 @@ from typing import AsyncIterator, Callable, Sequence
 
 from decode_worker.worker import DecodeFollower, DecodeWorker, RankLost, Settled
 from engine import EngineConfig, SamplingParams
+from engine.cores import bind_cores, process_cores
 from engine.engine_loop import delta_stream
 from proto.serving import KVHandle, TokenDelta, WorkerInfo
 
@@ -20,9 +21,12 @@ class DecodeActor:
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None = None,
                  transfer_timeout_s: float = 30.0, max_waiting: int = 256, dist_init: str | None = None,
-                 followers: Sequence = (), *, kv_secret: bytes):
+                 followers: Sequence = (), *, kv_secret: bytes, cores: Sequence[int] | None = None):
         """With tensor parallelism: dist_init, and the DecodeFollowerActor handles of ranks 1..tp-1
-        (created first: their constructors and this one meet in the process group)."""
+        (created first: their constructors and this one meet in the process group). cores: the
+        CPU cores this rank owns (engine/cores.py), bound before the model loads."""
+        if cores:
+            bind_cores(cores)
         import ray
         self.worker = DecodeWorker(model_dir, engine_config, kv_backend, host or _node_ip(), transfer_timeout_s,
                                    max_waiting, dist_init, kv_secret=kv_secret)
@@ -64,7 +68,7 @@ class DecodeActor:
         return self.worker.stats()
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self.worker.engine.max_model_len, self.worker.engine.kv_cache.layout)
+        return WorkerInfo(self.worker.engine.max_model_len, self.worker.engine.kv_cache.layout, *process_cores())
 
     def shutdown(self) -> None:
         self.worker.close()
@@ -100,7 +104,9 @@ class DecodeFollowerActor:
     """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps, receives its KV heads."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None,
-                 tp_rank: int, dist_init: str, *, kv_secret: bytes):
+                 tp_rank: int, dist_init: str, *, kv_secret: bytes, cores: Sequence[int] | None = None):
+        if cores:
+            bind_cores(cores)
         self.follower = DecodeFollower(model_dir, engine_config, kv_backend, host or _node_ip(), tp_rank, dist_init,
                                        kv_secret=kv_secret)
         self._parts: dict[str, Future] = {}  # expected, settled() not asked yet

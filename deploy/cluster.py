@@ -13,6 +13,7 @@ from ray.util.placement_group import placement_group, placement_group_table, rem
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decode_worker.actor import DecodeActor, DecodeFollowerActor
+from deploy.cores import CorePlan, plan_cores
 from engine import EngineConfig
 from kv_transfer.auth import deployment_secret
 from prefill_worker.actor import PrefillActor, PrefillFollowerActor
@@ -68,6 +69,8 @@ class Deployment:
     decode_actors: list = field(default_factory=list)
     follower_actors: list = field(default_factory=list)  # ranks > 0 of tensor-parallel workers
     placement_groups: list = field(default_factory=list)
+    cores: CorePlan | None = None  # which cores each CPU worker rank owns, and the router's
+    infos: list = field(default_factory=list)  # each worker's WorkerInfo: prefill workers, then decode
 
     def shutdown(self) -> None:
         # Rank 0 first: its shutdown releases its followers, whose own shutdown waits for that.
@@ -84,13 +87,14 @@ class Deployment:
 def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: EngineConfig, *,
            kv_backend: str, model_name: str, policy: str = "load", local_prefill_tokens: int = 32,
            transfer_timeout_s: float = 30.0, ready_timeout_s: float = 300.0,
-           kv_secret: bytes | None = None) -> Deployment:
+           kv_secret: bytes | None = None, pin_cores: bool | None = None) -> Deployment:
     """Reserve every worker's resources in one placement group, start the actors, wait until ready.
 
     Decode workers' KV receivers listen on loopback when the Ray cluster is this one node,
     and on their node's IP otherwise (prefill workers may be elsewhere). Every worker gets the
     deployment's KV secret (kv_secret, else $TANDEM_KV_SECRET, else a new one): KV moves only
-    between workers that hold it.
+    between workers that hold it. CPU workers get cores of their own (deploy/cores.py: pin_cores
+    True insists, None pins when the nodes have the cores, False never pins).
     """
     kv_secret = kv_secret or deployment_secret()
     single_node = sum(1 for n in ray.nodes() if n["Alive"]) == 1
@@ -111,30 +115,41 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
         raise TimeoutError(f"the workers' resources ({describe(groups)}) were not free within "
                            f"{ready_timeout_s:g} s; the Ray cluster has {_fmt(ray.available_resources())} "
                            f"available now") from None
+    try:
+        cores = plan_cores(workers, pgs, pin_cores)
+    except BaseException:
+        for pg in pgs:
+            remove_placement_group(pg)
+        raise
     prefill_actors, decode_actors, followers = [], [], []
-    for group, pg in zip(workers, pgs):
+    for group, pg, rank_cores in zip(workers, pgs, cores.ranks):
         def options(rank: int) -> dict:
             bundle = group.bundles()[rank]
+            threads = rank_cores[rank].env() if rank_cores[rank] is not None else {}
             return dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
                         resources={k: v for k, v in bundle.items() if k.startswith("GPU_")},
                         scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                        max_concurrency=1000, runtime_env={"env_vars": env_vars})
+                        max_concurrency=1000, runtime_env={"env_vars": {**env_vars, **threads}})
+
+        def pinned(rank: int) -> tuple[int, ...] | None:
+            return rank_cores[rank].cores if rank_cores[rank] is not None else None
         config = group.engine_config(engine_config)
         dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
         ranks = range(1, group.tp)
         if group.role == "prefill":
             driver = ray.remote(PrefillActor).options(**options(0)).remote(
-                model_dir, config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret)
+                model_dir, config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret, cores=pinned(0))
             prefill_actors.append(driver)
             followers += [ray.remote(PrefillFollowerActor).options(**options(rank)).remote(
-                model_dir, config, kv_backend, transfer_timeout_s, rank, dist_init, driver, kv_secret=kv_secret)
-                for rank in ranks]
+                model_dir, config, kv_backend, transfer_timeout_s, rank, dist_init, driver, kv_secret=kv_secret,
+                cores=pinned(rank)) for rank in ranks]
         else:  # followers first: rank 0 asks them for their KV receivers' endpoints
             decode_followers = [ray.remote(DecodeFollowerActor).options(**options(rank)).remote(
-                model_dir, config, kv_backend, host, rank, dist_init, kv_secret=kv_secret) for rank in ranks]
+                model_dir, config, kv_backend, host, rank, dist_init, kv_secret=kv_secret, cores=pinned(rank))
+                for rank in ranks]
             decode_actors.append(ray.remote(DecodeActor).options(**options(0)).remote(
                 model_dir, config, kv_backend, host, transfer_timeout_s, dist_init=dist_init,
-                followers=decode_followers, kv_secret=kv_secret))
+                followers=decode_followers, kv_secret=kv_secret, cores=pinned(0)))
             followers += decode_followers
     # Waiting for every worker's info is also waiting until every worker is up.
     infos = ray.get([a.info.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)
@@ -144,7 +159,7 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
         block_size=decode.layout.block_size,
         kv_bytes_per_token=decode.layout.bytes_per_token * decode.layout.tp_size,
         policy=policy, local_prefill_tokens=local_prefill_tokens)
-    return Deployment(backend, prefill_actors, decode_actors, followers, pgs)
+    return Deployment(backend, prefill_actors, decode_actors, followers, pgs, cores, infos)
 
 
 def check_capacity(groups: list[WorkerGroup]) -> None:

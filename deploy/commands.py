@@ -49,6 +49,11 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-tp", type=int, default=1,
                    help="tensor-parallel size of each decode worker without a plan (default 1)")
     p.add_argument("--colocated", action="store_true", help="one engine doing both phases, no Ray")
+    p.add_argument("--cpus-per-worker", type=int, metavar="N",
+                   help="CPU workers: N cores of their own per rank (refused when the machine has too few); "
+                        "default: one core each when there are enough, else shared")
+    p.add_argument("--prefill-cpus", type=int, metavar="N", help="cores per prefill rank (overrides --cpus-per-worker)")
+    p.add_argument("--decode-cpus", type=int, metavar="N", help="cores per decode rank (overrides --cpus-per-worker)")
     p.add_argument("--kv-backend", choices=("nixl", "shm", "torch_dist"),
                    help="KV transfer backend (default: nixl when installed, else shm)")
     p.add_argument("--routing", default="load", choices=("load", "round_robin"))
@@ -95,6 +100,7 @@ def security_from(args: argparse.Namespace, log=print):
 def start_backend(args: argparse.Namespace, log=print):
     """The backend the flags ask for, and a function that stops it."""
     from engine import EngineConfig
+    from engine.cores import available_cores, bind_cores
     from engine.default_model import ensure_default_model
 
     if args.plan:
@@ -118,25 +124,35 @@ def start_backend(args: argparse.Namespace, log=print):
     import ray
 
     from deploy.cluster import WorkerGroup, deploy, describe
+    cpus = {role: getattr(args, f"{role}_cpus", None) or getattr(args, "cpus_per_worker", None)
+            for role in ("prefill", "decode")}
     if plan is not None:
-        groups = [WorkerGroup(g.role, g.count, g.tp, g.gpu_type, max_num_seqs=g.max_batch_size,
-                              max_num_batched_tokens=g.max_batched_tokens) for g in plan.groups]
+        groups = [WorkerGroup(g.role, g.count, g.tp, g.gpu_type, num_cpus=cpus[g.role] or 1,
+                              max_num_seqs=g.max_batch_size, max_num_batched_tokens=g.max_batched_tokens)
+                  for g in plan.groups]
     else:
-        groups = [WorkerGroup("prefill", args.num_prefill, args.prefill_tp),
-                  WorkerGroup("decode", args.num_decode, args.decode_tp)]
+        groups = [WorkerGroup("prefill", args.num_prefill, args.prefill_tp, num_cpus=cpus["prefill"] or 1),
+                  WorkerGroup("decode", args.num_decode, args.decode_tp, num_cpus=cpus["decode"] or 1)]
     started_ray = not ray.is_initialized()
     if started_ray and os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False, log_to_driver=False)  # joins the cluster
     elif started_ray:
         # A local cluster: at least a CPU per worker rank, however few cores (they share them).
-        ranks = sum(g.count * g.tp for g in groups)
-        _start_local_ray(getattr(args, "host", "127.0.0.1"), max(os.cpu_count() or 1, ranks))
+        ranks = sum(g.count * g.tp * int(g.num_cpus) for g in groups)
+        _start_local_ray(getattr(args, "host", "127.0.0.1"), max(len(available_cores()), ranks))
     if ray.cluster_resources().get("GPU", 0) > 0:
         groups = [replace(g, use_gpus=True) for g in groups]
     kv_backend = args.kv_backend or _default_kv_backend()
     log(f"starting workers ({describe(groups)}) of {model_name} (KV transfer: {kv_backend}) ...")
+    explicit = any(cpus.values())
     deployment = deploy(model_dir, groups, engine_config, kv_backend=kv_backend, model_name=model_name,
-                        policy=args.routing, local_prefill_tokens=args.local_prefill_tokens)
+                        policy=args.routing, local_prefill_tokens=args.local_prefill_tokens,
+                        pin_cores=True if explicit else None)
+    labels = [f"{g.role} {i}" for g in groups for i in range(g.count)]
+    if deployment.cores is not None and deployment.cores.describe(labels):
+        log("CPU cores:\n" + deployment.cores.describe(labels))
+        if deployment.cores.router:
+            bind_cores(deployment.cores.router)  # the router's own: it never competes with a worker
 
     def stop():
         deployment.shutdown()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 from engine import EngineConfig, SamplingParams
+from engine.cores import bind_cores, process_cores
 from prefill_worker.worker import PrefillFollower, PrefillWorker
 from proto.serving import KVHandle, PrefillResult, WorkerInfo
 
@@ -13,7 +15,11 @@ class PrefillActor:
     """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float = 30.0, dist_init: str | None = None, *, kv_secret: bytes):
+                 transfer_timeout_s: float = 30.0, dist_init: str | None = None, *, kv_secret: bytes,
+                 cores: Sequence[int] | None = None):
+        """cores: the CPU cores this rank owns (engine/cores.py), bound before the model loads."""
+        if cores:
+            bind_cores(cores)
         self.worker = PrefillWorker(model_dir, engine_config, kv_backend, transfer_timeout_s, dist_init,
                                     kv_secret=kv_secret)
 
@@ -46,7 +52,7 @@ class PrefillActor:
         return self.worker.stats()
 
     def info(self) -> WorkerInfo:
-        return WorkerInfo(self.worker.engine.max_model_len, self.worker.layout)
+        return WorkerInfo(self.worker.engine.max_model_len, self.worker.layout, *process_cores())
 
     def shutdown(self) -> None:
         self.worker.close()
@@ -56,7 +62,9 @@ class PrefillFollowerActor:
     """Rank r > 0 of a tensor-parallel prefill worker; reports its releases to rank 0's actor."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, transfer_timeout_s: float,
-                 tp_rank: int, dist_init: str, driver, *, kv_secret: bytes):
+                 tp_rank: int, dist_init: str, driver, *, kv_secret: bytes, cores: Sequence[int] | None = None):
+        if cores:
+            bind_cores(cores)
         self.follower = PrefillFollower(model_dir, engine_config, kv_backend, transfer_timeout_s, tp_rank,
                                         dist_init, on_released=lambda r: driver.release_part.remote(r),
                                         kv_secret=kv_secret)

@@ -48,3 +48,5 @@ class WorkerInfo:
 
     max_model_len: int  # prompt plus output tokens at most
     layout: KVLayout  # this rank's KV cache: block size, dtype, heads, TP rank and size
+    cores: tuple[int, ...] = ()  # the CPU cores any thread of rank 0's process may run on
+    num_threads: int = 0  # torch's compute threads in rank 0's process
