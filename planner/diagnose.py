@@ -107,7 +107,7 @@ def unpaired_message(cluster: ClusterSpec, model: ModelSpec, options: list[Insta
                 continue
             roles = (f"{p} GPUs (prefill) and {d} (decode)" if None not in (p, d)
                      else f"{p or d} GPUs ({'prefill' if p else 'decode'}; the other role meets the SLO on none)")
-            sizes.append(f"an {gpu_type} instance of {model.name} needs {roles}, and node {name} has {num_gpus}")
+            sizes.append(f"one {gpu_type} instance of {model.name} needs {roles}, and node {name} has {num_gpus}")
         reasons.append("no node holds a prefill and a decode instance at once (" + "; ".join(sizes) + ")")
     elif all(traffic.local_rps[n.name] <= 0 for n in both):
         reasons.append(f"inside nodes {', '.join(n.name for n in both)} the GPU link is too slow for a long "
