@@ -17,7 +17,7 @@ embedded 1.7M model computes too little per token for that to show.
 
 Per-request TTFT and TPOT are kept, so SLO attainment is computed afterwards for several SLOs
 from the same runs: SLO targets are multiples of what one request alone sees (its TTFT with a
-P90 prompt, its TPOT), tight on one metric and loose on the other, and both. Goodput is the
+P90 prompt, its TPOT, on one core), tight on one metric and loose on the other, and both. Goodput is the
 highest rate at which attainment stays >= 90% (interpolated between swept rates), as in
 DistServe. Setups alternate within each rate.
 
@@ -41,7 +41,7 @@ from benchmarks.serving import Result, percentile, run_load, trace_workload
 
 MODEL_NAME = "llama-100m"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tandem" / "bench"
-PROMPT_SCALE, OUTPUT_SCALE, MAX_PROMPT, MAX_OUTPUT = 1 / 8, 1 / 4, 512, 128
+PROMPT_SCALE, OUTPUT_SCALE, MAX_PROMPT, MAX_OUTPUT = 1 / 8, 1 / 8, 512, 64
 # (name, SLO multiples of a lone request's TTFT and TPOT)
 SLO_SCENARIOS = (("tight TPOT, loose TTFT", 8.0, 1.5), ("tight TTFT, loose TPOT", 2.0, 5.0),
                  ("both moderate", 4.0, 3.0))
@@ -105,7 +105,8 @@ class Server:
         async def main():
             handle = await serve(self.backend, http_port=0, grpc_port=0, host="127.0.0.1")
             try:
-                return await run_load(f"http://127.0.0.1:{handle.http_port}", "bench", workload, vocab=self.vocab)
+                return await run_load(f"http://127.0.0.1:{handle.http_port}", "bench", workload, vocab=self.vocab,
+                                      temperature=1.0)
             finally:
                 await handle.stop(grace_s=1.0)
         return asyncio.run(main())
@@ -136,17 +137,15 @@ def goodput(points: list[tuple[float, float]]) -> float:
 
 
 def calibrate(server: Server, trace: Path) -> dict[str, float]:
-    """A lone request's TTFT with a P90 prompt and its TPOT: the unit of the SLOs."""
+    """A lone request's TTFT with a P90 prompt and its TPOT, on one core: the unit of the SLOs.
+    Five requests, each alone (spaced well apart) and each with its own prompt, so that no
+    prefix cache serves them."""
+    from benchmarks.serving import Request
     reqs = workload(trace, 1.0, 400, seed=99)
     p90_prompt = sorted(r.prompt_len for r in reqs)[int(0.9 * len(reqs))]
-    from benchmarks.serving import Request
-    ttfts, tpots = [], []
-    for i in range(5):
-        results, _ = server.load([Request(0.0, p90_prompt, 32)])
-        ttfts.append(results[0].ttft_s)
-        tpots.append(results[0].tpot_s)
-    return {"p90_prompt_tokens": p90_prompt, "ttft_s": statistics.median(ttfts[1:]),
-            "tpot_s": statistics.median(tpots[1:])}
+    results, _ = server.load([Request(6.0 * i, p90_prompt, 32) for i in range(5)])
+    return {"p90_prompt_tokens": p90_prompt, "ttft_s": statistics.median(r.ttft_s for r in results),
+            "tpot_s": statistics.median(r.tpot_s for r in results)}
 
 
 def run(args) -> dict:
@@ -165,7 +164,7 @@ def run(args) -> dict:
             print(f"starting {name} ...", flush=True)
             servers[name] = Server(flags, model)
             servers[name].load(workload(trace, 4.0, 4, seed=1))  # warm-up: first forwards pay one-time costs
-        unit = calibrate(servers["colocated 1x2"], trace)
+        unit = calibrate(servers["colocated 2x1"], trace)
         print(f"a lone request: TTFT {unit['ttft_s']:.3f} s with a {unit['p90_prompt_tokens']}-token prompt, "
               f"TPOT {unit['tpot_s'] * 1e3:.0f} ms", flush=True)
         names = list(plan)

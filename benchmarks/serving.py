@@ -34,6 +34,7 @@ class Result:
     ttft_s: float | None  # None: the request failed
     tpot_s: float | None
     output_tokens: int
+    error: str | None = None  # why it failed: the HTTP status and body, or the exception
 
 
 def poisson_workload(rate: float, num_requests: int, prompt_len: int, output_len: int, seed: int = 0) -> list[Request]:
@@ -57,33 +58,44 @@ def trace_workload(path: str | Path, rate: float, num_requests: int, prompt_scal
                     max(1, min(max_output, round(o * output_scale)))) for a, (p, o) in zip(arrivals, picked)]
 
 
-async def _one(session, url: str, model: str, req: Request, vocab: int, seed: int) -> Result:
+async def _one(session, url: str, model: str, req: Request, vocab: int, seed: int, temperature: float) -> Result:
     rng = random.Random(seed)
     prompt = [rng.randrange(3, vocab) for _ in range(req.prompt_len)]
-    body = {"model": model, "prompt": prompt, "max_tokens": req.output_len, "temperature": 0,
-            "stream": True, "ignore_eos": True}
+    body = {"model": model, "prompt": prompt, "max_tokens": req.output_len, "temperature": temperature,
+            "seed": seed, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
     start = time.monotonic()
     times = []
+    num_tokens = 0
     try:
         async with session.post(f"{url}/v1/completions", json=body) as resp:
             if resp.status != 200:
-                return Result(None, None, 0)
+                return Result(None, None, 0, f"HTTP {resp.status}: {(await resp.text())[:300]}")
             async for line in resp.content:
                 line = line.strip()
                 if not line.startswith(b"data:") or line == b"data: [DONE]":
                     continue
                 chunk = json.loads(line[5:])
+                if "error" in chunk:
+                    return Result(None, None, 0, f"in the stream: {chunk['error'].get('message')}")
                 if chunk.get("choices") and chunk["choices"][0].get("text") is not None:
                     times.append(time.monotonic())
-    except OSError:
-        return Result(None, None, 0)
+                if chunk.get("usage"):
+                    num_tokens = chunk["usage"]["completion_tokens"]
+    except OSError as exc:
+        return Result(None, None, 0, repr(exc))
     if not times:
-        return Result(None, None, 0)
-    tpot = (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else 0.0
-    return Result(times[0] - start, tpot, len(times))
+        return Result(None, None, 0, "no text chunk")
+    # Per token, not per chunk: a chunk may carry several tokens (text held until a character
+    # is complete), so the span between the first and the last chunk is divided by the tokens.
+    num_tokens = num_tokens or len(times)
+    tpot = (times[-1] - times[0]) / (num_tokens - 1) if num_tokens > 1 else 0.0
+    return Result(times[0] - start, tpot, num_tokens)
 
 
-async def run_load(url: str, model: str, workload: list[Request], vocab: int = 500) -> tuple[list[Result], float]:
+async def run_load(url: str, model: str, workload: list[Request], vocab: int = 500,
+                   temperature: float = 0.0) -> tuple[list[Result], float]:
+    """Fire the workload at its arrival times; temperature > 0 samples (each request seeded),
+    which keeps a random-weight model from repeating one token that never completes a character."""
     import aiohttp
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
@@ -91,7 +103,7 @@ async def run_load(url: str, model: str, workload: list[Request], vocab: int = 5
 
         async def fire(i: int, req: Request) -> Result:
             await asyncio.sleep(max(0.0, req.arrival_s - (time.monotonic() - start)))
-            return await _one(session, url, model, req, vocab, seed=i)
+            return await _one(session, url, model, req, vocab, seed=i, temperature=temperature)
         results = await asyncio.gather(*(fire(i, r) for i, r in enumerate(workload)))
         return list(results), time.monotonic() - start
 

@@ -67,6 +67,9 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-model-len", type=int)
 
 
+CPU_DEVICE = "cpu"  # the planner's device type for one CPU core
+
+
 def _default_kv_backend() -> str:
     """nixl where it can run (its own check: the CUDA-specific wheels install no `nixl`), else shm."""
     from kv_transfer import load_backend
@@ -127,8 +130,11 @@ def start_backend(args: argparse.Namespace, log=print):
     cpus = {role: getattr(args, f"{role}_cpus", None) or getattr(args, "cpus_per_worker", None)
             for role in ("prefill", "decode")}
     if plan is not None:
-        groups = [WorkerGroup(g.role, g.count, g.tp, g.gpu_type, num_cpus=cpus[g.role] or 1,
-                              max_num_seqs=g.max_batch_size, max_num_batched_tokens=g.max_batched_tokens)
+        # A plan made for CPU cores (gpu_type "cpu": each device is a core) runs CPU workers,
+        # a core per device; any other GPU type asks Ray for that GPU.
+        groups = [WorkerGroup(g.role, g.count, g.tp, None if g.gpu_type == CPU_DEVICE else g.gpu_type,
+                              num_cpus=cpus[g.role] or 1, max_num_seqs=g.max_batch_size,
+                              max_num_batched_tokens=g.max_batched_tokens)
                   for g in plan.groups]
     else:
         groups = [WorkerGroup("prefill", args.num_prefill, args.prefill_tp, num_cpus=cpus["prefill"] or 1),
@@ -140,7 +146,8 @@ def start_backend(args: argparse.Namespace, log=print):
         # A local cluster: at least a CPU per worker rank, however few cores (they share them).
         ranks = sum(g.count * g.tp * int(g.num_cpus) for g in groups)
         _start_local_ray(getattr(args, "host", "127.0.0.1"), max(len(available_cores()), ranks))
-    if ray.cluster_resources().get("GPU", 0) > 0:
+    on_cpus = plan is not None and all(g.gpu_type == CPU_DEVICE for g in plan.groups)
+    if ray.cluster_resources().get("GPU", 0) > 0 and not on_cpus:
         groups = [replace(g, use_gpus=True) for g in groups]
     kv_backend = args.kv_backend or _default_kv_backend()
     log(f"starting workers ({describe(groups)}) of {model_name} (KV transfer: {kv_backend}) ...")
