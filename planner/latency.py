@@ -12,23 +12,52 @@ The whole instance is described, all pp stages; pipelining lets pp steps overlap
 
 Sources, in order: a profile file (measured by `tandem profile`, or fitted coefficients a
 user supplies) with an entry for the exact (GPU type, tp, pp); else the roofline below.
+
+The roofline adds what each operator of each layer costs on one GPU of the instance (its
+tp-th of the weights and heads), for a step of m new tokens:
+
+    linear layers    a GEMM moves its weights (and its m rows in and out) once and does
+                     2*m*n*k FLOPs. Below the ridge (about 150 tokens on A100, 300 on H100)
+                     it streams weights, above it computes, and near it reaches neither roof:
+                     its time is the l-3 norm of the two, so its efficiency grows with m.
+    activations      norms, residual adds, rotary, attention input and output and the MLP
+                     activation read and write each token's hidden state: memory bandwidth.
+    attention        prefill: causal FLOPs at attention-kernel efficiency; decode: the KV read.
+    tensor parallel  two all-reduces of the hidden state per layer, each a latency (NVLink or
+                     PCIe) plus the ring's bytes over the GPU link.
+    fixed            per step and stage (scheduling, inputs, sampling) and per layer (kernel
+                     launches, the floor of small kernels): what small decode steps at high
+                     TP mostly are.
+
+The GEMM norm is not linear in m, so the coefficients are the line closest to that sum (least
+squares on the relative error): prefill over prompts of 64 to 8,192 tokens; decode through the
+step of one sequence, with the slope closest over batches of 1 to 512. c and B (attention)
+are exact. planner/validation/ checks the operators and whole steps against published
+measurements (docs/planner.md, "Validating the roofline").
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Iterable
+from typing import Iterable, Sequence
 
-from planner.gpus import NodeHardware
+from planner.gpus import GPUSpec, NodeHardware
+from proto.kv import DTYPE_BYTES
 from proto.model_spec import ModelSpec
 from proto.schema import as_int, as_list, as_number, as_str, check_keys, dump_document, load_document
 
-# Fractions of datasheet peaks that real kernels reach: large prefill GEMMs run near 60%
-# of peak tensor throughput; decode's weight and KV reads near 80% of peak bandwidth.
-COMPUTE_EFFICIENCY = 0.6
-MEMORY_EFFICIENCY = 0.8
-STEP_OVERHEAD_MS = 1.0  # scheduling, input preparation and kernel launches per step
-COLLECTIVE_LATENCY_MS = {True: 0.01, False: 0.03}  # per all-reduce: NVLink, PCIe
+# Fractions of datasheet peaks that kernels reach, and the fixed costs of a step. Sources and
+# the error they leave are in docs/planner.md ("Validating the roofline").
+COMPUTE_EFFICIENCY = 0.8  # large GEMMs: 86% of peak measured on A100 SXM, 80% on H100 SXM
+MEMORY_EFFICIENCY = 0.85  # weights streamed by small-m GEMMs: 86-92% of HBM peak on H100
+ATTENTION_EFFICIENCY = 0.6  # FlashAttention-2's forward pass: 50-73% of A100's peak
+GEMM_NORM = 3.0  # a GEMM takes the l-p norm of its compute and memory times
+LAYER_OVERHEAD_MS = 0.1  # kernel launches and small kernels' floor, per layer and step
+STEP_OVERHEAD_MS = 1.0  # scheduling, input preparation and sampling, per step and stage
+ALLREDUCE_LATENCY_MS = {True: 0.02, False: 0.05}  # an all-reduce of a small message: NVLink, PCIe
+LINK_EFFICIENCY = 0.5  # NCCL all-reduces of 0.5-4 MB move about half the link's bandwidth
+PREFILL_FIT_TOKENS = tuple(2 ** i for i in range(6, 14))  # 64 .. 8,192
+DECODE_FIT_BATCHES = tuple(2 ** i for i in range(10))  # 1 .. 512
 
 
 @dataclass(frozen=True)
@@ -60,28 +89,94 @@ class Coefficients:
                 + self.B * context_tokens + self.C * num_decodes)
 
 
+def gemm_ms(gpu: GPUSpec, dtype: str, m: float, n: float, k: float) -> float:
+    """One GEMM of [m, k] activations by [k, n] weights on one GPU."""
+    flops_per_ms = gpu.peak_flops(dtype) * COMPUTE_EFFICIENCY / 1e3
+    compute = 2 * m * n * k / flops_per_ms
+    memory = DTYPE_BYTES[dtype] * (m * k + k * n + m * n) / _bytes_per_ms(gpu)
+    return (compute ** GEMM_NORM + memory ** GEMM_NORM) ** (1 / GEMM_NORM)
+
+
+def allreduce_ms(hw: NodeHardware, tp: int, num_bytes: float) -> float:
+    """A ring all-reduce of num_bytes among tp GPUs of one node; nothing without TP."""
+    if tp == 1:
+        return 0.0
+    ring = 2 * (tp - 1) / tp * num_bytes / (hw.link_gb_s * 1e9 * LINK_EFFICIENCY / 1e3)
+    return ALLREDUCE_LATENCY_MS[hw.gpu.nvlink] + ring
+
+
 def roofline(model: ModelSpec, hw: NodeHardware, tp: int, pp: int) -> Coefficients:
-    """Analytical coefficients from the GPU's peaks; the sum of compute and memory time
-    (not their max) keeps the DistServe form and errs on the slow side near the ridge."""
-    gpu, dt = hw.gpu, model.dtype_bytes
-    flops = gpu.peak_flops(model.dtype) * COMPUTE_EFFICIENCY * tp / 1e3  # per ms, whole instance
-    mem = gpu.mem_bw_gb_s * 1e9 * MEMORY_EFFICIENCY * tp / 1e3  # bytes per ms, one stage's GPUs
-    link = hw.link_gb_s * 1e9 / 1e3
-    linear_flops = 2 * (model.num_params - model.vocab_size * model.hidden_size)  # per token
-    weight_ms = model.weight_bytes / mem  # every stage reads its share: pp stages in sequence
-    # Tensor parallelism: two ring all-reduces of the hidden state per layer.
-    ring = 2 * (tp - 1) / tp * model.hidden_size * dt / link if tp > 1 else 0.0
-    tp_ms_per_token = 2 * model.num_layers * ring
-    tp_fixed_ms = 2 * model.num_layers * COLLECTIVE_LATENCY_MS[gpu.nvlink] if tp > 1 else 0.0
-    # Pipeline parallelism: pp - 1 sends of the hidden state between stages.
-    pp_ms_per_token = (pp - 1) * model.hidden_size * dt / link
-    pp_fixed_ms = (pp - 1) * COLLECTIVE_LATENCY_MS[gpu.nvlink]
-    fixed = STEP_OVERHEAD_MS * pp + weight_ms + tp_fixed_ms + pp_fixed_ms
-    per_token = linear_flops / flops + tp_ms_per_token + pp_ms_per_token
-    attention_flops = 2 * model.num_layers * model.num_heads * model.head_dim  # causal: per T^2
-    kv_read_ms = model.kv_bytes_per_token / mem  # per context token of a decode
-    return Coefficients(a=fixed, b=per_token, c=attention_flops / flops,
-                        A=fixed, B=kv_read_ms + 2 * attention_flops / flops, C=per_token)
+    """Coefficients from the GPU's peaks: the operators above, fitted to the DistServe form."""
+    flops_per_ms = hw.gpu.peak_flops(model.dtype) * tp / 1e3  # refuses a device without a datasheet
+    # Causal attention: 2*T^2*head_dim FLOPs per head and layer for a prompt of T tokens.
+    attention = 2 * model.num_layers * model.num_heads * model.head_dim / (flops_per_ms * ATTENTION_EFFICIENCY)
+    kv_read = model.kv_bytes_per_token / (_bytes_per_ms(hw.gpu) * tp)  # per context token of a decode
+    a, b = _fit_line(PREFILL_FIT_TOKENS, [step_tokens_ms(model, hw, tp, pp, t, 1) for t in PREFILL_FIT_TOKENS])
+    # Decode is exact for one sequence (the best TPOT an instance offers), fitted above it.
+    A, C = _fit_line(DECODE_FIT_BATCHES, [step_tokens_ms(model, hw, tp, pp, n, n) for n in DECODE_FIT_BATCHES],
+                     through_first=True)
+    # A decode token attends to each context token: its QK and PV, twice a prefill pair's FLOPs.
+    return Coefficients(a=a, b=b, c=attention, A=A, B=kv_read + 2 * attention, C=C)
+
+
+def step_tokens_ms(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, num_tokens: float,
+                   num_logits: float) -> float:
+    """A step of num_tokens new tokens apart from their attention over the context: every
+    layer's GEMMs, activations and all-reduces, num_logits rows of the LM head (one per
+    prompt in prefill, one per sequence in decode), the sends between stages and the fixed
+    costs."""
+    gpu, dtype = hw.gpu, model.dtype
+    hidden_bytes = num_tokens * model.hidden_size * model.dtype_bytes
+    layer = (sum(gemm_ms(gpu, dtype, num_tokens, n, k) for n, k in _weight_shapes(model, tp))
+             + num_tokens * _activation_bytes(model, tp) / _bytes_per_ms(gpu)
+             + 2 * allreduce_ms(hw, tp, hidden_bytes) + LAYER_OVERHEAD_MS)
+    logits = gemm_ms(gpu, dtype, num_logits, model.vocab_size / tp, model.hidden_size)
+    # Between stages one GPU sends the hidden state; a send costs about a small all-reduce.
+    sends = (pp - 1) * (ALLREDUCE_LATENCY_MS[gpu.nvlink] + hidden_bytes / (hw.link_gb_s * 1e9 / 1e3))
+    return model.num_layers * layer + logits + sends + STEP_OVERHEAD_MS * pp
+
+
+def _bytes_per_ms(gpu: GPUSpec) -> float:
+    return gpu.mem_bw_gb_s * 1e9 * MEMORY_EFFICIENCY / 1e3
+
+
+def _weight_shapes(model: ModelSpec, tp: int) -> tuple[tuple[float, float], ...]:
+    """(n, k) of each weight matrix one GPU holds per layer: QKV, output, MLP up (with the
+    gate when gated) and down."""
+    h = model.hidden_size
+    q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    up = (2 if model.mlp == "gated" else 1) * model.intermediate_size
+    return ((q + 2 * kv) / tp, h), (h, q / tp), (up / tp, h), (h, model.intermediate_size / tp)
+
+
+def _activation_bytes(model: ModelSpec, tp: int) -> float:
+    """Bytes a token's activations move per layer outside the GEMMs: two norms and residual
+    adds over the whole hidden state (10 reads and writes of it); on this GPU's heads, rotary
+    (q, k in and out) and attention (q, k, v in, output out); the MLP activation (gate and up
+    in, product out, or up in and out)."""
+    q, kv = model.num_heads * model.head_dim, model.num_kv_heads * model.head_dim
+    mlp = (3 if model.mlp == "gated" else 2) * model.intermediate_size
+    return model.dtype_bytes * (10 * model.hidden_size + (4 * (q + kv) + mlp) / tp)
+
+
+def _fit_line(xs: Sequence[float], ys: Sequence[float], through_first: bool = False) -> tuple[float, float]:
+    """Intercept and slope (both >= 0) of the line closest to the points in relative error;
+    through_first: of the lines through the first point."""
+    w = [1 / y ** 2 for y in ys]
+    if through_first:
+        x0, y0 = xs[0], ys[0]
+        slope = (sum(wi * (x - x0) * (y - y0) for wi, x, y in zip(w, xs, ys))
+                 / sum(wi * (x - x0) ** 2 for wi, x in zip(w, xs)))
+        slope = max(slope, 0.0)
+        return max(y0 - slope * x0, 0.0), slope
+    s0, s1 = sum(w), sum(wi * x for wi, x in zip(w, xs))
+    s2 = sum(wi * x * x for wi, x in zip(w, xs))
+    r0, r1 = sum(wi * y for wi, y in zip(w, ys)), sum(wi * x * y for wi, x, y in zip(w, xs, ys))
+    slope = (s0 * r1 - s1 * r0) / (s0 * s2 - s1 * s1)
+    intercept = (r0 - slope * s1) / s0
+    if intercept < 0:
+        return 0.0, r1 / s2
+    return intercept, max(slope, 0.0)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 
 from planner.gpus import GPU_SPECS, GPU_TYPES, NodeHardware, node_hardware
-from planner.latency import Coefficients, LatencyTable, Profile, ProfileEntry, roofline
+from planner.latency import (ALLREDUCE_LATENCY_MS, COMPUTE_EFFICIENCY, LAYER_OVERHEAD_MS, LINK_EFFICIENCY,
+                             MEMORY_EFFICIENCY, STEP_OVERHEAD_MS, Coefficients, LatencyTable, Profile,
+                             ProfileEntry, allreduce_ms, gemm_ms, roofline, step_tokens_ms)
 from planner.models import ARCHITECTURES
 from proto.cluster import NodeSpec
 
@@ -25,18 +27,47 @@ def test_table_covers_the_required_gpus():
 
 def test_roofline_scales_like_hardware():
     a100 = roofline(MODEL, hw("A100-80GB"), 1, 1)
-    # Prefill is compute-bound: 2 x params FLOPs per token at 60% of 312 TFLOP/s.
-    per_token_ms = 2 * (MODEL.num_params - MODEL.vocab_size * MODEL.hidden_size) / (312e12 * 0.6) * 1e3
-    assert a100.b == pytest.approx(per_token_ms)
-    # Decode reads all weights once per step: 26 GB at 80% of 2 TB/s, plus the step overhead.
-    assert a100.A == pytest.approx(1.0 + MODEL.weight_bytes / (2039e9 * 0.8) * 1e3)
+    # Long prompts are compute-bound: per token, the layers' 2 x params FLOPs at the GEMMs' efficiency.
+    compute_ms = 2 * MODEL.num_layers * MODEL.params_per_layer / (312e12 * COMPUTE_EFFICIENCY) * 1e3
+    assert 0.95 * compute_ms < a100.b < 1.15 * compute_ms
+    # A decode step reads all weights (26 GB at the achievable share of 2 TB/s) and pays the fixed
+    # costs; the line is exact for one sequence.
+    weights_ms = MODEL.weight_bytes / (2039e9 * MEMORY_EFFICIENCY) * 1e3
+    fixed_ms = STEP_OVERHEAD_MS + MODEL.num_layers * LAYER_OVERHEAD_MS
+    assert a100.A + a100.C == pytest.approx(step_tokens_ms(MODEL, hw("A100-80GB"), 1, 1, 1, 1))
+    assert 0.97 * (weights_ms + fixed_ms) < a100.A + a100.C < 1.05 * (weights_ms + fixed_ms)
     assert roofline(MODEL, hw("H100"), 1, 1).prefill_ms(1000) < a100.prefill_ms(1000) \
         < roofline(MODEL, hw("T4"), 1, 1).prefill_ms(1000)
     tp2 = roofline(MODEL, hw("A100-80GB"), 2, 1)
-    assert 0.5 < tp2.prefill_ms(2000) / a100.prefill_ms(2000) < 0.6  # halved compute, plus all-reduces
+    assert 0.5 < tp2.prefill_ms(2000) / a100.prefill_ms(2000) < 0.65  # halved compute, plus all-reduces
+    # Small decode steps shrink far less than the weights per GPU: fixed costs and all-reduce
+    # latencies (two per layer) stay.
+    tp8 = roofline(MODEL, hw("A100-80GB"), 8, 1)
+    assert tp8.A > a100.A / 4 > weights_ms / 4
+    assert tp8.A > fixed_ms + 2 * MODEL.num_layers * ALLREDUCE_LATENCY_MS[True]
     # Over PCIe the same all-reduces cost more than over NVLink.
     l40s = roofline(MODEL, hw("L40S"), 4, 1)
     assert l40s.b - roofline(MODEL, hw("L40S"), 1, 1).b / 4 > tp2.b - a100.b / 2
+
+
+def test_a_gemm_streams_weights_when_small_and_computes_when_large():
+    gpu = GPU_SPECS["H100"]
+    weights_ms = 2 * 8192 * 8192 / (3350e9 * MEMORY_EFFICIENCY) * 1e3
+    assert gemm_ms(gpu, "bfloat16", 1, 8192, 8192) == pytest.approx(weights_ms, rel=0.01)
+    compute_ms = 2 * 16384 * 8192 * 8192 / (989e12 * COMPUTE_EFFICIENCY) * 1e3
+    assert gemm_ms(gpu, "bfloat16", 16384, 8192, 8192) == pytest.approx(compute_ms, rel=0.01)
+    # Near the ridge neither roof is reached: slower than either alone, faster than both in turn.
+    ridge = 989e12 * COMPUTE_EFFICIENCY / (3350e9 * MEMORY_EFFICIENCY)
+    t = gemm_ms(gpu, "bfloat16", ridge, 8192, 8192)
+    assert weights_ms * 1.2 < t < weights_ms * 2
+
+
+def test_an_allreduce_costs_a_latency_plus_the_rings_bytes():
+    nvlink = hw("A100-80GB")
+    assert allreduce_ms(nvlink, 1, 1e6) == 0
+    ring = 2 * 3 / 4 * 1e6 / (300e9 * LINK_EFFICIENCY) * 1e3
+    assert allreduce_ms(nvlink, 4, 1e6) == pytest.approx(ALLREDUCE_LATENCY_MS[True] + ring)
+    assert allreduce_ms(hw("L4"), 4, 1e6) > allreduce_ms(nvlink, 4, 1e6)  # PCIe: slower and later
 
 
 def test_step_ms_mixes_prefill_and_decode():
