@@ -1,6 +1,7 @@
 """`tandem plan` and `tandem profile`.
 
     tandem plan --cluster cluster.yaml --model llama-2-13b --workload workload.yaml --slo slo.yaml
+    tandem plan latency --model llama-2-13b --gpu A100-80GB --tp 2 --prefill-tokens 1024
     tandem profile --model /models/tiny --out profile.yaml
 
 Progress goes to stderr; the table (or, with --emit json, the plan as JSON) to stdout; the
@@ -13,17 +14,20 @@ import argparse
 import json
 import sys
 
+from planner import latency_cli
+
 
 def register(subparsers) -> None:
     plan = subparsers.add_parser(
         "plan", help="choose prefill/decode instances and their placement on a GPU cluster (MILP)",
         description="Plan how many prefill and decode instances of which GPU type, TP and PP to run "
                     "on which nodes, to serve the most requests within the SLO (or a rate at least cost).")
-    plan.add_argument("--cluster", required=True, help="cluster YAML (nodes, GPUs, network)")
-    plan.add_argument("--model", required=True,
-                      help="architecture name (e.g. llama-2-13b), checkpoint directory, config.json or YAML")
-    plan.add_argument("--workload", required=True, help="workload YAML (rate and lengths, or a trace)")
-    plan.add_argument("--slo", required=True, help="SLO YAML (TTFT/TPOT targets, percentiles, attainment)")
+    # Required unless a subcommand (`tandem plan latency`) runs instead: plan_inputs checks them.
+    plan.add_argument("--cluster", help="cluster YAML (nodes, GPUs, network); required")
+    plan.add_argument("--model",
+                      help="architecture name (e.g. llama-2-13b), checkpoint directory, config.json or YAML; required")
+    plan.add_argument("--workload", help="workload YAML (rate and lengths, or a trace); required")
+    plan.add_argument("--slo", help="SLO YAML (TTFT/TPOT targets, percentiles, attainment); required")
     plan.add_argument("--objective", choices=("goodput", "cost"), default="goodput",
                       help="goodput: most requests/s on the cluster; cost: least $/h for --target-rate")
     plan.add_argument("--target-rate", type=float, help="requests/s for --objective cost (default: workload rate)")
@@ -46,6 +50,7 @@ def register(subparsers) -> None:
                       help="pipeline stages per instance at most (default 1: tandem serve runs tensor "
                            "parallelism, not pipeline stages; raise it to see what PP would plan)")
     plan.set_defaults(run=run_plan)
+    latency_cli.register(plan)
 
     profile = subparsers.add_parser(
         "profile", help="measure the engine on this machine and write latency coefficients",
@@ -78,6 +83,10 @@ def plan_inputs(args: argparse.Namespace):
     from proto.cluster import ClusterSpec
     from proto.slo import SLOSpec
 
+    missing = [f"--{name}" for name in ("cluster", "model", "workload", "slo") if getattr(args, name) is None]
+    if missing:
+        raise ValueError(f"the following arguments are required: {', '.join(missing)} "
+                         f"(or `tandem plan latency` for the latency of one step)")
     if args.target_rate is not None and args.target_rate <= 0:
         raise ValueError(f"--target-rate must be positive, got {args.target_rate}")
     if args.block_size <= 0 or args.block_size & (args.block_size - 1):
