@@ -159,13 +159,18 @@ def summary(checks: list[Check]) -> tuple[float, Check]:
     return statistics.median(abs(c.error) for c in checks), worst
 
 
-def markdown_table(checks: list[Check], sources: dict[str, Source]) -> str:
+def markdown_table(checks: list[Check]) -> str:
+    """One row per point; the source column names the source (sources_list gives its address)."""
     rows = ["| point | source: table, row | measured ms | predicted ms | error |", "|---|---|---|---|---|"]
     for c in checks:
         p = c.point
-        rows.append(f"| {p.id} | [{p.source}]({sources[p.source].url}): {p.where} | {_ms(c.measured_ms)} "
-                    f"| {_ms(c.predicted_ms)} | {c.error:+.0%} |")
+        rows.append(f"| {p.id} | {p.source}: {p.where} | {_ms(c.measured_ms)} | {_ms(c.predicted_ms)} "
+                    f"| {c.error:+.0%} |")
     return "\n".join(rows)
+
+
+def sources_list(sources: dict[str, Source]) -> str:
+    return "\n".join(f"- `{name}`: {s.title}, {s.url}" for name, s in sources.items())
 
 
 def source_table(checks: list[Check]) -> str:

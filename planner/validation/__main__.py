@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from planner.validation import load_points, markdown_table, source_table, summary, validate
+from planner.validation import load_points, markdown_table, source_table, sources_list, summary, validate
 
 
 def main() -> int:
     sources, _ = load_points()
     checks = validate()
     median, worst = summary(checks)
-    print(markdown_table(checks, sources))
+    print(sources_list(sources))
+    print()
+    print(markdown_table(checks))
     print()
     print(source_table(checks))
     print(f"\n{len(checks)} points: median |error| {median:.1%}, max {abs(worst.error):.1%} ({worst.point.id})")
