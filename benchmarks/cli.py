@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from benchmarks.common import DEFAULT_TRACE_DIR, markdown_table
+from kv_transfer.registry import backend_names
 
 
 def register(subparsers) -> None:
@@ -30,7 +31,7 @@ def register(subparsers) -> None:
     p.add_argument("--slo-tpot", type=float, default=0.05, help="TPOT target in seconds")
     p.add_argument("--out", help="directory for results.json, table.md and plot.png")
     p.add_argument("--model", help="with --compare: checkpoint directory (default: the embedded model)")
-    p.add_argument("--kv-backend", choices=("nixl", "shm", "torch_dist"))
+    p.add_argument("--kv-backend", choices=backend_names())
     p.set_defaults(run=_bench)
 
 

@@ -1,6 +1,7 @@
 """The decode worker as a Ray actor: a thin async shell around DecodeWorker.
 
-Streams are async generators: the caller iterates the ObjectRefGenerator Ray returns.
+Streams are async generators: over Ray the caller iterates the ObjectRefGenerator Ray
+returns (deploy/ray_clients.py); in process, DecodeActor is itself a router.clients.DecodeClient.
 """
 
 from __future__ import annotations
@@ -10,10 +11,10 @@ from concurrent.futures import Future
 from typing import AsyncIterator, Callable, Sequence
 
 from decode_worker.worker import DecodeFollower, DecodeWorker, RankLost, Settled
-from engine import EngineConfig, SamplingParams
+from engine import EngineConfig
 from engine.cores import bind_cores, process_cores
 from engine.engine_loop import delta_stream
-from proto.serving import KVHandle, TokenDelta, WorkerInfo
+from proto.serving import GenerateRequest, KVHandle, TokenDelta, WorkerInfo, WorkerStats
 
 
 class DecodeActor:
@@ -33,12 +34,12 @@ class DecodeActor:
         endpoints = ray.get([f.endpoint.remote() for f in followers])
         self.worker.attach_followers([RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints), 1)])
 
-    async def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> KVHandle:
+    async def reserve(self, request: GenerateRequest) -> KVHandle:
         """Wait (queued, without a thread) for room, then register the blocks on every rank."""
         # Both halves wait for the engine lock or for followers: keep the actor's event loop free.
-        granted = await asyncio.to_thread(self.worker.request_blocks, request_id, prompt_token_ids, params)
+        granted = await asyncio.to_thread(self.worker.request_blocks, request)
         block_ids = await asyncio.wrap_future(granted)
-        return await asyncio.to_thread(self.worker.register, request_id, block_ids)
+        return await asyncio.to_thread(self.worker.register, request.request_id, block_ids)
 
     async def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
         """Wait for the request's KV on every rank, then stream its deltas from the first token on."""
@@ -46,16 +47,14 @@ class DecodeActor:
         async for delta in self._stream(request_id, lambda cb: self.worker.admit(request_id, first_token_id, cb)):
             yield delta
 
-    async def generate_local(self, request_id: str, prompt_token_ids: list[int],
-                             params: SamplingParams) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
         """Prefill here and decode (short prompts: conditional disaggregation)."""
-        async for delta in self._stream(
-                request_id, lambda cb: self.worker.generate_local(request_id, prompt_token_ids, params, cb)):
+        async for delta in self._stream(request.request_id, lambda cb: self.worker.generate(request, cb)):
             yield delta
 
     def _stream(self, request_id: str, start: Callable[[Callable[[TokenDelta], None]], None]):
         async def start_async(on_delta):
-            start(on_delta)
+            await asyncio.to_thread(start, on_delta)  # submit waits for the engine lock
 
         async def stop():
             self.worker.abort(request_id)
@@ -64,7 +63,7 @@ class DecodeActor:
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self.worker.abort, request_id)  # waits for the engine lock
 
-    def stats(self) -> dict[str, float]:
+    async def stats(self) -> WorkerStats:
         return self.worker.stats()
 
     def info(self) -> WorkerInfo:
@@ -125,8 +124,9 @@ class DecodeFollowerActor:
     def cancel(self, request_id: str, reason: str) -> None:
         self.follower.cancel(request_id, reason)
 
-    def stats(self) -> dict[str, float]:
-        return {"num_transfers": self.follower.num_transfers()}
+    def num_transfers(self) -> int:
+        """This rank's parts not settled yet."""
+        return self.follower.num_transfers()
 
     def shutdown(self) -> None:
         """Call after rank 0's shutdown, which stops this rank's loop."""

@@ -11,7 +11,7 @@ A request's lifecycle on a decode worker:
     running batch with the prefill worker's first token; if a part failed, the caller gets
     TransferFailed and the blocks are freed once no sender can write any rank's part;
  4. it decodes in the continuous batch and streams deltas until it finishes.
-Short prompts skip 1-3: generate_local() prefills here (conditional disaggregation).
+Short prompts skip 1-3: generate() prefills here (conditional disaggregation).
 An abort at any step frees everything the request holds, never blocks a sender may still write.
 
 Tensor parallelism: the worker is tp processes. Rank 0 (DecodeWorker) owns the scheduler
@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Protocol, Sequence
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine
 from engine.engine_loop import MAX_TOMBSTONES, EngineLoop, RequestAborted
 from kv_transfer import KVReceiver, Transfer, TransferState
-from proto.serving import KVHandle, TokenDelta
+from proto.serving import GenerateRequest, KVHandle, TokenDelta, WorkerStats
 
 # How one rank's part of a transfer ended, once its blocks are safe: (state, error).
 Settled = tuple[TransferState, str | None]
@@ -138,18 +138,17 @@ class DecodeWorker:
                              f"follower ranks, got {len(ports)}")
         self._followers = list(ports)
 
-    def reserve(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                timeout_s: float | None = None) -> KVHandle:
+    def reserve(self, request: GenerateRequest, timeout_s: float | None = None) -> KVHandle:
         """request_blocks() then register(), blocking up to timeout_s for room (TimeoutError)."""
-        return self.register(request_id, self.request_blocks(request_id, prompt_token_ids, params).result(timeout_s))
+        return self.register(request.request_id, self.request_blocks(request).result(timeout_s))
 
-    def request_blocks(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams) -> Future:
+    def request_blocks(self, request: GenerateRequest) -> Future:
         """Queue the request for blocks; the future gets them once the batch and the cache have
         room (or RequestAborted). Raises ValueError for a bad prompt and Overloaded when
         max_waiting requests wait already."""
         if len(self._followers) != self.tp_size - 1:
             raise RuntimeError(f"the worker's {self.tp_size - 1} follower ranks are not attached yet")
-        return self.loop.reserve(request_id, prompt_token_ids, params)
+        return self.loop.reserve(request.request_id, list(request.prompt_token_ids), request.params)
 
     def register(self, request_id: str, block_ids: list[int]) -> KVHandle:
         """Register granted blocks with every rank's KV receiver; returns where prefill must push."""
@@ -171,8 +170,7 @@ class DecodeWorker:
             if isinstance(error, RankLost):
                 self.loop.fail(error)  # every request ends with this error; stats() now raises
             raise TransferFailed(f"could not register {request_id}'s blocks on every rank: {error}") from error
-        return KVHandle(request_id, (self.endpoint,) + tuple(p.endpoint for p in self._followers),
-                        tuple(block_ids))
+        return KVHandle(request_id, (self.endpoint,) + tuple(p.endpoint for p in self._followers))
 
     def _track(self, request_id: str, record: _Reserved) -> bool:
         """Keep the record; False (and the record dropped) when the request was aborted meanwhile."""
@@ -253,9 +251,9 @@ class DecodeWorker:
             self.loop.release_soon(request_id)
             raise TransferFailed(f"{request_id} was aborted before it was admitted") from None
 
-    def generate_local(self, request_id: str, prompt: list[int], params: SamplingParams,
-                       on_delta: Callable[[TokenDelta], None]) -> None:
-        self.loop.submit(request_id, prompt, params, on_delta)
+    def generate(self, request: GenerateRequest, on_delta: Callable[[TokenDelta], None]) -> None:
+        """Prefill here and decode (short prompts: conditional disaggregation)."""
+        self.loop.submit(request.request_id, list(request.prompt_token_ids), request.params, on_delta)
 
     def abort(self, request_id: str) -> None:
         with self._lock:
@@ -269,12 +267,12 @@ class DecodeWorker:
             self._drop(request_id, record)
         # else: running (the engine freed its blocks), finished, or unknown
 
-    def stats(self) -> dict[str, float]:
-        """Raises RuntimeError once the engine broke: the router then stops picking this worker."""
+    def stats(self) -> WorkerStats:
+        """Raises Unavailable once the engine broke: the router then stops picking this worker."""
         self.loop.check_running()
         with self._lock:
             num_transfers = len(self._reserved)
-        return {**self.loop.stats(), "num_transfers": num_transfers}
+        return self.loop.stats(num_transfers)
 
     def close(self) -> None:
         self.loop.close()

@@ -19,13 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tandem", description="Disaggregated prefill/decode LLM serving and placement planning.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue  # the package that owns these commands is not built yet
-        module.register(subparsers)
+        importlib.import_module(name).register(subparsers)
     return parser
 
 

@@ -14,10 +14,12 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decode_worker.actor import DecodeActor, DecodeFollowerActor
 from deploy.cores import CorePlan, plan_cores
+from deploy.ray_clients import RayDecodeClient, RayPrefillClient
 from engine import EngineConfig
 from kv_transfer.auth import deployment_secret
 from prefill_worker.actor import PrefillActor, PrefillFollowerActor
 from proto.plan import ray_resource_name
+from proto.serving import Role
 from router.orchestrator import DisaggregatedBackend
 
 
@@ -26,7 +28,7 @@ class WorkerGroup:
     """Identical workers of one role. A worker is `tp` processes (tensor-parallel ranks), each
     with one GPU on a GPU cluster or `num_cpus` CPUs without GPUs, all on one node."""
 
-    role: str  # "prefill" | "decode"
+    role: Role  # PREFILL or DECODE (the plan's strings are accepted: Role is a str)
     count: int
     tp: int = 1  # tensor-parallel size
     gpu_type: str | None = None  # adds the Ray resource GPU_<type> (a heterogeneous cluster)
@@ -36,8 +38,9 @@ class WorkerGroup:
     max_num_batched_tokens: int | None = None
 
     def __post_init__(self) -> None:
-        if self.role not in ("prefill", "decode"):
+        if self.role not in (Role.PREFILL, Role.DECODE):
             raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
+        object.__setattr__(self, "role", Role(self.role))
         if self.count < 0 or self.tp < 1:
             raise ValueError(f"count must be >= 0 and tp >= 1, got count={self.count}, tp={self.tp}")
 
@@ -136,7 +139,7 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
         config = group.engine_config(engine_config)
         dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
         ranks = range(1, group.tp)
-        if group.role == "prefill":
+        if group.role is Role.PREFILL:
             driver = ray.remote(PrefillActor).options(**options(0)).remote(
                 model_dir, config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret, cores=pinned(0))
             prefill_actors.append(driver)
@@ -155,7 +158,9 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
     infos = ray.get([a.info.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)
     decode = infos[len(prefill_actors)]  # what decode workers run with is what requests must fit
     backend = DisaggregatedBackend(
-        model_dir, prefill_actors, decode_actors, model_name=model_name, max_model_len=decode.max_model_len,
+        model_dir, [RayPrefillClient(a, f"prefill worker {i}") for i, a in enumerate(prefill_actors)],
+        [RayDecodeClient(a, f"decode worker {i}") for i, a in enumerate(decode_actors)],
+        model_name=model_name, max_model_len=decode.max_model_len,
         block_size=decode.layout.block_size,
         kv_bytes_per_token=decode.layout.bytes_per_token * decode.layout.tp_size,
         policy=policy, local_prefill_tokens=local_prefill_tokens)

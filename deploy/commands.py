@@ -12,6 +12,9 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+from kv_transfer.registry import backend_names
+from router.policy import POLICIES
+
 
 def register(subparsers) -> None:
     serve = subparsers.add_parser("serve", help="serve a model: prefill and decode workers behind gRPC and HTTP")
@@ -54,9 +57,9 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
                         "default: one core each when there are enough, else shared")
     p.add_argument("--prefill-cpus", type=int, metavar="N", help="cores per prefill rank (overrides --cpus-per-worker)")
     p.add_argument("--decode-cpus", type=int, metavar="N", help="cores per decode rank (overrides --cpus-per-worker)")
-    p.add_argument("--kv-backend", choices=("nixl", "shm", "torch_dist"),
+    p.add_argument("--kv-backend", choices=backend_names(),
                    help="KV transfer backend (default: nixl when installed, else shm)")
-    p.add_argument("--routing", default="load", choices=("load", "round_robin"))
+    p.add_argument("--routing", default="load", choices=POLICIES)
     p.add_argument("--local-prefill-tokens", type=int,
                    help="prompts with at most this many uncached tokens prefill on the decode worker "
                         "(serve: default 32; demo: 0)")
@@ -119,7 +122,7 @@ def start_backend(args: argparse.Namespace, log=print):
                                  max_num_batched_tokens=args.max_num_batched_tokens,
                                  max_model_len=args.max_model_len)
     if args.colocated:
-        from router.backend import LocalBackend
+        from router.local_backend import LocalBackend
         backend = LocalBackend(model_dir, engine_config, model_name)
         log(f"colocated engine on {model_name}")
         return backend, backend.close

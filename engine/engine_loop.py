@@ -22,13 +22,18 @@ import asyncio
 import threading
 from collections import OrderedDict
 from concurrent.futures import Future
-from typing import AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, AsyncIterator, Awaitable, Callable
 
-from engine.llm_engine import LLMEngine, RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
-from proto.serving import TokenDelta
+from proto.errors import Overloaded, RequestAborted, Unavailable
+from proto.serving import FinishReason, TokenDelta, WorkerStats, final_delta
+
+if TYPE_CHECKING:  # the loop only drives an engine: importing it would load torch
+    from engine.llm_engine import LLMEngine, RequestOutput
+
+__all__ = ["EngineLoop", "Overloaded", "RequestAborted", "Unavailable", "delta_stream", "final_delta", "to_delta"]
 
 # Called with a step's schedule before it runs; returns the per-layer hook for that step
 # and the payload that tensor-parallel followers receive with it (see engine/parallel.py).
@@ -38,29 +43,11 @@ BeforeRun = Callable[[SchedulerOutput], tuple[Callable[[int], None] | None, obje
 MAX_TOMBSTONES = 4096  # aborts remembered for requests not seen yet; request ids are unique
 
 
-class Overloaded(RuntimeError):
-    """Admission control refused a request: too many are already waiting."""
-
-
-class RequestAborted(RuntimeError):
-    """The request was aborted before (or while) it was admitted."""
-
-
-class Unavailable(RuntimeError):
-    """This engine (or worker) cannot serve now: it stopped or broke. Retry elsewhere or later."""
-
-
 def to_delta(out: RequestOutput) -> TokenDelta:
     return TokenDelta(request_id=out.request_id, token_ids=tuple(out.new_token_ids), text=out.new_text,
                       finished=out.finished, finish_reason=out.finish_reason,
                       num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
                       error=out.error)
-
-
-def final_delta(request_id: str, reason: str, error: str | None = None, retryable: bool = True) -> TokenDelta:
-    """A request's last delta when it ends outside a step: aborted, or failed by the server's
-    state (retryable: a broken engine, a lost worker), unless told otherwise."""
-    return TokenDelta(request_id, (), "", True, reason, 0, 0, error=error, retryable=retryable)
 
 
 async def delta_stream(start: Callable[[Callable[[TokenDelta], None]], Awaitable[None]],
@@ -191,7 +178,7 @@ class EngineLoop:
             self.engine.abort(request_id)
             self._grant_reservations()
         if callback is not None:
-            callback(final_delta(request_id, "abort"))
+            callback(final_delta(request_id, FinishReason.ABORT))
 
     def release_soon(self, request_id: str) -> None:
         """Free a held request's blocks at the loop's next turn. Safe from any thread, never blocks long."""
@@ -203,14 +190,15 @@ class EngineLoop:
             finally:
                 self._lock.release()
 
-    def stats(self) -> dict[str, float]:
+    def stats(self, num_transfers: int = 0) -> WorkerStats:
+        """The engine's gauges (num_transfers: what the caller counts of its own)."""
         # Gauges read with len() only, so no lock: a caller polling them (the router, every
         # fraction of a second, from an actor's event loop) never waits for a step.
         bm, sched = self.engine.block_manager, self.engine.scheduler
-        return {"num_waiting": len(sched.waiting) + len(self._reservations), "num_running": len(sched.running),
-                "num_reserved": len(sched.reserved), "num_held": len(sched.held),
-                "num_free_blocks": bm.num_free_blocks, "num_blocks": bm.num_blocks,
-                "kv_usage": bm.usage, "num_preemptions": sched.num_preemptions_total}
+        return WorkerStats(num_waiting=len(sched.waiting) + len(self._reservations), num_running=len(sched.running),
+                           num_reserved=len(sched.reserved), num_held=len(sched.held), num_transfers=num_transfers,
+                           num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
+                           num_preemptions=sched.num_preemptions_total)
 
     def fail(self, reason: BaseException) -> None:
         """Stop for good because something the engine depends on broke (a lost tensor-parallel
@@ -270,7 +258,7 @@ class EngineLoop:
         for _seq, future in reservations.values():
             _fail(future, Unavailable(f"engine loop is not running: {reason}"))
         for request_id, callback in callbacks.items():
-            callback(final_delta(request_id, "error", str(reason)))
+            callback(final_delta(request_id, FinishReason.ERROR, str(reason)))
 
 
 def _fail(future: Future, error: BaseException) -> None:

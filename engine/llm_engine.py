@@ -42,7 +42,7 @@ class RequestOutput:
     new_text: str  # text that became final in that step (empty without a tokenizer)
     text: str | None  # the whole decoded output once finished, else None
     finished: bool
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
+    finish_reason: FinishReason | None  # once finished
     num_cached_tokens: int  # prompt tokens served by the prefix cache
     metrics: dict[str, float] = field(default_factory=dict)  # arrival_s, first_token_s, finished_s
     error: str | None = None  # why this request failed (finish_reason "error"), else None
@@ -315,6 +315,6 @@ class LLMEngine:
             token_ids=list(seq.output_token_ids), new_token_ids=new_token_ids,
             new_text=detok.delta(seq.is_finished) if detok else "",
             text=(detok.text if detok else None) if seq.is_finished else None,
-            finished=seq.is_finished, finish_reason=seq.finish_reason.value if seq.finish_reason else None,
+            finished=seq.is_finished, finish_reason=seq.finish_reason,
             num_cached_tokens=seq.num_cached_prompt_tokens, metrics=metrics, error=req.error)
 

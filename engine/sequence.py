@@ -5,19 +5,15 @@ from __future__ import annotations
 import enum
 
 from engine.sampling_params import SamplingParams
+from proto.serving import FinishReason
+
+__all__ = ["FinishReason", "Sequence", "SequenceStatus"]
 
 
 class SequenceStatus(enum.Enum):
     WAITING = "waiting"  # queued; holds no blocks (new, or preempted and to be recomputed)
     RUNNING = "running"  # holds blocks; is prefilling in chunks or decoding
     FINISHED = "finished"  # done; its blocks have been given back
-
-
-class FinishReason(str, enum.Enum):
-    STOP = "stop"  # EOS, a stop token id or a stop string
-    LENGTH = "length"  # max_tokens reached, or the model's context window is full
-    ABORT = "abort"  # cancelled by the caller
-    ERROR = "error"  # failed on its own (its sampling or text); the rest of its batch went on
 
 
 class Sequence:

@@ -34,7 +34,8 @@ from kv_transfer.messages import (MAX_HANDSHAKE_BYTES, Abort, Accept, Begin, Cha
                                   LayerSent, Message, Quiesced, Refuse, Rendezvous, Welcome, parse_endpoint)
 from kv_transfer.resharding import dst_ranks_of, head_slice
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
-from kv_transfer.transport import SendLink, TransportError, load_backend
+from kv_transfer.registry import load_backend
+from kv_transfer.transport import SendLink, TransportError
 from proto.kv import KVLayout
 
 log = logging.getLogger(__name__)

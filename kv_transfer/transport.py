@@ -15,7 +15,6 @@ HeadSlice of each layer.
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import ClassVar, Literal
 
@@ -114,31 +113,3 @@ class Transport(ABC):
 
     def close(self) -> None:
         """Free the backend's resources. Called once, after every link was closed."""
-
-
-# name -> "module:Class"; modules are imported on first use, so that a missing optional
-# dependency (nixl) only matters to whoever picks that backend.
-_BACKENDS = {
-    "nixl": "kv_transfer.backends.nixl:NixlTransport",
-    "torch_dist": "kv_transfer.backends.torch_dist:TorchDistTransport",
-    "shm": "kv_transfer.backends.shm:ShmTransport",
-}
-
-
-def backend_names() -> tuple[str, ...]:
-    return tuple(_BACKENDS)
-
-
-def register_backend(name: str, target: str) -> None:
-    """Add a backend: `target` is 'module:Class', a Transport subclass imported on first use."""
-    if ":" not in target:
-        raise ValueError(f"target must be 'module:Class', got {target!r}")
-    _BACKENDS[name] = target
-
-
-def load_backend(name: str) -> type[Transport]:
-    """The Transport class registered as `name`, importing its module now."""
-    if name not in _BACKENDS:
-        raise ValueError(f"unknown KV transfer backend {name!r}; choose one of {backend_names()}")
-    module_name, class_name = _BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)

@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-from engine import EngineConfig, SamplingParams
+from engine import EngineConfig
 from engine.cores import bind_cores, process_cores
 from prefill_worker.worker import PrefillFollower, PrefillWorker
-from proto.serving import KVHandle, PrefillResult, WorkerInfo
+from proto.serving import GenerateRequest, KVHandle, PrefillResult, WorkerInfo, WorkerStats
 
 
 class PrefillActor:
-    """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop."""
+    """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop.
+    In process, it is itself a router.clients.PrefillClient (tests use it so)."""
 
     def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str,
                  transfer_timeout_s: float = 30.0, dist_init: str | None = None, *, kv_secret: bytes,
@@ -23,8 +24,7 @@ class PrefillActor:
         self.worker = PrefillWorker(model_dir, engine_config, kv_backend, transfer_timeout_s, dist_init,
                                     kv_secret=kv_secret)
 
-    async def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                      handle: KVHandle) -> PrefillResult:
+    async def prefill(self, request: GenerateRequest, handle: KVHandle) -> PrefillResult:
         loop = asyncio.get_running_loop()
         result: asyncio.Future = loop.create_future()
 
@@ -34,11 +34,12 @@ class PrefillActor:
                     result.set_exception(r) if isinstance(r, Exception) else result.set_result(r)
             loop.call_soon_threadsafe(settle)
 
-        self.worker.prefill(request_id, prompt_token_ids, params, handle, on_done)
+        # submit waits for the engine lock (up to one step): keep the actor's event loop free.
+        await asyncio.to_thread(self.worker.prefill, request, handle, on_done)
         try:
             return await result
         except asyncio.CancelledError:
-            self.worker.abort(request_id)
+            await asyncio.to_thread(self.worker.abort, request.request_id)
             raise
 
     async def abort(self, request_id: str) -> None:
@@ -48,7 +49,7 @@ class PrefillActor:
         """A follower rank's part of a transfer released the blocks."""
         self.worker.release_part(request_id)
 
-    def stats(self) -> dict[str, float]:
+    async def stats(self) -> WorkerStats:
         return self.worker.stats()
 
     def info(self) -> WorkerInfo:

@@ -26,11 +26,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import EngineConfig, LLMEngine
 from engine.engine_loop import EngineLoop
 from engine.scheduler import SchedulerOutput
 from kv_transfer import KVSender, Transfer
-from proto.serving import KVHandle, PrefillResult, TokenDelta
+from proto.serving import FinishReason, GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
 
 
 class PrefillFailed(RuntimeError):
@@ -76,15 +76,16 @@ class PrefillWorker:
     def layout(self):
         return self.engine.kv_cache.layout
 
-    def prefill(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                handle: KVHandle, on_done: Callable[[PrefillResult | Exception], None]) -> None:
+    def prefill(self, request: GenerateRequest, handle: KVHandle,
+                on_done: Callable[[PrefillResult | Exception], None]) -> None:
         """Prefill a prompt and push its KV to `handle`; on_done gets the first token (or an error)."""
+        request_id = request.request_id
         # One token, whatever it is: stop conditions and text are the decode worker's job.
-        first_only = replace(params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
+        first_only = replace(request.params, max_tokens=1, stop=(), stop_token_ids=(), ignore_eos=True)
 
         def on_delta(delta: TokenDelta) -> None:
-            if delta.finish_reason in ("abort", "error"):
-                if delta.finish_reason == "error":
+            if delta.finish_reason in (FinishReason.ABORT, FinishReason.ERROR):
+                if delta.finish_reason is FinishReason.ERROR:
                     self.abort(request_id)  # a transfer that started stops; its blocks come back
                 on_done(PrefillFailed(delta.error or f"prefill of {request_id} was {delta.finish_reason}ed"))
             elif delta.token_ids:
@@ -93,7 +94,7 @@ class PrefillWorker:
         with self._lock:
             self._pending[request_id] = handle
         try:
-            self.loop.submit(request_id, prompt_token_ids, first_only, on_delta, hold_blocks=True)
+            self.loop.submit(request_id, list(request.prompt_token_ids), first_only, on_delta, hold_blocks=True)
         except BaseException:
             with self._lock:
                 self._pending.pop(request_id, None)
@@ -136,12 +137,12 @@ class PrefillWorker:
             self._transfers.pop(request_id, None)
         self.loop.release_soon(request_id)
 
-    def stats(self) -> dict[str, float]:
-        """Raises RuntimeError once the engine broke: the router then stops picking this worker."""
+    def stats(self) -> WorkerStats:
+        """Raises Unavailable once the engine broke: the router then stops picking this worker."""
         self.loop.check_running()
         with self._lock:
             num_transfers = len(self._transfers)
-        return {**self.loop.stats(), "num_transfers": num_transfers}
+        return self.loop.stats(num_transfers)
 
     def close(self) -> None:
         self.loop.close()

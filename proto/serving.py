@@ -2,9 +2,67 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, fields
+
+from typing import TYPE_CHECKING
 
 from proto.kv import KVLayout
+
+if TYPE_CHECKING:
+    from engine.sampling_params import SamplingParams
+
+
+class FinishReason(enum.StrEnum):
+    """How a request ended. A str (its value), so that it is the OpenAI / KServe string as is."""
+
+    STOP = "stop"  # EOS, a stop token id or a stop string
+    LENGTH = "length"  # max_tokens reached, or the model's context window is full
+    ABORT = "abort"  # cancelled by the caller, or by the server
+    ERROR = "error"  # failed: on its own (its sampling, its text) or with its worker (see TokenDelta.retryable)
+
+
+class Role(enum.StrEnum):
+    """What a worker does."""
+
+    PREFILL = "prefill"  # computes prompts and sends their KV
+    DECODE = "decode"  # receives KV (or prefills short prompts itself) and decodes
+    COLOCATED = "colocated"  # both phases in one engine, no KV moved
+
+
+@dataclass(frozen=True)
+class WorkerStats:
+    """A worker's gauges, as its stats() reports them (rank 0 of a tensor-parallel worker)."""
+
+    num_waiting: int  # requests waiting to be scheduled (decode: also reservations waiting for room)
+    num_running: int  # requests in the running batch
+    num_reserved: int  # decode: requests whose blocks wait for their KV
+    num_held: int  # finished requests whose blocks a KV transfer still reads (prefill) or writes
+    num_transfers: int  # KV transfers this worker takes part in now
+    num_free_blocks: int
+    num_blocks: int
+    num_preemptions: int  # since start: a measure of KV memory pressure
+
+    @property
+    def kv_usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_blocks if self.num_blocks else 0.0
+
+    def gauges(self) -> dict[str, float]:
+        """Every field, and kv_usage, by name (what /metrics exports per worker)."""
+        return {**{f.name: float(getattr(self, f.name)) for f in fields(self)}, "kv_usage": self.kv_usage}
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One request, validated, as it travels from a frontend to the workers: the only argument
+    a worker needs to start it (reserve, prefill, or generate here)."""
+
+    request_id: str  # unique in the router; the id every worker knows it by
+    prompt_token_ids: tuple[int, ...]  # the whole prompt, special tokens included
+    params: SamplingParams
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))  # lists accepted, frozen
 
 
 @dataclass(frozen=True)
@@ -15,7 +73,7 @@ class TokenDelta:
     token_ids: tuple[int, ...]  # new tokens, in order
     text: str  # new final text (detokenized by the worker; stop strings already cut)
     finished: bool  # the last delta of this request
-    finish_reason: str | None  # "stop" | "length" | "abort" | "error" once finished
+    finish_reason: FinishReason | None  # once finished
     num_prompt_tokens: int  # prompt length in tokens
     num_cached_tokens: int  # prompt tokens that came from the prefix cache
     error: str | None = None  # why the request failed (finish_reason "error"), else None
@@ -25,13 +83,19 @@ class TokenDelta:
     retryable: bool = False
 
 
+def final_delta(request_id: str, reason: FinishReason, error: str | None = None, retryable: bool = True) -> TokenDelta:
+    """A request's last delta when it ends outside a step: aborted, or failed by the server's
+    state (retryable: a broken engine, a lost worker), unless told otherwise."""
+    return TokenDelta(request_id, (), "", True, reason, 0, 0, error=error, retryable=retryable)
+
+
 @dataclass(frozen=True)
 class KVHandle:
-    """Where a prefill worker must push a request's KV: blocks a decode worker reserved."""
+    """Where a prefill worker must push a request's KV: a decode worker reserved blocks for it
+    and registered them with its receivers, which tell each sender the block ids (Accept)."""
 
     request_id: str
     endpoints: tuple[str, ...]  # the KV receivers of every rank of the decode worker
-    block_ids: tuple[int, ...]  # reserved destination blocks, in prompt order
 
 
 @dataclass(frozen=True)

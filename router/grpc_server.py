@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from proto.kserve import grpc_service_pb2 as pb
 from proto.kserve import grpc_service_pb2_grpc as pb_grpc
-from router.backend import Overloaded, Unavailable
+from proto.errors import Overloaded, Unavailable
 from router.kserve import (FINAL_RESPONSE, KServeRequest, check_model_version, infer_response, model_config,
                            model_metadata, parse_infer_request)
 from router.requests import BadRequest, UnknownModel

@@ -18,7 +18,7 @@ import time
 
 from aiohttp import web
 
-from router.backend import Overloaded, Unavailable
+from proto.errors import Overloaded, Unavailable
 from router.metrics import CONTENT_TYPE
 from router.openai_protocol import (OpenAIRequest, chunk_body, parse_chat, parse_completion, response_body,
                                     usage, usage_chunk_body)

@@ -61,9 +61,9 @@ class _BackendStats:
                                labels=["role", "worker"])
         families: dict[str, GaugeMetricFamily] = {}
         for w in workers:
-            labels = [w.role, str(w.index)]
+            labels = [w.role.value, str(w.index)]
             up.add_metric(labels, 1.0 if w.up else 0.0)
-            for key, value in w.stats.items():  # a worker that is down reports none
+            for key, value in (w.stats.gauges() if w.stats is not None else {}).items():  # none when down
                 if key not in families:
                     families[key] = GaugeMetricFamily(_metric_name("tandem_worker_", key),
                                                       STATS_HELP.get(key, f"a worker's stats()[{key!r}]"),
@@ -73,7 +73,7 @@ class _BackendStats:
         yield from families.values()
 
 
-class Metrics:
+class ServerMetrics:
     def __init__(self, backend):
         self.registry = CollectorRegistry()
         r = self.registry

@@ -1,14 +1,17 @@
 """Disaggregated serving behind the Backend interface: the request's way, in one function.
 
-    generate():
-      1. tokenize and check the prompt; pick a decode worker (free KV blocks, batch load)
+    generate(request):
+      1. pick a decode worker (free KV blocks, batch load)
       2. short uncached prompt -> the decode worker prefills it itself (conditional
          disaggregation), else:
-         a. decode.reserve(prompt)            -> KVHandle (blocks + KV endpoints)
-         b. prefill.prefill(prompt, handle)   -> first token; KV pushed layer by layer
+         a. decode.reserve(request)           -> KVHandle (blocks registered, KV endpoints)
+         b. prefill.prefill(request, handle)  -> first token; KV pushed layer by layer
          c. decode.admit(first token)         -> waits for the KV, joins the running batch
       3. stream decode's deltas to the caller
       a cancel, disconnect or failure at any step -> abort on both workers (blocks freed)
+
+Workers are reached through typed clients (router/clients.py); this module knows nothing of
+what carries the calls.
 """
 
 from __future__ import annotations
@@ -17,35 +20,36 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import AsyncIterator
+from typing import AsyncIterator, Sequence
 
-from ray.exceptions import RayActorError, RayTaskError
-
-from engine import SamplingParams
-from engine.engine_loop import Overloaded, Unavailable, final_delta
 from engine.tokenizer import load_tokenizer
-from proto.serving import TokenDelta
+from proto.errors import Overloaded, Unavailable
+from proto.serving import FinishReason, GenerateRequest, Role, TokenDelta, WorkerStats, final_delta
 from router.backend import STATS_INTERVAL_S, WorkerStatus
-from router.policy import Router
+from router.clients import DecodeClient, PrefillClient
+from router.policy import RoutingPolicy, WorkerView
 
 log = logging.getLogger(__name__)
 WORKER_STATS_TIMEOUT_S = 2.0
+# Sums the backend reports per role (over the workers that are up).
+SUMMED = ("num_waiting", "num_running", "num_reserved", "num_held", "num_transfers", "num_free_blocks",
+          "num_blocks", "num_preemptions")
 
 
 class DisaggregatedBackend:
-    def __init__(self, model_dir: str | Path, prefill_actors: list, decode_actors: list, *, model_name: str,
-                 max_model_len: int, block_size: int, kv_bytes_per_token: int,
+    def __init__(self, model_dir: str | Path, prefill: Sequence[PrefillClient], decode: Sequence[DecodeClient], *,
+                 model_name: str, max_model_len: int, block_size: int, kv_bytes_per_token: int,
                  policy: str = "load", local_prefill_tokens: int = 32):
-        if not decode_actors:
+        if not decode:
             raise ValueError("at least one decode worker is needed")
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.kv_bytes_per_token = kv_bytes_per_token
         self.local_prefill_tokens = local_prefill_tokens
         self._tokenizer = load_tokenizer(model_dir)
-        self.prefill_actors = prefill_actors
-        self.decode_actors = decode_actors
-        self.router = Router(policy, len(prefill_actors), len(decode_actors), block_size)
+        self.prefill = list(prefill)
+        self.decode = list(decode)
+        self.policy = RoutingPolicy(policy, len(self.prefill), len(self.decode), block_size)
         self._stats_at = 0.0
         self.counters = {"kv_transfers_total": 0, "kv_transfer_failures_total": 0,
                          "kv_transfer_bytes_total": 0, "kv_transfer_seconds_total": 0.0,
@@ -55,42 +59,31 @@ class DisaggregatedBackend:
     def tokenizer(self):
         return self._tokenizer
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        """Token ids to route by. The decode worker's engine validates them (empty, too long,
-        out of vocabulary) and its ValueError reaches the caller unchanged."""
-        if not isinstance(prompt, str):
-            return list(prompt)
-        if self._tokenizer is None:
-            raise ValueError("this model has no tokenizer; send token ids")
-        return self._tokenizer.encode(prompt)
-
-    async def generate(self, request_id: str, prompt: str | list[int],
-                       params: SamplingParams) -> AsyncIterator[TokenDelta]:
-        token_ids = self.encode(prompt)
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        request_id, token_ids = request.request_id, list(request.prompt_token_ids)
         await self._refresh_stats()
-        hashes = self.router.hashes(token_ids)
-        decode_view = self.router.pick_decode(hashes)  # Unavailable when no decode worker is up
-        decode = self.decode_actors[decode_view.index]
+        hashes = self.policy.hashes(token_ids)
+        decode_view = self.policy.pick_decode(hashes)  # Unavailable when no decode worker is up
+        decode = self.decode[decode_view.index]
         prefill = None
         transfer_start: float | None = None  # set while the first delta after a transfer is awaited
         finished = False  # the request ended on the workers: nothing left to abort
         try:
-            uncached = len(token_ids) - decode_view.overlap_blocks(hashes) * self.router.block_size
-            if not self.prefill_actors or uncached <= self.local_prefill_tokens:
+            uncached = len(token_ids) - decode_view.overlap_blocks(hashes) * self.policy.block_size
+            if not self.prefill or uncached <= self.local_prefill_tokens:
                 self.counters["local_prefills_total"] += 1
-                stream = decode.generate_local.remote(request_id, token_ids, params)
+                stream = decode.generate(request)
             else:
-                prefill_view = self.router.pick_prefill(hashes)
-                prefill = self.prefill_actors[prefill_view.index]
+                prefill_view = self.policy.pick_prefill(hashes)
+                prefill = self.prefill[prefill_view.index]
                 # Waits in the decode worker's queue until it has a batch slot and blocks.
-                handle = await _unwrap(decode.reserve.remote(request_id, token_ids, params))
-                result = await _unwrap(prefill.prefill.remote(request_id, token_ids, params, handle))
+                handle = await decode.reserve(request)
+                result = await prefill.prefill(request, handle)
                 prefill_view.remember(hashes)
-                stream = decode.admit.remote(request_id, result.first_token_id)
+                stream = decode.admit(request_id, result.first_token_id)
                 transfer_start = time.monotonic()
             decode_view.remember(hashes)
-            async for ref in stream:
-                delta = await _unwrap(ref)
+            async for delta in stream:
                 if transfer_start is not None:
                     self._count_transfer(len(token_ids), time.monotonic() - transfer_start)
                     transfer_start = None
@@ -98,18 +91,18 @@ class DisaggregatedBackend:
                 yield delta
         except (ValueError, Overloaded):
             raise  # the caller's fault or admission control: the frontends map these
-        except (RayTaskError, RayActorError, Unavailable) as exc:
-            # A worker failed or died: the request may succeed elsewhere (retryable). The
-            # workers' health is looked at now, not at the next interval.
+        except (Unavailable, RuntimeError) as exc:
+            # A worker failed, broke or died: the request may succeed elsewhere (retryable).
+            # The workers' health is looked at now, not at the next interval.
             if prefill is not None:
                 self.counters["kv_transfer_failures_total"] += 1
             self._stats_at = 0.0
-            yield final_delta(request_id, "error", _reason(exc), retryable=True)
+            yield final_delta(request_id, FinishReason.ERROR, str(exc), retryable=True)
         finally:
             if not finished:  # failed or cancelled anywhere: free what either worker holds
-                decode.abort.remote(request_id)
+                await decode.abort(request_id)
                 if prefill is not None:
-                    prefill.abort.remote(request_id)
+                    await prefill.abort(request_id)
 
     def _count_transfer(self, num_tokens: int, seconds: float) -> None:
         self.counters["kv_transfers_total"] += 1
@@ -117,43 +110,41 @@ class DisaggregatedBackend:
         self.counters["kv_transfer_seconds_total"] += seconds
 
     async def abort(self, request_id: str) -> None:
-        for actor in self.prefill_actors + self.decode_actors:
-            actor.abort.remote(request_id)
+        await asyncio.gather(*(worker.abort(request_id) for worker in [*self.prefill, *self.decode]))
+
+    def _views(self) -> list[tuple[Role, WorkerView, PrefillClient | DecodeClient]]:
+        return [*((Role.PREFILL, v, c) for v, c in zip(self.policy.prefill, self.prefill)),
+                *((Role.DECODE, v, c) for v, c in zip(self.policy.decode, self.decode))]
 
     async def _refresh_stats(self) -> None:
         if time.monotonic() - self._stats_at < STATS_INTERVAL_S:
             return
         self._stats_at = time.monotonic()
-        views = self.router.prefill + self.router.decode
-        actors = self.prefill_actors + self.decode_actors
+        views = self._views()
         # A worker that does not answer within WORKER_STATS_TIMEOUT_S is as good as down.
-        results = await asyncio.gather(*(asyncio.wait_for(a.stats.remote(), WORKER_STATS_TIMEOUT_S)
-                                         for a in actors), return_exceptions=True)
-        for view, result in zip(views, results):
-            # A worker that does not answer (dead actor) or whose engine broke (its stats()
-            # raises) is down: no stats are made up for it.
-            view.alive = not isinstance(result, Exception)
-            view.stats = result if view.alive else {}
+        results = await asyncio.gather(*(asyncio.wait_for(client.stats(), WORKER_STATS_TIMEOUT_S)
+                                         for _, _, client in views), return_exceptions=True)
+        for (_, view, _), result in zip(views, results):
+            # A worker that does not answer (dead) or whose engine broke (its stats() raises)
+            # is down: no stats are made up for it.
+            view.update(result if isinstance(result, WorkerStats) else None)
 
     def is_ready(self) -> bool:
         """Every worker answered its last stats call (at most STATS_INTERVAL_S ago while served)."""
-        return all(v.alive for v in self.router.prefill + self.router.decode)
+        return all(view.alive for _, view, _ in self._views())
 
     def workers(self) -> list[WorkerStatus]:
-        return [WorkerStatus(role, v.index, v.alive, v.stats)
-                for role, views in (("prefill", self.router.prefill), ("decode", self.router.decode))
-                for v in views]
+        return [WorkerStatus(role, view.index, view.alive, view.stats) for role, view, _ in self._views()]
 
     def stats(self) -> dict[str, float]:
         """Sums over the workers that are up (prefill_* and decode_*), KV usage of the live
         decode pool, counters."""
         out: dict[str, float] = dict(self.counters)
-        for role, views in (("prefill", self.router.prefill), ("decode", self.router.decode)):
-            live = [v for v in views if v.alive]
-            out[f"{role}_num_workers_up"] = len(live)
-            for key in ("num_waiting", "num_running", "num_reserved", "num_held", "num_transfers",
-                        "num_free_blocks", "num_blocks", "num_preemptions"):
-                out[f"{role}_{key}"] = sum(v.stats.get(key, 0) for v in live)
+        for role in (Role.PREFILL, Role.DECODE):
+            live = [view.stats for r, view, _ in self._views() if r is role and view.alive]
+            out[f"{role.value}_num_workers_up"] = len(live)
+            for key in SUMMED:
+                out[f"{role.value}_{key}"] = sum(getattr(s, key) for s in live)
         out["num_waiting"] = out["prefill_num_waiting"] + out["decode_num_waiting"]
         out["num_running"] = out["decode_num_running"]
         out["num_free_blocks"] = out["decode_num_free_blocks"]
@@ -165,22 +156,3 @@ class DisaggregatedBackend:
         """Fetch every worker's stats now (tests and /metrics scrapes)."""
         self._stats_at = 0.0
         await self._refresh_stats()
-
-
-async def _unwrap(ref):
-    """Await a Ray result, re-raising a worker's ValueError, Overloaded or Unavailable as itself."""
-    try:
-        return await ref
-    except RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, (ValueError, Overloaded, Unavailable)):
-            raise cause from None
-        raise
-
-
-def _reason(exc: BaseException) -> str:
-    if isinstance(exc, RayActorError):
-        return f"a worker died: {exc.__class__.__name__}"
-    cause = getattr(exc, "cause", None)
-    return f"{type(cause or exc).__name__}: {cause or exc}"
-

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import itertools
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.block_manager import prefix_block_hashes
-from engine.engine_loop import Unavailable
+from proto.errors import Unavailable
+from proto.serving import WorkerStats
 
 POLICIES = ("load", "round_robin")
 MAX_TRACKED_BLOCKS = 200_000  # per worker; the oldest hashes are forgotten first
@@ -24,9 +25,13 @@ class WorkerView:
     """What the router knows about one worker: its last stats and its likely cached prefixes."""
 
     index: int
-    stats: dict[str, float]
-    cached: "OrderedDict[bytes, None]"
-    alive: bool = True  # False once its stats call failed (dead actor, broken engine)
+    cached: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
+    stats: WorkerStats | None = None  # from its last stats call (None before the first)
+    alive: bool = True  # False once a stats call failed (dead actor, broken engine); no stats then
+
+    def update(self, stats: WorkerStats | None) -> None:
+        """The outcome of a stats call: the worker's gauges, or None when it did not answer."""
+        self.stats, self.alive = stats, stats is not None
 
     def overlap_blocks(self, hashes: list[bytes]) -> int:
         n = 0
@@ -44,14 +49,16 @@ class WorkerView:
             self.cached.popitem(last=False)
 
 
-class Router:
+class RoutingPolicy:
+    """Picks a worker of each role for a request, by the policy's rule, among live workers."""
+
     def __init__(self, policy: str, num_prefill: int, num_decode: int, block_size: int):
         if policy not in POLICIES:
             raise ValueError(f"routing policy must be one of {POLICIES}, got {policy!r}")
         self.policy = policy
         self.block_size = block_size
-        self.prefill = [WorkerView(i, {}, OrderedDict()) for i in range(num_prefill)]
-        self.decode = [WorkerView(i, {}, OrderedDict()) for i in range(num_decode)]
+        self.prefill = [WorkerView(i) for i in range(num_prefill)]
+        self.decode = [WorkerView(i) for i in range(num_decode)]
         self._turns = {"prefill": itertools.count(), "decode": itertools.count()}  # round robin's positions
 
     def hashes(self, token_ids: list[int]) -> list[bytes]:
@@ -62,9 +69,8 @@ class Router:
             return self._next(self.decode, "decode")
 
         def score(w: WorkerView):
-            free = w.stats.get("num_free_blocks", 0) / max(1.0, w.stats.get("num_blocks", 1))
-            busy = w.stats.get("num_running", 0) + w.stats.get("num_reserved", 0) + w.stats.get("num_waiting", 0)
-            return (free, -busy, w.overlap_blocks(hashes))
+            s = w.stats or IDLE
+            return (1.0 - s.kv_usage, -(s.num_running + s.num_reserved + s.num_waiting), w.overlap_blocks(hashes))
         return max(_alive(self.decode, "decode"), key=score)
 
     def pick_prefill(self, hashes: list[bytes]) -> WorkerView:
@@ -72,14 +78,19 @@ class Router:
             return self._next(self.prefill, "prefill")
 
         def score(w: WorkerView):
-            queued = w.stats.get("num_waiting", 0) + w.stats.get("num_running", 0)
+            s = w.stats or IDLE
             # A cached block saves a block of compute; a queued request costs about one prompt.
-            return w.overlap_blocks(hashes) - queued * max(1, len(hashes))
+            return w.overlap_blocks(hashes) - (s.num_waiting + s.num_running) * max(1, len(hashes))
         return max(_alive(self.prefill, "prefill"), key=score)
 
     def _next(self, views: list[WorkerView], role: str) -> WorkerView:
         alive = _alive(views, role)
         return alive[next(self._turns[role]) % len(alive)]
+
+
+# What a worker that has not reported yet is taken to be: empty.
+IDLE = WorkerStats(num_waiting=0, num_running=0, num_reserved=0, num_held=0, num_transfers=0,
+                   num_free_blocks=0, num_blocks=0, num_preemptions=0)
 
 
 def _alive(views: list[WorkerView], role: str) -> list[WorkerView]:

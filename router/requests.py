@@ -14,10 +14,11 @@ from __future__ import annotations
 import asyncio
 import reprlib
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Mapping
 
-from engine import SamplingParams
+from engine.sampling_params import SamplingParams
+from proto.serving import GenerateRequest
 
 # Text up to this many characters is tokenized on the event loop: a thread hop would cost
 # more than the tokenizing (tens of microseconds).
@@ -58,15 +59,6 @@ class BadRequest(ValueError):
 
 class UnknownModel(BadRequest):
     """The request names a model this router does not serve: gRPC NOT_FOUND, HTTP 404."""
-
-
-@dataclass(frozen=True)
-class GenerateRequest:
-    """A validated request, ready for Backend.generate."""
-
-    request_id: str  # unique in this router; the id the backend and its workers see
-    prompt_token_ids: tuple[int, ...]  # the whole prompt, special tokens included
-    params: SamplingParams
 
 
 def new_request_id(prefix: str) -> str:

@@ -32,7 +32,7 @@ from aiohttp import web
 from router.backend import STATS_INTERVAL_S
 from router.grpc_server import HealthServicer, InferenceServicer, start_grpc_server
 from router.http_server import HTTPFrontend
-from router.metrics import Metrics
+from router.metrics import ServerMetrics
 from router.requests import PromptEncoder
 from router.security import Security
 from router.streaming import Serving
@@ -102,7 +102,7 @@ class ServerHandle:
 async def serve(backend, http_port: int = DEFAULT_HTTP_PORT, grpc_port: int = DEFAULT_GRPC_PORT,
                 host: str = DEFAULT_HOST, security: Security = Security()) -> ServerHandle:
     """Start the OpenAI HTTP and KServe gRPC frontends; returns once both are listening."""
-    serving = Serving(backend, Metrics(backend), PromptEncoder(backend.tokenizer, backend.max_model_len), security)
+    serving = Serving(backend, ServerMetrics(backend), PromptEncoder(backend.tokenizer, backend.max_model_len), security)
     http = HTTPFrontend(serving)
     # handler_cancellation: a client that disconnects cancels its handler, aborting its request.
     runner = web.AppRunner(http.app(), handler_cancellation=True, shutdown_timeout=HTTP_CLOSE_TIMEOUT_S,

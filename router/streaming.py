@@ -15,9 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from proto.serving import TokenDelta
-from router.backend import Overloaded, Unavailable
-from router.metrics import Metrics
+from proto.serving import FinishReason, TokenDelta
+from proto.errors import Overloaded, Unavailable
+from router.metrics import ServerMetrics
 from router.requests import BadRequest, GenerateRequest, PromptEncoder
 from router.security import Security
 
@@ -29,7 +29,7 @@ class Serving:
     """The state both frontends share."""
 
     backend: object  # router.backend.Backend
-    metrics: Metrics
+    metrics: ServerMetrics
     encoder: PromptEncoder
     security: Security = Security()
     draining: bool = False  # new requests are refused (503 / UNAVAILABLE) while running ones finish
@@ -67,7 +67,7 @@ class RequestFailed(RuntimeError):
 def _failure(delta: TokenDelta, serving: Serving) -> RequestFailed:
     if serving.cutting:
         return RequestFailed(f"{SHUTDOWN_MESSAGE}: the request was stopped before it finished", retryable=True)
-    if delta.finish_reason == "abort":
+    if delta.finish_reason is FinishReason.ABORT:
         return RequestFailed("the request was aborted by the server", retryable=True)
     return RequestFailed(f"the request failed: {delta.error or 'unknown error'}", retryable=delta.retryable)
 
@@ -89,10 +89,10 @@ async def stream_deltas(serving: Serving, frontend: str, request: GenerateReques
     serving.idle.clear()
     try:
         serving.check_open()
-        stream = serving.backend.generate(request.request_id, list(request.prompt_token_ids), request.params)
+        stream = serving.backend.generate(request)
         async with contextlib.aclosing(stream):
             async for delta in stream:
-                if delta.finish_reason in ("error", "abort"):
+                if delta.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
                     outcome = delta.finish_reason
                     raise _failure(delta, serving)
                 if delta.token_ids:
@@ -104,7 +104,7 @@ async def stream_deltas(serving: Serving, frontend: str, request: GenerateReques
                     num_tokens += len(delta.token_ids)
                     metrics.generation_tokens.labels(frontend).inc(len(delta.token_ids))
                 if delta.finished:
-                    outcome = delta.finish_reason or "stop"
+                    outcome = delta.finish_reason or FinishReason.STOP
                 yield delta
     except Overloaded:
         outcome = "overloaded"
@@ -126,7 +126,7 @@ async def stream_deltas(serving: Serving, frontend: str, request: GenerateReques
         if not serving.in_flight:
             serving.idle.set()
         metrics.count(frontend, outcome)
-        if outcome in ("stop", "length") and first_token_s is not None:
+        if outcome in (FinishReason.STOP, FinishReason.LENGTH) and first_token_s is not None:
             metrics.e2e_s.labels(frontend).observe(last_token_s - arrival_s)
             if num_tokens > 1:
                 metrics.tpot_s.labels(frontend).observe((last_token_s - first_token_s) / (num_tokens - 1))

@@ -11,6 +11,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed")
 from deploy.cli import build_parser, main  # noqa: E402
 from deploy.commands import start_backend  # noqa: E402
 from engine import SamplingParams  # noqa: E402
+from proto.serving import GenerateRequest  # noqa: E402
 from proto.plan import Plan, ray_resource_name  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
 
@@ -54,8 +55,8 @@ def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
 
             async def one():
                 tokens = []
-                async with contextlib.aclosing(backend.generate("r", prompt, SamplingParams(
-                        temperature=0.0, max_tokens=8))) as stream:
+                async with contextlib.aclosing(backend.generate(GenerateRequest("r", prompt, SamplingParams(
+                        temperature=0.0, max_tokens=8)))) as stream:
                     async for delta in stream:
                         tokens += delta.token_ids
                 return tokens

@@ -130,7 +130,7 @@ def test_reservations_queue_for_room_in_order_and_overload_only_past_max_waiting
         third, fourth = loop.reserve("r3", prompt, GREEDY), loop.reserve("r4", prompt, GREEDY)
         time.sleep(0.2)
         assert not third.done() and not fourth.done()  # waiting for a slot, not refused
-        assert loop.stats()["num_waiting"] == 2
+        assert loop.stats().num_waiting == 2
         with pytest.raises(Overloaded, match="max_waiting=2"):
             loop.reserve("r5", prompt, GREEDY)
         loop.abort("r4")  # a queued reservation leaves the queue

@@ -88,7 +88,7 @@ def test_registry_names_the_choices_and_imports_lazily():
     with pytest.raises(ValueError, match=r"unknown KV transfer backend 'rdma'; choose one of"):
         load_backend("rdma")
     code = ("import sys, kv_transfer; from kv_transfer import load_backend; "
-            "assert not any(m.startswith(('nixl', 'kv_transfer.backends.')) for m in sys.modules); "
+            "assert not any(m.startswith(('nixl', 'torch', 'kv_transfer.backends.')) for m in sys.modules); "
             "load_backend('shm'); assert 'kv_transfer.backends.shm' in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
 

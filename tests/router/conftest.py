@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from engine import EngineConfig
 from proto.serving import TokenDelta
-from router.backend import LocalBackend, Overloaded, Unavailable
+from proto.errors import Overloaded, Unavailable
+from router.local_backend import LocalBackend
 from router.requests import PromptEncoder
 from router.server import ServerHandle, serve
 
@@ -44,12 +45,12 @@ class ControlledBackend:
     def tokenizer(self):
         return self.inner.tokenizer
 
-    async def generate(self, request_id, prompt, params):
+    async def generate(self, request):
         if self.fail == "overloaded":
             raise Overloaded("8 requests are already waiting (max_waiting=8); retry later")
         if self.fail == "unavailable":
             raise Unavailable("no decode worker is up (of 1)")
-        stream = self.inner.generate(request_id, prompt, params)
+        stream = self.inner.generate(request)
         try:
             async for delta in stream:
                 yield delta
@@ -57,7 +58,7 @@ class ControlledBackend:
                     reason, error = {"error": ("error", "sampling failed: bad row"),
                                      "worker_died": ("error", "decode worker 0 died"),
                                      "abort": ("abort", None)}[self.fail]
-                    yield TokenDelta(request_id, (), "", True, reason, delta.num_prompt_tokens, 0, error,
+                    yield TokenDelta(request.request_id, (), "", True, reason, delta.num_prompt_tokens, 0, error,
                                      retryable=self.fail == "worker_died")
                     return
         finally:

@@ -6,7 +6,9 @@ import contextlib
 import pytest
 
 from engine import EngineConfig, SamplingParams
-from router.backend import LocalBackend, Overloaded
+from proto.serving import GenerateRequest
+from proto.errors import Overloaded
+from router.local_backend import LocalBackend
 from tests.checkpoints import hf_greedy
 
 
@@ -19,7 +21,7 @@ def backend(tiny_llama_dir):
 
 async def collect(backend, rid, prompt, params):
     deltas = []
-    async with contextlib.aclosing(backend.generate(rid, prompt, params)) as stream:
+    async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as stream:
         async for d in stream:
             deltas.append(d)
     return deltas
@@ -41,8 +43,7 @@ def test_concurrent_streams_match_transformers(backend, tiny_llama_dir):
 
 def test_closing_the_stream_aborts_and_frees_blocks(backend):
     async def main():
-        stream = backend.generate("long", list(range(3, 60)),
-                                  SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True))
+        stream = backend.generate(GenerateRequest("long", list(range(3, 60)), SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)))
         async for delta in stream:
             if len(delta.token_ids):
                 break

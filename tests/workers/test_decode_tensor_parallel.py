@@ -17,6 +17,7 @@ import pytest
 
 from decode_worker.worker import DecodeFollower, DecodeWorker, TransferFailed
 from engine import EngineConfig, SamplingParams
+from proto.serving import GenerateRequest
 from prefill_worker.worker import PrefillWorker
 from tests.checkpoints import hf_greedy
 from tests.kv_transfer.peer import TEST_SECRET
@@ -120,7 +121,7 @@ def tp_decode(tiny_llama_dir):
 
 def all_settled(decode, port) -> bool:
     """Every block back on rank 0, no part open on rank 1."""
-    return all_blocks_free(decode) and port.num_transfers() == 0 and decode.stats()["num_transfers"] == 0
+    return all_blocks_free(decode) and port.num_transfers() == 0 and decode.stats().num_transfers == 0
 
 
 def test_decode_tp2_matches_transformers(tp_decode, tiny_llama_dir):
@@ -132,7 +133,7 @@ def test_decode_tp2_matches_transformers(tp_decode, tiny_llama_dir):
 
 def test_handle_names_every_rank(tp_decode):
     _, decode, port = tp_decode
-    handle = decode.reserve("names", [5, 6, 7], SamplingParams(max_tokens=2))
+    handle = decode.reserve(GenerateRequest("names", [5, 6, 7], SamplingParams(max_tokens=2)))
     assert handle.endpoints == (decode.endpoint, port.endpoint)
     decode.abort("names")
     assert all_settled(decode, port)
@@ -140,7 +141,7 @@ def test_handle_names_every_rank(tp_decode):
 
 def test_kv_that_never_arrives_frees_blocks_on_both_ranks(tp_decode):
     _, decode, port = tp_decode
-    decode.reserve("lost", list(range(5, 40)), SamplingParams(max_tokens=4))
+    decode.reserve(GenerateRequest("lost", list(range(5, 40)), SamplingParams(max_tokens=4)))
     assert decode.wait_kv("lost", DEADLINE_S + 10)
     with pytest.raises(TransferFailed, match="did not arrive: rank 0: deadline"):
         decode.admit("lost", 5, lambda d: None)
@@ -152,10 +153,10 @@ def test_one_rank_failing_fails_the_request_and_frees_it(tp_decode):
     prefill, decode, port = tp_decode
     params = SamplingParams(temperature=0.0, max_tokens=5)
     prompt = list(range(5, 50))
-    handle = decode.reserve("half", prompt, params)
+    handle = decode.reserve(GenerateRequest("half", prompt, params))
     port.cancel("half", "test: rank 1 gives up")
     assert port.num_transfers() == 0  # answered after the cancel: rank 1's part is gone
-    result = wait_for(lambda cb: prefill.prefill("half", prompt, params, handle, cb))
+    result = wait_for(lambda cb: prefill.prefill(GenerateRequest("half", prompt, params), handle, cb))
     assert decode.wait_kv("half", DEADLINE_S + 10)
     with pytest.raises(TransferFailed, match="did not arrive: rank"):
         decode.admit("half", getattr(result, "first_token_id", 0), lambda d: None)
@@ -166,14 +167,14 @@ def test_abort_at_each_step_frees_both_ranks(tp_decode):
     prefill, decode, port = tp_decode
     params = SamplingParams(temperature=0.0, max_tokens=300, ignore_eos=True)
     prompt = list(range(5, 100))
-    decode.reserve("a1", prompt, params)  # reserved only
+    decode.reserve(GenerateRequest("a1", prompt, params))  # reserved only
     decode.abort("a1")
-    handle = decode.reserve("a2", prompt, params)  # during the prefill
-    prefill.prefill("a2", prompt, params, handle, lambda r: None)
+    handle = decode.reserve(GenerateRequest("a2", prompt, params))  # during the prefill
+    prefill.prefill(GenerateRequest("a2", prompt, params), handle, lambda r: None)
     decode.abort("a2")
     prefill.abort("a2")
-    handle = decode.reserve("a3", prompt, params)  # while decoding
-    result = wait_for(lambda cb: prefill.prefill("a3", prompt, params, handle, cb))
+    handle = decode.reserve(GenerateRequest("a3", prompt, params))  # while decoding
+    result = wait_for(lambda cb: prefill.prefill(GenerateRequest("a3", prompt, params), handle, cb))
     assert decode.wait_kv("a3", 10)
     started = threading.Event()
     decode.admit("a3", result.first_token_id, lambda d: started.set())
@@ -202,7 +203,7 @@ def test_a_rank_refusing_registration_fails_reserve_only(tp_decode, tiny_llama_d
     decode.attach_followers([RefusingPort(port, "refused")])
     try:
         with pytest.raises(TransferFailed, match="could not register refused's blocks on every rank: rank 1 refuses"):
-            decode.reserve("refused", list(range(5, 40)), SamplingParams(max_tokens=3))
+            decode.reserve(GenerateRequest("refused", list(range(5, 40)), SamplingParams(max_tokens=3)))
         assert all_settled(decode, port)
         prompt = list(range(9, 30))  # the worker serves on
         tokens, _ = run_request(prefill, decode, "served", prompt, SamplingParams(temperature=0.0, max_tokens=4))

@@ -11,6 +11,7 @@ import pytest
 
 from decode_worker.worker import DecodeWorker, TransferFailed
 from engine import EngineConfig, SamplingParams
+from proto.serving import GenerateRequest
 from engine.engine_loop import RequestAborted
 from kv_transfer import TransferState
 from prefill_worker.worker import PrefillWorker
@@ -34,8 +35,8 @@ def workers(tiny_llama_dir):
 
 def run_request(prefill, decode, rid, prompt, params):
     """The orchestration of one request, as the router does it (minus Ray)."""
-    handle = decode.reserve(rid, prompt, params)
-    result = wait_for(lambda cb: prefill.prefill(rid, prompt, params, handle, cb))
+    handle = decode.reserve(GenerateRequest(rid, prompt, params))
+    result = wait_for(lambda cb: prefill.prefill(GenerateRequest(rid, prompt, params), handle, cb))
     assert not isinstance(result, Exception), result
     assert decode.wait_kv(rid, 5.0)
     deltas = []
@@ -70,7 +71,7 @@ def wait_for(start):
 def all_blocks_free(*workers, timeout_s=5.0):
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if all(w.stats()["num_free_blocks"] == w.stats()["num_blocks"] for w in workers):
+        if all(w.stats().num_free_blocks == w.stats().num_blocks for w in workers):
             return True
         time.sleep(0.02)
     return False
@@ -105,7 +106,7 @@ def test_concurrent_disaggregated_requests(workers, tiny_llama_dir):
 
 def test_kv_that_never_arrives_fails_admission_and_frees_blocks(workers):
     _, decode = workers
-    decode.reserve("lost", list(range(5, 40)), SamplingParams(max_tokens=4))
+    decode.reserve(GenerateRequest("lost", list(range(5, 40)), SamplingParams(max_tokens=4)))
     assert decode.transfer_of("lost").wait(DECODE_DEADLINE_S + 5) is TransferState.FAILED  # deadline passed
     with pytest.raises(TransferFailed, match="did not arrive"):
         decode.admit("lost", 5, lambda d: None)
@@ -115,9 +116,9 @@ def test_kv_that_never_arrives_fails_admission_and_frees_blocks(workers):
 def test_abort_after_reserve_and_during_prefill_frees_both_sides(workers):
     prefill, decode = workers
     params = SamplingParams(temperature=0.0, max_tokens=50)
-    handle = decode.reserve("ab", list(range(5, 100)), params)
+    handle = decode.reserve(GenerateRequest("ab", list(range(5, 100)), params))
     got = []
-    prefill.prefill("ab", list(range(5, 100)), params, handle, got.append)
+    prefill.prefill(GenerateRequest("ab", list(range(5, 100)), params), handle, got.append)
     prefill.abort("ab")
     decode.abort("ab")
     decode.abort("never-existed")
@@ -128,8 +129,8 @@ def test_abort_while_decoding_frees_blocks(workers):
     prefill, decode = workers
     params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
     prompt = list(range(5, 45))
-    handle = decode.reserve("long", prompt, params)
-    result = wait_for(lambda cb: prefill.prefill("long", prompt, params, handle, cb))
+    handle = decode.reserve(GenerateRequest("long", prompt, params))
+    result = wait_for(lambda cb: prefill.prefill(GenerateRequest("long", prompt, params), handle, cb))
     assert decode.transfer_of("long").wait(5.0) is TransferState.DONE
     started = threading.Event()
     decode.admit("long", result.first_token_id, lambda d: started.set())
@@ -143,12 +144,12 @@ def test_an_abort_that_overtakes_reserve_frees_the_blocks_at_once(workers):
     the blocks were granted but before they were registered, or before the request arrived."""
     _, decode = workers
     params = SamplingParams(temperature=0.0, max_tokens=4)
-    block_ids = decode.request_blocks("overtaken", list(range(5, 40)), params).result(10)
+    block_ids = decode.request_blocks(GenerateRequest("overtaken", list(range(5, 40)), params)).result(10)
     decode.abort("overtaken")
     with pytest.raises(RequestAborted):
         decode.register("overtaken", block_ids)
-    assert decode.stats()["num_transfers"] == 0  # dropped at once, never left to its deadline
+    assert decode.stats().num_transfers == 0  # dropped at once, never left to its deadline
     decode.abort("early")
     with pytest.raises(RequestAborted):
-        decode.request_blocks("early", list(range(5, 40)), params)
+        decode.request_blocks(GenerateRequest("early", list(range(5, 40)), params))
     assert all_blocks_free(decode)

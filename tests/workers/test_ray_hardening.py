@@ -21,6 +21,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed")
 
 from deploy.cluster import WorkerGroup, deploy  # noqa: E402
 from engine import EngineConfig, SamplingParams  # noqa: E402
+from proto.serving import GenerateRequest  # noqa: E402
 from router.server import serve  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
 
@@ -45,7 +46,7 @@ def deployment(tiny_llama_dir):
 async def collect(backend, rid, prompt, params, cancel_after: int | None = None):
     """The request's deltas; with cancel_after, the stream is closed after that many deltas."""
     deltas = []
-    async with contextlib.aclosing(backend.generate(rid, prompt, params)) as stream:
+    async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as stream:
         async for delta in stream:
             deltas.append(delta)
             if cancel_after is not None and len(deltas) >= cancel_after:

@@ -9,6 +9,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed")
 
 from deploy.cluster import WorkerGroup, deploy  # noqa: E402
 from engine import EngineConfig, SamplingParams  # noqa: E402
+from proto.serving import GenerateRequest  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def deployment(tiny_llama_dir):
 
 async def collect(backend, rid, prompt, params):
     deltas = []
-    async with contextlib.aclosing(backend.generate(rid, prompt, params)) as stream:
+    async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as stream:
         async for delta in stream:
             deltas.append(delta)
     return deltas
@@ -85,8 +86,7 @@ def test_cancelled_stream_frees_blocks_on_both_workers(deployment):
     backend = deployment.backend
 
     async def main():
-        stream = backend.generate("cancel-me", list(range(5, 60)),
-                                  SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True))
+        stream = backend.generate(GenerateRequest("cancel-me", list(range(5, 60)), SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)))
         async for _ in stream:
             break
         await stream.aclose()

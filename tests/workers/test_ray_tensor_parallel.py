@@ -11,6 +11,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed")
 
 from deploy.cluster import WorkerGroup, deploy  # noqa: E402
 from engine import EngineConfig, SamplingParams  # noqa: E402
+from proto.serving import GenerateRequest  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
 from tests.workers.test_ray_serving import all_free  # noqa: E402
 
@@ -35,7 +36,7 @@ def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, group
         async def main():
             async def one(i, prompt):
                 tokens = []
-                async with contextlib.aclosing(backend.generate(f"tp{i}", prompt, params)) as stream:
+                async with contextlib.aclosing(backend.generate(GenerateRequest(f"tp{i}", prompt, params))) as stream:
                     async for delta in stream:
                         assert delta.error is None, delta.error
                         tokens += delta.token_ids
@@ -49,8 +50,8 @@ def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, group
             assert tokens == hf_greedy(tiny_llama_dir, prompt, 8)
         assert backend.stats()["kv_transfers_total"] == len(prompts) + 1
         # Ranks > 0 of decode workers hold no part of any transfer any more.
-        stats = ray.get([a.stats.remote() for a in dep.follower_actors if hasattr(a, "stats")])
-        assert all(s["num_transfers"] == 0 for s in stats)
+        counts = ray.get([a.num_transfers.remote() for a in dep.follower_actors if hasattr(a, "num_transfers")])
+        assert all(n == 0 for n in counts)
     finally:
         if dep is not None:
             dep.shutdown()
@@ -90,7 +91,7 @@ def test_lost_decode_rank_fails_its_worker_and_the_rest_are_served(tiny_llama_di
 
         async def one(rid):
             deltas = []
-            async with contextlib.aclosing(backend.generate(rid, prompt, params)) as stream:
+            async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as stream:
                 async for delta in stream:
                     deltas.append(delta)
             return deltas
@@ -106,7 +107,7 @@ def test_lost_decode_rank_fails_its_worker_and_the_rest_are_served(tiny_llama_di
         assert first[-1].finish_reason == "error" and "rank 1 of this decode worker is gone" in first[-1].error
         for deltas in rest:
             assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, 6)
-        assert ray.get(dep.decode_actors[1].stats.remote())["num_free_blocks"] == 64
+        assert ray.get(dep.decode_actors[1].stats.remote()).num_free_blocks == 64
     finally:
         if dep is not None:
             dep.shutdown()

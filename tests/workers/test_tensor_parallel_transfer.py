@@ -15,6 +15,7 @@ import pytest
 
 from decode_worker.worker import DecodeWorker
 from engine import EngineConfig, SamplingParams
+from proto.serving import GenerateRequest
 from prefill_worker.worker import PrefillFollower, PrefillWorker
 from tests.workers.test_disaggregated import all_blocks_free, assert_oracle
 from tests.kv_transfer.peer import TEST_SECRET
@@ -71,8 +72,8 @@ def test_abort_during_tp_prefill_frees_both_sides(tp_prefill):
     prefill, decode = tp_prefill
     params = SamplingParams(temperature=0.0, max_tokens=20)
     prompt = list(range(5, 120))
-    handle = decode.reserve("tp-abort", prompt, params)
-    prefill.prefill("tp-abort", prompt, params, handle, lambda r: None)
+    handle = decode.reserve(GenerateRequest("tp-abort", prompt, params))
+    prefill.prefill(GenerateRequest("tp-abort", prompt, params), handle, lambda r: None)
     prefill.abort("tp-abort")
     decode.abort("tp-abort")
     assert all_blocks_free(prefill, decode, timeout_s=15)

@@ -1,0 +1,57 @@
+"""How the router reaches its workers: one typed client per worker, whatever carries the calls.
+
+The orchestrator sees only these Protocols. deploy/ray_clients.py implements them over Ray
+actors (the only place a `.remote` call is made); the worker actors themselves
+(prefill_worker/actor.py, decode_worker/actor.py) implement them in process, which is how
+tests drive the router without Ray.
+
+Errors a call raises, whatever the transport:
+  ValueError      the request is bad (the worker's engine refused it)
+  Overloaded      the worker's queue is full
+  Unavailable     the worker cannot serve now (its engine broke, a rank is gone)
+  WorkerLost      the worker died or stopped answering (an Unavailable)
+  RuntimeError    anything else the worker raised, with its message (TransferFailed, ...)
+"""
+
+from __future__ import annotations
+
+from typing import AsyncIterator, Protocol
+
+from proto.serving import GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
+
+
+class PrefillClient(Protocol):
+    """A prefill worker (rank 0 of its tensor-parallel ranks)."""
+
+    async def prefill(self, request: GenerateRequest, handle: KVHandle) -> PrefillResult:
+        """Compute the prompt and push its KV to `handle`; returns the first token once the
+        prompt is computed (the transfer may still be finishing)."""
+
+    async def abort(self, request_id: str) -> None:
+        """Stop the request wherever it is; its blocks come back once no transfer reads them.
+        Unknown ids are remembered, so a prefill that arrives later is refused."""
+
+    async def stats(self) -> WorkerStats:
+        """Its gauges; raises Unavailable once its engine broke."""
+
+
+class DecodeClient(Protocol):
+    """A decode worker (rank 0 of its tensor-parallel ranks)."""
+
+    async def reserve(self, request: GenerateRequest) -> KVHandle:
+        """Wait in line for a batch slot and blocks for the prompt, register them with every
+        rank's KV receiver, and say where the prefill worker must push."""
+
+    def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
+        """Once the KV arrived on every rank, stream the reserved request from its first token;
+        closing the stream early aborts it."""
+
+    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+        """Prefill here and decode (short prompts, or no prefill worker); closing the stream
+        early aborts it."""
+
+    async def abort(self, request_id: str) -> None:
+        """As PrefillClient.abort."""
+
+    async def stats(self) -> WorkerStats:
+        """Its gauges; raises Unavailable once its engine broke."""
