@@ -14,6 +14,7 @@ SUPPORTED_ARCHITECTURES = {
     "Qwen2ForCausalLM": True,
 }
 DTYPES = ("float32", "float16", "bfloat16")
+LOAD_FORMATS = ("checkpoint", "dummy")
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,9 @@ class EngineConfig:
     kv_cache_bytes: int | None = None  # default: 1 GiB on CPU, 90% of free GPU memory on GPU
     enable_prefix_caching: bool = True
     tensor_parallel_size: int = 1  # ranks (GPUs) one engine is split over; see engine/parallel.py
+    # "checkpoint": the directory's weights; "dummy": random weights of config.json's shapes,
+    # made on the device (no weight files needed: speed measurements of a model's shape)
+    load_format: str = "checkpoint"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES + ("auto",):
@@ -134,6 +138,8 @@ class EngineConfig:
             raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         if self.block_size <= 0 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_blocks",
                      "kv_cache_bytes", "tensor_parallel_size"):
             value = getattr(self, name)

@@ -17,7 +17,7 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig, ModelConfig
 from engine.detokenizer import Detokenizer
 from engine.kv_cache import TORCH_DTYPES, KVCache
-from engine.loader import load_model
+from engine.loader import load_model, random_model
 from engine.model_runner import ModelRunner
 from engine.parallel import OnStep, TPGroup, TPModelRunner, check_tp_size, rank_device, shard_model
 from engine.sampler import Sampler
@@ -96,7 +96,11 @@ class LLMEngine:
             raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
                              f"max_position_embeddings={mc.max_position_embeddings}")
         self.tp_group = TPGroup(tp_rank, tp, dist_init, self.device) if tp > 1 else None
-        if self.tp_group is None:
+        if config.load_format == "dummy":
+            if self.tp_group is not None:
+                raise ValueError("load_format 'dummy' is for one rank (tensor_parallel_size=1)")
+            self.model = random_model(mc, TORCH_DTYPES[self.dtype], self.device, self.max_model_len)
+        elif self.tp_group is None:
             self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], self.device, self.max_model_len)
         else:  # shard on the host, so that a GPU never holds more than its share
             self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], "cpu", self.max_model_len)

@@ -62,6 +62,27 @@ def to_fused(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def random_model(config: ModelConfig, dtype: torch.dtype, device: str, max_positions: int,
+                 seed: int = 0) -> LlamaModel:
+    """A model of config's shapes with small random weights, built on `device` directly (an
+    8B model appears on a GPU in seconds, with no checkpoint read)."""
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.device("meta"):
+        model = LlamaModel(config, max_positions)
+    weights = {}
+    for name, param in model.named_parameters():
+        if "norm" in name and param.dim() == 1:  # RMSNorm scales
+            weights[name] = torch.ones(param.shape, dtype=dtype, device=device)
+        elif name.endswith(".bias"):
+            weights[name] = torch.zeros(param.shape, dtype=dtype, device=device)
+        else:  # std 0.02, as Llama initialises: activations stay finite in fp16
+            weights[name] = torch.empty(param.shape, dtype=dtype, device=device).normal_(0.0, 0.02,
+                                                                                       generator=generator)
+    model.load_state_dict(weights, assign=True)
+    model.rotary = type(model.rotary)(config, max_positions)
+    return model.to(device).eval()
+
+
 def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: str,
                max_positions: int) -> LlamaModel:
     model_dir = Path(model_dir)

@@ -1,5 +1,7 @@
 """Loading: dtypes, sharded checkpoints, and the embedded default model."""
 
+import json
+
 import pytest
 import torch
 
@@ -45,3 +47,20 @@ def test_generate_command_prints_text(checkpoints, capsys):
 def test_generate_command_reports_missing_model(tmp_path, capsys):
     assert main(["generate", "--model", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_dummy_load_format_builds_the_shape_without_weight_files(tmp_path):
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
+              "max_position_embeddings": 128}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FileNotFoundError):
+        LLM(tmp_path)  # no weights: a checkpoint load fails
+    llm = LLM(tmp_path, load_format="dummy")
+    params = dict(llm.engine.model.named_parameters())
+    assert params["layers.1.mlp.down_proj.weight"].shape == (32, 64)
+    assert bool((params["norm.weight"] == 1).all())
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))[0]
+    assert len(out.token_ids) == 4 and all(0 <= t < 300 for t in out.token_ids)
+    with pytest.raises(ValueError, match="load_format must be one of"):
+        LLM(tmp_path, load_format="random")
