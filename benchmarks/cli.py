@@ -15,8 +15,11 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("bench", help="measure TTFT, TPOT and goodput under load")
     p.add_argument("--url", help="a running server's HTTP base URL (without --compare)")
     p.add_argument("--model-name", default=None, help="model name to send (default: the server's first)")
-    p.add_argument("--compare", action="store_true",
-                   help="start disaggregated (1 prefill + 1 decode) and colocated serving in turn, same load")
+    p.add_argument(
+        "--compare",
+        action="store_true",
+        help="start disaggregated (1 prefill + 1 decode) and colocated serving in turn, same load",
+    )
     p.add_argument("--rate", type=float, default=2.0, help="requests/s (Poisson arrivals)")
     p.add_argument("--rates", default="1,2,4", help="with --compare: comma-separated rates to sweep")
     p.add_argument("--num-requests", type=int, default=40)
@@ -37,19 +40,24 @@ def register(subparsers) -> None:
 
 def _workload(args, rate: float):
     from benchmarks.serving import poisson_workload, trace_workload
+
     if args.trace:
-        return trace_workload(args.trace, rate, args.num_requests, args.prompt_scale, args.output_scale,
-                              args.max_prompt, args.max_output)
+        return trace_workload(
+            args.trace, rate, args.num_requests, args.prompt_scale, args.output_scale, args.max_prompt, args.max_output
+        )
     return poisson_workload(rate, args.num_requests, args.prompt_len, args.output_len)
 
 
 def _bench(args: argparse.Namespace) -> int:
     from benchmarks.serving import SUMMARY_COLUMNS, format_row, run_load, summarize
+
     header = [c for c, _ in SUMMARY_COLUMNS]
     if not args.compare:
         if not args.url:
             raise ValueError("--url is required without --compare (or pass --compare to start servers here)")
-        results, duration = asyncio.run(run_load(args.url.rstrip("/"), args.model_name or "", _workload(args, args.rate)))
+        results, duration = asyncio.run(
+            run_load(args.url.rstrip("/"), args.model_name or "", _workload(args, args.rate))
+        )
         summary = summarize(results, duration, args.slo_ttft, args.slo_tpot)
         print(markdown_table(["rate (req/s)"] + header, [format_row([f"{args.rate:g}"], summary)]))
         return 0
@@ -60,12 +68,16 @@ def _bench(args: argparse.Namespace) -> int:
         for rate in rates:
             summary = _run_mode(args, mode, rate)
             rows.append((mode, rate, summary))
-            print(f"  {mode:14s} rate {rate:g}: P90 TTFT {summary['ttft_p90_s']:.2f}s  "
-                  f"P90 TPOT {summary['tpot_p90_s'] * 1e3:.0f}ms  goodput {summary['goodput_rps']:.2f} req/s", flush=True)
+            print(
+                f"  {mode:14s} rate {rate:g}: P90 TTFT {summary['ttft_p90_s']:.2f}s  "
+                f"P90 TPOT {summary['tpot_p90_s'] * 1e3:.0f}ms  goodput {summary['goodput_rps']:.2f} req/s",
+                flush=True,
+            )
     table = markdown_table(["mode", "rate (req/s)"] + header, [format_row([m, f"{r:g}"], s) for m, r, s in rows])
     print("\n" + table)
     if args.out:
         from benchmarks.serving import plot
+
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "results.json").write_text(json.dumps([{"mode": m, "rate": r, **s} for m, r, s in rows], indent=1))
@@ -82,6 +94,7 @@ def _run_mode(args: argparse.Namespace, mode: str, rate: float) -> dict:
     from router.server import serve
 
     from deploy.cli import build_parser
+
     argv = ["serve", "--model-name", "bench", "--local-prefill-tokens", "0"]
     argv += ["--model", args.model] if args.model else []
     argv += ["--kv-backend", args.kv_backend] if args.kv_backend else []
@@ -101,4 +114,3 @@ def _run_mode(args: argparse.Namespace, mode: str, rate: float) -> dict:
     finally:
         stop_backend()
     return summarize(results, duration, args.slo_ttft, args.slo_tpot)
-

@@ -38,11 +38,17 @@ def _worker(model_dir: str, trace: str, cores: list[int] | None) -> None:
     from benchmarks.engine_throughput import MAX_OUTPUT, MAX_PROMPT, workload
     from engine import LLM, SamplingParams
     from engine.cores import bind_cores
+
     if cores:
         bind_cores(cores)
     requests = workload(Path(trace))[:NUM_REQUESTS]
-    llm = LLM(model_dir, dtype="float32", max_num_seqs=NUM_REQUESTS, max_num_batched_tokens=512,
-              max_model_len=MAX_PROMPT + MAX_OUTPUT + 16)
+    llm = LLM(
+        model_dir,
+        dtype="float32",
+        max_num_seqs=NUM_REQUESTS,
+        max_num_batched_tokens=512,
+        max_model_len=MAX_PROMPT + MAX_OUTPUT + 16,
+    )
     llm.generate([requests[0][0]], SamplingParams(temperature=0.0, max_tokens=2))  # warm-up
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True) for _, n in requests]
     start = time.perf_counter()
@@ -53,14 +59,20 @@ def _worker(model_dir: str, trace: str, cores: list[int] | None) -> None:
 
 def _spawn(model_dir: Path, trace: Path, owned: list[int] | None) -> subprocess.Popen:
     from engine.cores import thread_env
+
     env = dict(os.environ)
     for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OMP_WAIT_POLICY", "KMP_BLOCKTIME"):
         env.pop(name, None)
     if owned:
         env.update(thread_env(len(owned)))
     code = f"from benchmarks.core_isolation import _worker; _worker({str(model_dir)!r}, {str(trace)!r}, {owned!r})"
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parents[1])
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
 
 
 def _busy_loop() -> subprocess.Popen:
@@ -91,6 +103,7 @@ def main() -> None:
     args = parser.parse_args()
     from benchmarks.engine_throughput import build_model
     from engine.cores import available_cores
+
     cores = available_cores()
     if len(cores) < 2:
         raise SystemExit("needs at least 2 cores")
@@ -101,21 +114,33 @@ def main() -> None:
         model_dir = build_model(Path(tmp) / "llama-100m")
         for repeat in range(args.repeats):
             for situation in situations:
-                for setup in (("default", "owned") if repeat % 2 == 0 else ("owned", "default")):
+                for setup in ("default", "owned") if repeat % 2 == 0 else ("owned", "default"):
                     loads.append(os.getloadavg()[0])
                     tok_s = run(model_dir, args.trace, situation, setup, cores)
                     results.setdefault((situation, setup), []).extend(tok_s)
-                    print(f"  repeat {repeat + 1}: {situation:19s} {setup:8s} "
-                          + ", ".join(f"{t:.1f}" for t in tok_s) + " tok/s per worker", flush=True)
+                    print(
+                        f"  repeat {repeat + 1}: {situation:19s} {setup:8s} "
+                        + ", ".join(f"{t:.1f}" for t in tok_s)
+                        + " tok/s per worker",
+                        flush=True,
+                    )
     base = statistics.median(results[("alone", "default")])
     rows = []
     for situation in situations:
         for setup in ("default", "owned"):
             med = statistics.median(results[(situation, setup)])
-            rows.append([situation, {"default": "torch defaults", "owned": "owned cores"}[setup],
-                         f"{med:.1f}", f"{med / base:.2f}x"])
-    print(f"\nper-worker output tokens/s, medians of {args.repeats} (machine: {len(cores)} cores; "
-          f"load average before runs {min(loads):.2f}-{max(loads):.2f})\n")
+            rows.append(
+                [
+                    situation,
+                    {"default": "torch defaults", "owned": "owned cores"}[setup],
+                    f"{med:.1f}",
+                    f"{med / base:.2f}x",
+                ]
+            )
+    print(
+        f"\nper-worker output tokens/s, medians of {args.repeats} (machine: {len(cores)} cores; "
+        f"load average before runs {min(loads):.2f}-{max(loads):.2f})\n"
+    )
     print(markdown_table(["situation", "threads", "tok/s per worker", "vs alone, defaults"], rows))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({f"{s}/{t}": v for (s, t), v in results.items()} | {"load_avg": loads}, indent=1))

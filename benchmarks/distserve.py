@@ -43,8 +43,11 @@ MODEL_NAME = "llama-100m"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tandem" / "bench"
 PROMPT_SCALE, OUTPUT_SCALE, MAX_PROMPT, MAX_OUTPUT = 1 / 8, 1 / 8, 512, 64
 # (name, SLO multiples of a lone request's TTFT and TPOT)
-SLO_SCENARIOS = (("tight TPOT, loose TTFT", 8.0, 1.5), ("tight TTFT, loose TPOT", 2.0, 5.0),
-                 ("both moderate", 4.0, 3.0))
+SLO_SCENARIOS = (
+    ("tight TPOT, loose TTFT", 8.0, 1.5),
+    ("tight TTFT, loose TPOT", 2.0, 5.0),
+    ("both moderate", 4.0, 3.0),
+)
 GOAL = 0.9
 
 
@@ -52,8 +55,14 @@ def setups(threshold: int) -> dict[str, list[str]]:
     """`tandem serve` flags of each setup (all with one core per worker)."""
     return {
         "disaggregated": ["--num-prefill", "1", "--num-decode", "1", "--local-prefill-tokens", "0"],
-        f"disaggregated, local<={threshold}": ["--num-prefill", "1", "--num-decode", "1",
-                                               "--local-prefill-tokens", str(threshold)],
+        f"disaggregated, local<={threshold}": [
+            "--num-prefill",
+            "1",
+            "--num-decode",
+            "1",
+            "--local-prefill-tokens",
+            str(threshold),
+        ],
         "colocated 2x1": ["--num-prefill", "0", "--num-decode", "2"],
         "colocated 1x2": ["--num-prefill", "0", "--num-decode", "1", "--cpus-per-worker", "2"],
     }
@@ -69,14 +78,18 @@ def model_dir() -> Path:
     from benchmarks.engine_throughput import ARCH
     from engine.default_model.corpus import stories
     from engine.default_model.tokenizer import train_tokenizer
+
     path = CACHE_DIR / MODEL_NAME
     if not (path / "config.json").exists():
         print(f"building {path} ...", flush=True)
         path.mkdir(parents=True, exist_ok=True)
         tokenizer = train_tokenizer(stories(2000, seed=3), vocab_size=8192, out_dir=path)
         torch.manual_seed(0)
-        config = LlamaConfig(**{**ARCH, "vocab_size": len(tokenizer)}, bos_token_id=tokenizer.bos_token_id,
-                             eos_token_id=tokenizer.eos_token_id)
+        config = LlamaConfig(
+            **{**ARCH, "vocab_size": len(tokenizer)},
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
         config.architectures = ["LlamaForCausalLM"]
         LlamaForCausalLM(config).save_pretrained(str(path))
     return path
@@ -93,9 +106,23 @@ class Server:
         self.vocab = vocab_size(model)
         from deploy.cli import build_parser
         from deploy.commands import start_backend
-        argv = ["serve", "--model", str(model), "--model-name", "bench", "--kv-backend", "shm",
-                "--max-num-seqs", "32", "--max-model-len", str(MAX_PROMPT + MAX_OUTPUT + 16),
-                "--cpus-per-worker", "1", *flags]
+
+        argv = [
+            "serve",
+            "--model",
+            str(model),
+            "--model-name",
+            "bench",
+            "--kv-backend",
+            "shm",
+            "--max-num-seqs",
+            "32",
+            "--max-model-len",
+            str(MAX_PROMPT + MAX_OUTPUT + 16),
+            "--cpus-per-worker",
+            "1",
+            *flags,
+        ]
         self.args = build_parser().parse_args(argv)
         self.backend, self._stop = start_backend(self.args, log=lambda line: print("   ", line, flush=True))
 
@@ -105,10 +132,12 @@ class Server:
         async def main():
             handle = await serve(self.backend, http_port=0, grpc_port=0, host="127.0.0.1")
             try:
-                return await run_load(f"http://127.0.0.1:{handle.http_port}", "bench", workload, vocab=self.vocab,
-                                      temperature=1.0)
+                return await run_load(
+                    f"http://127.0.0.1:{handle.http_port}", "bench", workload, vocab=self.vocab, temperature=1.0
+                )
             finally:
                 await handle.stop(grace_s=1.0)
+
         return asyncio.run(main())
 
     def stop(self) -> None:
@@ -141,11 +170,15 @@ def calibrate(server: Server, trace: Path) -> dict[str, float]:
     Five requests, each alone (spaced well apart) and each with its own prompt, so that no
     prefix cache serves them."""
     from benchmarks.serving import Request
+
     reqs = workload(trace, 1.0, 400, seed=99)
     p90_prompt = sorted(r.prompt_len for r in reqs)[int(0.9 * len(reqs))]
     results, _ = server.load([Request(6.0 * i, p90_prompt, 32) for i in range(5)])
-    return {"p90_prompt_tokens": p90_prompt, "ttft_s": statistics.median(r.ttft_s for r in results),
-            "tpot_s": statistics.median(r.tpot_s for r in results)}
+    return {
+        "p90_prompt_tokens": p90_prompt,
+        "ttft_s": statistics.median(r.ttft_s for r in results),
+        "tpot_s": statistics.median(r.tpot_s for r in results),
+    }
 
 
 def run(args) -> dict:
@@ -156,6 +189,7 @@ def run(args) -> dict:
     raw: dict[str, dict[str, list[dict]]] = {name: {} for name in plan}
     loads = []
     import ray
+
     # One Ray for every setup: each setup's workers own the same two cores, and only one
     # setup is loaded at a time (Ray's CPU count is bookkeeping: two per setup).
     ray.init(num_cpus=2 * len(plan), include_dashboard=False, log_to_driver=False)
@@ -165,8 +199,11 @@ def run(args) -> dict:
             servers[name] = Server(flags, model)
             servers[name].load(workload(trace, 4.0, 4, seed=1))  # warm-up: first forwards pay one-time costs
         unit = calibrate(servers["colocated 2x1"], trace)
-        print(f"a lone request: TTFT {unit['ttft_s']:.3f} s with a {unit['p90_prompt_tokens']}-token prompt, "
-              f"TPOT {unit['tpot_s'] * 1e3:.0f} ms", flush=True)
+        print(
+            f"a lone request: TTFT {unit['ttft_s']:.3f} s with a {unit['p90_prompt_tokens']}-token prompt, "
+            f"TPOT {unit['tpot_s'] * 1e3:.0f} ms",
+            flush=True,
+        )
         names = list(plan)
         for i, rate in enumerate(args.rates):
             order = names if i % 2 == 0 else names[::-1]
@@ -175,22 +212,34 @@ def run(args) -> dict:
                 results, duration = servers[name].load(workload(trace, rate, args.num_requests, seed=i))
                 raw[name][str(rate)] = [asdict(r) for r in results]
                 ok = [r for r in results if r.ttft_s is not None]
-                print(f"  rate {rate:g}  {name:28s} P90 TTFT {percentile([r.ttft_s for r in ok], 90):.2f} s  "
-                      f"P90 TPOT {percentile([r.tpot_s for r in ok], 90) * 1e3:.0f} ms  "
-                      f"failed {len(results) - len(ok)}  ({duration:.0f} s)", flush=True)
+                print(
+                    f"  rate {rate:g}  {name:28s} P90 TTFT {percentile([r.ttft_s for r in ok], 90):.2f} s  "
+                    f"P90 TPOT {percentile([r.tpot_s for r in ok], 90) * 1e3:.0f} ms  "
+                    f"failed {len(results) - len(ok)}  ({duration:.0f} s)",
+                    flush=True,
+                )
     finally:
         for server in servers.values():
             server.stop()
         ray.shutdown()
-    return {"unit": unit, "rates": args.rates, "num_requests": args.num_requests, "raw": raw,
-            "load_avg": [min(loads), max(loads)] if loads else [], "cores": os.cpu_count()}
+    return {
+        "unit": unit,
+        "rates": args.rates,
+        "num_requests": args.num_requests,
+        "raw": raw,
+        "load_avg": [min(loads), max(loads)] if loads else [],
+        "cores": os.cpu_count(),
+    }
 
 
 def report(data: dict, out: Path | None) -> str:
     unit, rates = data["unit"], data["rates"]
-    lines = [f"Load average during the runs: {data['load_avg'][0]:.2f}-{data['load_avg'][1]:.2f}. "
-             f"SLO unit: a lone request's TTFT {unit['ttft_s']:.3f} s ({unit['p90_prompt_tokens']}-token prompt) "
-             f"and TPOT {unit['tpot_s'] * 1e3:.0f} ms.", ""]
+    lines = [
+        f"Load average during the runs: {data['load_avg'][0]:.2f}-{data['load_avg'][1]:.2f}. "
+        f"SLO unit: a lone request's TTFT {unit['ttft_s']:.3f} s ({unit['p90_prompt_tokens']}-token prompt) "
+        f"and TPOT {unit['tpot_s'] * 1e3:.0f} ms.",
+        "",
+    ]
     goodputs = {}
     for scenario, k_ttft, k_tpot in SLO_SCENARIOS:
         ttft, tpot = k_ttft * unit["ttft_s"], k_tpot * unit["tpot_s"]
@@ -199,19 +248,35 @@ def report(data: dict, out: Path | None) -> str:
             points = [(float(r), attainment(res, ttft, tpot)) for r, res in by_rate.items()]
             goodputs[(scenario, name)] = goodput(points)
             rows.append([name] + [f"{a:.0%}" for _, a in sorted(points)] + [f"{goodputs[(scenario, name)]:.2f}"])
-        lines += [f"**{scenario}** (TTFT <= {ttft:.2f} s, TPOT <= {tpot * 1e3:.0f} ms): SLO attainment by rate "
-                  f"(req/s), and goodput at {GOAL:.0%} attainment", "",
-                  markdown_table(["setup"] + [f"{r:g}" for r in rates] + ["goodput (req/s)"], rows), ""]
+        lines += [
+            f"**{scenario}** (TTFT <= {ttft:.2f} s, TPOT <= {tpot * 1e3:.0f} ms): SLO attainment by rate "
+            f"(req/s), and goodput at {GOAL:.0%} attainment",
+            "",
+            markdown_table(["setup"] + [f"{r:g}" for r in rates] + ["goodput (req/s)"], rows),
+            "",
+        ]
     lat_rows = []
     for name, by_rate in data["raw"].items():
         for r, res in sorted(by_rate.items(), key=lambda kv: float(kv[0])):
             ok = [x for x in res if x["ttft_s"] is not None]
-            lat_rows.append([name, r, f"{percentile([x['ttft_s'] for x in ok], 50):.2f}",
-                             f"{percentile([x['ttft_s'] for x in ok], 90):.2f}",
-                             f"{percentile([x['tpot_s'] for x in ok], 50) * 1e3:.0f}",
-                             f"{percentile([x['tpot_s'] for x in ok], 90) * 1e3:.0f}", len(res) - len(ok)])
-    lines += ["Latencies", "", markdown_table(["setup", "rate", "TTFT p50 (s)", "TTFT p90 (s)", "TPOT p50 (ms)",
-                                               "TPOT p90 (ms)", "failed"], lat_rows)]
+            lat_rows.append(
+                [
+                    name,
+                    r,
+                    f"{percentile([x['ttft_s'] for x in ok], 50):.2f}",
+                    f"{percentile([x['ttft_s'] for x in ok], 90):.2f}",
+                    f"{percentile([x['tpot_s'] for x in ok], 50) * 1e3:.0f}",
+                    f"{percentile([x['tpot_s'] for x in ok], 90) * 1e3:.0f}",
+                    len(res) - len(ok),
+                ]
+            )
+    lines += [
+        "Latencies",
+        "",
+        markdown_table(
+            ["setup", "rate", "TTFT p50 (s)", "TTFT p90 (s)", "TPOT p50 (ms)", "TPOT p90 (ms)", "failed"], lat_rows
+        ),
+    ]
     text = "\n".join(lines)
     if out is not None:
         _plot(data, out / "attainment.png")
@@ -220,14 +285,18 @@ def report(data: dict, out: Path | None) -> str:
 
 def _plot(data: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     unit = data["unit"]
     fig, axes = plt.subplots(1, len(SLO_SCENARIOS), figsize=(5 * len(SLO_SCENARIOS), 3.8), sharey=True)
     for ax, (scenario, k_ttft, k_tpot) in zip(axes, SLO_SCENARIOS):
         for name, by_rate in data["raw"].items():
-            pts = sorted((float(r), attainment(res, k_ttft * unit["ttft_s"], k_tpot * unit["tpot_s"]))
-                         for r, res in by_rate.items())
+            pts = sorted(
+                (float(r), attainment(res, k_ttft * unit["ttft_s"], k_tpot * unit["tpot_s"]))
+                for r, res in by_rate.items()
+            )
             ax.plot([r for r, _ in pts], [a * 100 for _, a in pts], marker="o", label=name)
         ax.axhline(GOAL * 100, color="grey", ls="--", lw=1)
         ax.set_title(scenario)

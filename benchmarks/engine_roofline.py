@@ -31,13 +31,27 @@ from engine.llm_engine import LLMEngine
 
 SHAPES = {
     # Llama-3-8B (meta-llama/Meta-Llama-3-8B config.json)
-    "llama-3-8b": {"vocab_size": 128256, "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-                   "num_attention_heads": 32, "num_key_value_heads": 8, "rope_theta": 500000.0,
-                   "max_position_embeddings": 8192 + 512},
+    "llama-3-8b": {
+        "vocab_size": 128256,
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 8,
+        "rope_theta": 500000.0,
+        "max_position_embeddings": 8192 + 512,
+    },
     # the same structure, small enough for a CPU: checks the plumbing, not the speed
-    "tiny": {"vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
-             "num_attention_heads": 4, "num_key_value_heads": 2, "rope_theta": 10000.0,
-             "max_position_embeddings": 1024},
+    "tiny": {
+        "vocab_size": 512,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 10000.0,
+        "max_position_embeddings": 1024,
+    },
 }
 PLANS = {  # decode batches, decode context, prefill lengths
     "llama-3-8b": ((1, 16, 64, 256), 512, (512, 2048, 8192)),
@@ -78,7 +92,7 @@ def matmul_flop_s(device: str, dtype: torch.dtype, n: int, repeats: int) -> floa
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
     seconds = timed(lambda: a @ b, device, repeats)
-    return 2 * n ** 3 / seconds
+    return 2 * n**3 / seconds
 
 
 def write_model(directory: Path, shape: dict) -> None:
@@ -138,9 +152,15 @@ def run(shape_name: str, device: str, dtype_name: str, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         write_model(Path(tmp), shape)
         log(f"building the {shape_name} model with random weights")
-        config = EngineConfig(dtype=dtype_name, device=device, load_format="dummy", enable_prefix_caching=False,
-                              max_num_seqs=max(batches), max_num_batched_tokens=max(prompt_lengths),
-                              max_model_len=max(prompt_lengths) + 64)
+        config = EngineConfig(
+            dtype=dtype_name,
+            device=device,
+            load_format="dummy",
+            enable_prefix_caching=False,
+            max_num_seqs=max(batches),
+            max_num_batched_tokens=max(prompt_lengths),
+            max_model_len=max(prompt_lengths) + 64,
+        )
         engine = LLMEngine(tmp, config)
     num_params = sum(p.numel() for p in engine.model.parameters())
     element = torch.finfo(dtype).bits // 8
@@ -152,21 +172,43 @@ def run(shape_name: str, device: str, dtype_name: str, repeats: int) -> dict:
         log(f"decode: batch {batch}, context {context}")
         measured = decode_step_s(engine, batch, context, steps=max(repeats, 5))
         roofline = (weight_bytes + batch * context * kv_bytes_per_token) / bandwidth
-        decode.append({"batch": batch, "context": context, "step_ms": measured * 1e3,
-                       "roofline_ms": roofline * 1e3, "ratio": roofline / measured})
+        decode.append(
+            {
+                "batch": batch,
+                "context": context,
+                "step_ms": measured * 1e3,
+                "roofline_ms": roofline * 1e3,
+                "ratio": roofline / measured,
+            }
+        )
     prefill = []
     for tokens in prompt_lengths:
         log(f"prefill: {tokens} tokens")
         measured = prefill_s(engine, tokens, repeats)
         work = 2 * num_params * tokens + 2 * layers * h * tokens * tokens  # GEMMs + causal QK^T and PV
         roofline = work / flops
-        prefill.append({"tokens": tokens, "step_ms": measured * 1e3, "roofline_ms": roofline * 1e3,
-                        "tflop_s": work / measured / 1e12, "ratio": roofline / measured})
+        prefill.append(
+            {
+                "tokens": tokens,
+                "step_ms": measured * 1e3,
+                "roofline_ms": roofline * 1e3,
+                "tflop_s": work / measured / 1e12,
+                "ratio": roofline / measured,
+            }
+        )
     engine.close()
-    return {"shape": shape_name, "device": device, "device_name": _device_name(device), "dtype": dtype_name,
-            "num_params": num_params, "copy_bandwidth_gb_s": bandwidth / 1e9, "matmul_tflop_s": flops / 1e12,
-            "decode": decode, "prefill": prefill,
-            "targets": {"decode_batch1_ratio": 0.6, "prefill_2048_ratio": 0.5}}
+    return {
+        "shape": shape_name,
+        "device": device,
+        "device_name": _device_name(device),
+        "dtype": dtype_name,
+        "num_params": num_params,
+        "copy_bandwidth_gb_s": bandwidth / 1e9,
+        "matmul_tflop_s": flops / 1e12,
+        "decode": decode,
+        "prefill": prefill,
+        "targets": {"decode_batch1_ratio": 0.6, "prefill_2048_ratio": 0.5},
+    }
 
 
 def _device_name(device: str) -> str:
@@ -174,14 +216,21 @@ def _device_name(device: str) -> str:
 
 
 def table(report: dict) -> str:
-    lines = [f"{report['shape']} on {report['device_name']} ({report['dtype']}): copy "
-             f"{report['copy_bandwidth_gb_s']:.0f} GB/s, matmul {report['matmul_tflop_s']:.1f} TFLOP/s",
-             "| decode batch | context | step ms | roofline ms | ratio |", "|---|---|---|---|---|"]
-    lines += [f"| {d['batch']} | {d['context']} | {d['step_ms']:.2f} | {d['roofline_ms']:.2f} | {d['ratio']:.2f} |"
-              for d in report["decode"]]
+    lines = [
+        f"{report['shape']} on {report['device_name']} ({report['dtype']}): copy "
+        f"{report['copy_bandwidth_gb_s']:.0f} GB/s, matmul {report['matmul_tflop_s']:.1f} TFLOP/s",
+        "| decode batch | context | step ms | roofline ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {d['batch']} | {d['context']} | {d['step_ms']:.2f} | {d['roofline_ms']:.2f} | {d['ratio']:.2f} |"
+        for d in report["decode"]
+    ]
     lines += ["", "| prefill tokens | step ms | roofline ms | TFLOP/s | ratio |", "|---|---|---|---|---|"]
-    lines += [f"| {p['tokens']} | {p['step_ms']:.1f} | {p['roofline_ms']:.1f} | {p['tflop_s']:.1f} | {p['ratio']:.2f} |"
-              for p in report["prefill"]]
+    lines += [
+        f"| {p['tokens']} | {p['step_ms']:.1f} | {p['roofline_ms']:.1f} | {p['tflop_s']:.1f} | {p['ratio']:.2f} |"
+        for p in report["prefill"]
+    ]
     return "\n".join(lines)
 
 

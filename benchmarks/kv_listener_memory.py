@@ -43,8 +43,18 @@ def _receiver(tree: str, conn) -> None:
 
     from kv_transfer import KVReceiver
     from proto.kv import KVLayout
-    layout = KVLayout(model_id="bench@1", num_layers=4, total_num_kv_heads=2, num_kv_heads=2, head_dim=64,
-                      block_size=16, num_blocks=64, dtype="bfloat16", device="cpu")
+
+    layout = KVLayout(
+        model_id="bench@1",
+        num_layers=4,
+        total_num_kv_heads=2,
+        num_kv_heads=2,
+        head_dim=64,
+        block_size=16,
+        num_blocks=64,
+        dtype="bfloat16",
+        device="cpu",
+    )
     kwargs = {"secret": os.urandom(32)} if "secret" in inspect.signature(KVReceiver).parameters else {}
     receiver = KVReceiver("shm", torch.zeros(layout.shape, dtype=torch.bfloat16), layout, **kwargs)
     conn.send(receiver.endpoint)
@@ -97,8 +107,11 @@ def measure(tree: str, num_connections: int) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tree", default=str(Path(__file__).resolve().parents[1]),
-                        help="checkout whose kv_transfer to run (default: this one)")
+    parser.add_argument(
+        "--tree",
+        default=str(Path(__file__).resolve().parents[1]),
+        help="checkout whose kv_transfer to run (default: this one)",
+    )
     parser.add_argument("--connections", type=int, default=100, help="connections of each kind")
     args = parser.parse_args()
     rows = measure(args.tree, args.connections)
@@ -107,8 +120,9 @@ def main() -> None:
     for key in ("start", *KINDS):
         label = "start" if key == "start" else f"+{args.connections} {key} connections"
         print(f"| {label} | {rows[key]:.0f} | {rows[key] - rows['start']:.0f} |")
-    print(f"connections the receiver still held open at the end: {rows['still_open']} "
-          f"of {len(KINDS) * args.connections}")
+    print(
+        f"connections the receiver still held open at the end: {rows['still_open']} of {len(KINDS) * args.connections}"
+    )
 
 
 if __name__ == "__main__":

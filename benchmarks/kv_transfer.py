@@ -51,8 +51,7 @@ from benchmarks.common import markdown_table  # noqa: E402
 from kv_transfer import KVReceiver, KVSender, TransferState, backend_names, new_secret  # noqa: E402
 from proto.kv import KVLayout  # noqa: E402
 
-SHAPE = dict(num_layers=32, total_num_kv_heads=8, num_kv_heads=8, head_dim=128, block_size=16,
-             dtype="bfloat16")
+SHAPE = dict(num_layers=32, total_num_kv_heads=8, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
 TOKENS = (128, 2048, 32768)
 REPS = {128: 20, 2048: 20, 32768: 3}
 PREFILL_TOKENS, PREFILL_RUNS = 2048, 5
@@ -89,6 +88,7 @@ def timed_copy_s(src: torch.Tensor, dst: torch.Tensor) -> float:
 
 # The sender process: commands over a pipe, so that both ends are real processes.
 
+
 def _sender_main(conn) -> None:
     sender = engine = None
     while (request := conn.recv()) is not None:
@@ -121,15 +121,21 @@ def _sender_main(conn) -> None:
 
 def _open_engine(backend: str, model_dir: str, endpoint: str, secret: bytes):
     from engine import EngineConfig, LLMEngine, SamplingParams
+
     # On a CPU, compute and the transfer share the cores: one core is left to the transfer,
     # as a GPU leaves copies to its DMA engines. With every core computing, the transfer
     # thread stalls the model's parallel regions and the other way round (measured: the
     # forward's tail after the last layer grew from 4 to 60 ms on 2 cores).
     torch.set_num_threads(max(1, torch.get_num_threads() - 1))
-    config = EngineConfig(dtype="bfloat16", device="cpu", max_num_seqs=1,
-                          max_num_batched_tokens=PREFILL_TOKENS, max_model_len=2 * PREFILL_TOKENS,
-                          num_blocks=2 * PREFILL_TOKENS // SHAPE["block_size"],
-                          enable_prefix_caching=False)
+    config = EngineConfig(
+        dtype="bfloat16",
+        device="cpu",
+        max_num_seqs=1,
+        max_num_batched_tokens=PREFILL_TOKENS,
+        max_model_len=2 * PREFILL_TOKENS,
+        num_blocks=2 * PREFILL_TOKENS // SHAPE["block_size"],
+        enable_prefix_caching=False,
+    )
     engine = LLMEngine(model_dir, config)
     engine.add_request("warm-up", _prompt(), SamplingParams(max_tokens=1))
     engine.step()  # the first forward pays one-time costs; not measured
@@ -145,6 +151,7 @@ def _prompt() -> list[int]:
 def _prefill_and_push(engine, sender: KVSender, request_id: str, endpoint: str) -> dict:
     """The prefill worker's loop for one request: schedule, start the transfer, run with the hook."""
     from engine import SamplingParams
+
     engine.add_request(request_id, _prompt(), SamplingParams(max_tokens=1), hold_blocks=True)
     scheduled = engine.schedule()
     (item,) = scheduled.scheduled
@@ -160,8 +167,13 @@ def _prefill_and_push(engine, sender: KVSender, request_id: str, endpoint: str) 
     engine.run(scheduled, on_layer_stored)
     end = time.monotonic()
     transfer.wait_released(TIMEOUT_S)
-    return {"src_ids": src_ids, "forward_start": start, "last_layer": stored[-1],
-            "forward_end": end, "state": transfer.state.value}
+    return {
+        "src_ids": src_ids,
+        "forward_start": start,
+        "last_layer": stored[-1],
+        "forward_end": end,
+        "state": transfer.state.value,
+    }
 
 
 class SenderProcess:
@@ -180,8 +192,9 @@ class SenderProcess:
         self.process.join(60)
 
 
-def timed_transfer(receiver: KVReceiver, sender: SenderProcess, transfer_id: str,
-                   src_ids: list[int], dst_ids: list[int]) -> float:
+def timed_transfer(
+    receiver: KVReceiver, sender: SenderProcess, transfer_id: str, src_ids: list[int], dst_ids: list[int]
+) -> float:
     """Seconds from the sender's start() to the receiver's DONE."""
     transfer = receiver.expect(transfer_id, dst_ids, TIMEOUT_S)
     sender.conn.send(("send", (transfer_id, src_ids, receiver.endpoint)))
@@ -206,8 +219,7 @@ def bandwidth_rows(backend: str, tokens: tuple[int, ...], reps: dict[int, int]) 
         sender.call("open", backend, layout, receiver.endpoint, secret)
         timed_transfer(receiver, sender, "warm-up", [0], [0])
         block_size = SHAPE["block_size"]
-        maps = [(n, "contiguous", list(range(n // block_size)), list(range(n // block_size)))
-                for n in tokens]
+        maps = [(n, "contiguous", list(range(n // block_size)), list(range(n // block_size))) for n in tokens]
         if 2048 in tokens:  # a fragmented cache: every block its own chunk
             perm = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(1)).tolist()
             count = 2048 // block_size
@@ -221,16 +233,24 @@ def bandwidth_rows(backend: str, tokens: tuple[int, ...], reps: dict[int, int]) 
             copies, transfers = [], []
             for i in range(reps[n] + 1):
                 copies.append(timed_copy_s(copy_src, copy_dst))
-                transfers.append(timed_transfer(receiver, sender, f"{kind}-{n}-{i}", src_ids,
-                                                dst_ids))
+                transfers.append(timed_transfer(receiver, sender, f"{kind}-{n}-{i}", src_ids, dst_ids))
             del copy_src
             view = cache.view(torch.int16).view(layout.num_layers * 2, num_blocks, -1)
             assert all(int(view[-1, d, -1]) == s for s, d in zip(src_ids, dst_ids)), "bad bytes"
             # The first pair faults in the pages it touches: dropped.
             latency, copy = statistics.median(transfers[1:]), statistics.median(copies[1:])
-            rows.append({"backend": backend, "tokens": n, "map": kind, "mib": num_bytes / 2**20,
-                         "latency_ms": 1e3 * latency, "gib_s": num_bytes / latency / 2**30,
-                         "copy_gib_s": num_bytes / copy / 2**30, "vs_copy": copy / latency})
+            rows.append(
+                {
+                    "backend": backend,
+                    "tokens": n,
+                    "map": kind,
+                    "mib": num_bytes / 2**20,
+                    "latency_ms": 1e3 * latency,
+                    "gib_s": num_bytes / latency / 2**30,
+                    "copy_gib_s": num_bytes / copy / 2**30,
+                    "vs_copy": copy / latency,
+                }
+            )
     finally:
         sender.close()
         receiver.close()
@@ -240,11 +260,20 @@ def bandwidth_rows(backend: str, tokens: tuple[int, ...], reps: dict[int, int]) 
 def make_model(root: Path) -> Path:
     """A random Llama with Llama-3-8B's KV shape and small weights, so that CPU prefill is seconds."""
     import transformers
+
     path = root / "llama-3-8b-kv-shape"
-    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1024,
-                                      num_hidden_layers=32, num_attention_heads=8,
-                                      num_key_value_heads=8, head_dim=128,
-                                      max_position_embeddings=4096, bos_token_id=0, eos_token_id=1)
+    config = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=32,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=4096,
+        bos_token_id=0,
+        eos_token_id=1,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(path))
     return path
@@ -252,6 +281,7 @@ def make_model(root: Path) -> Path:
 
 def exposed_row(backend: str, model_dir: Path, runs: int) -> dict:
     from engine.config import ModelConfig
+
     num_blocks = PREFILL_TOKENS // SHAPE["block_size"]
     layout = kv_layout(ModelConfig.from_dir(model_dir).model_id, num_blocks)
     secret = new_secret()
@@ -272,45 +302,88 @@ def exposed_row(backend: str, model_dir: Path, runs: int) -> dict:
             assert state is TransferState.DONE and prefill["state"] == "done", (state, prefill)
             alone = timed_transfer(receiver, sender, f"alone-{run}", prefill["src_ids"], dst_ids)
             sender.call("release", request_id)
-            samples.append({"prefill_s": prefill["forward_end"] - prefill["forward_start"],
-                            "exposed_s": done - prefill["last_layer"], "alone_s": alone})
+            samples.append(
+                {
+                    "prefill_s": prefill["forward_end"] - prefill["forward_start"],
+                    "exposed_s": done - prefill["last_layer"],
+                    "alone_s": alone,
+                }
+            )
     finally:
         sender.close()
         receiver.close()
     median = {key: statistics.median(s[key] for s in samples) for key in samples[0]}
-    return {"backend": backend, "prefill_ms": 1e3 * median["prefill_s"],
-            "alone_ms": 1e3 * median["alone_s"], "exposed_ms": 1e3 * median["exposed_s"],
-            "exposed_vs_transfer": median["exposed_s"] / median["alone_s"],
-            "exposed_vs_prefill": median["exposed_s"] / median["prefill_s"], "runs": samples}
+    return {
+        "backend": backend,
+        "prefill_ms": 1e3 * median["prefill_s"],
+        "alone_ms": 1e3 * median["alone_s"],
+        "exposed_ms": 1e3 * median["exposed_s"],
+        "exposed_vs_transfer": median["exposed_s"] / median["alone_s"],
+        "exposed_vs_prefill": median["exposed_s"] / median["prefill_s"],
+        "runs": samples,
+    }
 
 
 def print_tables(rows: list[dict], exposed: list[dict]) -> None:
     if rows:
-        print("\n" + markdown_table(
-            ["backend", "tokens", "block map", "MiB", "latency ms", "GiB/s", "plain copy GiB/s",
-             "x plain copy"],
-            [[r["backend"], f"{r['tokens']:,}", r["map"], f"{r['mib']:,.0f}",
-              f"{r['latency_ms']:.2f}", f"{r['gib_s']:.2f}", f"{r['copy_gib_s']:.2f}",
-              f"{r['vs_copy']:.2f}"] for r in rows]))
+        print(
+            "\n"
+            + markdown_table(
+                ["backend", "tokens", "block map", "MiB", "latency ms", "GiB/s", "plain copy GiB/s", "x plain copy"],
+                [
+                    [
+                        r["backend"],
+                        f"{r['tokens']:,}",
+                        r["map"],
+                        f"{r['mib']:,.0f}",
+                        f"{r['latency_ms']:.2f}",
+                        f"{r['gib_s']:.2f}",
+                        f"{r['copy_gib_s']:.2f}",
+                        f"{r['vs_copy']:.2f}",
+                    ]
+                    for r in rows
+                ],
+            )
+        )
     if exposed:
-        print("\n" + markdown_table(
-            ["backend", f"prefill ms ({PREFILL_TOKENS:,} tokens)", "transfer alone ms",
-             "exposed after last layer ms", "exposed / transfer", "exposed / prefill"],
-            [[r["backend"], f"{r['prefill_ms']:,.0f}", f"{r['alone_ms']:.1f}",
-              f"{r['exposed_ms']:.2f}", f"{r['exposed_vs_transfer']:.3f}",
-              f"{r['exposed_vs_prefill']:.5f}"] for r in exposed]))
+        print(
+            "\n"
+            + markdown_table(
+                [
+                    "backend",
+                    f"prefill ms ({PREFILL_TOKENS:,} tokens)",
+                    "transfer alone ms",
+                    "exposed after last layer ms",
+                    "exposed / transfer",
+                    "exposed / prefill",
+                ],
+                [
+                    [
+                        r["backend"],
+                        f"{r['prefill_ms']:,.0f}",
+                        f"{r['alone_ms']:.1f}",
+                        f"{r['exposed_ms']:.2f}",
+                        f"{r['exposed_vs_transfer']:.3f}",
+                        f"{r['exposed_vs_prefill']:.5f}",
+                    ]
+                    for r in exposed
+                ],
+            )
+        )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--backends", nargs="+", default=list(backend_names()),
-                        choices=backend_names())
-    parser.add_argument("--quick", action="store_true",
-                        help="128 and 2,048 tokens only, fewer repetitions, one prefill run")
-    parser.add_argument("--only", choices=("bandwidth", "exposed"),
-                        help="run one part: (a) bandwidth or (b) exposed transfer time")
-    parser.add_argument("--small-pages", action="store_true",
-                        help="allocate CPU tensors on 4 KiB pages instead of 2 MiB ones")
+    parser.add_argument("--backends", nargs="+", default=list(backend_names()), choices=backend_names())
+    parser.add_argument(
+        "--quick", action="store_true", help="128 and 2,048 tokens only, fewer repetitions, one prefill run"
+    )
+    parser.add_argument(
+        "--only", choices=("bandwidth", "exposed"), help="run one part: (a) bandwidth or (b) exposed transfer time"
+    )
+    parser.add_argument(
+        "--small-pages", action="store_true", help="allocate CPU tensors on 4 KiB pages instead of 2 MiB ones"
+    )
     args = parser.parse_args()
     tokens = TOKENS[:2] if args.quick else TOKENS
     reps = {n: max(2, r // 4) for n, r in REPS.items()} if args.quick else REPS
@@ -320,14 +393,20 @@ def main() -> None:
     if args.only != "bandwidth":
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = make_model(Path(tmp))
-            exposed = [exposed_row(b, model_dir, 1 if args.quick else PREFILL_RUNS)
-                       for b in args.backends]
+            exposed = [exposed_row(b, model_dir, 1 if args.quick else PREFILL_RUNS) for b in args.backends]
     print_tables(rows, exposed)
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"bandwidth": rows, "exposed": exposed,
-                                   "threads": torch.get_num_threads(),
-                                   "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1"},
-                                  indent=1))
+    RESULTS.write_text(
+        json.dumps(
+            {
+                "bandwidth": rows,
+                "exposed": exposed,
+                "threads": torch.get_num_threads(),
+                "huge_pages": os.environ.get("THP_MEM_ALLOC_ENABLE") == "1",
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

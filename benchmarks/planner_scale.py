@@ -30,26 +30,61 @@ from proto.slo import SLOSpec  # noqa: E402
 
 
 def _nodes(*groups: tuple[str, str, int, int, float]) -> dict:
-    return {"nodes": [{"name": name, "gpu_type": gpu, "count": count, "num_gpus": gpus, "nic_gb_s": nic}
-                      for name, gpu, count, gpus, nic in groups]}
+    return {
+        "nodes": [
+            {"name": name, "gpu_type": gpu, "count": count, "num_gpus": gpus, "nic_gb_s": nic}
+            for name, gpu, count, gpus, nic in groups
+        ]
+    }
 
 
 # name -> (cluster, model): Helix-like mixes serve a 13B model (it fits a T4 node), the
 # H100/A100 clusters a 70B one.
 CLUSTERS = {
-    "helix-8": (_nodes(("a100", "A100-80GB", 2, 8, 25), ("v100", "V100", 2, 4, 12.5),
-                       ("l4", "L4", 2, 4, 6.25), ("t4", "T4", 2, 4, 6.25)), "llama-2-13b"),
-    "helix-24": (_nodes(("a100", "A100-80GB", 4, 8, 25), ("v100", "V100", 4, 8, 12.5),
-                        ("l4", "L4", 8, 4, 6.25), ("t4", "T4", 8, 4, 6.25)), "llama-2-13b"),
-    "helix-42": (_nodes(("h100", "H100", 6, 8, 50), ("a100", "A100-80GB", 6, 8, 25), ("v100", "V100", 10, 4, 12.5),
-                        ("l4", "L4", 10, 4, 6.25), ("t4", "T4", 10, 4, 6.25)), "llama-2-13b"),
+    "helix-8": (
+        _nodes(
+            ("a100", "A100-80GB", 2, 8, 25),
+            ("v100", "V100", 2, 4, 12.5),
+            ("l4", "L4", 2, 4, 6.25),
+            ("t4", "T4", 2, 4, 6.25),
+        ),
+        "llama-2-13b",
+    ),
+    "helix-24": (
+        _nodes(
+            ("a100", "A100-80GB", 4, 8, 25),
+            ("v100", "V100", 4, 8, 12.5),
+            ("l4", "L4", 8, 4, 6.25),
+            ("t4", "T4", 8, 4, 6.25),
+        ),
+        "llama-2-13b",
+    ),
+    "helix-42": (
+        _nodes(
+            ("h100", "H100", 6, 8, 50),
+            ("a100", "A100-80GB", 6, 8, 25),
+            ("v100", "V100", 10, 4, 12.5),
+            ("l4", "L4", 10, 4, 6.25),
+            ("t4", "T4", 10, 4, 6.25),
+        ),
+        "llama-2-13b",
+    ),
     # The same 42 nodes in two sites: the L4/T4 nodes reach the H100/A100 nodes over 1 GB/s
     # links (1,722 pairwise route variables instead of the NIC hub).
     "helix-42-sites": (None, "llama-2-13b"),
     "splitwise-16": (_nodes(("h100", "H100", 8, 8, 50), ("a100", "A100-80GB", 8, 8, 25)), "llama-2-70b"),
-    "mixed-128": (_nodes(("h100", "H100", 32, 8, 50), ("a100", "A100-80GB", 48, 8, 25),
-                         ("l40s", "L40S", 24, 8, 12.5), ("a10g", "A10G", 24, 8, 6.25)), "llama-2-70b"),
+    "mixed-128": (
+        _nodes(
+            ("h100", "H100", 32, 8, 50),
+            ("a100", "A100-80GB", 48, 8, 25),
+            ("l40s", "L40S", 24, 8, 12.5),
+            ("a10g", "A10G", 24, 8, 6.25),
+        ),
+        "llama-2-70b",
+    ),
 }
+
+
 def _two_sites(cluster: dict) -> dict:
     names = ClusterSpec.from_dict(cluster).nodes
     near = [n.name for n in names if n.gpu_type in ("L4", "T4")]
@@ -59,9 +94,11 @@ def _two_sites(cluster: dict) -> dict:
 
 CLUSTERS["helix-42-sites"] = (_two_sites(CLUSTERS["helix-42"][0]), "llama-2-13b")
 SLO = SLOSpec(ttft_s=2.0, tpot_s=0.1, ttft_percentile=90, tpot_percentile=90, attainment=0.9)
-SYNTHETIC = WorkloadSpec(rate_rps=10.0,
-                         input_tokens=LengthDist("lognormal", median=1000, sigma=0.6, max=4096),
-                         output_tokens=LengthDist("lognormal", median=130, sigma=0.8, max=1000))
+SYNTHETIC = WorkloadSpec(
+    rate_rps=10.0,
+    input_tokens=LengthDist("lognormal", median=1000, sigma=0.6, max=4096),
+    output_tokens=LengthDist("lognormal", median=130, sigma=0.8, max=1000),
+)
 
 
 def gpus(p: Placement, options) -> int:
@@ -78,25 +115,49 @@ def run_case(name: str, workload: WorkloadSpec, solve_options: SolveOptions, sim
     placement, options = place(problem, solve_options)
     total_s = time.perf_counter() - start
     baseline = distserve_placement(cluster, problem.hardware, problem.options, problem.traffic)
-    row = {"cluster": name, "model": model, "nodes": len(cluster.nodes), "gpus": cluster.num_gpus,
-           "solver": placement.solver.name, "status": placement.solver.status, "gap": placement.solver.gap,
-           "solve_s": placement.solver.solve_time_s, "prepare_s": round(prepare_s, 2), "total_s": round(total_s, 2),
-           "variables": placement.solver.num_variables,
-           "milp_goodput": placement.rate_rps, "milp_gpus": gpus(placement, options),
-           "baseline_goodput": baseline.rate_rps, "baseline_gpus": gpus(baseline, problem.options)}
+    row = {
+        "cluster": name,
+        "model": model,
+        "nodes": len(cluster.nodes),
+        "gpus": cluster.num_gpus,
+        "solver": placement.solver.name,
+        "status": placement.solver.status,
+        "gap": placement.solver.gap,
+        "solve_s": placement.solver.solve_time_s,
+        "prepare_s": round(prepare_s, 2),
+        "total_s": round(total_s, 2),
+        "variables": placement.solver.num_variables,
+        "milp_goodput": placement.rate_rps,
+        "milp_gpus": gpus(placement, options),
+        "baseline_goodput": baseline.rate_rps,
+        "baseline_gpus": gpus(baseline, problem.options),
+    }
     if sim_requests:
         row["milp_sim_goodput"] = simulated_goodput(problem, placement, options, sim_requests)
-        row["baseline_sim_goodput"] = (simulated_goodput(problem, baseline, problem.options, sim_requests)
-                                       if baseline.rate_rps > 0 else 0.0)
+        row["baseline_sim_goodput"] = (
+            simulated_goodput(problem, baseline, problem.options, sim_requests) if baseline.rate_rps > 0 else 0.0
+        )
     return row
 
 
 def print_table(rows: list[dict]) -> None:
     """Goodput in req/s; "per GPU" divides by all of the cluster's GPUs (the cluster is given)."""
-    head = ("cluster", "model", "nodes", "GPUs", "solve s", "total s", "gap", "status",
-            "MILP used/pred/sim", "baseline used/pred/sim", "sim req/s per GPU: MILP, baseline")
+    head = (
+        "cluster",
+        "model",
+        "nodes",
+        "GPUs",
+        "solve s",
+        "total s",
+        "gap",
+        "status",
+        "MILP used/pred/sim",
+        "baseline used/pred/sim",
+        "sim req/s per GPU: MILP, baseline",
+    )
     lines = [head]
     for r in rows:
+
         def figures(kind: str) -> str:
             sim = r.get(f"{kind}_sim_goodput")
             return f"{r[f'{kind}_gpus']} / {r[f'{kind}_goodput']:.1f} / " + ("-" if sim is None else f"{sim:.1f}")
@@ -104,9 +165,21 @@ def print_table(rows: list[dict]) -> None:
         per_gpu = "-"
         if "milp_sim_goodput" in r:
             per_gpu = f"{r['milp_sim_goodput'] / r['gpus']:.3f}, {r['baseline_sim_goodput'] / r['gpus']:.3f}"
-        lines.append((r["cluster"], r["model"], str(r["nodes"]), str(r["gpus"]), f"{r['solve_s']:.2f}",
-                      f"{r['total_s']:.2f}", f"{r['gap']:.2%}", r["status"], figures("milp"),
-                      figures("baseline"), per_gpu))
+        lines.append(
+            (
+                r["cluster"],
+                r["model"],
+                str(r["nodes"]),
+                str(r["gpus"]),
+                f"{r['solve_s']:.2f}",
+                f"{r['total_s']:.2f}",
+                f"{r['gap']:.2%}",
+                r["status"],
+                figures("milp"),
+                figures("baseline"),
+                per_gpu,
+            )
+        )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
         print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())

@@ -42,27 +42,50 @@ def poisson_workload(rate: float, num_requests: int, prompt_len: int, output_len
     t, out = 0.0, []
     for _ in range(num_requests):
         t += rng.expovariate(rate)
-        out.append(Request(t, max(1, int(rng.uniform(0.5, 1.5) * prompt_len)),
-                           max(1, int(rng.uniform(0.5, 1.5) * output_len))))
+        out.append(
+            Request(t, max(1, int(rng.uniform(0.5, 1.5) * prompt_len)), max(1, int(rng.uniform(0.5, 1.5) * output_len)))
+        )
     return out
 
 
-def trace_workload(path: str | Path, rate: float, num_requests: int, prompt_scale: float, output_scale: float,
-                   max_prompt: int, max_output: int, seed: int = 0) -> list[Request]:
+def trace_workload(
+    path: str | Path,
+    rate: float,
+    num_requests: int,
+    prompt_scale: float,
+    output_scale: float,
+    max_prompt: int,
+    max_output: int,
+    seed: int = 0,
+) -> list[Request]:
     """Lengths from a trace (scaled to fit a small model), arrivals Poisson at `rate`."""
     rows = read_trace(path)
     rng = random.Random(seed)
     picked = [rows[rng.randrange(len(rows))] for _ in range(num_requests)]
     arrivals = poisson_workload(rate, num_requests, 1, 1, seed)
-    return [Request(a.arrival_s, max(1, min(max_prompt, round(p * prompt_scale))),
-                    max(1, min(max_output, round(o * output_scale)))) for a, (p, o) in zip(arrivals, picked)]
+    return [
+        Request(
+            a.arrival_s,
+            max(1, min(max_prompt, round(p * prompt_scale))),
+            max(1, min(max_output, round(o * output_scale))),
+        )
+        for a, (p, o) in zip(arrivals, picked)
+    ]
 
 
 async def _one(session, url: str, model: str, req: Request, vocab: int, seed: int, temperature: float) -> Result:
     rng = random.Random(seed)
     prompt = [rng.randrange(3, vocab) for _ in range(req.prompt_len)]
-    body = {"model": model, "prompt": prompt, "max_tokens": req.output_len, "temperature": temperature,
-            "seed": seed, "stream": True, "ignore_eos": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": req.output_len,
+        "temperature": temperature,
+        "seed": seed,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.monotonic()
     times = []
     num_tokens = 0
@@ -92,11 +115,13 @@ async def _one(session, url: str, model: str, req: Request, vocab: int, seed: in
     return Result(times[0] - start, tpot, num_tokens)
 
 
-async def run_load(url: str, model: str, workload: list[Request], vocab: int = 500,
-                   temperature: float = 0.0) -> tuple[list[Result], float]:
+async def run_load(
+    url: str, model: str, workload: list[Request], vocab: int = 500, temperature: float = 0.0
+) -> tuple[list[Result], float]:
     """Fire the workload at its arrival times; temperature > 0 samples (each request seeded),
     which keeps a random-weight model from repeating one token that never completes a character."""
     import aiohttp
+
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
         start = time.monotonic()
@@ -104,6 +129,7 @@ async def run_load(url: str, model: str, workload: list[Request], vocab: int = 5
         async def fire(i: int, req: Request) -> Result:
             await asyncio.sleep(max(0.0, req.arrival_s - (time.monotonic() - start)))
             return await _one(session, url, model, req, vocab, seed=i, temperature=temperature)
+
         results = await asyncio.gather(*(fire(i, r) for i, r in enumerate(workload)))
         return list(results), time.monotonic() - start
 
@@ -119,32 +145,57 @@ def summarize(results: list[Result], duration_s: float, slo_ttft_s: float, slo_t
     ok = [r for r in results if r.ttft_s is not None]
     ttfts, tpots = [r.ttft_s for r in ok], [r.tpot_s for r in ok]
     good = [r for r in ok if r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_tpot_s]
-    return {"requests": len(results), "failed": len(results) - len(ok),
-            "ttft_p50_s": percentile(ttfts, 50), "ttft_p90_s": percentile(ttfts, 90), "ttft_p99_s": percentile(ttfts, 99),
-            "tpot_p50_s": percentile(tpots, 50), "tpot_p90_s": percentile(tpots, 90), "tpot_p99_s": percentile(tpots, 99),
-            "attainment": len(good) / max(1, len(results)), "goodput_rps": len(good) / duration_s,
-            "throughput_tok_s": sum(r.output_tokens for r in ok) / duration_s, "duration_s": duration_s,
-            "mean_ttft_s": statistics.fmean(ttfts) if ttfts else float("nan")}
+    return {
+        "requests": len(results),
+        "failed": len(results) - len(ok),
+        "ttft_p50_s": percentile(ttfts, 50),
+        "ttft_p90_s": percentile(ttfts, 90),
+        "ttft_p99_s": percentile(ttfts, 99),
+        "tpot_p50_s": percentile(tpots, 50),
+        "tpot_p90_s": percentile(tpots, 90),
+        "tpot_p99_s": percentile(tpots, 99),
+        "attainment": len(good) / max(1, len(results)),
+        "goodput_rps": len(good) / duration_s,
+        "throughput_tok_s": sum(r.output_tokens for r in ok) / duration_s,
+        "duration_s": duration_s,
+        "mean_ttft_s": statistics.fmean(ttfts) if ttfts else float("nan"),
+    }
 
 
-SUMMARY_COLUMNS = [("TTFT p50 (s)", "ttft_p50_s"), ("TTFT p90 (s)", "ttft_p90_s"), ("TPOT p50 (ms)", "tpot_p50_s"),
-                   ("TPOT p90 (ms)", "tpot_p90_s"), ("SLO attainment", "attainment"), ("goodput (req/s)", "goodput_rps"),
-                   ("tokens/s", "throughput_tok_s"), ("failed", "failed")]
+SUMMARY_COLUMNS = [
+    ("TTFT p50 (s)", "ttft_p50_s"),
+    ("TTFT p90 (s)", "ttft_p90_s"),
+    ("TPOT p50 (ms)", "tpot_p50_s"),
+    ("TPOT p90 (ms)", "tpot_p90_s"),
+    ("SLO attainment", "attainment"),
+    ("goodput (req/s)", "goodput_rps"),
+    ("tokens/s", "throughput_tok_s"),
+    ("failed", "failed"),
+]
 
 
 def format_row(label: list[str], s: dict[str, float]) -> list[str]:
     cells = []
     for _, key in SUMMARY_COLUMNS:
         v = s[key]
-        cells.append(f"{v * 1e3:.0f}" if key.startswith("tpot") else f"{v:.0%}" if key == "attainment"
-                     else str(int(v)) if key == "failed" else f"{v:.2f}")
+        cells.append(
+            f"{v * 1e3:.0f}"
+            if key.startswith("tpot")
+            else f"{v:.0%}"
+            if key == "attainment"
+            else str(int(v))
+            if key == "failed"
+            else f"{v:.2f}"
+        )
     return label + cells
 
 
 def plot(rows: list[tuple[str, float, dict]], path: Path, slo_ttft_s: float, slo_tpot_s: float) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
     for mode in sorted({m for m, _, _ in rows}):
         pts = sorted((r, s) for m, r, s in rows if m == mode)

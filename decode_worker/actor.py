@@ -20,19 +20,41 @@ from proto.serving import GenerateRequest, KVHandle, TokenDelta, WorkerInfo, Wor
 class DecodeActor:
     """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop."""
 
-    def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None = None,
-                 transfer_timeout_s: float = 30.0, max_waiting: int = 256, dist_init: str | None = None,
-                 followers: Sequence = (), *, kv_secret: bytes, cores: Sequence[int] | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        engine_config: EngineConfig,
+        kv_backend: str,
+        host: str | None = None,
+        transfer_timeout_s: float = 30.0,
+        max_waiting: int = 256,
+        dist_init: str | None = None,
+        followers: Sequence = (),
+        *,
+        kv_secret: bytes,
+        cores: Sequence[int] | None = None,
+    ):
         """With tensor parallelism: dist_init, and the DecodeFollowerActor handles of ranks 1..tp-1
         (created first: their constructors and this one meet in the process group). cores: the
         CPU cores this rank owns (engine/cores.py), bound before the model loads."""
         if cores:
             bind_cores(cores)
         import ray
-        self.worker = DecodeWorker(model_dir, engine_config, kv_backend, host or _node_ip(), transfer_timeout_s,
-                                   max_waiting, dist_init, kv_secret=kv_secret)
+
+        self.worker = DecodeWorker(
+            model_dir,
+            engine_config,
+            kv_backend,
+            host or _node_ip(),
+            transfer_timeout_s,
+            max_waiting,
+            dist_init,
+            kv_secret=kv_secret,
+        )
         endpoints = ray.get([f.endpoint.remote() for f in followers])
-        self.worker.attach_followers([RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints), 1)])
+        self.worker.attach_followers(
+            [RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints), 1)]
+        )
 
     async def reserve(self, request: GenerateRequest) -> KVHandle:
         """Wait (queued, without a thread) for room, then register the blocks on every rank."""
@@ -58,6 +80,7 @@ class DecodeActor:
 
         async def stop():
             self.worker.abort(request_id)
+
         return delta_stream(start_async, stop)
 
     async def abort(self, request_id: str) -> None:
@@ -76,6 +99,7 @@ class DecodeActor:
 def _node_ip() -> str:
     """Where prefill workers on other nodes can reach this actor's KV receiver."""
     import ray
+
     return ray.util.get_node_ip_address()
 
 
@@ -89,6 +113,7 @@ class RemoteRank:
 
     def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
         import ray
+
         try:
             ray.get(self.actor.expect.remote(request_id, list(block_ids), timeout_s))  # registered there
         except ray.exceptions.RayActorError as exc:
@@ -102,12 +127,23 @@ class RemoteRank:
 class DecodeFollowerActor:
     """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps, receives its KV heads."""
 
-    def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, host: str | None,
-                 tp_rank: int, dist_init: str, *, kv_secret: bytes, cores: Sequence[int] | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        engine_config: EngineConfig,
+        kv_backend: str,
+        host: str | None,
+        tp_rank: int,
+        dist_init: str,
+        *,
+        kv_secret: bytes,
+        cores: Sequence[int] | None = None,
+    ):
         if cores:
             bind_cores(cores)
-        self.follower = DecodeFollower(model_dir, engine_config, kv_backend, host or _node_ip(), tp_rank, dist_init,
-                                       kv_secret=kv_secret)
+        self.follower = DecodeFollower(
+            model_dir, engine_config, kv_backend, host or _node_ip(), tp_rank, dist_init, kv_secret=kv_secret
+        )
         self._parts: dict[str, Future] = {}  # expected, settled() not asked yet
 
     def endpoint(self) -> str:

@@ -64,12 +64,14 @@ class RankPort(Protocol):
         """Stop the rank's part; its future settles once its blocks are let go."""
 
 
-def expect_part(receiver: KVReceiver, request_id: str, block_ids: Sequence[int],
-                timeout_s: float) -> tuple[Transfer, Future]:
+def expect_part(
+    receiver: KVReceiver, request_id: str, block_ids: Sequence[int], timeout_s: float
+) -> tuple[Transfer, Future]:
     """Register one rank's part with its receiver; the future resolves to its Settled."""
     settled: Future = Future()
-    transfer = receiver.expect(request_id, block_ids, timeout_s,
-                               on_release=lambda _ids: settled.set_result((transfer.state, transfer.error)))
+    transfer = receiver.expect(
+        request_id, block_ids, timeout_s, on_release=lambda _ids: settled.set_result((transfer.state, transfer.error))
+    )
     # DONE releases nothing (the blocks stay with the request) and no sender writes after it.
     transfer.add_done_callback(lambda t: t.state is TransferState.DONE and settled.set_result((t.state, None)))
     return transfer, settled
@@ -109,17 +111,27 @@ class _Reserved:
 
 
 class DecodeWorker:
-    def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
-                 host: str = "127.0.0.1", transfer_timeout_s: float = 30.0, max_waiting: int = 256,
-                 dist_init: str | None = None, *, kv_secret: bytes):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        engine_config: EngineConfig,
+        kv_backend: str,
+        host: str = "127.0.0.1",
+        transfer_timeout_s: float = 30.0,
+        max_waiting: int = 256,
+        dist_init: str | None = None,
+        *,
+        kv_secret: bytes,
+    ):
         """dist_init: with tensor_parallel_size > 1, the process group address all ranks join;
         then attach_followers() before the first reserve(). kv_secret: the deployment's
         (kv_transfer/auth.py); only prefill workers holding it may send KV here."""
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
         self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
-        self.receiver = KVReceiver(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
-                                   secret=kv_secret, host=host)
+        self.receiver = KVReceiver(
+            kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret, host=host
+        )
         self.loop = EngineLoop(self.engine, max_waiting=max_waiting)
         self._followers: list[RankPort] = []
         self._pool = ThreadPoolExecutor(max(1, self.tp_size - 1), thread_name_prefix="decode-rank-port")
@@ -134,8 +146,9 @@ class DecodeWorker:
     def attach_followers(self, ports: Sequence[RankPort]) -> None:
         """Ranks 1..tp-1, in rank order (each reports its receiver's endpoint)."""
         if len(ports) != self.tp_size - 1:
-            raise ValueError(f"a tensor_parallel_size={self.tp_size} worker has {self.tp_size - 1} "
-                             f"follower ranks, got {len(ports)}")
+            raise ValueError(
+                f"a tensor_parallel_size={self.tp_size} worker has {self.tp_size - 1} follower ranks, got {len(ports)}"
+            )
         self._followers = list(ports)
 
     def reserve(self, request: GenerateRequest, timeout_s: float | None = None) -> KVHandle:
@@ -285,11 +298,21 @@ class DecodeFollower:
     """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps and receives its
     KV heads into the blocks rank 0 reserved. A RankPort in process."""
 
-    def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str, host: str,
-                 tp_rank: int, dist_init: str, *, kv_secret: bytes):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        engine_config: EngineConfig,
+        kv_backend: str,
+        host: str,
+        tp_rank: int,
+        dist_init: str,
+        *,
+        kv_secret: bytes,
+    ):
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
-        self.receiver = KVReceiver(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
-                                   secret=kv_secret, host=host)
+        self.receiver = KVReceiver(
+            kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret, host=host
+        )
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}  # parts not settled yet
         self._thread = threading.Thread(target=self.engine.follow, name=f"decode-rank-{tp_rank}", daemon=True)

@@ -16,7 +16,8 @@ COMMAND_MODULES = ("engine.cli", "planner.cli", "deploy.commands", "deploy.helm_
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="tandem", description="Disaggregated prefill/decode LLM serving and placement planning.")
+        prog="tandem", description="Disaggregated prefill/decode LLM serving and placement planning."
+    )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(subparsers)

@@ -58,8 +58,11 @@ class WorkerGroup:
         return [self.rank_bundle()] * self.tp
 
     def engine_config(self, base: EngineConfig) -> EngineConfig:
-        overrides = {k: v for k, v in (("max_num_seqs", self.max_num_seqs),
-                                       ("max_num_batched_tokens", self.max_num_batched_tokens)) if v is not None}
+        overrides = {
+            k: v
+            for k, v in (("max_num_seqs", self.max_num_seqs), ("max_num_batched_tokens", self.max_num_batched_tokens))
+            if v is not None
+        }
         return replace(base, tensor_parallel_size=self.tp, **overrides)
 
 
@@ -87,10 +90,20 @@ class Deployment:
             remove_placement_group(pg)
 
 
-def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: EngineConfig, *,
-           kv_backend: str, model_name: str, policy: str = "load", local_prefill_tokens: int = 32,
-           transfer_timeout_s: float = 30.0, ready_timeout_s: float = 300.0,
-           kv_secret: bytes | None = None, pin_cores: bool | None = None) -> Deployment:
+def deploy(
+    model_dir: str | Path,
+    groups: list[WorkerGroup],
+    engine_config: EngineConfig,
+    *,
+    kv_backend: str,
+    model_name: str,
+    policy: str = "load",
+    local_prefill_tokens: int = 32,
+    transfer_timeout_s: float = 30.0,
+    ready_timeout_s: float = 300.0,
+    kv_secret: bytes | None = None,
+    pin_cores: bool | None = None,
+) -> Deployment:
     """Reserve every worker's resources in one placement group, start the actors, wait until ready.
 
     Decode workers' KV receivers listen on loopback when the Ray cluster is this one node,
@@ -115,9 +128,11 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
     except ray.exceptions.GetTimeoutError:
         for pg in pgs:
             remove_placement_group(pg)
-        raise TimeoutError(f"the workers' resources ({describe(groups)}) were not free within "
-                           f"{ready_timeout_s:g} s; the Ray cluster has {_fmt(ray.available_resources())} "
-                           f"available now") from None
+        raise TimeoutError(
+            f"the workers' resources ({describe(groups)}) were not free within "
+            f"{ready_timeout_s:g} s; the Ray cluster has {_fmt(ray.available_resources())} "
+            f"available now"
+        ) from None
     try:
         cores = plan_cores(workers, pgs, pin_cores)
     except BaseException:
@@ -126,44 +141,87 @@ def deploy(model_dir: str | Path, groups: list[WorkerGroup], engine_config: Engi
         raise
     prefill_actors, decode_actors, followers = [], [], []
     for group, pg, rank_cores in zip(workers, pgs, cores.ranks):
+
         def options(rank: int) -> dict:
             bundle = group.bundles()[rank]
             threads = rank_cores[rank].env() if rank_cores[rank] is not None else {}
-            return dict(num_cpus=bundle["CPU"], num_gpus=bundle.get("GPU", 0),
-                        resources={k: v for k, v in bundle.items() if k.startswith("GPU_")},
-                        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                        max_concurrency=1000, runtime_env={"env_vars": {**env_vars, **threads}})
+            return dict(
+                num_cpus=bundle["CPU"],
+                num_gpus=bundle.get("GPU", 0),
+                resources={k: v for k, v in bundle.items() if k.startswith("GPU_")},
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                max_concurrency=1000,
+                runtime_env={"env_vars": {**env_vars, **threads}},
+            )
 
         def pinned(rank: int) -> tuple[int, ...] | None:
             return rank_cores[rank].cores if rank_cores[rank] is not None else None
+
         config = group.engine_config(engine_config)
         dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
         ranks = range(1, group.tp)
         if group.role is Role.PREFILL:
-            driver = ray.remote(PrefillActor).options(**options(0)).remote(
-                model_dir, config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret, cores=pinned(0))
+            driver = (
+                ray.remote(PrefillActor)
+                .options(**options(0))
+                .remote(
+                    model_dir, config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret, cores=pinned(0)
+                )
+            )
             prefill_actors.append(driver)
-            followers += [ray.remote(PrefillFollowerActor).options(**options(rank)).remote(
-                model_dir, config, kv_backend, transfer_timeout_s, rank, dist_init, driver, kv_secret=kv_secret,
-                cores=pinned(rank)) for rank in ranks]
+            followers += [
+                ray.remote(PrefillFollowerActor)
+                .options(**options(rank))
+                .remote(
+                    model_dir,
+                    config,
+                    kv_backend,
+                    transfer_timeout_s,
+                    rank,
+                    dist_init,
+                    driver,
+                    kv_secret=kv_secret,
+                    cores=pinned(rank),
+                )
+                for rank in ranks
+            ]
         else:  # followers first: rank 0 asks them for their KV receivers' endpoints
-            decode_followers = [ray.remote(DecodeFollowerActor).options(**options(rank)).remote(
-                model_dir, config, kv_backend, host, rank, dist_init, kv_secret=kv_secret, cores=pinned(rank))
-                for rank in ranks]
-            decode_actors.append(ray.remote(DecodeActor).options(**options(0)).remote(
-                model_dir, config, kv_backend, host, transfer_timeout_s, dist_init=dist_init,
-                followers=decode_followers, kv_secret=kv_secret, cores=pinned(0)))
+            decode_followers = [
+                ray.remote(DecodeFollowerActor)
+                .options(**options(rank))
+                .remote(model_dir, config, kv_backend, host, rank, dist_init, kv_secret=kv_secret, cores=pinned(rank))
+                for rank in ranks
+            ]
+            decode_actors.append(
+                ray.remote(DecodeActor)
+                .options(**options(0))
+                .remote(
+                    model_dir,
+                    config,
+                    kv_backend,
+                    host,
+                    transfer_timeout_s,
+                    dist_init=dist_init,
+                    followers=decode_followers,
+                    kv_secret=kv_secret,
+                    cores=pinned(0),
+                )
+            )
             followers += decode_followers
     # Waiting for every worker's info is also waiting until every worker is up.
     infos = ray.get([a.info.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)
     decode = infos[len(prefill_actors)]  # what decode workers run with is what requests must fit
     backend = DisaggregatedBackend(
-        model_dir, [RayPrefillClient(a, f"prefill worker {i}") for i, a in enumerate(prefill_actors)],
+        model_dir,
+        [RayPrefillClient(a, f"prefill worker {i}") for i, a in enumerate(prefill_actors)],
         [RayDecodeClient(a, f"decode worker {i}") for i, a in enumerate(decode_actors)],
-        model_name=model_name, max_model_len=decode.max_model_len,
+        model_name=model_name,
+        max_model_len=decode.max_model_len,
         block_size=decode.layout.block_size,
         kv_bytes_per_token=decode.layout.bytes_per_token * decode.layout.tp_size,
-        policy=policy, local_prefill_tokens=local_prefill_tokens)
+        policy=policy,
+        local_prefill_tokens=local_prefill_tokens,
+    )
     return Deployment(backend, prefill_actors, decode_actors, followers, pgs, cores, infos)
 
 
@@ -173,24 +231,30 @@ def check_capacity(groups: list[WorkerGroup]) -> None:
     total: Counter = sum((Counter(resources) for resources in nodes), Counter())
     per_worker = [(g, sum((Counter(b) for b in g.bundles()), Counter())) for g in groups if g.count]
     need: Counter = sum((Counter({k: v * g.count for k, v in w.items()}) for g, w in per_worker), Counter())
-    short = [f"{need[k]:g} {k} (the cluster has {total.get(k, 0):g})" for k in sorted(need) if need[k] > total.get(k, 0)]
+    short = [
+        f"{need[k]:g} {k} (the cluster has {total.get(k, 0):g})" for k in sorted(need) if need[k] > total.get(k, 0)
+    ]
     if short:
-        raise ValueError(f"the workers ({describe(groups)}) need {', '.join(short)}: give Ray more "
-                         f"(e.g. ray start --num-cpus/--num-gpus) or ask for fewer workers or ranks")
+        raise ValueError(
+            f"the workers ({describe(groups)}) need {', '.join(short)}: give Ray more "
+            f"(e.g. ray start --num-cpus/--num-gpus) or ask for fewer workers or ranks"
+        )
     for g, worker in per_worker:
         if not any(all(node.get(k, 0) >= v for k, v in worker.items()) for node in nodes):
-            raise ValueError(f"a {g.role} worker with tp={g.tp} needs {_fmt(worker)} on one node "
-                             f"(its ranks share a node); no node of the Ray cluster has that")
+            raise ValueError(
+                f"a {g.role} worker with tp={g.tp} needs {_fmt(worker)} on one node "
+                f"(its ranks share a node); no node of the Ray cluster has that"
+            )
 
 
 def describe(groups: list[WorkerGroup]) -> str:
-    return ", ".join(f"{g.count} {g.role} x tp={g.tp}" + (f" on {g.gpu_type}" if g.gpu_type else "")
-                     for g in groups if g.count)
+    return ", ".join(
+        f"{g.count} {g.role} x tp={g.tp}" + (f" on {g.gpu_type}" if g.gpu_type else "") for g in groups if g.count
+    )
 
 
 def _fmt(resources) -> str:
-    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items())
-                     if k in ("CPU", "GPU") or k.startswith("GPU_"))
+    return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or k.startswith("GPU_"))
 
 
 def _dist_init(pg, single_node: bool) -> str:

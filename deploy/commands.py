@@ -21,17 +21,29 @@ def register(subparsers) -> None:
     _serving_args(serve)
     serve.add_argument("--http-port", type=int, default=8000, help="OpenAI HTTP port (default 8000; 0 = any)")
     serve.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (default 8001; 0 = any)")
-    serve.add_argument("--host", default="127.0.0.1",
-                       help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)")
-    serve.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                       help="require this key (Authorization: Bearer KEY; gRPC metadata authorization); "
-                            "repeat for several; also read from $TANDEM_API_KEY (comma-separated)")
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for all)",
+    )
+    serve.add_argument(
+        "--api-key",
+        action="append",
+        default=[],
+        metavar="KEY",
+        help="require this key (Authorization: Bearer KEY; gRPC metadata authorization); "
+        "repeat for several; also read from $TANDEM_API_KEY (comma-separated)",
+    )
     serve.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key")
     serve.add_argument("--ssl-certfile", help="PEM certificate: serve both APIs over TLS")
     serve.add_argument("--ssl-keyfile", help="PEM private key of --ssl-certfile")
     serve.add_argument("--ssl-ca-certs", help="PEM CA bundle: require client certificates it signed (mTLS)")
-    serve.add_argument("--shutdown-grace-s", type=float, default=10.0,
-                       help="on SIGTERM, seconds running requests may finish before they are cut (default 10)")
+    serve.add_argument(
+        "--shutdown-grace-s",
+        type=float,
+        default=10.0,
+        help="on SIGTERM, seconds running requests may finish before they are cut (default 10)",
+    )
     serve.set_defaults(run=_serve, local_prefill_tokens=32)
 
     demo = subparsers.add_parser("demo", help="serve the default model, answer one request over HTTP, stop")
@@ -47,22 +59,34 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plan", help="plan file from `tandem plan`: workers, GPU types, batch limits")
     p.add_argument("--num-prefill", type=int, default=1, help="prefill workers without a plan (default 1)")
     p.add_argument("--num-decode", type=int, default=1, help="decode workers without a plan (default 1)")
-    p.add_argument("--prefill-tp", type=int, default=1,
-                   help="tensor-parallel size of each prefill worker without a plan (default 1)")
-    p.add_argument("--decode-tp", type=int, default=1,
-                   help="tensor-parallel size of each decode worker without a plan (default 1)")
+    p.add_argument(
+        "--prefill-tp",
+        type=int,
+        default=1,
+        help="tensor-parallel size of each prefill worker without a plan (default 1)",
+    )
+    p.add_argument(
+        "--decode-tp", type=int, default=1, help="tensor-parallel size of each decode worker without a plan (default 1)"
+    )
     p.add_argument("--colocated", action="store_true", help="one engine doing both phases, no Ray")
-    p.add_argument("--cpus-per-worker", type=int, metavar="N",
-                   help="CPU workers: N cores of their own per rank (refused when the machine has too few); "
-                        "default: one core each when there are enough, else shared")
+    p.add_argument(
+        "--cpus-per-worker",
+        type=int,
+        metavar="N",
+        help="CPU workers: N cores of their own per rank (refused when the machine has too few); "
+        "default: one core each when there are enough, else shared",
+    )
     p.add_argument("--prefill-cpus", type=int, metavar="N", help="cores per prefill rank (overrides --cpus-per-worker)")
     p.add_argument("--decode-cpus", type=int, metavar="N", help="cores per decode rank (overrides --cpus-per-worker)")
-    p.add_argument("--kv-backend", choices=backend_names(),
-                   help="KV transfer backend (default: nixl when installed, else shm)")
+    p.add_argument(
+        "--kv-backend", choices=backend_names(), help="KV transfer backend (default: nixl when installed, else shm)"
+    )
     p.add_argument("--routing", default="load", choices=POLICIES)
-    p.add_argument("--local-prefill-tokens", type=int,
-                   help="prompts with at most this many uncached tokens prefill on the decode worker "
-                        "(serve: default 32; demo: 0)")
+    p.add_argument(
+        "--local-prefill-tokens",
+        type=int,
+        help="prompts with at most this many uncached tokens prefill on the decode worker (serve: default 32; demo: 0)",
+    )
     p.add_argument("--dtype", default="auto")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--max-num-seqs", type=int, default=64)
@@ -76,6 +100,7 @@ CPU_DEVICE = "cpu"  # the planner's device type for one CPU core
 def _default_kv_backend() -> str:
     """nixl where it can run (its own check: the CUDA-specific wheels install no `nixl`), else shm."""
     from kv_transfer import load_backend
+
     return "nixl" if load_backend("nixl").unavailable_reason("cpu") is None else "shm"
 
 
@@ -84,22 +109,33 @@ def _start_local_ray(host: str, num_cpus: int) -> None:
     endpoints stay on loopback too: Ray binds them to the node's address, and its single-machine
     mode (the one it uses on macOS and Windows) makes that 127.0.0.1."""
     from router.security import is_loopback
+
     if is_loopback(host):
         os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # read by Ray and by the processes it starts
         import ray._private.ray_constants as ray_constants
+
         ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
     import ray
+
     ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def security_from(args: argparse.Namespace, log=print):
     """The API keys and TLS the flags ask for; warns when an open API faces the network."""
     from router.security import Security, is_loopback
-    security = Security.from_keys(args.api_key, public_metrics=args.public_metrics, ssl_certfile=args.ssl_certfile,
-                                  ssl_keyfile=args.ssl_keyfile, ssl_ca_certs=args.ssl_ca_certs)
+
+    security = Security.from_keys(
+        args.api_key,
+        public_metrics=args.public_metrics,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_ca_certs=args.ssl_ca_certs,
+    )
     if not security.api_keys and not is_loopback(args.host):
-        log(f"WARNING: serving on {args.host} without an API key: anyone who can reach it may use it "
-            f"(--api-key or $TANDEM_API_KEY to require one)")
+        log(
+            f"WARNING: serving on {args.host} without an API key: anyone who can reach it may use it "
+            f"(--api-key or $TANDEM_API_KEY to require one)"
+        )
     return security
 
 
@@ -111,6 +147,7 @@ def start_backend(args: argparse.Namespace, log=print):
 
     if args.plan:
         from proto.plan import Plan
+
         plan = Plan.load(args.plan)
         plan.check_servable()
         model_dir = args.model or plan.model.path or ensure_default_model(log)
@@ -118,11 +155,16 @@ def start_backend(args: argparse.Namespace, log=print):
         plan = None
         model_dir = args.model or ensure_default_model(log)
     model_name = args.model_name or Path(model_dir).name
-    engine_config = EngineConfig(dtype=args.dtype, block_size=args.block_size, max_num_seqs=args.max_num_seqs,
-                                 max_num_batched_tokens=args.max_num_batched_tokens,
-                                 max_model_len=args.max_model_len)
+    engine_config = EngineConfig(
+        dtype=args.dtype,
+        block_size=args.block_size,
+        max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_model_len=args.max_model_len,
+    )
     if args.colocated:
         from router.local_backend import LocalBackend
+
         backend = LocalBackend(model_dir, engine_config, model_name)
         log(f"colocated engine on {model_name}")
         return backend, backend.close
@@ -130,18 +172,31 @@ def start_backend(args: argparse.Namespace, log=print):
     import ray
 
     from deploy.cluster import WorkerGroup, deploy, describe
-    cpus = {role: getattr(args, f"{role}_cpus", None) or getattr(args, "cpus_per_worker", None)
-            for role in ("prefill", "decode")}
+
+    cpus = {
+        role: getattr(args, f"{role}_cpus", None) or getattr(args, "cpus_per_worker", None)
+        for role in ("prefill", "decode")
+    }
     if plan is not None:
         # A plan made for CPU cores (gpu_type "cpu": each device is a core) runs CPU workers,
         # a core per device; any other GPU type asks Ray for that GPU.
-        groups = [WorkerGroup(g.role, g.count, g.tp, None if g.gpu_type == CPU_DEVICE else g.gpu_type,
-                              num_cpus=cpus[g.role] or 1, max_num_seqs=g.max_batch_size,
-                              max_num_batched_tokens=g.max_batched_tokens)
-                  for g in plan.groups]
+        groups = [
+            WorkerGroup(
+                g.role,
+                g.count,
+                g.tp,
+                None if g.gpu_type == CPU_DEVICE else g.gpu_type,
+                num_cpus=cpus[g.role] or 1,
+                max_num_seqs=g.max_batch_size,
+                max_num_batched_tokens=g.max_batched_tokens,
+            )
+            for g in plan.groups
+        ]
     else:
-        groups = [WorkerGroup("prefill", args.num_prefill, args.prefill_tp, num_cpus=cpus["prefill"] or 1),
-                  WorkerGroup("decode", args.num_decode, args.decode_tp, num_cpus=cpus["decode"] or 1)]
+        groups = [
+            WorkerGroup("prefill", args.num_prefill, args.prefill_tp, num_cpus=cpus["prefill"] or 1),
+            WorkerGroup("decode", args.num_decode, args.decode_tp, num_cpus=cpus["decode"] or 1),
+        ]
     started_ray = not ray.is_initialized()
     if started_ray and os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False, log_to_driver=False)  # joins the cluster
@@ -155,9 +210,16 @@ def start_backend(args: argparse.Namespace, log=print):
     kv_backend = args.kv_backend or _default_kv_backend()
     log(f"starting workers ({describe(groups)}) of {model_name} (KV transfer: {kv_backend}) ...")
     explicit = any(cpus.values())
-    deployment = deploy(model_dir, groups, engine_config, kv_backend=kv_backend, model_name=model_name,
-                        policy=args.routing, local_prefill_tokens=args.local_prefill_tokens,
-                        pin_cores=True if explicit else None)
+    deployment = deploy(
+        model_dir,
+        groups,
+        engine_config,
+        kv_backend=kv_backend,
+        model_name=model_name,
+        policy=args.routing,
+        local_prefill_tokens=args.local_prefill_tokens,
+        pin_cores=True if explicit else None,
+    )
     labels = [f"{g.role} {i}" for g in groups for i in range(g.count)]
     if deployment.cores is not None and deployment.cores.describe(labels):
         log("CPU cores:\n" + deployment.cores.describe(labels))
@@ -168,6 +230,7 @@ def start_backend(args: argparse.Namespace, log=print):
         deployment.shutdown()
         if started_ray:
             ray.shutdown()
+
     return deployment.backend, stop
 
 
@@ -178,15 +241,20 @@ def _serve(args: argparse.Namespace) -> int:
     backend, stop_backend = start_backend(args)
 
     async def main():
-        handle = await serve(backend, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host,
-                             security=security)
+        handle = await serve(
+            backend, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host, security=security
+        )
         scheme = "https" if security.tls else "http"
-        access = (f"{len(security.api_keys)} API key(s)" if security.api_keys else "no API key") + \
-            (", TLS" + (" with client certificates" if security.ssl_ca_certs else "") if security.tls else "")
-        print(f"Tandem is serving {backend.model_name} ({access})\n"
-              f"  OpenAI HTTP:  {scheme}://{args.host}:{handle.http_port}/v1  (health /health, metrics /metrics)\n"
-              f"  KServe gRPC:  {args.host}:{handle.grpc_port}  (inference.GRPCInferenceService)\n"
-              f"Ctrl-C or SIGTERM stops it.", flush=True)
+        access = (f"{len(security.api_keys)} API key(s)" if security.api_keys else "no API key") + (
+            ", TLS" + (" with client certificates" if security.ssl_ca_certs else "") if security.tls else ""
+        )
+        print(
+            f"Tandem is serving {backend.model_name} ({access})\n"
+            f"  OpenAI HTTP:  {scheme}://{args.host}:{handle.http_port}/v1  (health /health, metrics /metrics)\n"
+            f"  KServe gRPC:  {args.host}:{handle.grpc_port}  (inference.GRPCInferenceService)\n"
+            f"Ctrl-C or SIGTERM stops it.",
+            flush=True,
+        )
         stopping = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -216,13 +284,19 @@ def _demo(args: argparse.Namespace) -> int:
         start = time.monotonic()
         answer = await asyncio.to_thread(_post_json, url, body)
         elapsed = time.monotonic() - start
-        print(f"\n>>> {args.prompt}{answer['choices'][0]['text']}\n"
-              f"    [{answer['usage']['completion_tokens']} tokens in {elapsed:.2f}s, "
-              f"finish_reason={answer['choices'][0]['finish_reason']}]", flush=True)
+        print(
+            f"\n>>> {args.prompt}{answer['choices'][0]['text']}\n"
+            f"    [{answer['usage']['completion_tokens']} tokens in {elapsed:.2f}s, "
+            f"finish_reason={answer['choices'][0]['finish_reason']}]",
+            flush=True,
+        )
         stats = backend.stats()
         if "kv_transfers_total" in stats:
-            print(f"    served disaggregated: {stats['kv_transfers_total']} KV transfer(s), "
-                  f"{stats['kv_transfer_bytes_total'] / 1024:.0f} KiB of KV moved prefill -> decode", flush=True)
+            print(
+                f"    served disaggregated: {stats['kv_transfers_total']} KV transfer(s), "
+                f"{stats['kv_transfer_bytes_total'] / 1024:.0f} KiB of KV moved prefill -> decode",
+                flush=True,
+            )
         await handle.stop(grace_s=1.0)
 
     try:

@@ -45,12 +45,18 @@ class CorePlan:
         for label, ranks in zip(labels, self.ranks):
             if all(r is None for r in ranks):
                 continue
-            parts = [f"cores {list(r.cores)}" if r.cores else f"{r.num_threads} thread(s), shared cores"
-                     for r in ranks if r is not None]
+            parts = [
+                f"cores {list(r.cores)}" if r.cores else f"{r.num_threads} thread(s), shared cores"
+                for r in ranks
+                if r is not None
+            ]
             lines.append(f"  {label}: " + "; ".join(parts))
         if self.pinned:
-            lines.append(f"  router: cores {list(self.router)}" if self.router else
-                         "  router: no core left for it; it shares its node's cores with the workers")
+            lines.append(
+                f"  router: cores {list(self.router)}"
+                if self.router
+                else "  router: no core left for it; it shares its node's cores with the workers"
+            )
         return "\n".join(lines)
 
 
@@ -80,12 +86,17 @@ def plan_cores(groups, pgs, pin: bool | None) -> CorePlan:
     ranks: list[list[RankCores | None]] = [[None] * g.tp for g in groups]
     here = ray.get_runtime_context().get_node_id()
     cores_of = {node: node_cores(node) for node in placed}
-    short = {node: (sum(n for _, _, n in wanted), len(cores_of[node])) for node, wanted in placed.items()
-             if sum(n for _, _, n in wanted) > len(cores_of[node])}
+    short = {
+        node: (sum(n for _, _, n in wanted), len(cores_of[node]))
+        for node, wanted in placed.items()
+        if sum(n for _, _, n in wanted) > len(cores_of[node])
+    }
     if short and pin:
         node, (need, have) = next(iter(short.items()))
-        raise ValueError(f"the CPU workers need {need} cores on node {node[:8]}, which has {have}: ask for fewer "
-                         f"workers or cores per worker, or drop the explicit core counts to share cores")
+        raise ValueError(
+            f"the CPU workers need {need} cores on node {node[:8]}, which has {have}: ask for fewer "
+            f"workers or cores per worker, or drop the explicit core counts to share cores"
+        )
     pinned = pin is not False and not short
     router = None
     for node, wanted in placed.items():

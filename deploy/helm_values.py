@@ -47,15 +47,20 @@ class ModelSource:
             raise ValueError(f"model source must be one of {', '.join(MODEL_SOURCES)}, got {self.kind!r}")
         if not self.dir or "/" in self.dir or self.dir in (".", ".."):
             raise ValueError(f"--model-dir must be a directory name inside the model volume, got {self.dir!r}")
-        required = {"pvc": ("claim_name", "--model-pvc"), "hostPath": ("host_path", "--model-host-path"),
-                    "copy": ("copy_image", "--model-copy-image")}[self.kind]
+        required = {
+            "pvc": ("claim_name", "--model-pvc"),
+            "hostPath": ("host_path", "--model-host-path"),
+            "copy": ("copy_image", "--model-copy-image"),
+        }[self.kind]
         if not getattr(self, required[0]):
             raise ValueError(f"{required[1]} is required for model source {self.kind}")
         if self.kind == "hostPath" and not self.host_path.startswith("/"):
             raise ValueError(f"--model-host-path must be an absolute path, got {self.host_path!r}")
         if self.kind == "copy" and not self.copy_command:
-            raise ValueError("--model-copy-command is required with --model-copy-image: "
-                             "a shell command that copies the model into $MODEL_DIR")
+            raise ValueError(
+                "--model-copy-command is required with --model-copy-image: "
+                "a shell command that copies the model into $MODEL_DIR"
+            )
 
     def to_values(self) -> dict:
         values: dict = {"source": self.kind, "dir": self.dir}
@@ -77,8 +82,10 @@ class PodSizing:
 
     def __post_init__(self) -> None:
         if self.cpus_per_gpu < 1 or self.memory_per_gpu_gib < 1:
-            raise ValueError(f"--cpus-per-gpu and --memory-per-gpu-gib must be at least 1, got "
-                             f"{self.cpus_per_gpu} and {self.memory_per_gpu_gib}")
+            raise ValueError(
+                f"--cpus-per-gpu and --memory-per-gpu-gib must be at least 1, got "
+                f"{self.cpus_per_gpu} and {self.memory_per_gpu_gib}"
+            )
 
     def resources(self, num_gpus: int) -> dict:
         amount = {"cpu": str(self.cpus_per_gpu * num_gpus), "memory": f"{self.memory_per_gpu_gib * num_gpus}Gi"}
@@ -104,33 +111,54 @@ def gpus_per_node(plan: Plan) -> dict[str, int]:
     return dict(used)
 
 
-def worker_groups(plan: Plan, *, gpu_node_label: str = "tandem/gpu-type",
-                  sizing: PodSizing = PodSizing()) -> list[dict]:
+def worker_groups(
+    plan: Plan, *, gpu_node_label: str = "tandem/gpu-type", sizing: PodSizing = PodSizing()
+) -> list[dict]:
     """One Ray worker pod per used plan node, grouped by GPU type and pod size."""
     if plan.stages:
-        raise ValueError("plan.stages: layer-split plans cannot be served by tandem serve yet; "
-                         "plan without --layer-split to get instance groups")
+        raise ValueError(
+            "plan.stages: layer-split plans cannot be served by tandem serve yet; "
+            "plan without --layer-split to get instance groups"
+        )
     gpu_type = {node.name: node.gpu_type for node in plan.nodes}
     pods: Counter[tuple[str, int]] = Counter((gpu_type[name], num) for name, num in gpus_per_node(plan).items())
     sizes_per_type = Counter(t for t, _ in pods)
     groups = []
     for (gpu, num_gpus), replicas in sorted(pods.items()):
         if not _LABEL_VALUE.match(gpu):
-            raise ValueError(f"plan.nodes[].gpu_type {gpu!r} cannot be a Kubernetes label value: use letters, "
-                             f"digits, '-', '_' and '.', at most 63, starting and ending with a letter or digit")
+            raise ValueError(
+                f"plan.nodes[].gpu_type {gpu!r} cannot be a Kubernetes label value: use letters, "
+                f"digits, '-', '_' and '.', at most 63, starting and ending with a letter or digit"
+            )
         name = _slug(gpu) if sizes_per_type[gpu] == 1 else f"{_slug(gpu)}-{num_gpus}gpu"
-        groups.append({"name": name, "gpuType": gpu, "replicas": replicas, "gpusPerPod": num_gpus,
-                       "resources": sizing.resources(num_gpus), "nodeSelector": {gpu_node_label: gpu},
-                       "tolerations": [dict(GPU_TOLERATION)]})
+        groups.append(
+            {
+                "name": name,
+                "gpuType": gpu,
+                "replicas": replicas,
+                "gpusPerPod": num_gpus,
+                "resources": sizing.resources(num_gpus),
+                "nodeSelector": {gpu_node_label: gpu},
+                "tolerations": [dict(GPU_TOLERATION)],
+            }
+        )
     names = [g["name"] for g in groups]
     if len(set(names)) != len(names) or max(map(len, names)) > 30:
-        raise ValueError(f"plan.nodes[].gpu_type values give worker group names that clash or are longer than "
-                         f"30 characters: {', '.join(names)}")
+        raise ValueError(
+            f"plan.nodes[].gpu_type values give worker group names that clash or are longer than "
+            f"30 characters: {', '.join(names)}"
+        )
     return groups
 
 
-def helm_values(plan: Plan, model: ModelSource, *, image: str | None = None,
-                gpu_node_label: str = "tandem/gpu-type", sizing: PodSizing = PodSizing()) -> dict:
+def helm_values(
+    plan: Plan,
+    model: ModelSource,
+    *,
+    image: str | None = None,
+    gpu_node_label: str = "tandem/gpu-type",
+    sizing: PodSizing = PodSizing(),
+) -> dict:
     """The chart values that deploy exactly plan's instances."""
     repository, _, tag = (image or default_image()).rpartition(":")
     if not repository or not tag or "/" in tag:
@@ -153,10 +181,12 @@ def dump_values(values: dict, header: str = "") -> str:
 def describe(plan: Plan) -> str:
     """The header of a values file: what it deploys."""
     gpus = ", ".join(f"{gpu}: {num}" for gpu, num in sorted(plan.gpus_by_type().items()))
-    return (f"Helm values for deploy/helm/tandem, written by `tandem deploy helm-values`.\n"
-            f"Plan: {plan.model.name}, {plan.num_instances('prefill')} prefill + {plan.num_instances('decode')} "
-            f"decode instances on {plan.num_gpus} GPUs ({gpus}).\n"
-            f"Every other field keeps the chart's default (deploy/helm/tandem/values.yaml).")
+    return (
+        f"Helm values for deploy/helm/tandem, written by `tandem deploy helm-values`.\n"
+        f"Plan: {plan.model.name}, {plan.num_instances('prefill')} prefill + {plan.num_instances('decode')} "
+        f"decode instances on {plan.num_gpus} GPUs ({gpus}).\n"
+        f"Every other field keeps the chart's default (deploy/helm/tandem/values.yaml)."
+    )
 
 
 def _slug(gpu_type: str) -> str:

@@ -36,8 +36,10 @@ class AttentionMetadata:
 
 # ---- reference versions ---------------------------------------------------------------------
 
-def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                 slot_mapping: torch.Tensor) -> None:
+
+def store_kv_ref(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     """Write new K/V rows into their slots. k, v: [N, H_kv, D]; slot_mapping: [N]."""
     block_size = k_cache.shape[2]
     block_ids = slot_mapping // block_size
@@ -46,9 +48,15 @@ def store_kv_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache[block_ids, :, offsets] = v
 
 
-def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                               block_tables: torch.Tensor, context_lens: torch.Tensor,
-                               scale: float, sliding_window: int | None = None) -> torch.Tensor:
+def paged_decode_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    context_lens: torch.Tensor,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """One query token per sequence against its cached context. q: [B, H_q, D] -> [B, H_q, D]."""
     num_seqs, num_heads, head_dim = q.shape
     _, num_kv_heads, block_size, _ = k_cache.shape
@@ -71,9 +79,14 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return torch.matmul(probs, v).reshape(num_seqs, num_heads, head_dim)
 
 
-def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                          span: PrefillSpan, scale: float,
-                          sliding_window: int | None = None) -> torch.Tensor:
+def prefill_attention_ref(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    span: PrefillSpan,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
     """Causal attention of one prompt chunk over its cached context plus itself.
 
     q: [n, H_q, D] for positions start_pos .. start_pos + n - 1, whose K/V are already
@@ -101,35 +114,46 @@ def prefill_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch
 
 # ---- dispatch ---------------------------------------------------------------------------------
 
+
 def _use_triton(t: torch.Tensor) -> bool:
     if not t.is_cuda:
         return False
     from engine.kernels import triton_available
+
     return triton_available()
 
 
 def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
     if _use_triton(k):
         from engine.kernels.triton_attention import store_kv as store_kv_triton
+
         store_kv_triton(k, v, k_cache, v_cache, slot_mapping)
     else:
         store_kv_ref(k, v, k_cache, v_cache, slot_mapping)
 
 
-def paged_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                    meta: AttentionMetadata, scale: float,
-                    sliding_window: int | None) -> torch.Tensor:
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
     """Attention for a flattened batch whose K/V are already stored. q: [N, H_q, D]."""
     out = torch.empty_like(q)
     num_dec = meta.num_decode_tokens
     if num_dec:
         if _use_triton(q):
             from engine.kernels.triton_attention import paged_decode_attention
-            out[:num_dec] = paged_decode_attention(q[:num_dec], k_cache, v_cache, meta.decode_block_tables,
-                                                   meta.decode_context_lens, scale, sliding_window)
+
+            out[:num_dec] = paged_decode_attention(
+                q[:num_dec], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, sliding_window
+            )
         else:
-            out[:num_dec] = paged_decode_attention_ref(q[:num_dec], k_cache, v_cache, meta.decode_block_tables,
-                                                       meta.decode_context_lens, scale, sliding_window)
+            out[:num_dec] = paged_decode_attention_ref(
+                q[:num_dec], k_cache, v_cache, meta.decode_block_tables, meta.decode_context_lens, scale, sliding_window
+            )
     for span in meta.prefills:
         rows = slice(span.query_start, span.query_start + span.num_tokens)
         out[rows] = prefill_attention_ref(q[rows], k_cache, v_cache, span, scale, sliding_window)

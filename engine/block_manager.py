@@ -29,7 +29,7 @@ def prefix_block_hashes(token_ids: list[int], block_size: int) -> list[bytes]:
     hashes: list[bytes] = []
     parent = None
     for start in range(0, len(token_ids) - block_size + 1, block_size):
-        parent = hash_block(parent, token_ids[start:start + block_size])
+        parent = hash_block(parent, token_ids[start : start + block_size])
         hashes.append(parent)
     return hashes
 
@@ -86,8 +86,9 @@ class BlockManager:
     def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_ids: list[int] = ()) -> bool:
         """Whether seq can grow to cover num_new_tokens more tokens (after taking cached_ids)."""
         have = len(seq.block_ids) + len(cached_ids)
-        num_needed = self.blocks_for(seq.num_computed_tokens + len(cached_ids) * self.block_size
-                                     + num_new_tokens) - have
+        num_needed = (
+            self.blocks_for(seq.num_computed_tokens + len(cached_ids) * self.block_size + num_new_tokens) - have
+        )
         num_revived = sum(1 for b in cached_ids if self.ref_counts[b] == 0)
         return num_needed <= self.num_free_blocks - num_revived
 
@@ -139,7 +140,7 @@ class BlockManager:
         num_full = seq.num_computed_tokens // self.block_size
         for i in range(len(hashes), num_full):
             parent = hashes[-1] if hashes else None
-            h = hash_block(parent, seq.token_ids[i * self.block_size:(i + 1) * self.block_size])
+            h = hash_block(parent, seq.token_ids[i * self.block_size : (i + 1) * self.block_size])
             hashes.append(h)
             block_id = seq.block_ids[i]
             if h not in self.cached:

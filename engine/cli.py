@@ -28,6 +28,7 @@ def register(subparsers) -> None:
 
 def _make_model(args: argparse.Namespace) -> int:
     from engine.default_model import default_model_dir, make_default_model
+
     make_default_model(args.out or default_model_dir(), steps=args.steps, seed=args.seed)
     return 0
 
@@ -37,8 +38,9 @@ def _generate(args: argparse.Namespace) -> int:
     from engine.default_model import ensure_default_model
 
     model_dir = args.model or ensure_default_model()
-    params = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                            seed=args.seed, max_tokens=args.max_tokens)
+    params = SamplingParams(
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, max_tokens=args.max_tokens
+    )
     llm = LLM(model_dir, dtype=args.dtype, device=args.device)
     start = time.monotonic()
     outputs = llm.generate(args.prompts, params)
@@ -46,6 +48,8 @@ def _generate(args: argparse.Namespace) -> int:
     for prompt, out in zip(args.prompts, outputs):
         print(f"\n>>> {prompt}{out.text}\n    [{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]")
     num_tokens = sum(len(o.token_ids) for o in outputs)
-    print(f"\n{num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.0f} tokens/s) on "
-          f"{llm.engine.device}, {llm.engine.dtype}; model {model_dir}")
+    print(
+        f"\n{num_tokens} tokens in {elapsed:.2f}s ({num_tokens / elapsed:.0f} tokens/s) on "
+        f"{llm.engine.device}, {llm.engine.dtype}; model {model_dir}"
+    )
     return 0

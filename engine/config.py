@@ -59,8 +59,10 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"unsupported architecture {arch!r} (model_type "
-                             f"{cfg.get('model_type')!r}); supported: {sorted(SUPPORTED_ARCHITECTURES)}")
+            raise ValueError(
+                f"unsupported architecture {arch!r} (model_type "
+                f"{cfg.get('model_type')!r}); supported: {sorted(SUPPORTED_ARCHITECTURES)}"
+            )
         if cfg.get("hidden_act", "silu") != "silu":
             raise ValueError(f"unsupported hidden_act {cfg['hidden_act']!r}; supported: 'silu'")
         num_heads = cfg["num_attention_heads"]
@@ -140,8 +142,14 @@ class EngineConfig:
             raise ValueError(f"block_size must be a positive power of two, got {self.block_size}")
         if self.load_format not in LOAD_FORMATS:
             raise ValueError(f"load_format must be one of {LOAD_FORMATS}, got {self.load_format!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "max_model_len", "num_blocks",
-                     "kv_cache_bytes", "tensor_parallel_size"):
+        for name in (
+            "max_num_seqs",
+            "max_num_batched_tokens",
+            "max_model_len",
+            "num_blocks",
+            "kv_cache_bytes",
+            "tensor_parallel_size",
+        ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")

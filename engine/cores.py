@@ -28,8 +28,11 @@ def thread_env(num_threads: int) -> dict[str, str]:
     thread of the process, or another worker, needs)."""
     if num_threads < 1:
         raise ValueError(f"num_threads must be >= 1, got {num_threads}")
-    return {**{name: str(num_threads) for name in _THREAD_COUNT_VARS},
-            "OMP_WAIT_POLICY": "PASSIVE", "KMP_BLOCKTIME": "0"}
+    return {
+        **{name: str(num_threads) for name in _THREAD_COUNT_VARS},
+        "OMP_WAIT_POLICY": "PASSIVE",
+        "KMP_BLOCKTIME": "0",
+    }
 
 
 def available_cores() -> list[int]:
@@ -48,8 +51,9 @@ def bind_cores(cores: Sequence[int]) -> None:
         raise ValueError("bind_cores needs at least one core")
     missing = set(cores) - set(available_cores())
     if missing:
-        raise ValueError(f"cores {sorted(missing)} are not available to this process "
-                         f"(it may run on {available_cores()})")
+        raise ValueError(
+            f"cores {sorted(missing)} are not available to this process (it may run on {available_cores()})"
+        )
     for tid in os.listdir("/proc/self/task"):
         try:
             os.sched_setaffinity(int(tid), cores)
@@ -61,6 +65,7 @@ def bind_cores(cores: Sequence[int]) -> None:
 def process_cores() -> tuple[tuple[int, ...], int]:
     """The cores any thread of this process may run on, and torch's compute thread count."""
     import torch
+
     cores = set().union(*thread_cores().values())
     return tuple(sorted(cores)), torch.get_num_threads()
 

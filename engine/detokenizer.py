@@ -30,11 +30,11 @@ class Detokenizer:
     def append(self, token_id: int) -> bool:
         """Add one generated token; returns True when the text now contains a stop string."""
         self.token_ids.append(token_id)
-        prefix = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
-        window = self._decode(self.token_ids[self.prefix_offset:])
+        prefix = self._decode(self.token_ids[self.prefix_offset : self.read_offset])
+        window = self._decode(self.token_ids[self.prefix_offset :])
         if window.endswith("\ufffd"):
             return False  # an incomplete character: wait for the tokens that finish it
-        new_text = window[len(prefix):]
+        new_text = window[len(prefix) :]
         self.prefix_offset = max(0, len(self.token_ids) - WINDOW_CONTEXT)
         self.read_offset = len(self.token_ids)
         search_from = max(0, len(self.text) - self.holdback)
@@ -50,6 +50,6 @@ class Detokenizer:
         """Text not yet emitted; while running, the tail that might start a stop string waits."""
         end = len(self.text) if finished or not self.stop else max(0, len(self.text) - self.holdback)
         end = max(end, self.num_emitted_chars)
-        out = self.text[self.num_emitted_chars:end]
+        out = self.text[self.num_emitted_chars : end]
         self.num_emitted_chars = end
         return out

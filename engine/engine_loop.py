@@ -44,14 +44,21 @@ MAX_TOMBSTONES = 4096  # aborts remembered for requests not seen yet; request id
 
 
 def to_delta(out: RequestOutput) -> TokenDelta:
-    return TokenDelta(request_id=out.request_id, token_ids=tuple(out.new_token_ids), text=out.new_text,
-                      finished=out.finished, finish_reason=out.finish_reason,
-                      num_prompt_tokens=len(out.prompt_token_ids), num_cached_tokens=out.num_cached_tokens,
-                      error=out.error)
+    return TokenDelta(
+        request_id=out.request_id,
+        token_ids=tuple(out.new_token_ids),
+        text=out.new_text,
+        finished=out.finished,
+        finish_reason=out.finish_reason,
+        num_prompt_tokens=len(out.prompt_token_ids),
+        num_cached_tokens=out.num_cached_tokens,
+        error=out.error,
+    )
 
 
-async def delta_stream(start: Callable[[Callable[[TokenDelta], None]], Awaitable[None]],
-                       stop: Callable[[], Awaitable[None]]) -> AsyncIterator[TokenDelta]:
+async def delta_stream(
+    start: Callable[[Callable[[TokenDelta], None]], Awaitable[None]], stop: Callable[[], Awaitable[None]]
+) -> AsyncIterator[TokenDelta]:
     """Bridge a request's deltas from the engine thread into the caller's event loop.
 
     start(on_delta) begins the request; deltas are yielded until the final one. If the
@@ -108,11 +115,18 @@ class EngineLoop:
             raise RequestAborted(f"{request_id} was aborted before it arrived")
         num_waiting = len(self.engine.scheduler.waiting) + len(self._reservations)
         if num_waiting >= self.max_waiting:
-            raise Overloaded(f"{num_waiting} requests are already waiting "
-                             f"(max_waiting={self.max_waiting}); retry later")
+            raise Overloaded(
+                f"{num_waiting} requests are already waiting (max_waiting={self.max_waiting}); retry later"
+            )
 
-    def submit(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-               on_delta: Callable[[TokenDelta], None], hold_blocks: bool = False) -> None:
+    def submit(
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        on_delta: Callable[[TokenDelta], None],
+        hold_blocks: bool = False,
+    ) -> None:
         """Queue a request. Bad input raises ValueError here, before anything is queued."""
         with self._lock:
             self._check_admissible(request_id)
@@ -195,10 +209,16 @@ class EngineLoop:
         # Gauges read with len() only, so no lock: a caller polling them (the router, every
         # fraction of a second, from an actor's event loop) never waits for a step.
         bm, sched = self.engine.block_manager, self.engine.scheduler
-        return WorkerStats(num_waiting=len(sched.waiting) + len(self._reservations), num_running=len(sched.running),
-                           num_reserved=len(sched.reserved), num_held=len(sched.held), num_transfers=num_transfers,
-                           num_free_blocks=bm.num_free_blocks, num_blocks=bm.num_blocks,
-                           num_preemptions=sched.num_preemptions_total)
+        return WorkerStats(
+            num_waiting=len(sched.waiting) + len(self._reservations),
+            num_running=len(sched.running),
+            num_reserved=len(sched.reserved),
+            num_held=len(sched.held),
+            num_transfers=num_transfers,
+            num_free_blocks=bm.num_free_blocks,
+            num_blocks=bm.num_blocks,
+            num_preemptions=sched.num_preemptions_total,
+        )
 
     def fail(self, reason: BaseException) -> None:
         """Stop for good because something the engine depends on broke (a lost tensor-parallel

@@ -18,8 +18,7 @@ class KVCache:
     def __init__(self, layout: KVLayout):
         self.layout = layout
         # cache: [num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim]
-        self.tensor = torch.zeros(layout.shape, dtype=TORCH_DTYPES[layout.dtype],
-                                  device=layout.device)
+        self.tensor = torch.zeros(layout.shape, dtype=TORCH_DTYPES[layout.dtype], device=layout.device)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V views of one layer, each [num_blocks, num_kv_heads, block_size, head_dim]."""

@@ -71,8 +71,13 @@ def resolve_dtype(name: str, model_config: ModelConfig, device: str) -> str:
 
 
 class LLMEngine:
-    def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig(), tp_rank: int = 0,
-                 dist_init: str | None = None):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        config: EngineConfig = EngineConfig(),
+        tp_rank: int = 0,
+        dist_init: str | None = None,
+    ):
         """With config.tensor_parallel_size > 1, every rank builds its engine in its own
         process with the same arguments but its tp_rank, and dist_init (e.g.
         "tcp://host:port") names where the ranks meet; rank 0 is then used as usual and
@@ -83,8 +88,10 @@ class LLMEngine:
         if tp > 1:
             check_tp_size(mc, tp)
             if dist_init is None:
-                raise ValueError(f"tensor_parallel_size={tp} needs dist_init, the address where the "
-                                 f"ranks meet (e.g. 'tcp://127.0.0.1:29500')")
+                raise ValueError(
+                    f"tensor_parallel_size={tp} needs dist_init, the address where the "
+                    f"ranks meet (e.g. 'tcp://127.0.0.1:29500')"
+                )
         if not 0 <= tp_rank < tp:
             raise ValueError(f"tp_rank must be in [0, tensor_parallel_size={tp}), got {tp_rank}")
         self.device = resolve_device(config.device)
@@ -93,8 +100,10 @@ class LLMEngine:
         self.dtype = resolve_dtype(config.dtype, mc, self.device)
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
         if self.max_model_len > mc.max_position_embeddings:
-            raise ValueError(f"max_model_len={self.max_model_len} exceeds the model's "
-                             f"max_position_embeddings={mc.max_position_embeddings}")
+            raise ValueError(
+                f"max_model_len={self.max_model_len} exceeds the model's "
+                f"max_position_embeddings={mc.max_position_embeddings}"
+            )
         self.tp_group = TPGroup(tp_rank, tp, dist_init, self.device) if tp > 1 else None
         if config.load_format == "dummy":
             if self.tp_group is not None:
@@ -106,21 +115,38 @@ class LLMEngine:
             self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], "cpu", self.max_model_len)
             self.model = shard_model(self.model, tp_rank, tp).to(self.device)
         self.tokenizer = load_tokenizer(model_dir) if tp_rank == 0 else None  # followers never tokenize
-        layout = KVLayout(model_id=mc.model_id, num_layers=mc.num_layers, total_num_kv_heads=mc.num_kv_heads,
-                          num_kv_heads=mc.num_kv_heads // tp, head_dim=mc.head_dim, block_size=config.block_size,
-                          num_blocks=1, dtype=self.dtype, device=self.device, tp_rank=tp_rank, tp_size=tp)
+        layout = KVLayout(
+            model_id=mc.model_id,
+            num_layers=mc.num_layers,
+            total_num_kv_heads=mc.num_kv_heads,
+            num_kv_heads=mc.num_kv_heads // tp,
+            head_dim=mc.head_dim,
+            block_size=config.block_size,
+            num_blocks=1,
+            dtype=self.dtype,
+            device=self.device,
+            tp_rank=tp_rank,
+            tp_size=tp,
+        )
         num_blocks = config.num_blocks or self._default_num_blocks(layout)
         if self.tp_group is not None:  # rank 0's block ids must be valid on every rank
             num_blocks = self.tp_group.min_over_ranks(num_blocks)
         if num_blocks * config.block_size < self.max_model_len:
-            raise ValueError(f"num_blocks={num_blocks} x block_size={config.block_size} holds fewer tokens "
-                             f"than max_model_len={self.max_model_len}; raise num_blocks or kv_cache_bytes")
+            raise ValueError(
+                f"num_blocks={num_blocks} x block_size={config.block_size} holds fewer tokens "
+                f"than max_model_len={self.max_model_len}; raise num_blocks or kv_cache_bytes"
+            )
         self.kv_cache = KVCache(replace(layout, num_blocks=num_blocks))
         self.block_manager = BlockManager(num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(
-            SchedulerConfig(max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-                            max_model_len=self.max_model_len, eos_token_id=mc.eos_token_id),
-            self.block_manager)
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=self.max_model_len,
+                eos_token_id=mc.eos_token_id,
+            ),
+            self.block_manager,
+        )
         if self.tp_group is None:
             self.runner = ModelRunner(self.model, self.kv_cache)
         else:
@@ -147,8 +173,9 @@ class LLMEngine:
             return self.tokenizer.encode(prompt)
         return list(prompt)
 
-    def add_request(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                    hold_blocks: bool = False) -> None:
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, hold_blocks: bool = False
+    ) -> None:
         """Queue a request. hold_blocks: keep its KV blocks after it finishes, until
         release() (a prefill worker sending the KV elsewhere)."""
         seq = self._new_sequence(request_id, prompt, params, hold_blocks)
@@ -203,8 +230,9 @@ class LLMEngine:
         else:
             self.scheduler.release(request_id)
 
-    def _new_sequence(self, request_id: str, prompt: str | list[int], params: SamplingParams,
-                      hold_blocks: bool) -> Sequence:
+    def _new_sequence(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, hold_blocks: bool
+    ) -> Sequence:
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         token_ids = self.encode(prompt)
@@ -212,8 +240,9 @@ class LLMEngine:
             raise ValueError("prompt is empty: it must contain at least one token")
         bad = [t for t in token_ids if not 0 <= t < self.model_config.vocab_size]
         if bad:
-            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, "
-                             f"{self.model_config.vocab_size})")
+            raise ValueError(
+                f"prompt token ids {bad[:5]} are outside the vocabulary [0, {self.model_config.vocab_size})"
+            )
         if params.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
         return Sequence(request_id, token_ids, params, arrival_s=time.monotonic(), hold_blocks=hold_blocks)
@@ -265,22 +294,25 @@ class LLMEngine:
         transfers of the prompts this step completes before their layers compute."""
         return self.scheduler.schedule()
 
-    def run(self, out: SchedulerOutput, on_layer_stored: Callable[[int], None] | None = None,
-            step_payload: object = None) -> list[RequestOutput]:
+    def run(
+        self, out: SchedulerOutput, on_layer_stored: Callable[[int], None] | None = None, step_payload: object = None
+    ) -> list[RequestOutput]:
         """step_payload: with tensor parallelism, picklable data that every follower's
         on_step receives with this step (e.g. the KV transfers that start in it)."""
         if out.is_empty:
             return []
         logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload)
         sampling = [s.seq for s in out.scheduled if s.samples]
-        tokens, failures = self.sampler.sample(logits, [s.request_id for s in sampling],
-                                               [s.params for s in sampling])
+        tokens, failures = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
         sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens) if tok is not None}
         self.scheduler.update(out, sampled)
         now = time.monotonic()
         outputs = [self._failed(self.requests[r], why, now) for r, why in failures.items() if r in self.requests]
-        return outputs + [self._sampled(self.requests[item.seq.request_id], sampled[item.seq.request_id], now)
-                          for item in out.scheduled if item.seq.request_id in sampled]
+        return outputs + [
+            self._sampled(self.requests[item.seq.request_id], sampled[item.seq.request_id], now)
+            for item in out.scheduled
+            if item.seq.request_id in sampled
+        ]
 
     def _sampled(self, req: _Request, token_id: int, now: float) -> RequestOutput:
         """Post-process one request's new token: text, stop strings, output, clean-up."""
@@ -315,10 +347,15 @@ class LLMEngine:
             metrics["finished_s"] = now
         detok = req.detokenizer if req.error is None else None
         return RequestOutput(
-            request_id=seq.request_id, prompt_token_ids=seq.token_ids[:seq.num_prompt_tokens],
-            token_ids=list(seq.output_token_ids), new_token_ids=new_token_ids,
+            request_id=seq.request_id,
+            prompt_token_ids=seq.token_ids[: seq.num_prompt_tokens],
+            token_ids=list(seq.output_token_ids),
+            new_token_ids=new_token_ids,
             new_text=detok.delta(seq.is_finished) if detok else "",
             text=(detok.text if detok else None) if seq.is_finished else None,
-            finished=seq.is_finished, finish_reason=seq.finish_reason,
-            num_cached_tokens=seq.num_cached_prompt_tokens, metrics=metrics, error=req.error)
-
+            finished=seq.is_finished,
+            finish_reason=seq.finish_reason,
+            num_cached_tokens=seq.num_cached_prompt_tokens,
+            metrics=metrics,
+            error=req.error,
+        )

@@ -62,8 +62,7 @@ def to_fused(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def random_model(config: ModelConfig, dtype: torch.dtype, device: str, max_positions: int,
-                 seed: int = 0) -> LlamaModel:
+def random_model(config: ModelConfig, dtype: torch.dtype, device: str, max_positions: int, seed: int = 0) -> LlamaModel:
     """A model of config's shapes with small random weights, built on `device` directly (an
     8B model appears on a GPU in seconds, with no checkpoint read)."""
     generator = torch.Generator(device=device).manual_seed(seed)
@@ -76,15 +75,15 @@ def random_model(config: ModelConfig, dtype: torch.dtype, device: str, max_posit
         elif name.endswith(".bias"):
             weights[name] = torch.zeros(param.shape, dtype=dtype, device=device)
         else:  # std 0.02, as Llama initialises: activations stay finite in fp16
-            weights[name] = torch.empty(param.shape, dtype=dtype, device=device).normal_(0.0, 0.02,
-                                                                                       generator=generator)
+            weights[name] = torch.empty(param.shape, dtype=dtype, device=device).normal_(0.0, 0.02, generator=generator)
     model.load_state_dict(weights, assign=True)
     model.rotary = type(model.rotary)(config, max_positions)
     return model.to(device).eval()
 
 
-def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: str,
-               max_positions: int) -> LlamaModel:
+def load_model(
+    model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, device: str, max_positions: int
+) -> LlamaModel:
     model_dir = Path(model_dir)
     with torch.device("meta"):
         model = LlamaModel(config, max_positions)
@@ -95,13 +94,16 @@ def load_model(model_dir: str | Path, config: ModelConfig, dtype: torch.dtype, d
     missing = sorted(expected - weights.keys())
     unexpected = sorted(weights.keys() - expected)
     if missing or unexpected:
-        raise ValueError(f"checkpoint in {str(model_dir)!r} does not match {config.architecture}: "
-                         f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        raise ValueError(
+            f"checkpoint in {str(model_dir)!r} does not match {config.architecture}: "
+            f"missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
     for name, tensor in weights.items():
         expected_shape = model.get_parameter(name).shape
         if tensor.shape != expected_shape:
-            raise ValueError(f"weight {name} has shape {tuple(tensor.shape)}, config.json implies "
-                             f"{tuple(expected_shape)}")
+            raise ValueError(
+                f"weight {name} has shape {tuple(tensor.shape)}, config.json implies {tuple(expected_shape)}"
+            )
     model.load_state_dict({k: v.to(dtype) for k, v in weights.items()}, assign=True)
     # Buffers (rotary tables) are not in the checkpoint: build them for real, in float32.
     model.rotary = type(model.rotary)(config, max_positions)

@@ -46,7 +46,7 @@ class ModelRunner:
             seq, n = item.seq, item.num_new_tokens
             start = seq.num_computed_tokens
             query_start = len(step.input_ids)
-            step.input_ids.extend(seq.token_ids[start:start + n])
+            step.input_ids.extend(seq.token_ids[start : start + n])
             step.positions.extend(range(start, start + n))
             blocks = seq.block_ids
             step.slot_mapping.extend(blocks[p // bs] * bs + p % bs for p in range(start, start + n))
@@ -67,14 +67,16 @@ class ModelRunner:
         max_blocks = max((len(t) for t in step.decode_block_tables), default=0)
         table = torch.zeros((len(step.decode_block_tables), max_blocks), dtype=torch.int32)
         for row, blocks in enumerate(step.decode_block_tables):
-            table[row, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+            table[row, : len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(step.slot_mapping, dtype=torch.int64, device=dev),
             num_decode_tokens=len(step.decode_block_tables),
             decode_block_tables=table.to(dev),
             decode_context_lens=torch.tensor(step.decode_context_lens, dtype=torch.int32, device=dev),
-            prefills=[PrefillSpan(*span, torch.tensor(blocks, device=dev))
-                      for span, blocks in zip(step.prefill_spans, step.prefill_block_tables)],
+            prefills=[
+                PrefillSpan(*span, torch.tensor(blocks, device=dev))
+                for span, blocks in zip(step.prefill_spans, step.prefill_block_tables)
+            ],
         )
         ids = torch.tensor(step.input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(step.positions, dtype=torch.int64, device=dev)
@@ -84,8 +86,7 @@ class ModelRunner:
         return self.tensors(self.plan(scheduled))
 
     @torch.inference_mode()
-    def forward(self, step: StepInputs,
-                on_layer_stored: Callable[[int], None] | None = None) -> torch.Tensor:
+    def forward(self, step: StepInputs, on_layer_stored: Callable[[int], None] | None = None) -> torch.Tensor:
         """Run the model over one step (K/V go to the cache); returns the hidden states of
         the sampled rows, [num_sampling_seqs, hidden_size]."""
         ids, pos, meta, sample_indices = self.tensors(step)
@@ -93,8 +94,12 @@ class ModelRunner:
         return hidden[sample_indices]
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq], on_layer_stored: Callable[[int], None] | None = None,
-                step_payload: object = None) -> torch.Tensor:
+    def execute(
+        self,
+        scheduled: list[ScheduledSeq],
+        on_layer_stored: Callable[[int], None] | None = None,
+        step_payload: object = None,
+    ) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_seqs, vocab] in step order.
 
         step_payload goes to tensor-parallel followers (TPModelRunner); alone, there are none."""

@@ -70,10 +70,12 @@ def check_tp_size(config: ModelConfig, tp_size: int) -> None:
     for name in ("num_heads", "num_kv_heads", "intermediate_size"):
         value = getattr(config, name)
         if value % tp_size:
-            raise ValueError(f"tensor_parallel_size={tp_size} does not divide the model's "
-                             f"{name}={value} (num_heads={config.num_heads}, num_kv_heads="
-                             f"{config.num_kv_heads}, intermediate_size={config.intermediate_size}); "
-                             f"choose a size that divides all three")
+            raise ValueError(
+                f"tensor_parallel_size={tp_size} does not divide the model's "
+                f"{name}={value} (num_heads={config.num_heads}, num_kv_heads="
+                f"{config.num_kv_heads}, intermediate_size={config.intermediate_size}); "
+                f"choose a size that divides all three"
+            )
 
 
 def rank_device(device: str, rank: int) -> str:
@@ -99,8 +101,7 @@ class TPGroup:
 
     def __init__(self, rank: int, world_size: int, init_method: str, device: str):
         if dist.is_initialized():
-            raise RuntimeError("this process already belongs to a process group: one engine "
-                               "rank per process")
+            raise RuntimeError("this process already belongs to a process group: one engine rank per process")
         self.rank = rank
         self.world_size = world_size
         backend = "nccl" if device.startswith("cuda") else "gloo"
@@ -136,6 +137,7 @@ class TPGroup:
 
 
 # ---- sharding ---------------------------------------------------------------------------------
+
 
 def _share(start: int, size: int, rank: int, world_size: int) -> slice:
     """The rank's contiguous share of the range [start, start + size)."""
@@ -178,9 +180,14 @@ def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
         attn, mlp = layer.self_attn, layer.mlp
         assert attn.num_heads == config.num_heads, "the model is already sharded"
         q_size, kv_size = attn.q_size, attn.kv_size
-        _keep_rows(attn.qkv_proj, [_share(0, q_size, rank, world_size),
-                                   _share(q_size, kv_size, rank, world_size),
-                                   _share(q_size + kv_size, kv_size, rank, world_size)])
+        _keep_rows(
+            attn.qkv_proj,
+            [
+                _share(0, q_size, rank, world_size),
+                _share(q_size, kv_size, rank, world_size),
+                _share(q_size + kv_size, kv_size, rank, world_size),
+            ],
+        )
         _keep_columns(attn.o_proj, _share(0, q_size, rank, world_size), rank)
         attn.num_heads //= world_size
         attn.num_kv_heads //= world_size
@@ -188,14 +195,14 @@ def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
         attn.kv_size //= world_size
 
         inter = mlp.intermediate_size
-        _keep_rows(mlp.gate_up_proj, [_share(0, inter, rank, world_size),
-                                      _share(inter, inter, rank, world_size)])
+        _keep_rows(mlp.gate_up_proj, [_share(0, inter, rank, world_size), _share(inter, inter, rank, world_size)])
         _keep_columns(mlp.down_proj, _share(0, inter, rank, world_size), rank)
         mlp.intermediate_size //= world_size
     return model
 
 
 # ---- lockstep execution -----------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class StepMessage:
@@ -214,9 +221,12 @@ class TPModelRunner(ModelRunner):
         self.group = group
 
     @torch.inference_mode()
-    def execute(self, scheduled: list[ScheduledSeq],
-                on_layer_stored: Callable[[int], None] | None = None,
-                step_payload: object = None) -> torch.Tensor:
+    def execute(
+        self,
+        scheduled: list[ScheduledSeq],
+        on_layer_stored: Callable[[int], None] | None = None,
+        step_payload: object = None,
+    ) -> torch.Tensor:
         """Driver: run one step on every rank; returns the logits, as ModelRunner.execute."""
         if not self.group.is_driver:
             raise RuntimeError(f"rank {self.group.rank} follows rank 0: call follow(), not step()")

@@ -45,8 +45,9 @@ class Sampler:
     def __init__(self) -> None:
         self.generators: dict[str, torch.Generator] = {}
 
-    def sample(self, logits: torch.Tensor, request_ids: list[str],
-               params: list[SamplingParams]) -> tuple[list[int | None], dict[str, str]]:
+    def sample(
+        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+    ) -> tuple[list[int | None], dict[str, str]]:
         """logits: [B, V] for B sequences, in the order of request_ids.
 
         Returns a token per row (None for a row that failed) and, by request id, why each

@@ -89,8 +89,10 @@ class Scheduler:
         capacity = block_manager.num_blocks * block_manager.block_size
         if capacity < config.max_model_len:
             # Otherwise a lone sequence could need more blocks than exist and wait forever.
-            raise ValueError(f"the KV cache holds {capacity} tokens, fewer than max_model_len="
-                             f"{config.max_model_len}; add blocks or lower max_model_len")
+            raise ValueError(
+                f"the KV cache holds {capacity} tokens, fewer than max_model_len="
+                f"{config.max_model_len}; add blocks or lower max_model_len"
+            )
         self.config = config
         self.block_manager = block_manager
         self.waiting: deque[Sequence] = deque()
@@ -101,8 +103,10 @@ class Scheduler:
 
     def check_fits(self, seq: Sequence) -> None:
         if len(seq) >= self.config.max_model_len:
-            raise ValueError(f"prompt has {len(seq)} tokens; the context window allows at most "
-                             f"{self.config.max_model_len - 1} (max_model_len={self.config.max_model_len})")
+            raise ValueError(
+                f"prompt has {len(seq)} tokens; the context window allows at most "
+                f"{self.config.max_model_len - 1} (max_model_len={self.config.max_model_len})"
+            )
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq)
@@ -121,9 +125,11 @@ class Scheduler:
         """
         self.check_fits(seq)
         if not self.can_reserve(seq):
-            raise RuntimeError(f"no room for a {len(seq)}-token prompt: {len(self.running) + len(self.reserved)} "
-                               f"of {self.config.max_num_seqs} batch slots taken, "
-                               f"{self.block_manager.num_free_blocks} KV blocks free")
+            raise RuntimeError(
+                f"no room for a {len(seq)}-token prompt: {len(self.running) + len(self.reserved)} "
+                f"of {self.config.max_num_seqs} batch slots taken, "
+                f"{self.block_manager.num_free_blocks} KV blocks free"
+            )
         self.block_manager.allocate(seq, len(seq))
         seq.hold_blocks = True  # until admitted, only the KV receiver may give them back
         self.reserved[seq.request_id] = seq
@@ -132,8 +138,9 @@ class Scheduler:
     def can_reserve(self, seq: Sequence) -> bool:
         """Whether reserve(seq) would find a batch slot and blocks now."""
         # One block more than the prompt needs, so the first decode step cannot be refused.
-        return (len(self.running) + len(self.reserved) < self.config.max_num_seqs
-                and self.block_manager.can_allocate(seq, len(seq) + 1))
+        return len(self.running) + len(self.reserved) < self.config.max_num_seqs and self.block_manager.can_allocate(
+            seq, len(seq) + 1
+        )
 
     def admit(self, request_id: str, first_token_id: int) -> Sequence:
         """Start decoding a reserved sequence whose KV has arrived, after its first token."""
@@ -178,8 +185,7 @@ class Scheduler:
 
         # 2. Waiting sequences, while budget, batch slots and blocks last (not after a
         #    preemption: blocks are short, so let the running ones finish first).
-        while self.waiting and budget > 0 and not out.preempted \
-                and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and not out.preempted and len(self.running) < self.config.max_num_seqs:
             seq = self.waiting[0]
             cached_ids = bm.find_cached_blocks(seq.token_ids)
             num_new = min(len(seq) - len(cached_ids) * bm.block_size, budget)

@@ -24,8 +24,14 @@ class Sequence:
     what the next steps must compute (a prompt chunk, or the one newest token).
     """
 
-    def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                 arrival_s: float = 0.0, hold_blocks: bool = False):
+    def __init__(
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        arrival_s: float = 0.0,
+        hold_blocks: bool = False,
+    ):
         self.request_id = request_id
         self.token_ids: list[int] = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
@@ -46,7 +52,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -64,5 +70,7 @@ class Sequence:
         self.token_ids.append(token_id)
 
     def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, status={self.status.value}, len={len(self)}, "
-                f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})")
+        return (
+            f"Sequence({self.request_id!r}, status={self.status.value}, len={len(self)}, "
+            f"computed={self.num_computed_tokens}, blocks={len(self.block_ids)})"
+        )

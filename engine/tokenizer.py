@@ -16,4 +16,5 @@ def load_tokenizer(model_dir: str | Path):
     if not any((path / name).exists() for name in TOKENIZER_FILES):
         return None
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)

@@ -18,7 +18,6 @@ The backend registry (kv_transfer.registry) loads without torch; the rest is imp
 first use.
 """
 
-
 from __future__ import annotations
 
 import importlib
@@ -36,13 +35,20 @@ if TYPE_CHECKING:
     from kv_transfer.transport import RecvLink, SendLink, Transport, TransportError
 
 _LAZY = {
-    "AuthenticationError": "kv_transfer.auth", "deployment_secret": "kv_transfer.auth",
-    "new_secret": "kv_transfer.auth", "HandshakeError": "kv_transfer.handshake",
-    "KVReceiver": "kv_transfer.receiver", "KVSender": "kv_transfer.sender",
-    "HeadSlice": "kv_transfer.resharding", "head_slice": "kv_transfer.resharding",
-    "head_slices": "kv_transfer.resharding", "Transfer": "kv_transfer.transfer",
-    "TransferState": "kv_transfer.transfer", "RecvLink": "kv_transfer.transport",
-    "SendLink": "kv_transfer.transport", "Transport": "kv_transfer.transport",
+    "AuthenticationError": "kv_transfer.auth",
+    "deployment_secret": "kv_transfer.auth",
+    "new_secret": "kv_transfer.auth",
+    "HandshakeError": "kv_transfer.handshake",
+    "KVReceiver": "kv_transfer.receiver",
+    "KVSender": "kv_transfer.sender",
+    "HeadSlice": "kv_transfer.resharding",
+    "head_slice": "kv_transfer.resharding",
+    "head_slices": "kv_transfer.resharding",
+    "Transfer": "kv_transfer.transfer",
+    "TransferState": "kv_transfer.transfer",
+    "RecvLink": "kv_transfer.transport",
+    "SendLink": "kv_transfer.transport",
+    "Transport": "kv_transfer.transport",
     "TransportError": "kv_transfer.transport",
 }
 __all__ = sorted([*_LAZY, "backend_names", "load_backend", "register_backend"])

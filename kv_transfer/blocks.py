@@ -30,8 +30,7 @@ def check_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> np.
     if ids.size == 0:
         raise ValueError(f"{what} must not be empty")
     if ids.min() < 0 or ids.max() >= num_blocks:
-        raise ValueError(f"{what} must lie in [0, {num_blocks}), got min {ids.min()} "
-                         f"and max {ids.max()}")
+        raise ValueError(f"{what} must lie in [0, {num_blocks}), got min {ids.min()} and max {ids.max()}")
     if np.unique(ids).size != ids.size:
         raise ValueError(f"{what} must not repeat a block id")
     return ids
@@ -55,23 +54,24 @@ def all_chunk_offsets(layout: KVLayout, head_start: int) -> np.ndarray:
     return chunk_offsets(layout, np.arange(num_chunks, dtype=np.int64), head_start)
 
 
-def coalesce(src_offsets: np.ndarray, dst_offsets: np.ndarray,
-             nbytes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def coalesce(
+    src_offsets: np.ndarray, dst_offsets: np.ndarray, nbytes: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Merge consecutive chunk pairs that are adjacent on both sides into longer copies.
 
     Consecutive block ids (a fresh cache hands them out in order) turn a layer's thousands
     of chunk copies into a few long ones; random block maps stay one copy per chunk.
     Returns (src_offsets, dst_offsets, lengths) of the merged runs.
     """
-    follows = ((src_offsets[1:] == src_offsets[:-1] + nbytes)
-               & (dst_offsets[1:] == dst_offsets[:-1] + nbytes))
+    follows = (src_offsets[1:] == src_offsets[:-1] + nbytes) & (dst_offsets[1:] == dst_offsets[:-1] + nbytes)
     starts = np.flatnonzero(np.concatenate(([True], ~follows)))
     counts = np.diff(np.append(starts, src_offsets.size))
     return src_offsets[starts], dst_offsets[starts], counts * nbytes
 
 
-def copy_chunks(dst_addr: int, dst_offsets: np.ndarray, src_addr: int, src_offsets: np.ndarray,
-                lengths: np.ndarray) -> None:
+def copy_chunks(
+    dst_addr: int, dst_offsets: np.ndarray, src_addr: int, src_offsets: np.ndarray, lengths: np.ndarray
+) -> None:
     """memmove each (src, dst, length) run between two CPU buffers given by address.
 
     One memmove per run reads and writes every byte once. torch's index_select/index_copy_
@@ -80,6 +80,5 @@ def copy_chunks(dst_addr: int, dst_offsets: np.ndarray, src_addr: int, src_offse
     thread already saturates memory bandwidth here: splitting across two measured slower.
     """
     memmove = ctypes.memmove
-    for dst, src, n in zip((dst_offsets + dst_addr).tolist(), (src_offsets + src_addr).tolist(),
-                           lengths.tolist()):
+    for dst, src, n in zip((dst_offsets + dst_addr).tolist(), (src_offsets + src_addr).tolist(), lengths.tolist()):
         memmove(dst, src, n)

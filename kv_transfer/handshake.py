@@ -11,8 +11,7 @@ from __future__ import annotations
 from proto.kv import KVLayout
 
 # Fields that must be equal on both sides, in the order mismatches are reported.
-MUST_MATCH = ("version", "model_id", "dtype", "block_size", "num_layers", "total_num_kv_heads",
-              "head_dim")
+MUST_MATCH = ("version", "model_id", "dtype", "block_size", "num_layers", "total_num_kv_heads", "head_dim")
 
 # Version of the control messages in kv_transfer/messages.py; bumped when they change
 # (2: both sides authenticate with the deployment's secret; torch_dist meets over the channel).
@@ -23,8 +22,13 @@ class HandshakeError(RuntimeError):
     """A sender and receiver cannot exchange KV; the message names every mismatch."""
 
 
-def check_compatible(sender: KVLayout, receiver: KVLayout, sender_backend: str,
-                     receiver_backend: str, sender_protocol: int = PROTOCOL_VERSION) -> None:
+def check_compatible(
+    sender: KVLayout,
+    receiver: KVLayout,
+    sender_backend: str,
+    receiver_backend: str,
+    sender_protocol: int = PROTOCOL_VERSION,
+) -> None:
     """Raise HandshakeError naming every field on which the two sides disagree."""
     found = []
     if sender_protocol != PROTOCOL_VERSION:

@@ -135,8 +135,10 @@ class Quiesced:
 
 
 Message = Challenge | Hello | Welcome | StoreSet | Refuse | Begin | Accept | LayerSent | Confirm | Abort | Quiesced
-_KINDS = {cls.__name__: cls for cls in
-          (Challenge, Hello, Welcome, StoreSet, Refuse, Begin, Accept, LayerSent, Confirm, Abort, Quiesced)}
+_KINDS = {
+    cls.__name__: cls
+    for cls in (Challenge, Hello, Welcome, StoreSet, Refuse, Begin, Accept, LayerSent, Confirm, Abort, Quiesced)
+}
 
 
 def encode(msg: Message) -> bytes:
@@ -261,8 +263,9 @@ class Rendezvous:
             remaining = deadline - time.monotonic()
             msg = self._channel.recv(timeout_s=max(remaining, 1e-3)) if remaining > 0 else None
             if not isinstance(msg, StoreSet):
-                raise ConnectionError(f"no rendezvous key {key!r} from the peer within {self._timeout_s:g} s "
-                                      f"(got {type(msg).__name__})")
+                raise ConnectionError(
+                    f"no rendezvous key {key!r} from the peer within {self._timeout_s:g} s (got {type(msg).__name__})"
+                )
             self._values[msg.key] = msg.value
         return self._values[key]
 
@@ -273,4 +276,3 @@ class Rendezvous:
     def local_host(self) -> str:
         """This side's address on the control connection: where the peer can reach it."""
         return self._channel.local_host
-

@@ -32,8 +32,21 @@ import torch
 from kv_transfer.auth import check_secret, new_nonce, proof, verify
 from kv_transfer.blocks import check_block_ids
 from kv_transfer.handshake import HandshakeError, check_compatible
-from kv_transfer.messages import (MAX_HANDSHAKE_BYTES, Abort, Accept, Begin, Challenge, Channel, Confirm, Hello,
-                                  LayerSent, Quiesced, Refuse, Rendezvous, Welcome)
+from kv_transfer.messages import (
+    MAX_HANDSHAKE_BYTES,
+    Abort,
+    Accept,
+    Begin,
+    Challenge,
+    Channel,
+    Confirm,
+    Hello,
+    LayerSent,
+    Quiesced,
+    Refuse,
+    Rendezvous,
+    Welcome,
+)
 from kv_transfer.resharding import head_slice, src_ranks_of
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
 from kv_transfer.registry import load_backend
@@ -82,9 +95,19 @@ class KVReceiver:
     write only into blocks registered with expect().
     """
 
-    def __init__(self, backend: str, cache: torch.Tensor, layout: KVLayout, *, secret: bytes,
-                 host: str = "127.0.0.1", port: int = 0, handshake_timeout_s: float = 10.0,
-                 max_handshakes: int = MAX_HANDSHAKES, max_links: int = MAX_LINKS):
+    def __init__(
+        self,
+        backend: str,
+        cache: torch.Tensor,
+        layout: KVLayout,
+        *,
+        secret: bytes,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        handshake_timeout_s: float = 10.0,
+        max_handshakes: int = MAX_HANDSHAKES,
+        max_links: int = MAX_LINKS,
+    ):
         """secret: the deployment's (kv_transfer/auth.py); only senders holding it are served.
         Listens on `host` only. At most max_handshakes connections may be proving themselves
         at once (each for at most handshake_timeout_s, reading at most MAX_HANDSHAKE_BYTES),
@@ -108,8 +131,13 @@ class KVReceiver:
         self._acceptor = threading.Thread(target=self._accept, name="kv-recv-accept", daemon=True)
         self._acceptor.start()
 
-    def expect(self, transfer_id: str, dst_block_ids: Sequence[int], timeout_s: float,
-               on_release: Callable[[tuple[int, ...]], None] | None = None) -> Transfer:
+    def expect(
+        self,
+        transfer_id: str,
+        dst_block_ids: Sequence[int],
+        timeout_s: float,
+        on_release: Callable[[tuple[int, ...]], None] | None = None,
+    ) -> Transfer:
         """Register blocks reserved for a request's KV; senders may write them once they Begin.
 
         Call before the prefill starts: a Begin for an unknown id is refused. On DONE the
@@ -157,8 +185,7 @@ class KVReceiver:
                 sock, _ = self._server.accept()
             except OSError:  # the server socket was closed
                 return
-            thread = threading.Thread(target=self._serve, args=(Channel(sock),), daemon=True,
-                                      name="kv-recv-link")
+            thread = threading.Thread(target=self._serve, args=(Channel(sock),), daemon=True, name="kv-recv-link")
             with self._lock:
                 if self._closed:
                     sock.close()
@@ -168,8 +195,12 @@ class KVReceiver:
                     self._num_handshakes += 1
                     self._threads = [t for t in self._threads if t.is_alive()] + [thread]
             if full:  # nothing is read from, or kept for, a connection over the limits
-                log.warning("KV receiver %s: refusing a connection (%d handshakes, %d links open)",
-                            self.endpoint, self._num_handshakes, len(self._links))
+                log.warning(
+                    "KV receiver %s: refusing a connection (%d handshakes, %d links open)",
+                    self.endpoint,
+                    self._num_handshakes,
+                    len(self._links),
+                )
                 sock.close()
                 continue
             thread.start()
@@ -183,8 +214,12 @@ class KVReceiver:
         if link is None:
             channel.close()
             return
-        handlers = {Begin: self._on_begin, LayerSent: self._on_layer, Quiesced: self._on_quiesced,
-                    Abort: self._on_abort}
+        handlers = {
+            Begin: self._on_begin,
+            LayerSent: self._on_layer,
+            Quiesced: self._on_quiesced,
+            Abort: self._on_abort,
+        }
         reason = f"sender rank {link.layout.tp_rank} disconnected"
         try:
             while (msg := channel.recv()) is not None:
@@ -215,17 +250,27 @@ class KVReceiver:
         except HandshakeError as e:
             channel.send(Refuse(str(e)))
             return None
-        heads = head_slice(self.layout.total_num_kv_heads, hello.layout.tp_rank,
-                           hello.layout.tp_size, self.layout.tp_rank, self.layout.tp_size)
+        heads = head_slice(
+            self.layout.total_num_kv_heads,
+            hello.layout.tp_rank,
+            hello.layout.tp_size,
+            self.layout.tp_rank,
+            self.layout.tp_size,
+        )
         link_id = uuid.uuid4().hex
-        channel.send(Welcome(self.layout, link_id, self._transport.local_info(),
-                             proof(self._secret, "welcome", hello.nonce, challenge)))
+        channel.send(
+            Welcome(
+                self.layout,
+                link_id,
+                self._transport.local_info(),
+                proof(self._secret, "welcome", hello.nonce, challenge),
+            )
+        )
         try:
             rendezvous = Rendezvous(channel, self.handshake_timeout_s)
             data = self._transport.open_recv_link(hello.layout, heads, link_id, rendezvous) if heads else None
         except Exception as e:
-            log.warning("cannot open a %s link to sender rank %d: %s", self.backend,
-                        hello.layout.tp_rank, e)
+            log.warning("cannot open a %s link to sender rank %d: %s", self.backend, hello.layout.tp_rank, e)
             return None
         link = _Link(channel, hello.layout, data)
         with self._lock:
@@ -248,8 +293,7 @@ class KVReceiver:
             elif link.data is None:
                 reason = f"sender rank {sender.tp_rank} holds none of this receiver's heads"
             elif msg.num_blocks != inc.dst_block_ids.size:
-                reason = (f"sender has {msg.num_blocks} blocks, receiver reserved "
-                          f"{inc.dst_block_ids.size}")
+                reason = f"sender has {msg.num_blocks} blocks, receiver reserved {inc.dst_block_ids.size}"
             elif inc.src_tp_size not in (None, sender.tp_size):
                 reason = f"prefill TP size {sender.tp_size} differs from {inc.src_tp_size} before"
             elif sender.tp_rank in inc.parts:
@@ -257,13 +301,14 @@ class KVReceiver:
             else:
                 reason = None
                 inc.src_tp_size = sender.tp_size
-                inc.expected = frozenset(src_ranks_of(self.layout.total_num_kv_heads,
-                                                      self.layout.tp_rank, self.layout.tp_size,
-                                                      sender.tp_size))
+                inc.expected = frozenset(
+                    src_ranks_of(
+                        self.layout.total_num_kv_heads, self.layout.tp_rank, self.layout.tp_size, sender.tp_size
+                    )
+                )
                 inc.parts[sender.tp_rank] = _Part(link)
                 inc.handle._moving()
-                outbox.append((link.channel, Accept(msg.transfer_id,
-                                                    tuple(inc.dst_block_ids.tolist()))))
+                outbox.append((link.channel, Accept(msg.transfer_id, tuple(inc.dst_block_ids.tolist()))))
             if reason is not None:
                 outbox.append((link.channel, Abort(msg.transfer_id, reason)))
                 if inc is not None:
@@ -328,15 +373,19 @@ class KVReceiver:
         deliver(outbox, released)
 
     def _expire(self, transfer_id: str) -> None:
-        self._end(transfer_id, TransferState.FAILED,
-                  lambda inc: f"deadline of {inc.timeout_s:g}s passed with "
-                              f"{len(inc.handle.layers_done)} of {self.layout.num_layers} layers in")
+        self._end(
+            transfer_id,
+            TransferState.FAILED,
+            lambda inc: (
+                f"deadline of {inc.timeout_s:g}s passed with "
+                f"{len(inc.handle.layers_done)} of {self.layout.num_layers} layers in"
+            ),
+        )
 
     def _cancel(self, transfer_id: str, reason: str) -> None:
         self._end(transfer_id, TransferState.CANCELLED, lambda inc: reason)
 
-    def _end(self, transfer_id: str, state: TransferState,
-             reason: Callable[[_Incoming], str]) -> None:
+    def _end(self, transfer_id: str, state: TransferState, reason: Callable[[_Incoming], str]) -> None:
         with self._lock:
             inc = self._transfers.get(transfer_id)
             if inc is None:
@@ -348,14 +397,16 @@ class KVReceiver:
     def _fail(self, inc: _Incoming, state: TransferState, reason: str) -> Outbox:
         if not inc.handle._finish(state, reason):
             return []
-        return [(p.link.channel, Abort(inc.handle.transfer_id, reason))
-                for p in inc.parts.values() if not p.quiet and p.link.alive]
+        return [
+            (p.link.channel, Abort(inc.handle.transfer_id, reason))
+            for p in inc.parts.values()
+            if not p.quiet and p.link.alive
+        ]
 
     def _settle(self, inc: _Incoming) -> list[Transfer]:
         """Once failed and every accepted sender is quiet, forget the transfer; release its blocks."""
         state = inc.handle.state
-        if not state.is_terminal or state is TransferState.DONE or \
-                not all(p.quiet for p in inc.parts.values()):
+        if not state.is_terminal or state is TransferState.DONE or not all(p.quiet for p in inc.parts.values()):
             return []
         if self._transfers.get(inc.handle.transfer_id) is not inc:
             return []

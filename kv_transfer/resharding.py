@@ -30,44 +30,54 @@ class HeadSlice:
     num_heads: int  # length of the run
 
 
-def head_slice(total_num_kv_heads: int, src_rank: int, src_tp_size: int,
-               dst_rank: int, dst_tp_size: int) -> HeadSlice | None:
+def head_slice(
+    total_num_kv_heads: int, src_rank: int, src_tp_size: int, dst_rank: int, dst_tp_size: int
+) -> HeadSlice | None:
     """The heads sender rank `src_rank` owes receiver rank `dst_rank`; None when they share none."""
     for name, size in (("src_tp_size", src_tp_size), ("dst_tp_size", dst_tp_size)):
         if size <= 0 or total_num_kv_heads % size:
-            raise ValueError(f"{name} must be a positive divisor of total_num_kv_heads="
-                             f"{total_num_kv_heads}, got {size}")
+            raise ValueError(
+                f"{name} must be a positive divisor of total_num_kv_heads={total_num_kv_heads}, got {size}"
+            )
     if not 0 <= src_rank < src_tp_size or not 0 <= dst_rank < dst_tp_size:
-        raise ValueError(f"ranks must lie in their TP groups, got src_rank={src_rank} of "
-                         f"{src_tp_size} and dst_rank={dst_rank} of {dst_tp_size}")
+        raise ValueError(
+            f"ranks must lie in their TP groups, got src_rank={src_rank} of "
+            f"{src_tp_size} and dst_rank={dst_rank} of {dst_tp_size}"
+        )
     src_heads = total_num_kv_heads // src_tp_size
     dst_heads = total_num_kv_heads // dst_tp_size
     lo = max(src_rank * src_heads, dst_rank * dst_heads)
     hi = min((src_rank + 1) * src_heads, (dst_rank + 1) * dst_heads)
     if lo >= hi:
         return None
-    return HeadSlice(src_rank=src_rank, dst_rank=dst_rank,
-                     src_head_start=lo - src_rank * src_heads,
-                     dst_head_start=lo - dst_rank * dst_heads, num_heads=hi - lo)
+    return HeadSlice(
+        src_rank=src_rank,
+        dst_rank=dst_rank,
+        src_head_start=lo - src_rank * src_heads,
+        dst_head_start=lo - dst_rank * dst_heads,
+        num_heads=hi - lo,
+    )
 
 
-def head_slices(total_num_kv_heads: int, src_tp_size: int,
-                dst_tp_size: int) -> tuple[HeadSlice, ...]:
+def head_slices(total_num_kv_heads: int, src_tp_size: int, dst_tp_size: int) -> tuple[HeadSlice, ...]:
     """Every non-empty (sender rank, receiver rank) run, ordered by sender then receiver rank."""
-    slices = (head_slice(total_num_kv_heads, s, src_tp_size, r, dst_tp_size)
-              for s in range(src_tp_size) for r in range(dst_tp_size))
+    slices = (
+        head_slice(total_num_kv_heads, s, src_tp_size, r, dst_tp_size)
+        for s in range(src_tp_size)
+        for r in range(dst_tp_size)
+    )
     return tuple(s for s in slices if s is not None)
 
 
-def dst_ranks_of(total_num_kv_heads: int, src_rank: int, src_tp_size: int,
-                 dst_tp_size: int) -> tuple[int, ...]:
+def dst_ranks_of(total_num_kv_heads: int, src_rank: int, src_tp_size: int, dst_tp_size: int) -> tuple[int, ...]:
     """Receiver ranks that hold some of sender rank `src_rank`'s heads: whom it must write to."""
-    return tuple(s.dst_rank for s in head_slices(total_num_kv_heads, src_tp_size, dst_tp_size)
-                 if s.src_rank == src_rank)
+    return tuple(
+        s.dst_rank for s in head_slices(total_num_kv_heads, src_tp_size, dst_tp_size) if s.src_rank == src_rank
+    )
 
 
-def src_ranks_of(total_num_kv_heads: int, dst_rank: int, dst_tp_size: int,
-                 src_tp_size: int) -> tuple[int, ...]:
+def src_ranks_of(total_num_kv_heads: int, dst_rank: int, dst_tp_size: int, src_tp_size: int) -> tuple[int, ...]:
     """Sender ranks that hold some of receiver rank `dst_rank`'s heads: whom it must hear from."""
-    return tuple(s.src_rank for s in head_slices(total_num_kv_heads, src_tp_size, dst_tp_size)
-                 if s.dst_rank == dst_rank)
+    return tuple(
+        s.src_rank for s in head_slices(total_num_kv_heads, src_tp_size, dst_tp_size) if s.dst_rank == dst_rank
+    )

@@ -30,8 +30,23 @@ import torch
 from kv_transfer.auth import AuthenticationError, check_secret, new_nonce, proof, verify
 from kv_transfer.blocks import check_block_ids
 from kv_transfer.handshake import PROTOCOL_VERSION, HandshakeError
-from kv_transfer.messages import (MAX_HANDSHAKE_BYTES, Abort, Accept, Begin, Challenge, Channel, Confirm, Hello,
-                                  LayerSent, Message, Quiesced, Refuse, Rendezvous, Welcome, parse_endpoint)
+from kv_transfer.messages import (
+    MAX_HANDSHAKE_BYTES,
+    Abort,
+    Accept,
+    Begin,
+    Challenge,
+    Channel,
+    Confirm,
+    Hello,
+    LayerSent,
+    Message,
+    Quiesced,
+    Refuse,
+    Rendezvous,
+    Welcome,
+    parse_endpoint,
+)
 from kv_transfer.resharding import dst_ranks_of, head_slice
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
 from kv_transfer.registry import load_backend
@@ -86,8 +101,9 @@ class KVSender:
     blocks of running transfers. Thread-safe; callbacks run on kv_transfer threads.
     """
 
-    def __init__(self, backend: str, cache: torch.Tensor, layout: KVLayout, *, secret: bytes,
-                 connect_timeout_s: float = 30.0):
+    def __init__(
+        self, backend: str, cache: torch.Tensor, layout: KVLayout, *, secret: bytes, connect_timeout_s: float = 30.0
+    ):
         """secret: the deployment's (kv_transfer/auth.py); receivers without it are refused."""
         self.backend = backend
         self.layout = layout
@@ -110,9 +126,14 @@ class KVSender:
         """
         return self._link(endpoint).layout
 
-    def start(self, transfer_id: str, src_block_ids: Sequence[int], endpoints: Sequence[str],
-              timeout_s: float,
-              on_release: Callable[[tuple[int, ...]], None] | None = None) -> Transfer:
+    def start(
+        self,
+        transfer_id: str,
+        src_block_ids: Sequence[int],
+        endpoints: Sequence[str],
+        timeout_s: float,
+        on_release: Callable[[tuple[int, ...]], None] | None = None,
+    ) -> Transfer:
         """Begin moving a request's KV from `src_block_ids` to the decode group at `endpoints`.
 
         `endpoints` are the receivers of every decode TP rank (from the decode worker's
@@ -142,8 +163,7 @@ class KVSender:
             outbox = [(part.link.channel, Begin(transfer_id, len(ids))) for part in out.parts]
             lost = [part.link for part in out.parts if not part.link.alive]
             if lost:
-                outbox = self._fail(out, TransferState.FAILED,
-                                    f"receiver at {lost[0].endpoint} disconnected")
+                outbox = self._fail(out, TransferState.FAILED, f"receiver at {lost[0].endpoint} disconnected")
             released = self._settle(out)
         deliver(outbox, released)
         self._clock.add(transfer_id, deadline)
@@ -205,9 +225,10 @@ class KVSender:
             if self._closed:
                 raise ConnectionError("sender closed")
             return self._link(endpoint)
-        link.threads = [threading.Thread(target=target, args=(link,), daemon=True,
-                                         name=f"kv-send-{kind}-{endpoint}")
-                        for kind, target in (("reader", self._read), ("worker", self._work))]
+        link.threads = [
+            threading.Thread(target=target, args=(link,), daemon=True, name=f"kv-send-{kind}-{endpoint}")
+            for kind, target in (("reader", self._read), ("worker", self._work))
+        ]
         for thread in link.threads:
             thread.start()
         return link
@@ -219,8 +240,15 @@ class KVSender:
             if not isinstance(challenge, Challenge):
                 raise ConnectionError(f"receiver at {endpoint} sent no Challenge (got {type(challenge).__name__})")
             nonce = new_nonce()
-            channel.send(Hello(self.layout, self.backend, PROTOCOL_VERSION, nonce,
-                               proof(self._secret, "hello", challenge.nonce, nonce)))
+            channel.send(
+                Hello(
+                    self.layout,
+                    self.backend,
+                    PROTOCOL_VERSION,
+                    nonce,
+                    proof(self._secret, "hello", challenge.nonce, nonce),
+                )
+            )
             reply = channel.recv(timeout_s=self.connect_timeout_s)
             if isinstance(reply, Refuse):
                 raise HandshakeError(f"receiver at {endpoint} refused: {reply.reason}")
@@ -229,13 +257,19 @@ class KVSender:
             if not verify(self._secret, reply.proof, "welcome", nonce, challenge.nonce):
                 raise AuthenticationError(f"receiver at {endpoint} does not hold this deployment's KV secret")
             peer = reply.layout
-            heads = head_slice(self.layout.total_num_kv_heads, self.layout.tp_rank,
-                               self.layout.tp_size, peer.tp_rank, peer.tp_size)
+            heads = head_slice(
+                self.layout.total_num_kv_heads, self.layout.tp_rank, self.layout.tp_size, peer.tp_rank, peer.tp_size
+            )
             data = None
             if heads is not None:
-                data = self._transport.open_send_link(parse_endpoint(endpoint)[0], peer, reply.transport_info,
-                                                      heads, reply.link_id,
-                                                      Rendezvous(channel, self.connect_timeout_s))
+                data = self._transport.open_send_link(
+                    parse_endpoint(endpoint)[0],
+                    peer,
+                    reply.transport_info,
+                    heads,
+                    reply.link_id,
+                    Rendezvous(channel, self.connect_timeout_s),
+                )
         except BaseException:
             channel.close()
             raise
@@ -248,12 +282,13 @@ class KVSender:
             raise HandshakeError(f"endpoints must be one decode TP group, got TP sizes {tp_sizes}")
         (dst_tp_size,) = tp_sizes
         by_rank = {link.layout.tp_rank: link for link in links}
-        needed = dst_ranks_of(self.layout.total_num_kv_heads, self.layout.tp_rank,
-                              self.layout.tp_size, dst_tp_size)
+        needed = dst_ranks_of(self.layout.total_num_kv_heads, self.layout.tp_rank, self.layout.tp_size, dst_tp_size)
         missing = [rank for rank in needed if rank not in by_rank]
         if missing:
-            raise HandshakeError(f"no endpoint for decode TP rank(s) {missing} of {dst_tp_size}, "
-                                 f"which hold heads of prefill rank {self.layout.tp_rank}")
+            raise HandshakeError(
+                f"no endpoint for decode TP rank(s) {missing} of {dst_tp_size}, "
+                f"which hold heads of prefill rank {self.layout.tp_rank}"
+            )
         return [by_rank[rank] for rank in needed]
 
     # Link threads.
@@ -272,14 +307,18 @@ class KVSender:
             # Only now, with no write in flight, may the receiver learn that this link is gone.
             self._close_link(link)
 
-    def _write(self, link: _Link, transfer_id: str, layer_idx: int,
-               ready: torch.cuda.Event | None) -> None:
+    def _write(self, link: _Link, transfer_id: str, layer_idx: int, ready: torch.cuda.Event | None) -> None:
         if ready is not None:
             ready.synchronize()  # the layer's K/V are in the cache only once its kernels ran
         with self._lock:
             out, part = self._find(transfer_id, link)
-            while (part is not None and part.dst_block_ids is None and not part.stopping
-                   and link.alive and time.monotonic() < out.deadline):
+            while (
+                part is not None
+                and part.dst_block_ids is None
+                and not part.stopping
+                and link.alive
+                and time.monotonic() < out.deadline
+            ):
                 self._accepted.wait(out.deadline - time.monotonic())
             if part is None or part.dst_block_ids is None or part.stopping or not link.alive:
                 return
@@ -289,8 +328,7 @@ class KVSender:
         try:
             if link.data.two_sided:  # the receiver must post its receive before the bytes come
                 link.channel.send(msg)
-            link.data.write_layer(layer_idx, out.src_block_ids, part.dst_block_ids, msg.seq,
-                                  out.deadline)
+            link.data.write_layer(layer_idx, out.src_block_ids, part.dst_block_ids, msg.seq, out.deadline)
             if not link.data.two_sided:  # one-sided: announce only what already landed
                 link.channel.send(msg)
         except Exception as e:  # any backend failure breaks the link, never the worker
@@ -323,8 +361,7 @@ class KVSender:
             try:
                 dst = check_block_ids(msg.dst_block_ids, link.layout.num_blocks, "dst_block_ids")
                 if dst.size != out.src_block_ids.size:
-                    raise ValueError(f"receiver reserved {dst.size} blocks for "
-                                     f"{out.src_block_ids.size} source blocks")
+                    raise ValueError(f"receiver reserved {dst.size} blocks for {out.src_block_ids.size} source blocks")
             except ValueError as e:
                 outbox = self._fail(out, TransferState.FAILED, f"bad Accept from {link.endpoint}: {e}")
             else:
@@ -352,21 +389,24 @@ class KVSender:
             if part is None:
                 return
             outbox = self._stop(part, msg.transfer_id, Quiesced(msg.transfer_id))
-            outbox += self._fail(out, TransferState.FAILED,
-                                 f"receiver at {link.endpoint} aborted: {msg.reason}")
+            outbox += self._fail(out, TransferState.FAILED, f"receiver at {link.endpoint} aborted: {msg.reason}")
             released = self._settle(out)
         deliver(outbox, released)
 
     def _expire(self, transfer_id: str) -> None:
-        self._end(transfer_id, TransferState.FAILED,
-                  lambda out: f"deadline of {out.timeout_s:g}s passed with {len(out.pushed)} "
-                              f"of {self.layout.num_layers} layers pushed")
+        self._end(
+            transfer_id,
+            TransferState.FAILED,
+            lambda out: (
+                f"deadline of {out.timeout_s:g}s passed with {len(out.pushed)} "
+                f"of {self.layout.num_layers} layers pushed"
+            ),
+        )
 
     def _cancel(self, transfer_id: str, reason: str) -> None:
         self._end(transfer_id, TransferState.CANCELLED, lambda out: reason)
 
-    def _end(self, transfer_id: str, state: TransferState,
-             reason: Callable[[_Outgoing], str]) -> None:
+    def _end(self, transfer_id: str, state: TransferState, reason: Callable[[_Outgoing], str]) -> None:
         with self._lock:
             out = self._transfers.get(transfer_id)
             if out is None:
@@ -423,8 +463,7 @@ class KVSender:
     def _settle(self, out: _Outgoing) -> list[Transfer]:
         """Once terminal and every link is quiet, forget the transfer; its blocks go back."""
         tid = out.handle.transfer_id
-        if out.handle.state.is_terminal and all(part.quiet for part in out.parts) \
-                and self._transfers.get(tid) is out:
+        if out.handle.state.is_terminal and all(part.quiet for part in out.parts) and self._transfers.get(tid) is out:
             del self._transfers[tid]
             return [out.handle]
         return []

@@ -53,9 +53,13 @@ class Transfer:
     the ids to the block manager's thread.
     """
 
-    def __init__(self, transfer_id: str, block_ids: tuple[int, ...],
-                 on_release: Callable[[tuple[int, ...]], None] | None,
-                 cancel: Callable[[str, str], None]):
+    def __init__(
+        self,
+        transfer_id: str,
+        block_ids: tuple[int, ...],
+        on_release: Callable[[tuple[int, ...]], None] | None,
+        cancel: Callable[[str, str], None],
+    ):
         self.transfer_id = transfer_id
         self.block_ids = block_ids
         self._on_release = on_release

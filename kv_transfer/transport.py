@@ -40,8 +40,9 @@ class SendLink(ABC):
     two_sided: ClassVar[bool] = False
 
     @abstractmethod
-    def write_layer(self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray,
-                    seq: int, deadline: float) -> None:
+    def write_layer(
+        self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray, seq: int, deadline: float
+    ) -> None:
         """Move this link's heads of one layer, K and V, src blocks -> dst blocks (paired in order).
 
         Called from the link's worker thread, one layer at a time. Returns once the source
@@ -56,8 +57,7 @@ class SendLink(ABC):
 class RecvLink(ABC):
     """Receiver end of one link. One-sided backends need nothing here."""
 
-    def read_layer(self, layer_idx: int, dst_block_ids: np.ndarray, seq: int,
-                   deadline: float) -> None:
+    def read_layer(self, layer_idx: int, dst_block_ids: np.ndarray, seq: int, deadline: float) -> None:
         """Two-sided links: receive the layer announced with `seq` into the dst blocks.
 
         Called from the link's reader thread, in the order the sender wrote the layers.
@@ -76,13 +76,20 @@ class Transport(ABC):
     def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role, secret: bytes):
         # KVLayout dtype names are torch attribute names ("bfloat16", ...).
         if tuple(cache.shape) != layout.shape or cache.dtype != getattr(torch, layout.dtype):
-            raise ValueError(f"cache must be {layout.dtype} with shape {layout.shape} (the layout's), "
-                             f"got {cache.dtype} {tuple(cache.shape)}")
+            raise ValueError(
+                f"cache must be {layout.dtype} with shape {layout.shape} (the layout's), "
+                f"got {cache.dtype} {tuple(cache.shape)}"
+            )
         device = torch.device(layout.device)  # "cuda" names whichever GPU is current
-        if not cache.is_contiguous() or cache.device.type != device.type or \
-                device.index not in (None, cache.device.index):
-            raise ValueError(f"cache must be contiguous on {layout.device}, got device "
-                             f"{cache.device}, contiguous={cache.is_contiguous()}")
+        if (
+            not cache.is_contiguous()
+            or cache.device.type != device.type
+            or device.index not in (None, cache.device.index)
+        ):
+            raise ValueError(
+                f"cache must be contiguous on {layout.device}, got device "
+                f"{cache.device}, contiguous={cache.is_contiguous()}"
+            )
         if (reason := self.unavailable_reason(layout.device)) is not None:
             raise TransportError(reason)
         self.cache = cache
@@ -100,15 +107,21 @@ class Transport(ABC):
         """Receiver: what a sender needs to reach this cache. Sent in the Welcome."""
 
     @abstractmethod
-    def open_send_link(self, peer_host: str, peer_layout: KVLayout, peer_info: bytes,
-                       heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> SendLink:
+    def open_send_link(
+        self,
+        peer_host: str,
+        peer_layout: KVLayout,
+        peer_info: bytes,
+        heads: HeadSlice,
+        link_id: str,
+        rendezvous: Rendezvous,
+    ) -> SendLink:
         """Sender: connect the data plane to a receiver that sent `peer_info`. `rendezvous`
         exchanges keys with the receiver over the authenticated control connection, while
         the receiver opens its end."""
 
     @abstractmethod
-    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str,
-                       rendezvous: Rendezvous) -> RecvLink:
+    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> RecvLink:
         """Receiver: the matching end, opened right after the Welcome was sent."""
 
     def close(self) -> None:

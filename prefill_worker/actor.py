@@ -15,14 +15,23 @@ class PrefillActor:
     """Created with ray.remote(...) by deploy/; every method runs on the actor's event loop.
     In process, it is itself a router.clients.PrefillClient (tests use it so)."""
 
-    def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float = 30.0, dist_init: str | None = None, *, kv_secret: bytes,
-                 cores: Sequence[int] | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        engine_config: EngineConfig,
+        kv_backend: str,
+        transfer_timeout_s: float = 30.0,
+        dist_init: str | None = None,
+        *,
+        kv_secret: bytes,
+        cores: Sequence[int] | None = None,
+    ):
         """cores: the CPU cores this rank owns (engine/cores.py), bound before the model loads."""
         if cores:
             bind_cores(cores)
-        self.worker = PrefillWorker(model_dir, engine_config, kv_backend, transfer_timeout_s, dist_init,
-                                    kv_secret=kv_secret)
+        self.worker = PrefillWorker(
+            model_dir, engine_config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret
+        )
 
     async def prefill(self, request: GenerateRequest, handle: KVHandle) -> PrefillResult:
         loop = asyncio.get_running_loop()
@@ -32,6 +41,7 @@ class PrefillActor:
             def settle():
                 if not result.done():
                     result.set_exception(r) if isinstance(r, Exception) else result.set_result(r)
+
             loop.call_soon_threadsafe(settle)
 
         # submit waits for the engine lock (up to one step): keep the actor's event loop free.
@@ -62,13 +72,31 @@ class PrefillActor:
 class PrefillFollowerActor:
     """Rank r > 0 of a tensor-parallel prefill worker; reports its releases to rank 0's actor."""
 
-    def __init__(self, model_dir: str, engine_config: EngineConfig, kv_backend: str, transfer_timeout_s: float,
-                 tp_rank: int, dist_init: str, driver, *, kv_secret: bytes, cores: Sequence[int] | None = None):
+    def __init__(
+        self,
+        model_dir: str,
+        engine_config: EngineConfig,
+        kv_backend: str,
+        transfer_timeout_s: float,
+        tp_rank: int,
+        dist_init: str,
+        driver,
+        *,
+        kv_secret: bytes,
+        cores: Sequence[int] | None = None,
+    ):
         if cores:
             bind_cores(cores)
-        self.follower = PrefillFollower(model_dir, engine_config, kv_backend, transfer_timeout_s, tp_rank,
-                                        dist_init, on_released=lambda r: driver.release_part.remote(r),
-                                        kv_secret=kv_secret)
+        self.follower = PrefillFollower(
+            model_dir,
+            engine_config,
+            kv_backend,
+            transfer_timeout_s,
+            tp_rank,
+            dist_init,
+            on_released=lambda r: driver.release_part.remote(r),
+            kv_secret=kv_secret,
+        )
 
     def shutdown(self) -> None:
         """Call after rank 0's shutdown, which stops this rank's loop."""

@@ -46,26 +46,37 @@ class TransferStart:
     endpoints: tuple[str, ...]  # the decode worker's KV receivers
 
 
-def start_transfers(sender: KVSender, starts: list[TransferStart], timeout_s: float,
-                    on_release: Callable[[str], None]) -> tuple[Callable[[int], None], dict[str, Transfer]]:
+def start_transfers(
+    sender: KVSender, starts: list[TransferStart], timeout_s: float, on_release: Callable[[str], None]
+) -> tuple[Callable[[int], None], dict[str, Transfer]]:
     """Start this rank's part of each transfer; returns the per-layer push hook and the transfers."""
-    transfers = {s.request_id: sender.start(s.request_id, s.block_ids, s.endpoints, timeout_s,
-                                            on_release=lambda _ids, r=s.request_id: on_release(r))
-                 for s in starts}
+    transfers = {
+        s.request_id: sender.start(
+            s.request_id, s.block_ids, s.endpoints, timeout_s, on_release=lambda _ids, r=s.request_id: on_release(r)
+        )
+        for s in starts
+    }
     request_ids = [s.request_id for s in starts]
     return (lambda layer_idx: [sender.push_layer(r, layer_idx) for r in request_ids]), transfers
 
 
 class PrefillWorker:
-    def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float = 30.0, dist_init: str | None = None, *, kv_secret: bytes):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        engine_config: EngineConfig,
+        kv_backend: str,
+        transfer_timeout_s: float = 30.0,
+        dist_init: str | None = None,
+        *,
+        kv_secret: bytes,
+    ):
         """dist_init: with tensor_parallel_size > 1, the process group address all ranks join.
         kv_secret: the deployment's (kv_transfer/auth.py); KV goes only to decode workers holding it."""
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
         self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
-        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
-                               secret=kv_secret)
+        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret)
         self._lock = threading.Lock()
         self._pending: dict[str, KVHandle] = {}  # submitted, transfer not started yet
         self._transfers: dict[str, Transfer] = {}  # rank 0's part started, blocks not released yet
@@ -76,8 +87,9 @@ class PrefillWorker:
     def layout(self):
         return self.engine.kv_cache.layout
 
-    def prefill(self, request: GenerateRequest, handle: KVHandle,
-                on_done: Callable[[PrefillResult | Exception], None]) -> None:
+    def prefill(
+        self, request: GenerateRequest, handle: KVHandle, on_done: Callable[[PrefillResult | Exception], None]
+    ) -> None:
         """Prefill a prompt and push its KV to `handle`; on_done gets the first token (or an error)."""
         request_id = request.request_id
         # One token, whatever it is: stop conditions and text are the decode worker's job.
@@ -153,16 +165,25 @@ class PrefillWorker:
 class PrefillFollower:
     """Rank r > 0 of a tensor-parallel prefill worker: runs rank 0's steps, sends its KV heads."""
 
-    def __init__(self, model_dir: str | Path, engine_config: EngineConfig, kv_backend: str,
-                 transfer_timeout_s: float, tp_rank: int, dist_init: str, on_released: Callable[[str], None],
-                 *, kv_secret: bytes):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        engine_config: EngineConfig,
+        kv_backend: str,
+        transfer_timeout_s: float,
+        tp_rank: int,
+        dist_init: str,
+        on_released: Callable[[str], None],
+        *,
+        kv_secret: bytes,
+    ):
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
-        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout,
-                               secret=kv_secret)
+        self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret)
         self.transfer_timeout_s = transfer_timeout_s
         self.on_released = on_released
-        self._thread = threading.Thread(target=self.engine.follow, args=(self._on_step,),
-                                        name=f"prefill-rank-{tp_rank}", daemon=True)
+        self._thread = threading.Thread(
+            target=self.engine.follow, args=(self._on_step,), name=f"prefill-rank-{tp_rank}", daemon=True
+        )
         self._thread.start()
 
     def _on_step(self, starts: list[TransferStart] | None) -> Callable[[int], None] | None:

@@ -43,9 +43,11 @@ class NodeSpec:
         as_str("cluster.nodes[].name", self.name)
         as_str(f"{where}.gpu_type", self.gpu_type)
         as_int(f"{where}.num_gpus", self.num_gpus, minimum=1)
-        for field, value in (("gpu_memory_gb", self.gpu_memory_gb),
-                             ("intra_node_gb_s", self.intra_node_gb_s),
-                             ("cost_per_gpu_hour", self.cost_per_gpu_hour)):
+        for field, value in (
+            ("gpu_memory_gb", self.gpu_memory_gb),
+            ("intra_node_gb_s", self.intra_node_gb_s),
+            ("cost_per_gpu_hour", self.cost_per_gpu_hour),
+        ):
             if value is not None:
                 as_number(f"{where}.{field}", value, minimum=0, exclusive=field != "cost_per_gpu_hour")
         as_number(f"{where}.nic_gb_s", self.nic_gb_s, minimum=0, exclusive=True)
@@ -112,8 +114,12 @@ class ClusterSpec:
         nodes: list[NodeSpec] = []
         for i, entry in enumerate(as_list("cluster.nodes", data["nodes"])):
             where = f"cluster.nodes[{i}]"
-            check_keys(where, entry, ("name", "gpu_type", "num_gpus"),
-                       ("count", "gpu_memory_gb", "intra_node_gb_s", "nic_gb_s", "cost_per_gpu_hour"))
+            check_keys(
+                where,
+                entry,
+                ("name", "gpu_type", "num_gpus"),
+                ("count", "gpu_memory_gb", "intra_node_gb_s", "nic_gb_s", "cost_per_gpu_hour"),
+            )
             as_str(f"{where}.gpu_type", entry["gpu_type"], known_gpu_types)
             entry = dict(entry)
             count = as_int(f"{where}.count", entry.pop("count", 1), minimum=1)

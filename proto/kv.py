@@ -47,17 +47,24 @@ class KVLayout:
     def __post_init__(self) -> None:
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"KVLayout.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
-        for name in ("num_layers", "total_num_kv_heads", "num_kv_heads", "head_dim",
-                     "block_size", "num_blocks", "tp_size"):
+        for name in (
+            "num_layers",
+            "total_num_kv_heads",
+            "num_kv_heads",
+            "head_dim",
+            "block_size",
+            "num_blocks",
+            "tp_size",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"KVLayout.{name} must be positive, got {getattr(self, name)}")
         if not 0 <= self.tp_rank < self.tp_size:
             raise ValueError(f"KVLayout.tp_rank must be in [0, {self.tp_size}), got {self.tp_rank}")
-        if self.total_num_kv_heads % self.tp_size or \
-                self.num_kv_heads != self.total_num_kv_heads // self.tp_size:
+        if self.total_num_kv_heads % self.tp_size or self.num_kv_heads != self.total_num_kv_heads // self.tp_size:
             raise ValueError(
                 f"KVLayout.num_kv_heads must be total_num_kv_heads / tp_size = "
-                f"{self.total_num_kv_heads} / {self.tp_size}, got {self.num_kv_heads}")
+                f"{self.total_num_kv_heads} / {self.tp_size}, got {self.num_kv_heads}"
+            )
 
     @property
     def head_offset(self) -> int:
@@ -66,8 +73,7 @@ class KVLayout:
 
     @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
-        return (self.num_layers, 2, self.num_blocks, self.num_kv_heads, self.block_size,
-                self.head_dim)
+        return (self.num_layers, 2, self.num_blocks, self.num_kv_heads, self.block_size, self.head_dim)
 
     @property
     def bytes_per_head_block(self) -> int:

@@ -54,12 +54,13 @@ class ModelSpec:
         as_str("model.dtype", self.dtype, DTYPE_NAMES)
         as_str("model.mlp", self.mlp, MLP_KINDS)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model.num_kv_heads ({self.num_kv_heads}) must divide "
-                             f"model.num_heads ({self.num_heads})")
+            raise ValueError(f"model.num_kv_heads ({self.num_kv_heads}) must divide model.num_heads ({self.num_heads})")
         if self.head_dim == 0:
             if self.hidden_size % self.num_heads:
-                raise ValueError(f"model.hidden_size ({self.hidden_size}) must be a multiple of "
-                                 f"model.num_heads ({self.num_heads}) unless model.head_dim is given")
+                raise ValueError(
+                    f"model.hidden_size ({self.hidden_size}) must be a multiple of "
+                    f"model.num_heads ({self.num_heads}) unless model.head_dim is given"
+                )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
         as_int("model.head_dim", self.head_dim, minimum=1)
 
@@ -90,8 +91,7 @@ class ModelSpec:
 
     @staticmethod
     def from_dict(data: dict) -> "ModelSpec":
-        check_keys("model", data, ("name",) + SHAPE_FIELDS,
-                   ("dtype", "head_dim", "tie_word_embeddings", "mlp", "path"))
+        check_keys("model", data, ("name",) + SHAPE_FIELDS, ("dtype", "head_dim", "tie_word_embeddings", "mlp", "path"))
         return ModelSpec(**data)
 
     def to_dict(self) -> dict:

@@ -57,8 +57,9 @@ def check_keys(where: str, data: Any, required: Iterable[str], optional: Iterabl
     return data
 
 
-def as_number(where: str, value: Any, *, minimum: float | None = None, exclusive: bool = False,
-              maximum: float | None = None) -> float:
+def as_number(
+    where: str, value: Any, *, minimum: float | None = None, exclusive: bool = False, maximum: float | None = None
+) -> float:
     """A real number (bools are not numbers here), optionally bounded."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{where} must be a number, got {value!r}")
@@ -119,8 +120,7 @@ def build(cls, where: str, data: Any, **converted):
     import dataclasses
 
     fields = dataclasses.fields(cls)
-    required = [f.name for f in fields
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     optional = [f.name for f in fields if f.name not in required]
     check_keys(where, data, required, optional)
     values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}

@@ -48,5 +48,7 @@ class SLOSpec:
         return SLOSpec.from_dict(load_document(path, "slo"))
 
     def describe(self) -> str:
-        return (f"P{self.ttft_percentile:g} TTFT <= {self.ttft_s:g} s, "
-                f"P{self.tpot_percentile:g} TPOT <= {self.tpot_s:g} s, attainment >= {self.attainment:.0%}")
+        return (
+            f"P{self.ttft_percentile:g} TTFT <= {self.ttft_s:g} s, "
+            f"P{self.tpot_percentile:g} TPOT <= {self.tpot_s:g} s, attainment >= {self.attainment:.0%}"
+        )

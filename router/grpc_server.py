@@ -23,8 +23,15 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from proto.kserve import grpc_service_pb2 as pb
 from proto.kserve import grpc_service_pb2_grpc as pb_grpc
 from proto.errors import Overloaded, Unavailable
-from router.kserve import (FINAL_RESPONSE, KServeRequest, check_model_version, infer_response, model_config,
-                           model_metadata, parse_infer_request)
+from router.kserve import (
+    FINAL_RESPONSE,
+    KServeRequest,
+    check_model_version,
+    infer_response,
+    model_config,
+    model_metadata,
+    parse_infer_request,
+)
 from router.requests import BadRequest, UnknownModel
 from router.security import KeyInterceptor
 from router.streaming import RequestFailed, Serving, stream_deltas
@@ -94,8 +101,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             request = await parse_infer_request(self.backend, self.serving.encoder, msg)
             if request.stream and not streaming_call:
-                raise BadRequest("input 'stream' is true, which needs ModelStreamInfer; "
-                                 "ModelInfer returns the whole text in one response", "stream")
+                raise BadRequest(
+                    "input 'stream' is true, which needs ModelStreamInfer; "
+                    "ModelInfer returns the whole text in one response",
+                    "stream",
+                )
             return request
         except BadRequest as exc:
             self.metrics.count(FRONTEND, "not_found" if isinstance(exc, UnknownModel) else "invalid")
@@ -153,21 +163,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
             await asyncio.gather(*running, return_exceptions=True)
 
-    async def _stream_one(self, msg: pb.ModelInferRequest,
-                          emit: Callable[[pb.ModelStreamInferResponse], None]) -> None:
+    async def _stream_one(self, msg: pb.ModelInferRequest, emit: Callable[[pb.ModelStreamInferResponse], None]) -> None:
         try:
             request = await self._parse(msg, streaming_call=True)
             if not request.stream:
                 text, finish_reason = await self._whole_text(request)
-                emit(pb.ModelStreamInferResponse(
-                    infer_response=infer_response(self.backend, request, text, finish_reason, final=True)))
+                emit(
+                    pb.ModelStreamInferResponse(
+                        infer_response=infer_response(self.backend, request, text, finish_reason, final=True)
+                    )
+                )
                 return
             deltas = stream_deltas(self.serving, FRONTEND, request.generate)
             async with contextlib.aclosing(deltas):
                 async for delta in deltas:
                     if delta.text or delta.finished:
-                        emit(pb.ModelStreamInferResponse(infer_response=infer_response(
-                            self.backend, request, delta.text, delta.finish_reason, final=delta.finished)))
+                        emit(
+                            pb.ModelStreamInferResponse(
+                                infer_response=infer_response(
+                                    self.backend, request, delta.text, delta.finish_reason, final=delta.finished
+                                )
+                            )
+                        )
         except Exception as exc:
             code, message = status_of(exc)
             # The id and the final flag let a client tell which request ended, even though
@@ -205,13 +222,16 @@ def _reflection_pool() -> descriptor_pool.DescriptorPool:
     return pool
 
 
-async def start_grpc_server(serving: Serving, host: str, port: int, server_version: str
-                            ) -> tuple[grpc.aio.Server, InferenceServicer, HealthServicer, int]:
+async def start_grpc_server(
+    serving: Serving, host: str, port: int, server_version: str
+) -> tuple[grpc.aio.Server, InferenceServicer, HealthServicer, int]:
     """Start serving; returns the server, its servicers and the bound port."""
     security = serving.security
     # Larger messages cannot hold a request that fits the context window: refused unread.
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", serving.encoder.max_request_bytes)],
-                             interceptors=[KeyInterceptor(security)] if security.api_keys else None)
+    server = grpc.aio.server(
+        options=[("grpc.max_receive_message_length", serving.encoder.max_request_bytes)],
+        interceptors=[KeyInterceptor(security)] if security.api_keys else None,
+    )
     servicer = InferenceServicer(serving, server_version)
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     health_servicer = HealthServicer(serving.backend)

@@ -20,8 +20,15 @@ from aiohttp import web
 
 from proto.errors import Overloaded, Unavailable
 from router.metrics import CONTENT_TYPE
-from router.openai_protocol import (OpenAIRequest, chunk_body, parse_chat, parse_completion, response_body,
-                                    usage, usage_chunk_body)
+from router.openai_protocol import (
+    OpenAIRequest,
+    chunk_body,
+    parse_chat,
+    parse_completion,
+    response_body,
+    usage,
+    usage_chunk_body,
+)
 from router.requests import BadRequest, UnknownModel
 from router.security import OPEN_HTTP_PATHS, UNAUTHORIZED
 from router.streaming import RequestFailed, Serving, stream_deltas
@@ -56,8 +63,11 @@ def http_error(exc: Exception) -> HTTPError:
     if isinstance(exc, Unavailable):
         return HTTPError(503, "unavailable_error", str(exc))
     if isinstance(exc, RequestFailed):
-        return HTTPError(503, "unavailable_error", str(exc)) if exc.retryable \
+        return (
+            HTTPError(503, "unavailable_error", str(exc))
+            if exc.retryable
             else HTTPError(500, "internal_error", str(exc))
+        )
     if isinstance(exc, web.HTTPException):  # aiohttp's own: unknown path, wrong method
         return HTTPError(exc.status, "invalid_request_error", exc.reason)
     return HTTPError(500, "internal_error", f"internal error: {exc!r}")
@@ -86,8 +96,7 @@ class HTTPFrontend:
 
     def app(self) -> web.Application:
         # Larger bodies cannot hold a request that fits the context window: refused unread (413).
-        app = web.Application(middlewares=[self._middleware],
-                              client_max_size=self.serving.encoder.max_request_bytes)
+        app = web.Application(middlewares=[self._middleware], client_max_size=self.serving.encoder.max_request_bytes)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics_text)
         app.router.add_get("/v1/models", self.models)
@@ -127,8 +136,13 @@ class HTTPFrontend:
         return web.Response(body=self.metrics.exposition(), headers={"Content-Type": CONTENT_TYPE})
 
     def _model_card(self) -> dict:
-        return {"id": self.backend.model_name, "object": "model", "created": self.created, "owned_by": "tandem",
-                "max_model_len": self.backend.max_model_len}
+        return {
+            "id": self.backend.model_name,
+            "object": "model",
+            "created": self.created,
+            "owned_by": "tandem",
+            "max_model_len": self.backend.max_model_len,
+        }
 
     async def models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [self._model_card()]})
@@ -150,10 +164,13 @@ class HTTPFrontend:
             try:
                 raw = await http_request.read()
             except web.HTTPRequestEntityTooLarge:
-                raise HTTPError(413, "invalid_request_error",
-                                f"the request body is larger than {encoder.max_request_bytes} bytes, more "
-                                f"than any request that fits the context window of {self.backend.max_model_len} "
-                                f"tokens") from None
+                raise HTTPError(
+                    413,
+                    "invalid_request_error",
+                    f"the request body is larger than {encoder.max_request_bytes} bytes, more "
+                    f"than any request that fits the context window of {self.backend.max_model_len} "
+                    f"tokens",
+                ) from None
             body = parse_json(raw) if len(raw) <= INLINE_JSON_BYTES else await asyncio.to_thread(parse_json, raw)
             request = await parse(body, self.backend, encoder)
         except BadRequest as exc:

@@ -13,8 +13,16 @@ import struct
 from dataclasses import dataclass
 
 from proto.kserve import grpc_service_pb2 as pb
-from router.requests import (SAMPLING_FIELDS, BadRequest, GenerateRequest, PromptEncoder, UnknownModel, brief,
-                             check_model, make_request)
+from router.requests import (
+    SAMPLING_FIELDS,
+    BadRequest,
+    GenerateRequest,
+    PromptEncoder,
+    UnknownModel,
+    brief,
+    check_model,
+    make_request,
+)
 
 MODEL_VERSION = "1"  # the one version served; "" also selects it, as in Triton
 PLATFORM = "tandem"
@@ -35,8 +43,10 @@ class KServeRequest:
 def check_model_version(backend, name: str, version: str) -> None:
     check_model(backend, name, "model_name")
     if version not in ("", MODEL_VERSION):
-        raise UnknownModel(f"model {brief(name)} has no version {brief(version)}; the served version is "
-                           f"{MODEL_VERSION!r}", "model_version")
+        raise UnknownModel(
+            f"model {brief(name)} has no version {brief(version)}; the served version is {MODEL_VERSION!r}",
+            "model_version",
+        )
 
 
 def _deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
@@ -48,7 +58,7 @@ def _deserialize_bytes(raw: bytes, name: str) -> list[bytes]:
         at += 4
         if at + size > len(raw):
             raise BadRequest(f"input {name!r}: BYTES element runs past the end of the data", name)
-        elements.append(raw[at:at + size])
+        elements.append(raw[at : at + size])
         at += size
     return elements
 
@@ -67,8 +77,11 @@ def _elements(tensor, raw: bytes | None) -> list:
 
 def _input_values(msg: pb.ModelInferRequest) -> dict:
     if msg.raw_input_contents and len(msg.raw_input_contents) != len(msg.inputs):
-        raise BadRequest(f"raw_input_contents has {len(msg.raw_input_contents)} entries for "
-                         f"{len(msg.inputs)} inputs; it must have one per input", "raw_input_contents")
+        raise BadRequest(
+            f"raw_input_contents has {len(msg.raw_input_contents)} entries for "
+            f"{len(msg.inputs)} inputs; it must have one per input",
+            "raw_input_contents",
+        )
     values = {}
     for i, tensor in enumerate(msg.inputs):
         name = tensor.name
@@ -79,12 +92,18 @@ def _input_values(msg: pb.ModelInferRequest) -> dict:
         if tensor.datatype != INPUTS[name]:
             raise BadRequest(f"input {name!r} must have datatype {INPUTS[name]}, got {brief(tensor.datatype)}", name)
         if any(d < 1 for d in tensor.shape) or math.prod(tensor.shape) != 1:
-            raise BadRequest(f"input {name!r} must have a shape of one element, [1] (batching is not "
-                             f"supported), got {brief(list(tensor.shape))}", name)
+            raise BadRequest(
+                f"input {name!r} must have a shape of one element, [1] (batching is not "
+                f"supported), got {brief(list(tensor.shape))}",
+                name,
+            )
         elements = _elements(tensor, msg.raw_input_contents[i] if msg.raw_input_contents else None)
         if len(elements) != 1:
-            raise BadRequest(f"input {name!r} must hold exactly one element (batching is not supported), "
-                             f"got {len(elements)} with shape {list(tensor.shape)}", name)
+            raise BadRequest(
+                f"input {name!r} must hold exactly one element (batching is not supported), "
+                f"got {len(elements)} with shape {list(tensor.shape)}",
+                name,
+            )
         values[name] = elements[0]
     if "text_input" not in values:
         raise BadRequest("input 'text_input' is missing", "text_input")
@@ -135,17 +154,18 @@ async def parse_infer_request(backend, encoder: PromptEncoder, msg: pb.ModelInfe
             raise BadRequest(f"unknown output {brief(name)}; outputs are {', '.join(OUTPUTS)}", name)
     fields = _sampling_fields(values.get("sampling_parameters"))
     prompt_ids = await encoder.encode(text, "text_input")
-    generate = make_request(backend, "kserve", prompt_ids, fields,
-                            prompt_param="text_input", param_prefix="sampling_parameters.")
+    generate = make_request(
+        backend, "kserve", prompt_ids, fields, prompt_param="text_input", param_prefix="sampling_parameters."
+    )
     return KServeRequest(generate, bool(values.get("stream", False)), msg.id, outputs)
 
 
-def infer_response(backend, request: KServeRequest, text: str, finish_reason: str | None,
-                   final: bool | None) -> pb.ModelInferResponse:
+def infer_response(
+    backend, request: KServeRequest, text: str, finish_reason: str | None, final: bool | None
+) -> pb.ModelInferResponse:
     """A response carrying `text`; `final` sets triton_final_response (None: not streamed)."""
     values = {"text_output": text, "finish_reason": finish_reason or ""}
-    response = pb.ModelInferResponse(model_name=backend.model_name, model_version=MODEL_VERSION,
-                                     id=request.client_id)
+    response = pb.ModelInferResponse(model_name=backend.model_name, model_version=MODEL_VERSION, id=request.client_id)
     for name in request.outputs:
         response.outputs.add(name=name, datatype=OUTPUTS[name], shape=[1])
         response.raw_output_contents.append(serialize_bytes(values[name].encode()))
@@ -157,16 +177,25 @@ def infer_response(backend, request: KServeRequest, text: str, finish_reason: st
 def model_metadata(backend) -> pb.ModelMetadataResponse:
     tensor = pb.ModelMetadataResponse.TensorMetadata
     return pb.ModelMetadataResponse(
-        name=backend.model_name, versions=[MODEL_VERSION], platform=PLATFORM,
+        name=backend.model_name,
+        versions=[MODEL_VERSION],
+        platform=PLATFORM,
         inputs=[tensor(name=n, datatype=t, shape=[1]) for n, t in INPUTS.items()],
-        outputs=[tensor(name=n, datatype=t, shape=[1]) for n, t in OUTPUTS.items()])
+        outputs=[tensor(name=n, datatype=t, shape=[1]) for n, t in OUTPUTS.items()],
+    )
 
 
 def model_config(backend) -> pb.ModelConfig:
     return pb.ModelConfig(
-        name=backend.model_name, platform=PLATFORM, backend=PLATFORM, max_batch_size=0,
-        input=[pb.ModelInput(name=n, data_type=CONFIG_TYPES[t], dims=[1], optional=n != "text_input")
-               for n, t in INPUTS.items()],
+        name=backend.model_name,
+        platform=PLATFORM,
+        backend=PLATFORM,
+        max_batch_size=0,
+        input=[
+            pb.ModelInput(name=n, data_type=CONFIG_TYPES[t], dims=[1], optional=n != "text_input")
+            for n, t in INPUTS.items()
+        ],
         output=[pb.ModelOutput(name=n, data_type=CONFIG_TYPES[t], dims=[1]) for n, t in OUTPUTS.items()],
         # Decoupled: a streamed request gets many responses, as Triton's vLLM backend does.
-        model_transaction_policy=pb.ModelTransactionPolicy(decoupled=True))
+        model_transaction_policy=pb.ModelTransactionPolicy(decoupled=True),
+    )

@@ -16,8 +16,13 @@ from router.backend import WorkerStatus
 class LocalBackend:
     """One engine in this process, on its own thread, doing prefill and decode."""
 
-    def __init__(self, model_dir: str | Path, engine_config: EngineConfig = EngineConfig(),
-                 model_name: str | None = None, max_waiting: int = 256):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        engine_config: EngineConfig = EngineConfig(),
+        model_name: str | None = None,
+        max_waiting: int = 256,
+    ):
         engine = LLMEngine(model_dir, engine_config)
         self.model_name = model_name or Path(model_dir).name
         self.max_model_len = engine.max_model_len
@@ -31,9 +36,9 @@ class LocalBackend:
         prompt = list(request.prompt_token_ids)
         # submit waits for the engine lock (up to one step): keep the event loop free.
         return delta_stream(
-            lambda on_delta: asyncio.to_thread(self._loop.submit, request.request_id, prompt, request.params,
-                                               on_delta),
-            lambda: self.abort(request.request_id))
+            lambda on_delta: asyncio.to_thread(self._loop.submit, request.request_id, prompt, request.params, on_delta),
+            lambda: self.abort(request.request_id),
+        )
 
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self._loop.abort, request_id)

@@ -16,10 +16,48 @@ from prometheus_client.core import GaugeMetricFamily
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
 # Seconds; as vLLM's buckets, so dashboards built for it read these the same way.
-TTFT_BUCKETS_S = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0,
-                  7.5, 10.0, 20.0, 40.0, 80.0)
-TPOT_BUCKETS_S = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
-                  10.0, 20.0, 40.0, 80.0)
+TTFT_BUCKETS_S = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+TPOT_BUCKETS_S = (
+    0.01,
+    0.025,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
 E2E_BUCKETS_S = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0, 320.0)
 
 # Help text for the stats keys every backend reports and those the disaggregated backend
@@ -54,20 +92,26 @@ class _BackendStats:
 
     def collect(self):
         for key, value in self.backend.stats().items():
-            yield GaugeMetricFamily(_metric_name("tandem_backend_", key),
-                                    STATS_HELP.get(key, f"Backend.stats()[{key!r}]"), value=float(value))
+            yield GaugeMetricFamily(
+                _metric_name("tandem_backend_", key),
+                STATS_HELP.get(key, f"Backend.stats()[{key!r}]"),
+                value=float(value),
+            )
         workers = self.backend.workers()
-        up = GaugeMetricFamily("tandem_worker_up", "1 while the worker answers and its engine runs, else 0",
-                               labels=["role", "worker"])
+        up = GaugeMetricFamily(
+            "tandem_worker_up", "1 while the worker answers and its engine runs, else 0", labels=["role", "worker"]
+        )
         families: dict[str, GaugeMetricFamily] = {}
         for w in workers:
             labels = [w.role.value, str(w.index)]
             up.add_metric(labels, 1.0 if w.up else 0.0)
             for key, value in (w.stats.gauges() if w.stats is not None else {}).items():  # none when down
                 if key not in families:
-                    families[key] = GaugeMetricFamily(_metric_name("tandem_worker_", key),
-                                                      STATS_HELP.get(key, f"a worker's stats()[{key!r}]"),
-                                                      labels=["role", "worker"])
+                    families[key] = GaugeMetricFamily(
+                        _metric_name("tandem_worker_", key),
+                        STATS_HELP.get(key, f"a worker's stats()[{key!r}]"),
+                        labels=["role", "worker"],
+                    )
                 families[key].add_metric(labels, float(value))
         yield up
         yield from families.values()
@@ -77,22 +121,43 @@ class ServerMetrics:
     def __init__(self, backend):
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft_s = Histogram("tandem_time_to_first_token_seconds", "Time from arrival to the first token",
-                                ["frontend"], buckets=TTFT_BUCKETS_S, registry=r)
-        self.tpot_s = Histogram("tandem_time_per_output_token_seconds",
-                                "Mean time between output tokens after the first, per request",
-                                ["frontend"], buckets=TPOT_BUCKETS_S, registry=r)
-        self.e2e_s = Histogram("tandem_e2e_request_latency_seconds", "Time from arrival to the last token",
-                               ["frontend"], buckets=E2E_BUCKETS_S, registry=r)
-        self.requests = Counter("tandem_requests", "Requests by how they ended: stop, length, error, abort, "
-                                "unavailable, cancelled (client gone), invalid, not_found, overloaded",
-                                ["frontend", "finish_reason"], registry=r)
-        self.prompt_tokens = Counter("tandem_prompt_tokens", "Prompt tokens of admitted requests",
-                                     ["frontend"], registry=r)
-        self.generation_tokens = Counter("tandem_generation_tokens", "Tokens generated and streamed",
-                                         ["frontend"], registry=r)
-        self.in_flight = Gauge("tandem_requests_in_flight", "Requests the router is serving now",
-                               ["frontend"], registry=r)
+        self.ttft_s = Histogram(
+            "tandem_time_to_first_token_seconds",
+            "Time from arrival to the first token",
+            ["frontend"],
+            buckets=TTFT_BUCKETS_S,
+            registry=r,
+        )
+        self.tpot_s = Histogram(
+            "tandem_time_per_output_token_seconds",
+            "Mean time between output tokens after the first, per request",
+            ["frontend"],
+            buckets=TPOT_BUCKETS_S,
+            registry=r,
+        )
+        self.e2e_s = Histogram(
+            "tandem_e2e_request_latency_seconds",
+            "Time from arrival to the last token",
+            ["frontend"],
+            buckets=E2E_BUCKETS_S,
+            registry=r,
+        )
+        self.requests = Counter(
+            "tandem_requests",
+            "Requests by how they ended: stop, length, error, abort, "
+            "unavailable, cancelled (client gone), invalid, not_found, overloaded",
+            ["frontend", "finish_reason"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "tandem_prompt_tokens", "Prompt tokens of admitted requests", ["frontend"], registry=r
+        )
+        self.generation_tokens = Counter(
+            "tandem_generation_tokens", "Tokens generated and streamed", ["frontend"], registry=r
+        )
+        self.in_flight = Gauge(
+            "tandem_requests_in_flight", "Requests the router is serving now", ["frontend"], registry=r
+        )
         r.register(_BackendStats(backend))
 
     def count(self, frontend: str, finish_reason: str) -> None:

@@ -13,21 +13,40 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from router.requests import (SAMPLING_FIELDS, BadRequest, GenerateRequest, PromptEncoder, brief, check_model,
-                             check_text, make_request)
+from router.requests import (
+    SAMPLING_FIELDS,
+    BadRequest,
+    GenerateRequest,
+    PromptEncoder,
+    brief,
+    check_model,
+    check_text,
+    make_request,
+)
 
 # Used when the tokenizer has no chat template of its own: one "role: content" line per
 # message, then "assistant:" for the model to continue.
 FALLBACK_CHAT_TEMPLATE = (
     "{{ bos_token }}{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n"
-    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+    "{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}"
+)
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 # Field -> the values that mean "not used", the only ones accepted.
 UNSUPPORTED = {
-    "n": (1,), "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "top_logprobs": (0,),
-    "suffix": ("",), "presence_penalty": (0,), "frequency_penalty": (0,), "repetition_penalty": (1,),
-    "logit_bias": ({},), "tools": ([],), "functions": ([],), "tool_choice": ("none",),
+    "n": (1,),
+    "best_of": (1,),
+    "echo": (False,),
+    "logprobs": (False, 0),
+    "top_logprobs": (0,),
+    "suffix": ("",),
+    "presence_penalty": (0,),
+    "frequency_penalty": (0,),
+    "repetition_penalty": (1,),
+    "logit_bias": ({},),
+    "tools": ([],),
+    "functions": ([],),
+    "tool_choice": ("none",),
     "response_format": ({"type": "text"},),
 }
 
@@ -69,8 +88,9 @@ def _common(body: Any, backend) -> tuple[dict, bool, bool]:
 
 
 def _is_token_ids(value: Any) -> bool:
-    return isinstance(value, list) and bool(value) and all(
-        isinstance(t, int) and not isinstance(t, bool) for t in value)
+    return (
+        isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+    )
 
 
 async def parse_completion(body: Any, backend, encoder: PromptEncoder) -> OpenAIRequest:
@@ -83,8 +103,9 @@ async def parse_completion(body: Any, backend, encoder: PromptEncoder) -> OpenAI
     elif _is_token_ids(prompt):
         prompt_ids = prompt
     else:
-        raise BadRequest("prompt must be a string or a list of token ids (one prompt per request), "
-                         f"got {brief(prompt)}", "prompt")
+        raise BadRequest(
+            f"prompt must be a string or a list of token ids (one prompt per request), got {brief(prompt)}", "prompt"
+        )
     generate = make_request(backend, "cmpl", prompt_ids, fields, prompt_param="prompt")
     return OpenAIRequest(generate, False, body["model"], stream, include_usage, int(time.time()))
 
@@ -95,10 +116,8 @@ def _message_text(message: Any, i: int) -> dict:
         raise BadRequest(f"{where} must be an object with role one of {', '.join(CHAT_ROLES)}", f"{where}.role")
     content = message.get("content")
     if isinstance(content, list):  # content parts: only text is understood
-        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
-                   for p in content):
-            raise BadRequest(f"{where}.content parts must all be {{'type': 'text', 'text': ...}}",
-                             f"{where}.content")
+        if not all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in content):
+            raise BadRequest(f"{where}.content parts must all be {{'type': 'text', 'text': ...}}", f"{where}.content")
         content = "".join(p["text"] for p in content)
     if not isinstance(content, str):
         raise BadRequest(f"{where}.content must be a string or a list of text parts", f"{where}.content")
@@ -113,9 +132,11 @@ async def chat_prompt_ids(encoder: PromptEncoder, messages: list[dict]) -> list[
         raise BadRequest("this model has no tokenizer, so it cannot serve chat", "messages")
     num_chars = sum(len(m["content"]) for m in messages)
     if num_chars > encoder.max_chars:
-        raise BadRequest(f"messages have {num_chars} characters of content, more than any prompt that fits "
-                         f"the context window of {encoder.max_model_len} tokens can have ({encoder.max_chars})",
-                         "messages")
+        raise BadRequest(
+            f"messages have {num_chars} characters of content, more than any prompt that fits "
+            f"the context window of {encoder.max_model_len} tokens can have ({encoder.max_chars})",
+            "messages",
+        )
     template = None if encoder.tokenizer.chat_template else FALLBACK_CHAT_TEMPLATE
     try:
         text = await encoder.chat_template(messages, template)
@@ -134,19 +155,33 @@ async def parse_chat(body: Any, backend, encoder: PromptEncoder) -> OpenAIReques
     if body.get("max_completion_tokens") is not None:
         fields["max_tokens"] = body["max_completion_tokens"]
     # No max_tokens: as many as fit, as OpenAI and vLLM do for chat.
-    generate = make_request(backend, "chatcmpl", await chat_prompt_ids(encoder, messages), fields,
-                            prompt_param="messages", default_max_tokens=None)
+    generate = make_request(
+        backend,
+        "chatcmpl",
+        await chat_prompt_ids(encoder, messages),
+        fields,
+        prompt_param="messages",
+        default_max_tokens=None,
+    )
     return OpenAIRequest(generate, True, body["model"], stream, include_usage, int(time.time()))
 
 
 def usage(num_prompt_tokens: int, num_completion_tokens: int) -> dict:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
+    return {
+        "prompt_tokens": num_prompt_tokens,
+        "completion_tokens": num_completion_tokens,
+        "total_tokens": num_prompt_tokens + num_completion_tokens,
+    }
 
 
 def _envelope(request: OpenAIRequest, kind: str, choices: list[dict]) -> dict:
-    return {"id": request.generate.request_id, "object": kind, "created": request.created,
-            "model": request.model, "choices": choices}
+    return {
+        "id": request.generate.request_id,
+        "object": kind,
+        "created": request.created,
+        "model": request.model,
+        "choices": choices,
+    }
 
 
 def response_body(request: OpenAIRequest, text: str, finish_reason: str | None, token_counts: dict) -> dict:

@@ -32,14 +32,32 @@ from router.policy import RoutingPolicy, WorkerView
 log = logging.getLogger(__name__)
 WORKER_STATS_TIMEOUT_S = 2.0
 # Sums the backend reports per role (over the workers that are up).
-SUMMED = ("num_waiting", "num_running", "num_reserved", "num_held", "num_transfers", "num_free_blocks",
-          "num_blocks", "num_preemptions")
+SUMMED = (
+    "num_waiting",
+    "num_running",
+    "num_reserved",
+    "num_held",
+    "num_transfers",
+    "num_free_blocks",
+    "num_blocks",
+    "num_preemptions",
+)
 
 
 class DisaggregatedBackend:
-    def __init__(self, model_dir: str | Path, prefill: Sequence[PrefillClient], decode: Sequence[DecodeClient], *,
-                 model_name: str, max_model_len: int, block_size: int, kv_bytes_per_token: int,
-                 policy: str = "load", local_prefill_tokens: int = 32):
+    def __init__(
+        self,
+        model_dir: str | Path,
+        prefill: Sequence[PrefillClient],
+        decode: Sequence[DecodeClient],
+        *,
+        model_name: str,
+        max_model_len: int,
+        block_size: int,
+        kv_bytes_per_token: int,
+        policy: str = "load",
+        local_prefill_tokens: int = 32,
+    ):
         if not decode:
             raise ValueError("at least one decode worker is needed")
         self.model_name = model_name
@@ -51,9 +69,13 @@ class DisaggregatedBackend:
         self.decode = list(decode)
         self.policy = RoutingPolicy(policy, len(self.prefill), len(self.decode), block_size)
         self._stats_at = 0.0
-        self.counters = {"kv_transfers_total": 0, "kv_transfer_failures_total": 0,
-                         "kv_transfer_bytes_total": 0, "kv_transfer_seconds_total": 0.0,
-                         "local_prefills_total": 0}
+        self.counters = {
+            "kv_transfers_total": 0,
+            "kv_transfer_failures_total": 0,
+            "kv_transfer_bytes_total": 0,
+            "kv_transfer_seconds_total": 0.0,
+            "local_prefills_total": 0,
+        }
 
     @property
     def tokenizer(self):
@@ -113,8 +135,10 @@ class DisaggregatedBackend:
         await asyncio.gather(*(worker.abort(request_id) for worker in [*self.prefill, *self.decode]))
 
     def _views(self) -> list[tuple[Role, WorkerView, PrefillClient | DecodeClient]]:
-        return [*((Role.PREFILL, v, c) for v, c in zip(self.policy.prefill, self.prefill)),
-                *((Role.DECODE, v, c) for v, c in zip(self.policy.decode, self.decode))]
+        return [
+            *((Role.PREFILL, v, c) for v, c in zip(self.policy.prefill, self.prefill)),
+            *((Role.DECODE, v, c) for v, c in zip(self.policy.decode, self.decode)),
+        ]
 
     async def _refresh_stats(self) -> None:
         if time.monotonic() - self._stats_at < STATS_INTERVAL_S:
@@ -122,8 +146,10 @@ class DisaggregatedBackend:
         self._stats_at = time.monotonic()
         views = self._views()
         # A worker that does not answer within WORKER_STATS_TIMEOUT_S is as good as down.
-        results = await asyncio.gather(*(asyncio.wait_for(client.stats(), WORKER_STATS_TIMEOUT_S)
-                                         for _, _, client in views), return_exceptions=True)
+        results = await asyncio.gather(
+            *(asyncio.wait_for(client.stats(), WORKER_STATS_TIMEOUT_S) for _, _, client in views),
+            return_exceptions=True,
+        )
         for (_, view, _), result in zip(views, results):
             # A worker that does not answer (dead) or whose engine broke (its stats() raises)
             # is down: no stats are made up for it.

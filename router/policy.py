@@ -71,6 +71,7 @@ class RoutingPolicy:
         def score(w: WorkerView):
             s = w.stats or IDLE
             return (1.0 - s.kv_usage, -(s.num_running + s.num_reserved + s.num_waiting), w.overlap_blocks(hashes))
+
         return max(_alive(self.decode, "decode"), key=score)
 
     def pick_prefill(self, hashes: list[bytes]) -> WorkerView:
@@ -81,6 +82,7 @@ class RoutingPolicy:
             s = w.stats or IDLE
             # A cached block saves a block of compute; a queued request costs about one prompt.
             return w.overlap_blocks(hashes) - (s.num_waiting + s.num_running) * max(1, len(hashes))
+
         return max(_alive(self.prefill, "prefill"), key=score)
 
     def _next(self, views: list[WorkerView], role: str) -> WorkerView:
@@ -89,8 +91,16 @@ class RoutingPolicy:
 
 
 # What a worker that has not reported yet is taken to be: empty.
-IDLE = WorkerStats(num_waiting=0, num_running=0, num_reserved=0, num_held=0, num_transfers=0,
-                   num_free_blocks=0, num_blocks=0, num_preemptions=0)
+IDLE = WorkerStats(
+    num_waiting=0,
+    num_running=0,
+    num_reserved=0,
+    num_held=0,
+    num_transfers=0,
+    num_free_blocks=0,
+    num_blocks=0,
+    num_preemptions=0,
+)
 
 
 def _alive(views: list[WorkerView], role: str) -> list[WorkerView]:

@@ -32,6 +32,7 @@ def brief(value: Any) -> str:
     """A client's value quoted in an error: short, whatever its size or depth."""
     return _brief_repr.repr(value)
 
+
 # Sampling fields a request may set -> the JSON type each accepts. JSON true is not a
 # number here, even though Python's bool is an int.
 SAMPLING_FIELDS: dict[str, str] = {
@@ -44,8 +45,13 @@ SAMPLING_FIELDS: dict[str, str] = {
     "stop_token_ids": "integers",
     "ignore_eos": "boolean",
 }
-_TYPE_NAMES = {"number": "a number", "integer": "an integer", "boolean": "true or false",
-               "strings": "a string or a list of strings", "integers": "a list of integers"}
+_TYPE_NAMES = {
+    "number": "a number",
+    "integer": "an integer",
+    "boolean": "true or false",
+    "strings": "a string or a list of strings",
+    "integers": "a list of integers",
+}
 DEFAULT_MAX_TOKENS = 16  # as OpenAI's completions API and vLLM's SamplingParams
 
 
@@ -68,8 +74,7 @@ def new_request_id(prefix: str) -> str:
 
 def check_model(backend, name: Any, param: str = "model") -> None:
     if not isinstance(name, str) or name != backend.model_name:
-        raise UnknownModel(f"model {brief(name)} is not served here; the served model is "
-                           f"{backend.model_name!r}", param)
+        raise UnknownModel(f"model {brief(name)} is not served here; the served model is {backend.model_name!r}", param)
 
 
 def check_text(text: str, param: str) -> None:
@@ -79,8 +84,11 @@ def check_text(text: str, param: str) -> None:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise BadRequest(f"{param} is not valid Unicode text: it holds a lone surrogate "
-                         f"U+{ord(text[exc.start]):04X} at character {exc.start}", param) from None
+        raise BadRequest(
+            f"{param} is not valid Unicode text: it holds a lone surrogate "
+            f"U+{ord(text[exc.start]):04X} at character {exc.start}",
+            param,
+        ) from None
 
 
 def _longest_token_chars(tokenizer) -> int:
@@ -112,8 +120,11 @@ class PromptEncoder:
             raise BadRequest("this model has no tokenizer, so prompts must be token ids", param)
         check_text(text, param)
         if len(text) > self.max_chars:
-            raise BadRequest(f"{param} has {len(text)} characters, more than any prompt that fits the "
-                             f"context window of {self.max_model_len} tokens can have ({self.max_chars})", param)
+            raise BadRequest(
+                f"{param} has {len(text)} characters, more than any prompt that fits the "
+                f"context window of {self.max_model_len} tokens can have ({self.max_chars})",
+                param,
+            )
 
     async def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of a prompt string, with the special tokens (BOS) the engine would add."""
@@ -122,8 +133,14 @@ class PromptEncoder:
 
     async def chat_template(self, messages: list[dict], template: str | None) -> str:
         """The chat template applied (raises what the template raises)."""
-        return await self._off_loop(sum(len(m["content"]) for m in messages), self.tokenizer.apply_chat_template,
-                                    messages, chat_template=template, tokenize=False, add_generation_prompt=True)
+        return await self._off_loop(
+            sum(len(m["content"]) for m in messages),
+            self.tokenizer.apply_chat_template,
+            messages,
+            chat_template=template,
+            tokenize=False,
+            add_generation_prompt=True,
+        )
 
     @staticmethod
     async def _off_loop(num_chars: int, fn, *args, **kwargs):
@@ -155,8 +172,9 @@ def sampling_params(fields: Mapping[str, Any], param_prefix: str = "") -> Sampli
     for name, value in fields.items():
         param = param_prefix + name
         if name not in SAMPLING_FIELDS:
-            raise BadRequest(f"unknown sampling field {brief(param)}; known fields: "
-                             f"{', '.join(SAMPLING_FIELDS)}", param)
+            raise BadRequest(
+                f"unknown sampling field {brief(param)}; known fields: {', '.join(SAMPLING_FIELDS)}", param
+            )
         if value is None:
             continue
         _check_type(name, value, param)
@@ -169,9 +187,16 @@ def sampling_params(fields: Mapping[str, Any], param_prefix: str = "") -> Sampli
     return SamplingParams(**kwargs)
 
 
-def make_request(backend, prefix: str, prompt_token_ids: list[int], fields: Mapping[str, Any], *,
-                 prompt_param: str, param_prefix: str = "",
-                 default_max_tokens: int | None = DEFAULT_MAX_TOKENS) -> GenerateRequest:
+def make_request(
+    backend,
+    prefix: str,
+    prompt_token_ids: list[int],
+    fields: Mapping[str, Any],
+    *,
+    prompt_param: str,
+    param_prefix: str = "",
+    default_max_tokens: int | None = DEFAULT_MAX_TOKENS,
+) -> GenerateRequest:
     """Validate a prompt and its sampling fields against the backend's context window.
 
     An explicit max_tokens that does not fit beside the prompt is an error; a default one
@@ -183,14 +208,20 @@ def make_request(backend, prefix: str, prompt_token_ids: list[int], fields: Mapp
         raise BadRequest(f"{prompt_param} is empty: it must contain at least one token", prompt_param)
     room = backend.max_model_len - len(prompt_token_ids)
     if room <= 0:
-        raise BadRequest(f"{prompt_param} has {len(prompt_token_ids)} tokens, but this model's "
-                         f"context window is {backend.max_model_len} tokens including at least "
-                         f"one output token", prompt_param)
+        raise BadRequest(
+            f"{prompt_param} has {len(prompt_token_ids)} tokens, but this model's "
+            f"context window is {backend.max_model_len} tokens including at least "
+            f"one output token",
+            prompt_param,
+        )
     if explicit and params.max_tokens > room:
         param = param_prefix + "max_tokens"
-        raise BadRequest(f"{param}={params.max_tokens} does not fit: the prompt has "
-                         f"{len(prompt_token_ids)} tokens and the context window is "
-                         f"{backend.max_model_len}, leaving room for {room}", param)
+        raise BadRequest(
+            f"{param}={params.max_tokens} does not fit: the prompt has "
+            f"{len(prompt_token_ids)} tokens and the context window is "
+            f"{backend.max_model_len}, leaving room for {room}",
+            param,
+        )
     if not explicit:
         params = replace(params, max_tokens=min(default_max_tokens or room, room))
     return GenerateRequest(new_request_id(prefix), tuple(prompt_token_ids), params)

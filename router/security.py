@@ -20,10 +20,14 @@ import grpc
 
 API_KEY_ENV = "TANDEM_API_KEY"  # one key, or several separated by commas
 # gRPC methods any caller may use: health checks and liveness / readiness probes.
-OPEN_GRPC_METHODS = frozenset({
-    "/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch",
-    "/inference.GRPCInferenceService/ServerLive", "/inference.GRPCInferenceService/ServerReady",
-})
+OPEN_GRPC_METHODS = frozenset(
+    {
+        "/grpc.health.v1.Health/Check",
+        "/grpc.health.v1.Health/Watch",
+        "/inference.GRPCInferenceService/ServerLive",
+        "/inference.GRPCInferenceService/ServerReady",
+    }
+)
 OPEN_HTTP_PATHS = frozenset({"/health"})
 
 
@@ -110,16 +114,19 @@ class KeyInterceptor(grpc.aio.ServerInterceptor):
 
 def _refusing(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
     """A handler of the same kind (unary or streaming) that fails the call unread."""
+
     async def refuse(_request, context):
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHORIZED)
 
-    kind = {(False, False): grpc.unary_unary_rpc_method_handler,
-            (False, True): grpc.unary_stream_rpc_method_handler,
-            (True, False): grpc.stream_unary_rpc_method_handler,
-            (True, True): grpc.stream_stream_rpc_method_handler}[(handler.request_streaming,
-                                                                  handler.response_streaming)]
-    return kind(refuse, request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer)
+    kind = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }[(handler.request_streaming, handler.response_streaming)]
+    return kind(
+        refuse, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer
+    )
 
 
 def is_loopback(host: str) -> bool:

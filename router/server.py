@@ -57,8 +57,16 @@ def _server_version() -> str:
 class ServerHandle:
     """The running servers: their bound ports, and stop()."""
 
-    def __init__(self, serving: Serving, http_port: int, grpc_port: int, runner: web.AppRunner,
-                 grpc_server: grpc.aio.Server, servicer: InferenceServicer, health: HealthServicer):
+    def __init__(
+        self,
+        serving: Serving,
+        http_port: int,
+        grpc_port: int,
+        runner: web.AppRunner,
+        grpc_server: grpc.aio.Server,
+        servicer: InferenceServicer,
+        health: HealthServicer,
+    ):
         self.serving = serving
         self.http_port = http_port
         self.grpc_port = grpc_port
@@ -88,8 +96,9 @@ class ServerHandle:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self.serving.idle.wait(), grace_s)
         if self.serving.in_flight:
-            log.warning("shutdown: cutting %d request(s) still running after %g s",
-                        len(self.serving.in_flight), grace_s)
+            log.warning(
+                "shutdown: cutting %d request(s) still running after %g s", len(self.serving.in_flight), grace_s
+            )
             await self.serving.cut()
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.serving.idle.wait(), CUT_TIMEOUT_S)
@@ -99,21 +108,30 @@ class ServerHandle:
             await self._watcher
 
 
-async def serve(backend, http_port: int = DEFAULT_HTTP_PORT, grpc_port: int = DEFAULT_GRPC_PORT,
-                host: str = DEFAULT_HOST, security: Security = Security()) -> ServerHandle:
+async def serve(
+    backend,
+    http_port: int = DEFAULT_HTTP_PORT,
+    grpc_port: int = DEFAULT_GRPC_PORT,
+    host: str = DEFAULT_HOST,
+    security: Security = Security(),
+) -> ServerHandle:
     """Start the OpenAI HTTP and KServe gRPC frontends; returns once both are listening."""
-    serving = Serving(backend, ServerMetrics(backend), PromptEncoder(backend.tokenizer, backend.max_model_len), security)
+    serving = Serving(
+        backend, ServerMetrics(backend), PromptEncoder(backend.tokenizer, backend.max_model_len), security
+    )
     http = HTTPFrontend(serving)
     # handler_cancellation: a client that disconnects cancels its handler, aborting its request.
-    runner = web.AppRunner(http.app(), handler_cancellation=True, shutdown_timeout=HTTP_CLOSE_TIMEOUT_S,
-                           access_log=None)
+    runner = web.AppRunner(
+        http.app(), handler_cancellation=True, shutdown_timeout=HTTP_CLOSE_TIMEOUT_S, access_log=None
+    )
     await runner.setup()
     site = web.TCPSite(runner, host, http_port, ssl_context=security.ssl_context())
     await site.start()
     bound_http_port = runner.addresses[0][1]
     try:
-        grpc_server, servicer, health, bound_grpc_port = await start_grpc_server(serving, host, grpc_port,
-                                                                                 _server_version())
+        grpc_server, servicer, health, bound_grpc_port = await start_grpc_server(
+            serving, host, grpc_port, _server_version()
+        )
     except BaseException:
         await runner.cleanup()
         raise

@@ -11,11 +11,18 @@ import torch
 from engine.default_model.corpus import stories
 from engine.default_model.tokenizer import train_tokenizer
 
-TINY = dict(vocab_size=384, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-            # Wider weights than the default 0.02 make logits peaked, so argmax ties between
-            # two correct implementations are unlikely.
-            initializer_range=0.1)
+TINY = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=512,
+    # Wider weights than the default 0.02 make logits peaked, so argmax ties between
+    # two correct implementations are unlikely.
+    initializer_range=0.1,
+)
 
 
 def make_tokenizer(path: Path) -> Path:
@@ -23,15 +30,27 @@ def make_tokenizer(path: Path) -> Path:
     return path
 
 
-def make_checkpoint(path: Path, arch: str, tokenizer_dir: Path | None = None, seed: int = 0,
-                    dtype: torch.dtype = torch.float32, **overrides) -> Path:
+def make_checkpoint(
+    path: Path,
+    arch: str,
+    tokenizer_dir: Path | None = None,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    **overrides,
+) -> Path:
     """Save a seeded random model of the given architecture into path."""
     import transformers
 
-    config_cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
-                  "mistral": transformers.MistralConfig}[arch]
-    model_cls = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM,
-                 "mistral": transformers.MistralForCausalLM}[arch]
+    config_cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "mistral": transformers.MistralConfig,
+    }[arch]
+    model_cls = {
+        "llama": transformers.LlamaForCausalLM,
+        "qwen2": transformers.Qwen2ForCausalLM,
+        "mistral": transformers.MistralForCausalLM,
+    }[arch]
     kwargs = {**TINY, "bos_token_id": 0, "eos_token_id": 1, **overrides}
     if arch == "mistral":
         kwargs.setdefault("head_dim", kwargs["hidden_size"] // kwargs["num_attention_heads"])
@@ -44,8 +63,7 @@ def make_checkpoint(path: Path, arch: str, tokenizer_dir: Path | None = None, se
     return path
 
 
-def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int,
-              ignore_eos: bool = False) -> list[int]:
+def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, ignore_eos: bool = False) -> list[int]:
     """The oracle: transformers generate, greedy, one prompt at a time (no padding)."""
     from transformers import AutoModelForCausalLM
 
@@ -59,7 +77,7 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int,
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
-    return out[0, len(prompt_ids):].tolist()
+    return out[0, len(prompt_ids) :].tolist()
 
 
 _hf_models: dict = {}

@@ -24,9 +24,17 @@ SEQ_LEN = 128
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 # A Llama-3-shaped decoder (GQA, tied embeddings), about 2M parameters.
-ARCHITECTURE = dict(hidden_size=192, intermediate_size=512, num_hidden_layers=4, num_attention_heads=6,
-                    num_key_value_heads=2, max_position_embeddings=1024, rope_theta=10000.0,
-                    tie_word_embeddings=True, rms_norm_eps=1e-5)
+ARCHITECTURE = dict(
+    hidden_size=192,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+    rope_theta=10000.0,
+    tie_word_embeddings=True,
+    rms_norm_eps=1e-5,
+)
 
 
 def default_model_dir() -> Path:
@@ -46,8 +54,9 @@ def ensure_default_model(log: Callable[[str], None] = print) -> Path:
     return path
 
 
-def make_default_model(out_dir: str | Path, steps: int = 200, seed: int = 0,
-                       log: Callable[[str], None] = print) -> Path:
+def make_default_model(
+    out_dir: str | Path, steps: int = 200, seed: int = 0, log: Callable[[str], None] = print
+) -> Path:
     """Train and save the default model into out_dir (replaced atomically if it exists)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -66,8 +75,9 @@ def make_default_model(out_dir: str | Path, steps: int = 200, seed: int = 0,
         data = torch.tensor(ids, dtype=torch.int64)
         log(f"corpus: {len(texts)} stories, {len(ids)} tokens; vocabulary {len(tokenizer)}")
 
-        config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=eos,
-                             **ARCHITECTURE)
+        config = LlamaConfig(
+            vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id, eos_token_id=eos, **ARCHITECTURE
+        )
         model = LlamaForCausalLM(config)
         _train(model, data, steps, seed, log)
         model.config.architectures = ["LlamaForCausalLM"]
@@ -89,12 +99,13 @@ def _train(model, data, steps: int, seed: int, log: Callable[[str], None]) -> No
     opt = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE, weight_decay=0.01)
     warmup = max(1, steps // 10)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    )
     model.train()
     start = time.monotonic()
     for step in range(1, steps + 1):
         offsets = torch.randint(0, len(data) - SEQ_LEN - 1, (BATCH_SIZE,), generator=gen)
-        batch = torch.stack([data[o:o + SEQ_LEN] for o in offsets.tolist()])
+        batch = torch.stack([data[o : o + SEQ_LEN] for o in offsets.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -103,6 +114,8 @@ def _train(model, data, steps: int, seed: int, log: Callable[[str], None]) -> No
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps:
             elapsed = time.monotonic() - start
-            log(f"  train step {step}/{steps}  loss {loss.item():.3f}  "
-                f"{elapsed:.0f}s elapsed, ~{elapsed / step * (steps - step):.0f}s left")
+            log(
+                f"  train step {step}/{steps}  loss {loss.item():.3f}  "
+                f"{elapsed:.0f}s elapsed, ~{elapsed / step * (steps - step):.0f}s left"
+            )
     model.eval()

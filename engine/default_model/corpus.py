@@ -11,8 +11,18 @@ import random
 NAMES = ["Lily", "Tom", "Mia", "Ben", "Sara", "Max", "Anna", "Leo", "Nora", "Sam", "Ella", "Jack"]
 ANIMALS = ["cat", "dog", "bird", "fox", "rabbit", "bear", "duck", "frog", "mouse", "owl"]
 PLACES = ["park", "forest", "garden", "river", "hill", "beach", "farm", "town", "meadow", "lake"]
-THINGS = ["ball", "kite", "red hat", "small boat", "blue box", "big drum", "book", "shiny stone",
-          "toy car", "warm coat"]
+THINGS = [
+    "ball",
+    "kite",
+    "red hat",
+    "small boat",
+    "blue box",
+    "big drum",
+    "book",
+    "shiny stone",
+    "toy car",
+    "warm coat",
+]
 FEELINGS = ["happy", "sad", "tired", "brave", "scared", "curious", "proud", "excited"]
 WEATHER = ["sunny", "rainy", "windy", "cold", "warm", "quiet"]
 ACTIONS = ["play", "run", "sing", "jump", "read", "swim", "dance", "paint"]
@@ -28,8 +38,8 @@ MIDDLES = [
     "It was a {weather} day, and {name} felt {feeling}.",
     "{name} found a {thing} under a tree.",
     "{name} met a {animal2} who wanted to {action} too.",
-    "\"Can I {action} with you?\" asked the {animal2}.",
-    "\"Yes, let us {action} together!\" said {name}.",
+    '"Can I {action} with you?" asked the {animal2}.',
+    '"Yes, let us {action} together!" said {name}.',
     "The {animal2} had lost a {thing} near the {place}.",
     "{name} looked everywhere for the {thing}.",
     "They walked to the {place2} and looked around.",
@@ -45,10 +55,16 @@ ENDINGS = [
 
 def story(rng: random.Random) -> str:
     slots = {
-        "name": rng.choice(NAMES), "animal": rng.choice(ANIMALS), "animal2": rng.choice(ANIMALS),
-        "place": rng.choice(PLACES), "place2": rng.choice(PLACES), "thing": rng.choice(THINGS),
-        "feeling": rng.choice(FEELINGS), "weather": rng.choice(WEATHER),
-        "action": rng.choice(ACTIONS), "time": rng.choice(TIMES),
+        "name": rng.choice(NAMES),
+        "animal": rng.choice(ANIMALS),
+        "animal2": rng.choice(ANIMALS),
+        "place": rng.choice(PLACES),
+        "place2": rng.choice(PLACES),
+        "thing": rng.choice(THINGS),
+        "feeling": rng.choice(FEELINGS),
+        "weather": rng.choice(WEATHER),
+        "action": rng.choice(ACTIONS),
+        "time": rng.choice(TIMES),
     }
     sentences = [rng.choice(OPENINGS)]
     sentences += rng.sample(MIDDLES, rng.randint(3, 5))

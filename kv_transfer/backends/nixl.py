@@ -52,8 +52,7 @@ def _nixl_api() -> ModuleType | None:
     return None
 
 
-def _descriptors(base_addr: int, layout: KVLayout, heads_start: int, num_heads: int,
-                 device_id: int) -> np.ndarray:
+def _descriptors(base_addr: int, layout: KVLayout, heads_start: int, num_heads: int, device_id: int) -> np.ndarray:
     """One (address, bytes, device) row per chunk of the cache, for `num_heads` heads."""
     # descs: [num_layers * 2 * num_blocks, 3]
     descs = np.empty((layout.num_layers * 2 * layout.num_blocks, 3), dtype=np.uint64)
@@ -64,18 +63,17 @@ def _descriptors(base_addr: int, layout: KVLayout, heads_start: int, num_heads: 
 
 
 class NixlSendLink(SendLink):
-    def __init__(self, transport: NixlTransport, remote: str, local_dlist, remote_dlist,
-                 dst_layout: KVLayout):
+    def __init__(self, transport: NixlTransport, remote: str, local_dlist, remote_dlist, dst_layout: KVLayout):
         self._transport, self._agent = transport, transport.agent
         self._remote, self._local_dlist, self._remote_dlist = remote, local_dlist, remote_dlist
         self._src_layout, self._dst_layout = transport.layout, dst_layout
 
-    def write_layer(self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray,
-                    seq: int, deadline: float) -> None:
+    def write_layer(
+        self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray, seq: int, deadline: float
+    ) -> None:
         local = layer_chunk_ids(self._src_layout, layer_idx, src_block_ids).astype(np.int32)
         remote = layer_chunk_ids(self._dst_layout, layer_idx, dst_block_ids).astype(np.int32)
-        handle = self._agent.make_prepped_xfer("WRITE", self._local_dlist, local,
-                                               self._remote_dlist, remote)
+        handle = self._agent.make_prepped_xfer("WRITE", self._local_dlist, local, self._remote_dlist, remote)
         try:
             state = self._agent.transfer(handle)
             while state == "PROC":
@@ -119,8 +117,9 @@ class NixlTransport(Transport):
         super().__init__(cache, layout, role, secret)
         api = _nixl_api()
         # STRICT: link workers, readers and connect() use the agent from several threads.
-        config = api.nixl_agent_config(enable_prog_thread=False, backends=["UCX"],
-                                       sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        config = api.nixl_agent_config(
+            enable_prog_thread=False, backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+        )
         self.agent = api.nixl_agent(f"tandem-kv-{role}-{uuid.uuid4().hex}", config)
         if "UCX" not in self.agent.backends:
             raise TransportError("NIXL found no UCX plugin; the nixl backend needs UCX")
@@ -131,8 +130,7 @@ class NixlTransport(Transport):
         self._remotes_lock = threading.Lock()
         self._stop = threading.Event()
         if role == "recv":
-            self._progress = threading.Thread(target=self._make_progress, daemon=True,
-                                              name="kv-nixl-progress")
+            self._progress = threading.Thread(target=self._make_progress, daemon=True, name="kv-nixl-progress")
             self._progress.start()
 
     def _make_progress(self) -> None:
@@ -140,28 +138,46 @@ class NixlTransport(Transport):
             self.agent.get_new_notifs()  # progresses the agent's UCX workers
 
     def local_info(self) -> bytes:
-        header = json.dumps({"agent": self.agent.name, "addr": self.cache.data_ptr(),
-                             "device_id": self._device_id, "mem_type": self._mem_type}).encode()
+        header = json.dumps(
+            {
+                "agent": self.agent.name,
+                "addr": self.cache.data_ptr(),
+                "device_id": self._device_id,
+                "mem_type": self._mem_type,
+            }
+        ).encode()
         return struct.pack("!I", len(header)) + header + self.agent.get_agent_metadata()
 
-    def open_send_link(self, peer_host: str, peer_layout: KVLayout, peer_info: bytes,
-                       heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> SendLink:
+    def open_send_link(
+        self,
+        peer_host: str,
+        peer_layout: KVLayout,
+        peer_info: bytes,
+        heads: HeadSlice,
+        link_id: str,
+        rendezvous: Rendezvous,
+    ) -> SendLink:
         (size,) = struct.unpack_from("!I", peer_info)
-        info = json.loads(peer_info[4:4 + size])
+        info = json.loads(peer_info[4 : 4 + size])
         remote = info["agent"]
         with self._remotes_lock:
             if remote not in self._remotes:  # a second link to the same agent reuses its metadata
-                self.agent.add_remote_agent(peer_info[4 + size:])
+                self.agent.add_remote_agent(peer_info[4 + size :])
             self._remotes[remote] = self._remotes.get(remote, 0) + 1
         try:
             self.agent.make_connection(remote)  # now rather than on the first layer
             local = self.agent.prep_xfer_dlist(
-                "NIXL_INIT_AGENT", _descriptors(self.cache.data_ptr(), self.layout,
-                                                heads.src_head_start, heads.num_heads,
-                                                self._device_id), self._mem_type)
+                "NIXL_INIT_AGENT",
+                _descriptors(
+                    self.cache.data_ptr(), self.layout, heads.src_head_start, heads.num_heads, self._device_id
+                ),
+                self._mem_type,
+            )
             remote_dlist = self.agent.prep_xfer_dlist(
-                remote, _descriptors(info["addr"], peer_layout, heads.dst_head_start,
-                                     heads.num_heads, info["device_id"]), info["mem_type"])
+                remote,
+                _descriptors(info["addr"], peer_layout, heads.dst_head_start, heads.num_heads, info["device_id"]),
+                info["mem_type"],
+            )
         except Exception as e:
             self.drop_remote(remote)
             raise TransportError(f"cannot prepare NIXL descriptors for {peer_host}: {e}") from e
@@ -174,8 +190,7 @@ class NixlTransport(Transport):
                 del self._remotes[remote]
                 self.agent.remove_remote_agent(remote)
 
-    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str,
-                       rendezvous: Rendezvous) -> RecvLink:
+    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> RecvLink:
         return RecvLink()  # one-sided: the sender's WRITE is the whole transfer
 
     def close(self) -> None:

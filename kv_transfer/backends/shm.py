@@ -65,7 +65,7 @@ def remove_stale_dirs(root: str | None = None) -> list[str]:
         if not name.startswith(DIR_PREFIX):
             continue
         path = os.path.join(root, name)
-        pid_text = name[len(DIR_PREFIX):].split("-", 1)[0]
+        pid_text = name[len(DIR_PREFIX) :].split("-", 1)[0]
         try:
             if os.stat(path).st_uid != os.getuid():
                 continue
@@ -79,8 +79,15 @@ def remove_stale_dirs(root: str | None = None) -> list[str]:
 
 
 class ShmSendLink(SendLink):
-    def __init__(self, src: torch.Tensor, src_layout: KVLayout, mapping: mmap.mmap,
-                 dst_offset: int, dst_layout: KVLayout, heads: HeadSlice):
+    def __init__(
+        self,
+        src: torch.Tensor,
+        src_layout: KVLayout,
+        mapping: mmap.mmap,
+        dst_offset: int,
+        dst_layout: KVLayout,
+        heads: HeadSlice,
+    ):
         self._src_addr = src.data_ptr()
         self._src_layout, self._dst_layout, self._heads = src_layout, dst_layout, heads
         self._mapping = mapping
@@ -88,14 +95,15 @@ class ShmSendLink(SendLink):
         self._dst_addr = ctypes.addressof(self._anchor) + dst_offset
         self._chunk_bytes = heads.num_heads * src_layout.bytes_per_head_block
 
-    def write_layer(self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray,
-                    seq: int, deadline: float) -> None:
-        src = chunk_offsets(self._src_layout, layer_chunk_ids(self._src_layout, layer_idx,
-                                                              src_block_ids),
-                            self._heads.src_head_start)
-        dst = chunk_offsets(self._dst_layout, layer_chunk_ids(self._dst_layout, layer_idx,
-                                                              dst_block_ids),
-                            self._heads.dst_head_start)
+    def write_layer(
+        self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray, seq: int, deadline: float
+    ) -> None:
+        src = chunk_offsets(
+            self._src_layout, layer_chunk_ids(self._src_layout, layer_idx, src_block_ids), self._heads.src_head_start
+        )
+        dst = chunk_offsets(
+            self._dst_layout, layer_chunk_ids(self._dst_layout, layer_idx, dst_block_ids), self._heads.dst_head_start
+        )
         src, dst, lengths = coalesce(src, dst, self._chunk_bytes)
         copy_chunks(self._dst_addr, dst, self._src_addr, src, lengths)
 
@@ -126,8 +134,7 @@ class ShmTransport(Transport):
             self._fd_server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             self._fd_server.bind(self._path)
             self._fd_server.listen()
-            self._thread = threading.Thread(target=self._hand_out_fd, daemon=True,
-                                            name="kv-shm-fd")
+            self._thread = threading.Thread(target=self._hand_out_fd, daemon=True, name="kv-shm-fd")
             self._thread.start()
 
     def _hand_out_fd(self) -> None:
@@ -151,15 +158,25 @@ class ShmTransport(Transport):
 
     def local_info(self) -> bytes:
         offset = self.cache.storage_offset() * self.cache.element_size()
-        return json.dumps({"boot_id": _boot_id(), "path": self._path, "nbytes": self._nbytes,
-                           "offset": offset}).encode()
+        return json.dumps(
+            {"boot_id": _boot_id(), "path": self._path, "nbytes": self._nbytes, "offset": offset}
+        ).encode()
 
-    def open_send_link(self, peer_host: str, peer_layout: KVLayout, peer_info: bytes,
-                       heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> SendLink:
+    def open_send_link(
+        self,
+        peer_host: str,
+        peer_layout: KVLayout,
+        peer_info: bytes,
+        heads: HeadSlice,
+        link_id: str,
+        rendezvous: Rendezvous,
+    ) -> SendLink:
         info = json.loads(peer_info)
         if info["boot_id"] != _boot_id():
-            raise TransportError(f"shm needs sender and receiver on one host; the receiver at "
-                                 f"{peer_host} runs on another (boot id {info['boot_id']})")
+            raise TransportError(
+                f"shm needs sender and receiver on one host; the receiver at "
+                f"{peer_host} runs on another (boot id {info['boot_id']})"
+            )
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
                 sock.settimeout(FD_HANDOUT_TIMEOUT_S)
@@ -168,19 +185,18 @@ class ShmTransport(Transport):
                 sock.sendall(proof(self.secret, "shm-fd", nonce, info["path"].encode()))
                 _, fds, _, _ = socket.recv_fds(sock, 16, 1)
         except OSError as e:
-            raise TransportError(f"cannot reach the receiver's shared memory at {info['path']}: "
-                                 f"{e}") from e
+            raise TransportError(f"cannot reach the receiver's shared memory at {info['path']}: {e}") from e
         if not fds:
-            raise TransportError(f"the receiver at {info['path']} sent no shared memory fd "
-                                 f"(it did not accept this sender's KV secret)")
+            raise TransportError(
+                f"the receiver at {info['path']} sent no shared memory fd (it did not accept this sender's KV secret)"
+            )
         try:
             mapping = mmap.mmap(fds[0], info["nbytes"])
         finally:
             os.close(fds[0])
         return ShmSendLink(self.cache, self.layout, mapping, info["offset"], peer_layout, heads)
 
-    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str,
-                       rendezvous: Rendezvous) -> RecvLink:
+    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> RecvLink:
         return RecvLink()  # one-sided: the sender's memmove is the whole transfer
 
     def close(self) -> None:

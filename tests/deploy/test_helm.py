@@ -21,8 +21,18 @@ import yaml
 from deploy import cli
 from deploy.helm_values import ModelSource, PodSizing, dump_values, gpus_per_node, helm_values, worker_groups
 from proto.plan import LayerStage, Plan, ray_resource_name
-from tests.deploy.helm_support import (CHART, ROOT, heterogeneous_plan, install_helm, lint, parse_ray_command,
-                                       ray_pod_templates, render, uniform_plan, validate)
+from tests.deploy.helm_support import (
+    CHART,
+    ROOT,
+    heterogeneous_plan,
+    install_helm,
+    lint,
+    parse_ray_command,
+    ray_pod_templates,
+    render,
+    uniform_plan,
+    validate,
+)
 from tests.deploy.helm_support import helm as run_helm
 
 EMBEDDED_MODEL = "/opt/tandem/models/tandem-tiny-stories-v1"
@@ -60,8 +70,11 @@ def serve_args(docs: list[dict], parser):
     assert container["command"][:4] == ["tini", "--", "/bin/sh", "-c"] and container["command"][5] == "tandem-router"
     script = container["command"][4].replace("\\\n", " ").splitlines()
     assert script[-1].strip() == 'exec tandem serve "$@"'
-    ray_commands = [shlex.split(line.split(";")[0].split(">")[0].replace("until ", ""))
-                    for line in script if "ray " in line and "echo" not in line]
+    ray_commands = [
+        shlex.split(line.split(";")[0].split(">")[0].replace("until ", ""))
+        for line in script
+        if "ray " in line and "echo" not in line
+    ]
     assert [words[:2] for words in ray_commands] == [["ray", "health-check"], ["ray", "start"]]
     assert parse_ray_command(ray_commands[0])["address"] == "$RAY_ADDRESS"
     start = parse_ray_command(ray_commands[1])
@@ -93,17 +106,28 @@ def env_of(container: dict) -> dict[str, dict]:
 
 
 def test_keys_tls_and_the_kv_secret_come_from_secrets(helm_bin, tmp_path, tandem_parser):
-    values = write_values(tmp_path, {"security": {
-        "apiKeys": {"secretName": "router-keys", "secretKey": "keys"}, "publicMetrics": False,
-        "tls": {"secretName": "router-tls", "clientCASecretName": "client-ca"}, "kvSecretName": "my-kv"},
-        "metrics": {"serviceMonitor": {"enabled": True}}})
+    values = write_values(
+        tmp_path,
+        {
+            "security": {
+                "apiKeys": {"secretName": "router-keys", "secretKey": "keys"},
+                "publicMetrics": False,
+                "tls": {"secretName": "router-tls", "clientCASecretName": "client-ca"},
+                "kvSecretName": "my-kv",
+            },
+            "metrics": {"serviceMonitor": {"enabled": True}},
+        },
+    )
     lint(helm_bin, values)
     docs = render(helm_bin, values)
     validate(docs, tmp_path)
     assert "Secret" not in Counter(d["kind"] for d in docs)  # the named KV secret is used, none made
     args = serve_args(docs, tandem_parser)
     assert (args.ssl_certfile, args.ssl_keyfile, args.ssl_ca_certs) == (
-        "/etc/tandem-tls/tls.crt", "/etc/tandem-tls/tls.key", "/etc/tandem-client-ca/ca.crt")
+        "/etc/tandem-tls/tls.crt",
+        "/etc/tandem-tls/tls.key",
+        "/etc/tandem-client-ca/ca.crt",
+    )
     assert not args.public_metrics
     pod = router_pod(docs)["spec"]
     (container,) = pod["containers"]
@@ -164,8 +188,9 @@ def test_plan_values_deploy_exactly_the_plan(helm_bin, tmp_path, tandem_parser):
         assert group["rayStartParams"]["num-gpus"] == str(num_gpus)
         assert json.loads(group["rayStartParams"]["resources"].strip("'")) == {ray_resource_name(gpu): num_gpus}
         assert group["template"]["spec"]["nodeSelector"] == {"tandem/gpu-type": gpu}
-        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in \
-            group["template"]["spec"]["tolerations"]
+        assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in group["template"]["spec"][
+            "tolerations"
+        ]
         pods_by_type[gpu, num_gpus] += group["replicas"]
     node_type = {n.name: n.gpu_type for n in plan.nodes}
     assert pods_by_type == Counter((node_type[name], num) for name, num in gpus_per_node(plan).items())
@@ -202,8 +227,10 @@ def check_probes_and_services(docs: list[dict]) -> None:
     services = {s["metadata"]["name"]: s["spec"] for s in docs if s["kind"] == "Service"}
     router_labels = router_pod(docs)["metadata"]["labels"]
     assert services["tandem"]["selector"].items() <= router_labels.items()
-    assert {(p["name"], p["port"], p["targetPort"]) for p in services["tandem"]["ports"]} == \
-        {("http", 8000, "http"), ("grpc", 8001, "grpc")}
+    assert {(p["name"], p["port"], p["targetPort"]) for p in services["tandem"]["ports"]} == {
+        ("http", 8000, "http"),
+        ("grpc", 8001, "grpc"),
+    }
     head = services["tandem-ray-head"]
     cluster = one(docs, "RayCluster")["metadata"]["name"]
     assert head["selector"] == {"ray.io/cluster": cluster, "ray.io/node-type": "head"}
@@ -227,11 +254,21 @@ def check_pod_security(docs: list[dict]) -> None:
             assert {"name": "tmp", "mountPath": "/tmp"} in container["volumeMounts"]
 
 
-@pytest.mark.parametrize("model, volume_key", [
-    (ModelSource("hostPath", "llama-2-7b", host_path="/data/models"), "hostPath"),
-    (ModelSource("copy", "llama-2-7b", copy_image="amazon/aws-cli:2.17.0",
-                 copy_command=("/bin/sh", "-c", 'aws s3 sync s3://models/llama-2-7b "$MODEL_DIR"')), "emptyDir"),
-])
+@pytest.mark.parametrize(
+    "model, volume_key",
+    [
+        (ModelSource("hostPath", "llama-2-7b", host_path="/data/models"), "hostPath"),
+        (
+            ModelSource(
+                "copy",
+                "llama-2-7b",
+                copy_image="amazon/aws-cli:2.17.0",
+                copy_command=("/bin/sh", "-c", 'aws s3 sync s3://models/llama-2-7b "$MODEL_DIR"'),
+            ),
+            "emptyDir",
+        ),
+    ],
+)
 def test_model_sources(helm_bin, tmp_path, model, volume_key):
     path = write_values(tmp_path, helm_values(uniform_plan(), model))
     lint(helm_bin, path)
@@ -251,33 +288,48 @@ def test_model_sources(helm_bin, tmp_path, model, volume_key):
     check_pod_security(docs)
 
 
-@pytest.mark.parametrize("values, message", [
-    ({"workerGroups": [{"name": "cpu", "gpuType": "", "replicas": "two", "gpusPerPod": 0, "resources": {}}]},
-     "workerGroups.0.replicas: Invalid type. Expected: integer, given: string"),
-    ({"serve": {"grpcPort": "8001"}}, "serve.grpcPort: Invalid type. Expected: integer, given: string"),
-    ({"model": {"source": "s3"}}, "model.source: model.source must be one of the following"),
-    ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "metrics.serviceMonitor.enabled: Invalid type"),
-    ({"modle": {"dir": "llama"}}, "Additional property modle is not allowed"),
-])
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        (
+            {"workerGroups": [{"name": "cpu", "gpuType": "", "replicas": "two", "gpusPerPod": 0, "resources": {}}]},
+            "workerGroups.0.replicas: Invalid type. Expected: integer, given: string",
+        ),
+        ({"serve": {"grpcPort": "8001"}}, "serve.grpcPort: Invalid type. Expected: integer, given: string"),
+        ({"model": {"source": "s3"}}, "model.source: model.source must be one of the following"),
+        ({"metrics": {"serviceMonitor": {"enabled": "yes"}}}, "metrics.serviceMonitor.enabled: Invalid type"),
+        ({"modle": {"dir": "llama"}}, "Additional property modle is not allowed"),
+    ],
+)
 def test_schema_rejects_bad_values(helm_bin, tmp_path, values, message):
     path = write_values(tmp_path, values)
-    for command in (["lint", "--strict", str(CHART), "-f", str(path)],
-                    ["template", "tandem", str(CHART), "-f", str(path)]):
+    for command in (
+        ["lint", "--strict", str(CHART), "-f", str(path)],
+        ["template", "tandem", str(CHART), "-f", str(path)],
+    ):
         result = run_helm(helm_bin, *command, check=False)
         assert result.returncode != 0 and message in result.stdout + result.stderr, result.stdout + result.stderr
 
 
-@pytest.mark.parametrize("change, message", [
-    (lambda groups: groups[-1].update(replicas=1), "the plan runs instances on 10 L4 GPUs, the worker groups "
-                                                   "with gpuType L4 have 6"),
-    (lambda groups: [g.update(gpusPerPod=2, replicas=5) for g in groups if g["gpuType"] == "A100-80GB"],
-     "an instance of the plan on A100-80GB needs 4 GPUs in one pod, the largest A100-80GB pods have 2"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            lambda groups: groups[-1].update(replicas=1),
+            "the plan runs instances on 10 L4 GPUs, the worker groups with gpuType L4 have 6",
+        ),
+        (
+            lambda groups: [g.update(gpusPerPod=2, replicas=5) for g in groups if g["gpuType"] == "A100-80GB"],
+            "an instance of the plan on A100-80GB needs 4 GPUs in one pod, the largest A100-80GB pods have 2",
+        ),
+    ],
+)
 def test_render_fails_when_the_worker_groups_cannot_hold_the_plan(helm_bin, tmp_path, change, message):
     values = helm_values(heterogeneous_plan(), ModelSource("pvc", "llama-2-7b", claim_name="models"))
     change(values["workerGroups"])
-    result = run_helm(helm_bin, "template", "tandem", str(CHART), "-f", str(write_values(tmp_path, values)),
-                      check=False)
+    result = run_helm(
+        helm_bin, "template", "tandem", str(CHART), "-f", str(write_values(tmp_path, values)), check=False
+    )
     assert result.returncode != 0 and message in result.stderr, result.stderr
 
 
@@ -285,10 +337,26 @@ def test_planner_output_deploys(helm_bin, tmp_path, tandem_parser, capsys):
     """tandem plan on the four-GPU-type example cluster, then helm-values, as docs/deploy.md does."""
     examples = ROOT / "planner" / "examples"
     plan_path, values_path = tmp_path / "plan.yaml", tmp_path / "values.yaml"
-    for command in (["plan", "--cluster", str(examples / "cluster-helix.yaml"), "--model", "llama-2-13b",
-                     "--workload", str(examples / "workload.yaml"), "--slo", str(examples / "slo.yaml"),
-                     "--out", str(plan_path), "--sim-requests", "0", "--time-limit", "20"],
-                    ["deploy", "helm-values", "--plan", str(plan_path), "--out", str(values_path)]):
+    for command in (
+        [
+            "plan",
+            "--cluster",
+            str(examples / "cluster-helix.yaml"),
+            "--model",
+            "llama-2-13b",
+            "--workload",
+            str(examples / "workload.yaml"),
+            "--slo",
+            str(examples / "slo.yaml"),
+            "--out",
+            str(plan_path),
+            "--sim-requests",
+            "0",
+            "--time-limit",
+            "20",
+        ],
+        ["deploy", "helm-values", "--plan", str(plan_path), "--out", str(values_path)],
+    ):
         args = tandem_parser.parse_args(command)
         assert args.run(args) == 0
     capsys.readouterr()
@@ -304,10 +372,15 @@ def test_planner_output_deploys(helm_bin, tmp_path, tandem_parser, capsys):
 
 
 def test_worker_groups_one_per_gpu_type_when_nodes_are_used_alike():
-    groups = worker_groups(uniform_plan(), gpu_node_label="cloud.google.com/gke-accelerator",
-                           sizing=PodSizing(cpus_per_gpu=8, memory_per_gpu_gib=100))
-    assert [(g["name"], g["gpuType"], g["replicas"], g["gpusPerPod"]) for g in groups] == \
-        [("h100", "H100", 2, 8), ("l40s", "L40S", 1, 4)]
+    groups = worker_groups(
+        uniform_plan(),
+        gpu_node_label="cloud.google.com/gke-accelerator",
+        sizing=PodSizing(cpus_per_gpu=8, memory_per_gpu_gib=100),
+    )
+    assert [(g["name"], g["gpuType"], g["replicas"], g["gpusPerPod"]) for g in groups] == [
+        ("h100", "H100", 2, 8),
+        ("l40s", "L40S", 1, 4),
+    ]
     assert groups[0]["resources"]["limits"] == {"cpu": "64", "memory": "800Gi"}
     assert groups[1]["nodeSelector"] == {"cloud.google.com/gke-accelerator": "L40S"}
 
@@ -316,8 +389,20 @@ def test_cli_writes_the_values(tmp_path, tandem_parser, capsys):
     plan = uniform_plan()
     plan.save(tmp_path / "plan.yaml")
     out = tmp_path / "values.yaml"
-    args = tandem_parser.parse_args(["deploy", "helm-values", "--plan", str(tmp_path / "plan.yaml"), "--out", str(out),
-                                     "--model-host-path", "/data/models", "--model-dir", "llama2"])
+    args = tandem_parser.parse_args(
+        [
+            "deploy",
+            "helm-values",
+            "--plan",
+            str(tmp_path / "plan.yaml"),
+            "--out",
+            str(out),
+            "--model-host-path",
+            "/data/models",
+            "--model-dir",
+            "llama2",
+        ]
+    )
     assert args.run(args) == 0
     expected = helm_values(plan, ModelSource("hostPath", "llama2", host_path="/data/models"))
     assert yaml.safe_load(out.read_text()) == expected
@@ -357,8 +442,9 @@ def test_images_copy_real_files_and_run_the_cli():
                 copied += sources
         for source in copied:
             assert (ROOT / source).exists(), f"{name} copies {source}, which does not exist"
-            assert not any(Path(source).match(pattern) or source.startswith(pattern.rstrip("/") + "/")
-                           for pattern in ignored), f"{name} copies {source}, which .dockerignore leaves out"
+            assert not any(
+                Path(source).match(pattern) or source.startswith(pattern.rstrip("/") + "/") for pattern in ignored
+            ), f"{name} copies {source}, which .dockerignore leaves out"
         assert packages <= set(copied), f"{name} does not copy {packages - set(copied)}"
         assert 'ENTRYPOINT ["tini", "--", "tandem"]' in text and 'CMD ["serve"]' in text
         assert f"tandem make-model --out {EMBEDDED_MODEL}" in text  # the chart's embedded model
@@ -416,5 +502,11 @@ def test_deploy_guide_matches_the_chart_and_the_cli(helm_bin, tandem_parser):
         for word in words:
             if word.startswith(("scripts/", "deploy/", "docs/")):
                 assert (ROOT / word).exists(), f"docs/deploy.md: `{line}` names {word}, which does not exist"
-    assert checked["serve"] >= 3 and checked["deploy"] >= 3 and checked["plan"] >= 1 and checked["ray"] >= 5 \
-        and checked["helm"] >= 4 and checked["kubectl"] >= 3, checked
+    assert (
+        checked["serve"] >= 3
+        and checked["deploy"] >= 3
+        and checked["plan"] >= 1
+        and checked["ray"] >= 5
+        and checked["helm"] >= 4
+        and checked["kubectl"] >= 3
+    ), checked

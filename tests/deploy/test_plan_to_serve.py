@@ -15,11 +15,17 @@ from proto.serving import GenerateRequest  # noqa: E402
 from proto.plan import Plan, ray_resource_name  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
 
-CLUSTER = {"nodes": [{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2, "nic_gb_s": 25},
-                     {"name": "l4", "gpu_type": "L4", "num_gpus": 2, "nic_gb_s": 10}]}
-WORKLOAD = {"rate_rps": 2.0,
-            "input_tokens": {"distribution": "uniform", "min": 16, "max": 200},
-            "output_tokens": {"distribution": "uniform", "min": 8, "max": 64}}
+CLUSTER = {
+    "nodes": [
+        {"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2, "nic_gb_s": 25},
+        {"name": "l4", "gpu_type": "L4", "num_gpus": 2, "nic_gb_s": 10},
+    ]
+}
+WORKLOAD = {
+    "rate_rps": 2.0,
+    "input_tokens": {"distribution": "uniform", "min": 16, "max": 200},
+    "output_tokens": {"distribution": "uniform", "min": 8, "max": 64},
+}
 SLO = {"ttft_s": 0.5, "tpot_s": 0.1, "ttft_percentile": 90, "tpot_percentile": 90, "attainment": 0.9}
 
 
@@ -30,20 +36,56 @@ def write(path, data):
 
 def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
     plan_file = tmp_path / "plan.yaml"
-    assert main(["plan", "--model", str(tiny_llama_dir), "--cluster", write(tmp_path / "c.yaml", CLUSTER),
-                 "--workload", write(tmp_path / "w.yaml", WORKLOAD), "--slo", write(tmp_path / "s.yaml", SLO),
-                 "--sim-requests", "200", "--no-goodput-search", "--time-limit", "20",
-                 "--out", str(plan_file)]) == 0
+    assert (
+        main(
+            [
+                "plan",
+                "--model",
+                str(tiny_llama_dir),
+                "--cluster",
+                write(tmp_path / "c.yaml", CLUSTER),
+                "--workload",
+                write(tmp_path / "w.yaml", WORKLOAD),
+                "--slo",
+                write(tmp_path / "s.yaml", SLO),
+                "--sim-requests",
+                "200",
+                "--no-goodput-search",
+                "--time-limit",
+                "20",
+                "--out",
+                str(plan_file),
+            ]
+        )
+        == 0
+    )
     plan = Plan.load(plan_file)
     assert plan.num_instances("prefill") >= 1 and plan.num_instances("decode") >= 1
     assert plan.model.path == str(tiny_llama_dir.resolve())
 
     # Fake GPUs: the workers reserve them (and their GPU-type resources) but run on the CPU.
     fake = {ray_resource_name(n["gpu_type"]): n["num_gpus"] for n in CLUSTER["nodes"]}
-    ray.init(num_cpus=8, num_gpus=4, resources=fake, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
-    args = build_parser().parse_args(["serve", "--plan", str(plan_file), "--model-name", "planned",
-                                      "--kv-backend", "shm", "--local-prefill-tokens", "0"])
+    ray.init(
+        num_cpus=8,
+        num_gpus=4,
+        resources=fake,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
+    )
+    args = build_parser().parse_args(
+        [
+            "serve",
+            "--plan",
+            str(plan_file),
+            "--model-name",
+            "planned",
+            "--kv-backend",
+            "shm",
+            "--local-prefill-tokens",
+            "0",
+        ]
+    )
     try:
         backend, stop = start_backend(args, log=lambda _: None)
         try:
@@ -55,11 +97,13 @@ def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
 
             async def one():
                 tokens = []
-                async with contextlib.aclosing(backend.generate(GenerateRequest("r", prompt, SamplingParams(
-                        temperature=0.0, max_tokens=8)))) as stream:
+                async with contextlib.aclosing(
+                    backend.generate(GenerateRequest("r", prompt, SamplingParams(temperature=0.0, max_tokens=8)))
+                ) as stream:
                     async for delta in stream:
                         tokens += delta.token_ids
                 return tokens
+
             assert asyncio.run(one()) == hf_greedy(tiny_llama_dir, prompt, 8)
         finally:
             stop()

@@ -42,23 +42,58 @@ def test_ray_job_submit_serves_requests(tmp_path):
     gcs_port, dash_port, http_port, grpc_port = free_port(), free_port(), free_port(), free_port()
     # Ray puts Unix sockets under its temp dir: keep the path short (AF_UNIX limit ~107 bytes).
     temp_dir = Path(tempfile.mkdtemp(prefix="tray-", dir="/tmp"))
-    ray_cli("start", "--head", f"--port={gcs_port}", "--num-cpus=4", "--include-dashboard=true",
-            f"--dashboard-port={dash_port}", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}",
-            "--disable-usage-stats", env=env)
+    ray_cli(
+        "start",
+        "--head",
+        f"--port={gcs_port}",
+        "--num-cpus=4",
+        "--include-dashboard=true",
+        f"--dashboard-port={dash_port}",
+        "--dashboard-host=127.0.0.1",
+        f"--temp-dir={temp_dir}",
+        "--disable-usage-stats",
+        env=env,
+    )
     address = f"http://127.0.0.1:{dash_port}"
     try:
         assert wait_http(f"{address}/api/version", 60), "Ray dashboard (job server) did not come up"
-        submitted = ray_cli("job", "submit", "--address", address, "--no-wait", "--submission-id", "tandem-e2e",
-                            "--", sys.executable, "-m", "deploy.cli", "serve", "--model", str(model),
-                            "--kv-backend", "shm", "--host", "127.0.0.1", "--http-port", str(http_port),
-                            "--grpc-port", str(grpc_port), "--local-prefill-tokens", "0", env=env)
+        submitted = ray_cli(
+            "job",
+            "submit",
+            "--address",
+            address,
+            "--no-wait",
+            "--submission-id",
+            "tandem-e2e",
+            "--",
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--kv-backend",
+            "shm",
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            str(http_port),
+            "--grpc-port",
+            str(grpc_port),
+            "--local-prefill-tokens",
+            "0",
+            env=env,
+        )
         assert "tandem-e2e" in submitted.stdout + submitted.stderr
         if not wait_http(f"http://127.0.0.1:{http_port}/health", 180):
             logs = ray_cli("job", "logs", "--address", address, "tandem-e2e", env=env, check=False)
             pytest.fail(f"tandem serve did not become healthy; job logs:\n{logs.stdout[-3000:]}")
         body = {"model": "model", "prompt": [5, 6, 7, 8, 9, 10], "max_tokens": 8, "temperature": 0}
-        request = urllib.request.Request(f"http://127.0.0.1:{http_port}/v1/completions", json.dumps(body).encode(),
-                                         {"Content-Type": "application/json"})
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{http_port}/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(request, timeout=60) as r:
             answer = json.loads(r.read())
         assert answer["usage"]["completion_tokens"] >= 1 and answer["choices"][0]["finish_reason"]

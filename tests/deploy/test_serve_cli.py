@@ -40,10 +40,29 @@ def test_serve_on_loopback_keeps_everything_it_starts_on_loopback(tmp_path):
     model = make_checkpoint(tmp_path / "model", "llama", make_tokenizer(tmp_path / "tok"))
     env = {**os.environ, "TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1", "RAY_TMPDIR": "/tmp"}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([sys.executable, "-m", "deploy.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-                             "--http-port", "0", "--grpc-port", "0", "--shutdown-grace-s", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "serve",
+            "--model",
+            str(model),
+            "--host",
+            "127.0.0.1",
+            "--http-port",
+            "0",
+            "--grpc-port",
+            "0",
+            "--shutdown-grace-s",
+            "1",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     output = []
     try:
         for line in proc.stdout:

@@ -34,11 +34,14 @@ def test_max_tokens_must_be_positive(max_tokens):
         SamplingParams(max_tokens=max_tokens)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("temperature", -1.0, "temperature must be a finite number >= 0"),
-    ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
-    ("top_k", -5, "top_k must be -1, 0"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("temperature", -1.0, "temperature must be a finite number >= 0"),
+        ("top_p", 0.0, r"top_p must be in \(0, 1\]"),
+        ("top_k", -5, "top_k must be -1, 0"),
+    ],
+)
 def test_bad_sampling_params(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})
@@ -79,6 +82,7 @@ def test_bad_dtype(checkpoints):
 
 def test_cuda_without_gpu(checkpoints):
     import torch
+
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
     with pytest.raises(ValueError, match="CUDA is not available"):

@@ -23,6 +23,7 @@ def test_sharded_checkpoint_matches_transformers(tmp_path, tokenizer_dir):
     model_dir = tmp_path / "sharded"
     make_checkpoint(model_dir, "llama", tokenizer_dir, seed=5)
     from transformers import AutoModelForCausalLM
+
     AutoModelForCausalLM.from_pretrained(str(model_dir)).save_pretrained(str(model_dir), max_shard_size="100KB")
     assert (model_dir / "model.safetensors.index.json").is_file()
     prompt = [7, 8, 9, 10, 11]
@@ -50,9 +51,17 @@ def test_generate_command_reports_missing_model(tmp_path, capsys):
 
 
 def test_dummy_load_format_builds_the_shape_without_weight_files(tmp_path):
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
-              "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-5,
-              "max_position_embeddings": 128}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 300,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 128,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FileNotFoundError):
         LLM(tmp_path)  # no weights: a checkpoint load fails

@@ -8,12 +8,11 @@ def test_stop_string_truncates_text_and_finishes(checkpoints):
     llm = LLM(checkpoints["llama"])
     free_run = llm.generate("Once upon", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
     text = free_run.text
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     assert stop.strip(), "need a visible stop string"
-    out = llm.generate("Once upon", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True,
-                                                     stop=[stop]))[0]
-    assert out.finish_reason == "stop" and out.text == text[:text.find(stop)]
-    assert out.token_ids == free_run.token_ids[:len(out.token_ids)]
+    out = llm.generate("Once upon", SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop]))[0]
+    assert out.finish_reason == "stop" and out.text == text[: text.find(stop)]
+    assert out.token_ids == free_run.token_ids[: len(out.token_ids)]
     assert len(out.token_ids) < len(free_run.token_ids)
 
 
@@ -53,8 +52,7 @@ def test_streamed_text_deltas_add_up_to_the_final_text(checkpoints):
     prompt = "Once upon a time, there was"
     stop = "the"
     engine.add_request("plain", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
-    engine.add_request("stop", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True,
-                                                      stop=[stop]))
+    engine.add_request("stop", prompt, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True, stop=[stop]))
     pieces = {"plain": [], "stop": []}
     final = {}
     while engine.has_unfinished():
@@ -68,4 +66,4 @@ def test_streamed_text_deltas_add_up_to_the_final_text(checkpoints):
     streamed_stop = "".join(pieces["stop"])
     assert streamed_stop == final["stop"].text and stop not in streamed_stop
     if stop in plain.text:
-        assert final["stop"].finish_reason == "stop" and streamed_stop == plain.text[:plain.text.find(stop)]
+        assert final["stop"].finish_reason == "stop" and streamed_stop == plain.text[: plain.text.find(stop)]

@@ -23,9 +23,17 @@ def hf_greedy_with_gaps(model, prompt: list[int]) -> tuple[list[int], list[float
     """The reference's greedy tokens and, at each, the gap between its two best logits."""
     ids = torch.tensor([prompt], device=model.device)
     with torch.no_grad():
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_TOKENS, do_sample=False,
-                             eos_token_id=None, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
-    tokens = out.sequences[0, len(prompt):].tolist()
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=MAX_TOKENS,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(prompt) :].tolist()
     gaps = []
     for scores in out.scores:
         top = torch.topk(scores[0].float(), 2).values
@@ -52,6 +60,7 @@ def test_half_precision_on_gpu_matches_transformers_up_to_near_ties(checkpoints,
             continue
         assert gaps[diverged] <= TIE[dtype], (
             f"prompt of {len(prompt)} tokens diverged at token {diverged} where the reference's top-two "
-            f"logits differ by {gaps[diverged]:.3f} (tolerance {TIE[dtype]} in {dtype})")
+            f"logits differ by {gaps[diverged]:.3f} (tolerance {TIE[dtype]} in {dtype})"
+        )
     assert exact >= len(prompts) // 2, f"only {exact} of {len(prompts)} prompts matched exactly"
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks

@@ -5,8 +5,7 @@ import torch
 
 from engine.attention import paged_decode_attention_ref, store_kv_ref
 
-triton_attention = pytest.importorskip("engine.kernels.triton_attention",
-                                       reason="Triton is not installed")
+triton_attention = pytest.importorskip("engine.kernels.triton_attention", reason="Triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] if DEVICE == "cpu" else [torch.float32, torch.float16, torch.bfloat16]
 
@@ -45,11 +44,11 @@ def test_paged_decode_attention_matches_reference(dtype, window, group):
     used = 0
     for row, n in enumerate(context_lens.tolist()):
         nb = -(-n // block_size)
-        tables[row, :nb] = perm[used:used + nb]
+        tables[row, :nb] = perm[used : used + nb]
         used = (used + nb) % (num_blocks - max_blocks)
     tables = tables.to(DEVICE)
     q = torch.randn(5, kv_heads * group, head_dim, dtype=dtype, device=DEVICE)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
     ref = paged_decode_attention_ref(q, k_cache, v_cache, tables, context_lens, scale, window)
     out = triton_attention.paged_decode_attention(q, k_cache, v_cache, tables, context_lens, scale, window)
     tol = 1e-5 if dtype == torch.float32 else 2e-2

@@ -53,8 +53,14 @@ def test_preemption_under_block_pressure_matches_transformers(checkpoints):
     # 12 blocks of 16 slots hold one 150-token sequence but not six of them at once:
     # sequences are preempted, recomputed, and must still produce the same tokens.
     prompts = random_prompts([40, 45, 50, 55, 60, 65], seed=3)
-    llm = LLM(checkpoints["llama"], block_size=BLOCK_SIZE, num_blocks=12, max_model_len=192,
-              max_num_batched_tokens=64, enable_prefix_caching=False)
+    llm = LLM(
+        checkpoints["llama"],
+        block_size=BLOCK_SIZE,
+        num_blocks=12,
+        max_model_len=192,
+        max_num_batched_tokens=64,
+        enable_prefix_caching=False,
+    )
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=40, ignore_eos=True))
     assert llm.engine.scheduler.num_preemptions_total > 0
     assert_matches_hf(checkpoints["llama"], prompts, outputs, 40, ignore_eos=True)

@@ -71,25 +71,31 @@ def test_a_tiny_top_p_keeps_the_argmax_even_when_it_is_zero_in_float32():
 
 def test_a_row_that_cannot_be_sampled_fails_alone():
     logits = torch.tensor([[0.1, 2.0, 1.0], [math.nan, math.nan, math.nan], [3.0, 0.0, 0.0]])
-    params = [SamplingParams(temperature=1.0, seed=1), SamplingParams(temperature=1.0, seed=2),
-              SamplingParams(temperature=0.0)]
+    params = [
+        SamplingParams(temperature=1.0, seed=1),
+        SamplingParams(temperature=1.0, seed=2),
+        SamplingParams(temperature=0.0),
+    ]
     tokens, failures = Sampler().sample(logits, ["a", "bad", "c"], params)
     assert tokens[1] is None and set(failures) == {"bad"} and "sampling failed" in failures["bad"]
     assert tokens[0] in (0, 1, 2) and tokens[2] == 0
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("temperature", math.nan, "temperature must be a finite number"),
-    ("temperature", math.inf, "temperature must be a finite number"),
-    ("temperature", True, "temperature must be a finite number"),
-    ("top_p", math.nan, r"top_p must be in \(0, 1\]"),
-    ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
-    ("seed", 2**64, r"seed must be an integer in \[0, 2\*\*64\)"),
-    ("seed", -1, r"seed must be an integer in \[0, 2\*\*64\)"),
-    ("seed", 1.5, r"seed must be an integer"),
-    ("stop_token_ids", [1, "x"], "stop_token_ids must be integers"),
-    ("stop", ["ok", 3], "stop strings must be non-empty strings"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("temperature", math.nan, "temperature must be a finite number"),
+        ("temperature", math.inf, "temperature must be a finite number"),
+        ("temperature", True, "temperature must be a finite number"),
+        ("top_p", math.nan, r"top_p must be in \(0, 1\]"),
+        ("top_p", 1.5, r"top_p must be in \(0, 1\]"),
+        ("seed", 2**64, r"seed must be an integer in \[0, 2\*\*64\)"),
+        ("seed", -1, r"seed must be an integer in \[0, 2\*\*64\)"),
+        ("seed", 1.5, r"seed must be an integer"),
+        ("stop_token_ids", [1, "x"], "stop_token_ids must be integers"),
+        ("stop", ["ok", 3], "stop strings must be non-empty strings"),
+    ],
+)
 def test_values_the_sampler_cannot_use_are_refused(field, value, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**{field: value})

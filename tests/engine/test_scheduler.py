@@ -9,8 +9,9 @@ BS = 4
 
 
 def make(num_blocks=16, **cfg):
-    config = SchedulerConfig(**{"max_num_seqs": 4, "max_num_batched_tokens": 8, "max_model_len": 64,
-                                "eos_token_id": 1, **cfg})
+    config = SchedulerConfig(
+        **{"max_num_seqs": 4, "max_num_batched_tokens": 8, "max_model_len": 64, "eos_token_id": 1, **cfg}
+    )
     return Scheduler(config, BlockManager(num_blocks, BS))
 
 

@@ -28,11 +28,17 @@ TIMEOUT_S = 120.0
 # Lengths around block boundaries and past one prefill chunk: chunked prefill, mixed batches.
 PROMPT_LENGTHS = [5, 16, 17, 39, 70]
 MAX_TOKENS = 10
-CONFIG = dict(dtype="float32", block_size=16, max_num_batched_tokens=32, max_num_seqs=8, num_blocks=64,
-              max_model_len=256)
+CONFIG = dict(
+    dtype="float32", block_size=16, max_num_batched_tokens=32, max_num_seqs=8, num_blocks=64, max_model_len=256
+)
 GPUS = torch.cuda.device_count()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
-    GPUS < TP, reason=f"NCCL tensor parallelism needs {TP} GPUs; this machine has {GPUS}"))]
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(GPUS < TP, reason=f"NCCL tensor parallelism needs {TP} GPUs; this machine has {GPUS}"),
+    ),
+]
 
 
 def drive(engine: LLMEngine, prompts: list[list[int]], on_step=None, die_after_steps: int | None = None):
@@ -46,8 +52,11 @@ def drive(engine: LLMEngine, prompts: list[list[int]], on_step=None, die_after_s
         if num_steps == die_after_steps:
             os._exit(0)
         out = engine.schedule()
-        payload = [(s.seq.request_id, list(s.seq.block_ids)) for s in out.scheduled
-                   if s.samples and s.seq.num_output_tokens == 0]
+        payload = [
+            (s.seq.request_id, list(s.seq.block_ids))
+            for s in out.scheduled
+            if s.samples and s.seq.num_output_tokens == 0
+        ]
         hook = on_step(payload) if on_step is not None else None
         for o in engine.run(out, hook, step_payload=payload):
             if o.finished:
@@ -56,8 +65,15 @@ def drive(engine: LLMEngine, prompts: list[list[int]], on_step=None, die_after_s
     return tokens
 
 
-def run_rank(rank: int, dist_init: str, model_dir, config: EngineConfig, prompts, out_path: str,
-             die: tuple[int, int] | None = None) -> None:
+def run_rank(
+    rank: int,
+    dist_init: str,
+    model_dir,
+    config: EngineConfig,
+    prompts,
+    out_path: str,
+    die: tuple[int, int] | None = None,
+) -> None:
     """One rank's process. die=(rank, steps): that rank's process exits abruptly after
     `steps` steps; the survivor records the error it got."""
     torch.set_num_threads(1)
@@ -100,8 +116,12 @@ def run_group(tmp_path, model_dir, config: EngineConfig, prompts, die=None) -> l
     ctx = mp.get_context("spawn")
     dist_init = f"tcp://127.0.0.1:{free_port()}"
     paths = [str(tmp_path / f"rank{r}.pt") for r in range(TP)]
-    procs = [ctx.Process(target=_run_rank_logged, args=(r, dist_init, str(model_dir), config, prompts, paths[r]),
-                         kwargs={"die": die}) for r in range(TP)]
+    procs = [
+        ctx.Process(
+            target=_run_rank_logged, args=(r, dist_init, str(model_dir), config, prompts, paths[r]), kwargs={"die": die}
+        )
+        for r in range(TP)
+    ]
     for p in procs:
         p.start()
     deadline = time.monotonic() + TIMEOUT_S
@@ -167,7 +187,7 @@ def test_tp2_matches_transformers_and_each_rank_caches_its_heads(tmp_path, tp_ch
     calls = ranks[0]["calls"]
     assert calls == ranks[1]["calls"]
     steps = [i for i, c in enumerate(calls) if c[0] == "step"]
-    assert all(calls[i + 1:i + 1 + num_layers] == [("layer", n) for n in range(num_layers)] for i in steps)
+    assert all(calls[i + 1 : i + 1 + num_layers] == [("layer", n) for n in range(num_layers)] for i in steps)
     assert len(calls) == len(steps) * (1 + num_layers)
     completed = sorted(rid for i in steps for rid, _ in calls[i][1])
     assert completed == sorted(str(i) for i in range(len(prompts)))
@@ -191,8 +211,7 @@ def test_tp_size_must_divide_the_heads(checkpoints, tp, field):
     # Checked before any process group is formed, so no rank ever waits for the others.
     message = f"tensor_parallel_size={tp} does not divide the model's {field}"
     with pytest.raises(ValueError, match=message):
-        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=tp), tp_rank=0,
-                  dist_init="tcp://127.0.0.1:1")
+        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=tp), tp_rank=0, dist_init="tcp://127.0.0.1:1")
     model = load_model(checkpoints["llama"], ModelConfig.from_dir(checkpoints["llama"]), torch.float32, "cpu", 64)
     with pytest.raises(ValueError, match=message):
         shard_model(model, 0, tp)
@@ -204,8 +223,7 @@ def test_tp_arguments_are_checked(checkpoints):
     with pytest.raises(ValueError, match="needs dist_init"):
         LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=2), tp_rank=1)
     with pytest.raises(ValueError, match=r"tp_rank must be in \[0, tensor_parallel_size=2\), got 2"):
-        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=2), tp_rank=2,
-                  dist_init="tcp://127.0.0.1:1")
+        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=2), tp_rank=2, dist_init="tcp://127.0.0.1:1")
     with pytest.raises(ValueError, match=r"tp_rank must be in \[0, tensor_parallel_size=1\), got 1"):
         LLMEngine(checkpoints["llama"], tp_rank=1)
     alone = LLMEngine(checkpoints["llama"])

@@ -21,8 +21,7 @@ DEVICES = ("cpu", "cuda")
 
 def skip_reason(backend: str, device: str) -> str | None:
     reason = load_backend(backend).unavailable_reason(device)
-    if reason is None and backend == "torch_dist" and device == "cuda" \
-            and torch.cuda.device_count() < 2:
+    if reason is None and backend == "torch_dist" and device == "cuda" and torch.cuda.device_count() < 2:
         reason = "NCCL cannot put both ranks of a link on one GPU, and there is only one"
     return reason
 
@@ -52,8 +51,7 @@ class Env:
             peer.close()
 
 
-@pytest.fixture(scope="session", params=[(b, d) for d in DEVICES for b in BACKENDS],
-                ids=lambda p: f"{p[0]}-{p[1]}")
+@pytest.fixture(scope="session", params=[(b, d) for d in DEVICES for b in BACKENDS], ids=lambda p: f"{p[0]}-{p[1]}")
 def env(request):
     backend, device = request.param
     reason = skip_reason(backend, device)

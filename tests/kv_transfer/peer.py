@@ -28,18 +28,28 @@ SCRIBBLE = 0x5A  # byte written over blocks after their release, as a new owner 
 TEST_SECRET = b"tandem-tests-kv-secret-0123456789"  # the deployment secret every test peer holds
 
 
-def make_layout(dtype: str = "bfloat16", tp_rank: int = 0, tp_size: int = 1,
-                device: str = "cpu", **overrides) -> KVLayout:
-    fields = dict(model_id="tiny-llama@1", num_layers=4, total_num_kv_heads=4,
-                  num_kv_heads=4 // tp_size, head_dim=16, block_size=4, num_blocks=24, dtype=dtype,
-                  device=device, tp_rank=tp_rank, tp_size=tp_size)
+def make_layout(
+    dtype: str = "bfloat16", tp_rank: int = 0, tp_size: int = 1, device: str = "cpu", **overrides
+) -> KVLayout:
+    fields = dict(
+        model_id="tiny-llama@1",
+        num_layers=4,
+        total_num_kv_heads=4,
+        num_kv_heads=4 // tp_size,
+        head_dim=16,
+        block_size=4,
+        num_blocks=24,
+        dtype=dtype,
+        device=device,
+        tp_rank=tp_rank,
+        tp_size=tp_size,
+    )
     return KVLayout(**(fields | overrides))
 
 
 def content(layout: KVLayout, seed: int) -> torch.Tensor:
     """Random bytes for every head of the model: [L, 2, N, total heads, B, D], on the CPU."""
-    shape = (layout.num_layers, 2, layout.num_blocks, layout.total_num_kv_heads,
-             layout.block_size, layout.head_dim)
+    shape = (layout.num_layers, 2, layout.num_blocks, layout.total_num_kv_heads, layout.block_size, layout.head_dim)
     generator = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, layout.dtype)
     num_bytes = int(np.prod(shape)) * dtype.itemsize
@@ -68,8 +78,7 @@ class Node:
         self.release_log: dict[str, dict] = {}
 
     def receiver(self, name: str, backend: str, layout: KVLayout, secret: bytes = TEST_SECRET) -> str:
-        self.caches[name] = torch.zeros(layout.shape, dtype=getattr(torch, layout.dtype),
-                                        device=layout.device)
+        self.caches[name] = torch.zeros(layout.shape, dtype=getattr(torch, layout.dtype), device=layout.device)
         self.ends[name] = KVReceiver(backend, self.caches[name], layout, secret=secret)
         return self.ends[name].endpoint
 
@@ -80,27 +89,37 @@ class Node:
     def connect(self, name: str, endpoint: str) -> None:
         self.ends[name].connect(endpoint)
 
-    def expect(self, name: str, transfer_id: str, block_ids: list[int], timeout_s: float,
-               scribble: bool = False) -> None:
+    def expect(
+        self, name: str, transfer_id: str, block_ids: list[int], timeout_s: float, scribble: bool = False
+    ) -> None:
         self.transfers[transfer_id] = self.ends[name].expect(
-            transfer_id, block_ids, timeout_s, self._on_release(name, transfer_id, scribble))
+            transfer_id, block_ids, timeout_s, self._on_release(name, transfer_id, scribble)
+        )
 
-    def start(self, name: str, transfer_id: str, block_ids: list[int], endpoints: list[str],
-              timeout_s: float, scribble: bool = False) -> None:
+    def start(
+        self,
+        name: str,
+        transfer_id: str,
+        block_ids: list[int],
+        endpoints: list[str],
+        timeout_s: float,
+        scribble: bool = False,
+    ) -> None:
         self.transfers[transfer_id] = self.ends[name].start(
-            transfer_id, block_ids, endpoints, timeout_s,
-            self._on_release(name, transfer_id, scribble))
+            transfer_id, block_ids, endpoints, timeout_s, self._on_release(name, transfer_id, scribble)
+        )
 
     def _on_release(self, name: str, transfer_id: str, scribble: bool):
         def on_release(block_ids: tuple[int, ...]) -> None:
             # What the blocks held at the moment they were handed back, then (as the block
             # manager's next owner would) overwrite them.
             cache = self.caches[name]
-            self.release_log[transfer_id] = {"block_ids": block_ids,
-                                             "bytes": as_bytes(cache[:, :, list(block_ids)])}
+            self.release_log[transfer_id] = {"block_ids": block_ids, "bytes": as_bytes(cache[:, :, list(block_ids)])}
             if scribble:
                 cache[:, :, list(block_ids)] = torch.full_like(
-                    cache[:, :, list(block_ids)].view(torch.uint8), SCRIBBLE).view(cache.dtype)
+                    cache[:, :, list(block_ids)].view(torch.uint8), SCRIBBLE
+                ).view(cache.dtype)
+
         return on_release
 
     def push(self, name: str, transfer_id: str, layers: list[int]) -> None:
@@ -117,8 +136,7 @@ class Node:
     def wait_layers(self, transfer_id: str, num_layers: int, timeout_s: float) -> dict:
         transfer = self.transfers[transfer_id]
         deadline = time.monotonic() + timeout_s
-        while len(transfer.layers_done) < num_layers and not transfer.state.is_terminal \
-                and time.monotonic() < deadline:
+        while len(transfer.layers_done) < num_layers and not transfer.state.is_terminal and time.monotonic() < deadline:
             time.sleep(0.005)
         return self.status(transfer_id)
 
@@ -128,9 +146,13 @@ class Node:
 
     def status(self, transfer_id: str) -> dict:
         transfer = self.transfers[transfer_id]
-        return {"state": transfer.state.value, "error": transfer.error,
-                "layers_done": transfer.layers_done, "released": transfer.blocks_released,
-                "release_log": self.release_log.get(transfer_id)}
+        return {
+            "state": transfer.state.value,
+            "error": transfer.error,
+            "layers_done": transfer.layers_done,
+            "released": transfer.blocks_released,
+            "release_log": self.release_log.get(transfer_id),
+        }
 
     def cancel(self, transfer_id: str, reason: str) -> None:
         self.transfers[transfer_id].cancel(reason)

@@ -20,8 +20,9 @@ class _SlowLink(SendLink):
     def __init__(self, inner: SendLink):
         self._inner = inner
 
-    def write_layer(self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray,
-                    seq: int, deadline: float) -> None:
+    def write_layer(
+        self, layer_idx: int, src_block_ids: np.ndarray, dst_block_ids: np.ndarray, seq: int, deadline: float
+    ) -> None:
         time.sleep(WRITE_DELAY_S)  # in flight: the bytes land only at the end
         self._inner.write_layer(layer_idx, src_block_ids, dst_block_ids, seq, deadline)
 

@@ -96,6 +96,7 @@ def test_connections_over_the_limit_are_closed_and_stalled_ones_time_out(receive
 def test_the_sender_refuses_a_receiver_that_cannot_prove_the_secret():
     layout = make_layout()
     with socket.create_server(("127.0.0.1", 0)) as server:
+
         def impostor():
             sock, _ = server.accept()
             channel = Channel(sock)
@@ -163,6 +164,7 @@ def test_directories_of_dead_receivers_are_removed(tmp_path):
 def test_the_deployment_secret_comes_from_the_environment_or_is_new(monkeypatch):
     monkeypatch.delenv("TANDEM_KV_SECRET", raising=False)
     from kv_transfer.auth import deployment_secret
+
     assert deployment_secret() != deployment_secret()  # fresh each time when unset
     monkeypatch.setenv("TANDEM_KV_SECRET", "ab" * 32)
     assert deployment_secret() == bytes.fromhex("ab" * 32)

@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from kv_transfer.blocks import (all_chunk_offsets, check_block_ids, chunk_offsets, coalesce,
-                                copy_chunks, layer_chunk_ids)
+from kv_transfer.blocks import all_chunk_offsets, check_block_ids, chunk_offsets, coalesce, copy_chunks, layer_chunk_ids
 from tests.kv_transfer.peer import make_layout
 
 
@@ -20,15 +19,16 @@ def test_chunk_offsets_point_at_the_tensor_elements():
         want = [cache[layer, kv, b, 2].data_ptr() - cache.data_ptr() for kv in (0, 1) for b in ids]
         assert offsets.tolist() == want
     every = all_chunk_offsets(layout, head_start=1)
-    assert every[layer_chunk_ids(layout, 3, ids)].tolist() == \
-        chunk_offsets(layout, layer_chunk_ids(layout, 3, ids), 1).tolist()
+    assert (
+        every[layer_chunk_ids(layout, 3, ids)].tolist()
+        == chunk_offsets(layout, layer_chunk_ids(layout, 3, ids), 1).tolist()
+    )
 
 
 def test_coalesce_merges_runs_adjacent_on_both_sides():
     src = np.array([0, 10, 20, 50, 60])
     dst = np.array([100, 110, 200, 210, 220])
-    assert [a.tolist() for a in coalesce(src, dst, 10)] == [[0, 20, 50], [100, 200, 210],
-                                                            [20, 10, 20]]
+    assert [a.tolist() for a in coalesce(src, dst, 10)] == [[0, 20, 50], [100, 200, 210], [20, 10, 20]]
 
 
 def test_copy_chunks_equals_indexed_copy():
@@ -47,9 +47,10 @@ def test_copy_chunks_equals_indexed_copy():
     assert torch.equal(dst.view(torch.int16), want.view(torch.int16))
 
 
-@pytest.mark.parametrize("ids, message", [([], "must not be empty"), ([0, 24], r"\[0, 24\)"),
-                                          ([-1], r"\[0, 24\)"), ([3, 3], "must not repeat")])
+@pytest.mark.parametrize(
+    "ids, message",
+    [([], "must not be empty"), ([0, 24], r"\[0, 24\)"), ([-1], r"\[0, 24\)"), ([3, 3], "must not repeat")],
+)
 def test_bad_block_ids_are_rejected_before_any_byte_moves(ids, message):
     with pytest.raises(ValueError, match=message):
         check_block_ids(ids, 24, "dst_block_ids")
-

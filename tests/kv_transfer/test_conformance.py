@@ -40,8 +40,10 @@ def test_byte_exact_for_random_block_maps(env, ends, dtype):
     tx, rx, endpoint = setup_pair(env, ends, seed, dtype=dtype)
     layout = env.layout(receiver=True, dtype=dtype)
     rng = np.random.default_rng(seed)
-    maps = [(rng.choice(24, 7, replace=False).tolist(), rng.choice(12, 7, replace=False).tolist()),
-            (list(range(3, 9)), list(range(14, 20)))]  # contiguous runs: the coalesced path
+    maps = [
+        (rng.choice(24, 7, replace=False).tolist(), rng.choice(12, 7, replace=False).tolist()),
+        (list(range(3, 9)), list(range(14, 20))),
+    ]  # contiguous runs: the coalesced path
     for src_ids, dst_ids in maps:
         tid = env.new_id("exact")
         env.local.call("expect", rx, tid, dst_ids, TIMEOUT_S)
@@ -68,10 +70,10 @@ def test_layers_land_one_by_one_in_push_order(env, ends):
     for i, layer in enumerate(push_order):
         env.peers[0].call("push", tx, tid, [layer])
         status = env.local.call("wait_layers", tid, i + 1, TIMEOUT_S)
-        assert status["layers_done"] == tuple(push_order[:i + 1])
+        assert status["layers_done"] == tuple(push_order[: i + 1])
         got = env.local.call("blocks", rx, dst_ids)
         for other in range(layout.num_layers):
-            landed = other in push_order[:i + 1]
+            landed = other in push_order[: i + 1]
             expect = as_bytes(want[other]) if landed else np.zeros_like(got[other])
             assert np.array_equal(got[other], expect), f"layer {other} after pushing {layer}"
     assert env.local.call("wait", tid, TIMEOUT_S)["state"] == "done"
@@ -79,8 +81,9 @@ def test_layers_land_one_by_one_in_push_order(env, ends):
 
 def test_concurrent_transfers_from_two_senders(env, ends):
     rx, endpoint = ends.receiver(env.local, env.layout(receiver=True))
-    senders = [(peer, ends.sender(peer, env.layout(receiver=False), seed), seed)
-               for peer, seed in zip(env.peers, (21, 22))]
+    senders = [
+        (peer, ends.sender(peer, env.layout(receiver=False), seed), seed) for peer, seed in zip(env.peers, (21, 22))
+    ]
     layout = env.layout(receiver=True)
     plan = []  # (peer, sender, seed, tid, src_ids, dst_ids); 4 transfers into disjoint blocks
     for i in range(4):
@@ -177,13 +180,16 @@ def test_receiver_killed_mid_transfer_fails_fast(env, ends):
         doomed.close()
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("dtype", "float16", "dtype: sender has 'float16', receiver has 'bfloat16'"),
-    ("block_size", 8, "block_size: sender has 8, receiver has 4"),
-    ("model_id", "other-model@1", "model_id: sender has 'other-model@1'"),
-    ("version", 2, "version: sender has 2, receiver has 1"),
-    ("backend", None, "backend: sender uses"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("dtype", "float16", "dtype: sender has 'float16', receiver has 'bfloat16'"),
+        ("block_size", 8, "block_size: sender has 8, receiver has 4"),
+        ("model_id", "other-model@1", "model_id: sender has 'other-model@1'"),
+        ("version", 2, "version: sender has 2, receiver has 1"),
+        ("backend", None, "backend: sender uses"),
+    ],
+)
 def test_handshake_mismatch_names_the_field(env, ends, field, value, message):
     rx, endpoint = ends.receiver(env.peers[0], env.layout(receiver=True))
     if field == "backend":
@@ -226,5 +232,6 @@ def test_a_receiver_without_the_secret_gets_no_kv(env, ends):
     env.peers[0].call("start", tx, tid, [0], [endpoint], TIMEOUT_S)
     sent = env.peers[0].call("wait_released", tid, TIMEOUT_S)
     # The receiver refuses the sender's proof; had it not, the sender refuses the receiver's.
-    assert sent["state"] == "failed" and ("authentication failed" in sent["error"]
-                                          or "does not hold this deployment's KV secret" in sent["error"])
+    assert sent["state"] == "failed" and (
+        "authentication failed" in sent["error"] or "does not hold this deployment's KV secret" in sent["error"]
+    )

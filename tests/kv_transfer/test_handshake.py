@@ -17,14 +17,17 @@ def test_tp_split_block_count_and_device_may_differ():
     check_compatible(sender, receiver, "nixl", "nixl")
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("version", 2, "version: sender has 2, receiver has 1"),
-    ("model_id", "llama-3-8b@abc", "model_id: sender has 'llama-3-8b@abc', receiver has 'tiny-llama@1'"),
-    ("dtype", "float32", "dtype: sender has 'float32', receiver has 'bfloat16'"),
-    ("block_size", 16, "block_size: sender has 16, receiver has 4"),
-    ("num_layers", 2, "num_layers: sender has 2, receiver has 4"),
-    ("head_dim", 32, "head_dim: sender has 32, receiver has 16"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("version", 2, "version: sender has 2, receiver has 1"),
+        ("model_id", "llama-3-8b@abc", "model_id: sender has 'llama-3-8b@abc', receiver has 'tiny-llama@1'"),
+        ("dtype", "float32", "dtype: sender has 'float32', receiver has 'bfloat16'"),
+        ("block_size", 16, "block_size: sender has 16, receiver has 4"),
+        ("num_layers", 2, "num_layers: sender has 2, receiver has 4"),
+        ("head_dim", 32, "head_dim: sender has 32, receiver has 16"),
+    ],
+)
 def test_a_mismatch_names_its_field(field, value, message):
     receiver = make_layout()
     sender = dataclasses.replace(receiver, **{field: value})

@@ -7,15 +7,38 @@ import threading
 
 import pytest
 
-from kv_transfer.messages import (Abort, Accept, Begin, Challenge, Channel, Confirm, Hello, LayerSent,
-                                  Quiesced, Refuse, StoreSet, Welcome, decode, encode, parse_endpoint)
+from kv_transfer.messages import (
+    Abort,
+    Accept,
+    Begin,
+    Challenge,
+    Channel,
+    Confirm,
+    Hello,
+    LayerSent,
+    Quiesced,
+    Refuse,
+    StoreSet,
+    Welcome,
+    decode,
+    encode,
+    parse_endpoint,
+)
 from tests.kv_transfer.peer import make_layout
 
-MESSAGES = [Challenge(b"\x01" * 16), Hello(make_layout(tp_rank=1, tp_size=2), "nixl", 2, b"n" * 16, b"p" * 32),
-            Welcome(make_layout(), "abc", b"\x00\xffmetadata", b"p" * 32), StoreSet("0/1", b"\x00addr"),
-            Refuse("dtype: ..."),
-            Begin("req-1", 5), Accept("req-1", (4, 2, 9)), LayerSent("req-1", 3, 17),
-            Confirm("req-1"), Abort("req-1", "deadline"), Quiesced("req-1")]
+MESSAGES = [
+    Challenge(b"\x01" * 16),
+    Hello(make_layout(tp_rank=1, tp_size=2), "nixl", 2, b"n" * 16, b"p" * 32),
+    Welcome(make_layout(), "abc", b"\x00\xffmetadata", b"p" * 32),
+    StoreSet("0/1", b"\x00addr"),
+    Refuse("dtype: ..."),
+    Begin("req-1", 5),
+    Accept("req-1", (4, 2, 9)),
+    LayerSent("req-1", 3, 17),
+    Confirm("req-1"),
+    Abort("req-1", "deadline"),
+    Quiesced("req-1"),
+]
 
 
 @pytest.mark.parametrize("msg", MESSAGES, ids=lambda m: type(m).__name__)
@@ -23,9 +46,16 @@ def test_round_trip(msg):
     assert decode(encode(msg)) == msg
 
 
-@pytest.mark.parametrize("data", [b"not json", b'{"kind": "Exec", "code": "rm"}',
-                                  b'{"kind": "Begin", "transfer_id": "x"}', b"[" * 50_000 + b"]" * 50_000,
-                                  b'{"kind": "Challenge", "nonce": "not base64!"}'])
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        b'{"kind": "Exec", "code": "rm"}',
+        b'{"kind": "Begin", "transfer_id": "x"}',
+        b"[" * 50_000 + b"]" * 50_000,
+        b'{"kind": "Challenge", "nonce": "not base64!"}',
+    ],
+)
 def test_anything_else_is_rejected(data):
     with pytest.raises(ValueError, match="not a kv_transfer message"):
         decode(data)

@@ -19,9 +19,22 @@ def test_equal_tp_sizes_map_rank_to_rank():
     assert head_slices(8, 4, 4) == tuple(HeadSlice(r, r, 0, 0, 2) for r in range(4))
 
 
-@pytest.mark.parametrize("total, src_tp, dst_tp",
-                         [(8, 2, 1), (8, 1, 2), (8, 2, 4), (8, 4, 2), (8, 8, 1), (8, 1, 8),
-                          (12, 3, 2), (12, 2, 3), (12, 4, 6), (32, 8, 2), (1, 1, 1)])
+@pytest.mark.parametrize(
+    "total, src_tp, dst_tp",
+    [
+        (8, 2, 1),
+        (8, 1, 2),
+        (8, 2, 4),
+        (8, 4, 2),
+        (8, 8, 1),
+        (8, 1, 8),
+        (12, 3, 2),
+        (12, 2, 3),
+        (12, 4, 6),
+        (32, 8, 2),
+        (1, 1, 1),
+    ],
+)
 def test_every_head_moves_once_to_its_owner(total, src_tp, dst_tp):
     src_heads, dst_heads = total // src_tp, total // dst_tp
     moved = []  # (global head, src rank, dst rank)
@@ -42,11 +55,14 @@ def test_ranks_without_shared_heads_get_none():
     assert head_slice(8, 0, 4, 1, 2) is None  # prefill rank 0 holds heads 0-1, decode rank 1 4-7
 
 
-@pytest.mark.parametrize("args, message", [
-    ((8, 0, 3, 0, 1), "src_tp_size must be a positive divisor of total_num_kv_heads=8, got 3"),
-    ((8, 0, 1, 0, 0), "dst_tp_size must be a positive divisor"),
-    ((8, 2, 2, 0, 1), "ranks must lie in their TP groups"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ((8, 0, 3, 0, 1), "src_tp_size must be a positive divisor of total_num_kv_heads=8, got 3"),
+        ((8, 0, 1, 0, 0), "dst_tp_size must be a positive divisor"),
+        ((8, 2, 2, 0, 1), "ranks must lie in their TP groups"),
+    ],
+)
 def test_invalid_groups_are_rejected(args, message):
     with pytest.raises(ValueError, match=message):
         head_slice(*args)

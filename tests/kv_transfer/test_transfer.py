@@ -18,6 +18,7 @@ def make(on_release=None, cancels=None):
     def cancel(transfer_id, reason):
         if cancels is not None:
             cancels.append((transfer_id, reason))
+
     return Transfer("t", (3, 4), on_release, cancel)
 
 
@@ -52,6 +53,7 @@ def test_wait_and_wait_async_see_the_terminal_state():
 
     async def waiter():
         return await transfer.wait_async()
+
     assert asyncio.run(waiter()) is TransferState.DONE
     assert transfer.wait(0) is TransferState.DONE
 
@@ -73,6 +75,7 @@ def test_cancel_goes_to_the_owner():
 
 def test_deadline_clock_fires_in_deadline_order():
     from kv_transfer.transfer import DeadlineClock
+
     fired = []
     clock = DeadlineClock(fired.append, "test-clock")
     now = time.monotonic()
@@ -87,18 +90,22 @@ def test_registry_names_the_choices_and_imports_lazily():
     assert set(backend_names()) >= {"nixl", "torch_dist", "shm"}
     with pytest.raises(ValueError, match=r"unknown KV transfer backend 'rdma'; choose one of"):
         load_backend("rdma")
-    code = ("import sys, kv_transfer; from kv_transfer import load_backend; "
-            "assert not any(m.startswith(('nixl', 'torch', 'kv_transfer.backends.')) for m in sys.modules); "
-            "load_backend('shm'); assert 'kv_transfer.backends.shm' in sys.modules")
+    code = (
+        "import sys, kv_transfer; from kv_transfer import load_backend; "
+        "assert not any(m.startswith(('nixl', 'torch', 'kv_transfer.backends.')) for m in sys.modules); "
+        "load_backend('shm'); assert 'kv_transfer.backends.shm' in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_a_transport_refuses_a_cache_unlike_its_layout():
     from tests.kv_transfer.peer import TEST_SECRET, make_layout
+
     layout = make_layout()
     shm = load_backend("shm")
     with pytest.raises(ValueError, match=r"cache must be bfloat16 with shape \(4, 2, 24, 4, 4, 16\)"):
         shm(torch.zeros(layout.shape, dtype=torch.float16), layout, "send", TEST_SECRET)
     with pytest.raises(ValueError, match="cache must be contiguous on cpu"):
-        shm(torch.zeros(layout.shape[::-1], dtype=torch.bfloat16).permute(5, 4, 3, 2, 1, 0),
-            layout, "send", TEST_SECRET)
+        shm(
+            torch.zeros(layout.shape[::-1], dtype=torch.bfloat16).permute(5, 4, 3, 2, 1, 0), layout, "send", TEST_SECRET
+        )

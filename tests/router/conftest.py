@@ -55,11 +55,22 @@ class ControlledBackend:
             async for delta in stream:
                 yield delta
                 if self.fail in ("error", "worker_died", "abort") and delta.text and not delta.finished:
-                    reason, error = {"error": ("error", "sampling failed: bad row"),
-                                     "worker_died": ("error", "decode worker 0 died"),
-                                     "abort": ("abort", None)}[self.fail]
-                    yield TokenDelta(request.request_id, (), "", True, reason, delta.num_prompt_tokens, 0, error,
-                                     retryable=self.fail == "worker_died")
+                    reason, error = {
+                        "error": ("error", "sampling failed: bad row"),
+                        "worker_died": ("error", "decode worker 0 died"),
+                        "abort": ("abort", None),
+                    }[self.fail]
+                    yield TokenDelta(
+                        request.request_id,
+                        (),
+                        "",
+                        True,
+                        reason,
+                        delta.num_prompt_tokens,
+                        0,
+                        error,
+                        retryable=self.fail == "worker_died",
+                    )
                     return
         finally:
             await stream.aclose()

@@ -66,11 +66,13 @@ def test_long_grpc_prompt_is_tokenized_off_the_loop(served, held_tokenizer):
     entered, release = held_tokenizer
     text = "Once upon a time there was a little duck. " * 120
     with triton.InferenceServerClient(served.grpc_url) as client, ThreadPoolExecutor(1) as pool:
+
         def infer():
             try:
                 return client.infer(MODEL, inputs(text, sampling={"max_tokens": 2}))
             except InferenceServerException as exc:
                 return exc
+
         pending = pool.submit(infer)
         assert entered.wait(30)
         with grpc.insecure_channel(served.grpc_url) as channel:
@@ -106,10 +108,13 @@ def test_text_that_cannot_fit_is_refused_without_tokenizing(served, held_tokeniz
     assert info.value.status() == "StatusCode.INVALID_ARGUMENT" and not entered.is_set()
 
 
-@pytest.mark.parametrize("body", [
-    b"[" * 200_000 + b"]" * 200_000,
-    b'{"model": "tiny-llama", "prompt": "a", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}",
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 200_000 + b"]" * 200_000,
+        b'{"model": "tiny-llama", "prompt": "a", "stop": ' + b"[" * 5000 + b"]" * 5000 + b"}",
+    ],
+)
 def test_deeply_nested_json_is_a_400(served, body):
     status, error = post(served, body)
     assert status == 400 and error["error"]["type"] == "invalid_request_error", error

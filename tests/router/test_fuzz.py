@@ -27,26 +27,37 @@ from tests.checkpoints import hf_greedy
 
 MODEL = "tiny-llama"
 CHECK_EVERY = 50  # requests between health / leak / oracle checks
-FUZZ_SETTINGS = settings(max_examples=300, deadline=None, derandomize=True, database=None,
-                         suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ_SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 HTTP_CLIENT_ERRORS = {400, 404, 413, 429}
-GRPC_CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                      grpc.StatusCode.RESOURCE_EXHAUSTED}
+GRPC_CLIENT_ERRORS = {grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED}
 
 surrogates = st.sampled_from(["\ud800", "a\udfffb", "\udc00" * 3])
 texts = st.one_of(st.text(max_size=60), surrogates, st.just(""), st.just("Once upon a time"))
-scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**70, max_value=2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), texts,
-                    st.sampled_from([1e-300, 5e-324, -0.0, 2**64, 2**64 - 1, 1e308]))
-json_values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                            st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                           max_leaves=12)
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    texts,
+    st.sampled_from([1e-300, 5e-324, -0.0, 2**64, 2**64 - 1, 1e308]),
+)
+json_values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
 deep = st.integers(min_value=50, max_value=3000).map(lambda n: json.loads("[" * n + "]" * n) if n < 900 else n)
 # Values near what each field accepts, and far from it.
 field_values = {
     "temperature": st.one_of(st.floats(0, 2), st.sampled_from([0, 1e-300, 5e-324, math.nan, math.inf, -1, 1e300])),
     "top_p": st.one_of(st.floats(0, 1), st.sampled_from([1e-300, 1e-45, math.nan, 0, 1.5])),
-    "top_k": st.one_of(st.integers(-2, 500), st.sampled_from([2**63, -2**63])),
+    "top_k": st.one_of(st.integers(-2, 500), st.sampled_from([2**63, -(2**63)])),
     "max_tokens": st.one_of(st.integers(1, 6), st.sampled_from([0, -1, 10**9, 2**64])),
     "seed": st.one_of(st.integers(0, 2**64 + 5), st.sampled_from([-1, 2**64, 2**100])),
     "stop": st.one_of(texts, st.lists(texts, max_size=3)),
@@ -59,19 +70,27 @@ field_values = {
 def sampling_fields(draw) -> dict:
     fields = {}
     for name in draw(st.lists(st.sampled_from(sorted(SAMPLING_FIELDS)), max_size=5, unique=True)):
-        fields[name] = draw(st.one_of(field_values[name], json_values) if draw(st.integers(0, 4)) == 0
-                            else field_values[name])
+        fields[name] = draw(
+            st.one_of(field_values[name], json_values) if draw(st.integers(0, 4)) == 0 else field_values[name]
+        )
     if draw(st.booleans()):
         fields["max_tokens"] = draw(st.integers(1, 6))  # keep most generations short
     return fields
 
 
-prompts = st.one_of(texts, st.lists(st.integers(-3, 500), max_size=40), st.lists(st.integers(0, 2**70), max_size=3),
-                    json_values, deep, st.just([]))
+prompts = st.one_of(
+    texts,
+    st.lists(st.integers(-3, 500), max_size=40),
+    st.lists(st.integers(0, 2**70), max_size=3),
+    json_values,
+    deep,
+    st.just([]),
+)
 
 
-good_texts = st.one_of(st.just("Once upon a time"), st.text(alphabet=st.characters(codec="utf-8"), min_size=1,
-                                                             max_size=40))
+good_texts = st.one_of(
+    st.just("Once upon a time"), st.text(alphabet=st.characters(codec="utf-8"), min_size=1, max_size=40)
+)
 good_ids = st.lists(st.integers(0, 383), min_size=1, max_size=40)
 
 
@@ -91,15 +110,26 @@ def openai_bodies(draw) -> tuple[str, object]:
     body["model"] = draw(st.one_of(st.just(MODEL), st.just(MODEL), json_values))
     if chat:
         role = st.one_of(st.sampled_from(["user", "system", "assistant", "developer"]), json_values)
-        content = st.one_of(texts, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}),
-                                            max_size=2), json_values)
-        body["messages"] = draw(st.one_of(
-            st.lists(st.fixed_dictionaries({"role": role, "content": content}), min_size=1, max_size=3), json_values))
+        content = st.one_of(
+            texts, st.lists(st.fixed_dictionaries({"type": st.just("text"), "text": texts}), max_size=2), json_values
+        )
+        body["messages"] = draw(
+            st.one_of(
+                st.lists(st.fixed_dictionaries({"role": role, "content": content}), min_size=1, max_size=3), json_values
+            )
+        )
         body.setdefault("max_tokens", draw(st.integers(1, 6)))
     else:
         body["prompt"] = draw(prompts)
-    for extra in draw(st.lists(st.sampled_from(["stream", "n", "logprobs", "echo", "stream_options", "user",
-                                                "best_of", "response_format"]), max_size=3, unique=True)):
+    for extra in draw(
+        st.lists(
+            st.sampled_from(
+                ["stream", "n", "logprobs", "echo", "stream_options", "user", "best_of", "response_format"]
+            ),
+            max_size=3,
+            unique=True,
+        )
+    ):
         body[extra] = draw(json_values)
     raw = draw(st.sampled_from(["json", "json", "json", "garbage", "deep"]))
     if raw == "garbage":
@@ -140,8 +170,12 @@ class Tally:
         assert status == 200
         self.served.wait_all_blocks_free()
         prompt = [5, 17, 42, 99, 7]
-        status, body = post(self.served.http_url + "/v1/completions", json.dumps(
-            {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}).encode())
+        status, body = post(
+            self.served.http_url + "/v1/completions",
+            json.dumps(
+                {"model": MODEL, "prompt": prompt, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+            ).encode(),
+        )
         assert status == 200
         expected = hf_greedy(self.model_dir, prompt, 8, ignore_eos=True)
         text = self.served.backend.tokenizer.decode(expected, skip_special_tokens=True).rstrip("\ufffd")
@@ -186,21 +220,34 @@ def infer_requests(draw) -> pb.ModelInferRequest:
         msg.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
         fields = draw(sampling_fields())
         fields.setdefault("max_tokens", draw(st.integers(1, 6)))
-        msg.raw_input_contents.extend([serialize_bytes(draw(good_texts).encode()),
-                                       serialize_bytes(json.dumps(fields).encode())])
+        msg.raw_input_contents.extend(
+            [serialize_bytes(draw(good_texts).encode()), serialize_bytes(json.dumps(fields).encode())]
+        )
         return msg
-    msg = pb.ModelInferRequest(model_name=draw(st.one_of(st.just(MODEL), st.just(MODEL), st.text(max_size=8))),
-                               model_version=draw(st.sampled_from(["", "1", "2"])))
-    names = draw(st.lists(st.sampled_from(["text_input", "text_input", "sampling_parameters", "stream", "other"]),
-                          min_size=0, max_size=4))
+    msg = pb.ModelInferRequest(
+        model_name=draw(st.one_of(st.just(MODEL), st.just(MODEL), st.text(max_size=8))),
+        model_version=draw(st.sampled_from(["", "1", "2"])),
+    )
+    names = draw(
+        st.lists(
+            st.sampled_from(["text_input", "text_input", "sampling_parameters", "stream", "other"]),
+            min_size=0,
+            max_size=4,
+        )
+    )
     use_raw = draw(st.booleans())
     for name in names:
         datatype = draw(st.sampled_from(["BYTES", "BYTES", "BOOL", "INT32", "FP32", ""]))
         shape = draw(st.one_of(st.just([1]), st.lists(st.integers(-2, 3), max_size=3)))
         tensor = msg.inputs.add(name=name, datatype=datatype, shape=shape)
         if name == "sampling_parameters":
-            payload = draw(st.one_of(st.builds(lambda f: json.dumps(f).encode(), sampling_fields()),
-                                     st.binary(max_size=40), deep.map(lambda v: json.dumps(v).encode())))
+            payload = draw(
+                st.one_of(
+                    st.builds(lambda f: json.dumps(f).encode(), sampling_fields()),
+                    st.binary(max_size=40),
+                    deep.map(lambda v: json.dumps(v).encode()),
+                )
+            )
         elif name == "stream":
             payload = draw(st.sampled_from([b"\x00", b"\x01", b"\x01\x01", b""]))
         else:

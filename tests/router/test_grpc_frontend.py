@@ -19,11 +19,11 @@ MODEL = "tiny-llama"
 PROMPT = "Once upon a time"
 
 
-def inputs(text=PROMPT, sampling: dict | str | None = None, stream: bool | None = None,
-           text_datatype="BYTES") -> list:
+def inputs(text=PROMPT, sampling: dict | str | None = None, stream: bool | None = None, text_datatype="BYTES") -> list:
     tensors = [triton.InferInput("text_input", [1], text_datatype)]
-    tensors[0].set_data_from_numpy(np.array([text.encode()], dtype=object) if text_datatype == "BYTES"
-                                   else np.array([1], dtype=np.int32))
+    tensors[0].set_data_from_numpy(
+        np.array([text.encode()], dtype=object) if text_datatype == "BYTES" else np.array([1], dtype=np.int32)
+    )
     if sampling is not None:
         raw = sampling if isinstance(sampling, str) else json.dumps(sampling)
         tensors.append(triton.InferInput("sampling_parameters", [1], "BYTES"))
@@ -107,8 +107,11 @@ def test_infer_matches_transformers(served, tiny_llama_dir, client):
     assert text_of(result) == greedy_text(served, tiny_llama_dir, PROMPT, 12)
     assert result.as_numpy("finish_reason")[0] == b"length"
     # vLLM's Triton backend sends sampling values as strings too.
-    again = client.infer(MODEL, inputs(sampling={"temperature": "0", "max_tokens": "12", "ignore_eos": "true"}),
-                         outputs=[triton.InferRequestedOutput("text_output")])
+    again = client.infer(
+        MODEL,
+        inputs(sampling={"temperature": "0", "max_tokens": "12", "ignore_eos": "true"}),
+        outputs=[triton.InferRequestedOutput("text_output")],
+    )
     assert text_of(again) == text_of(result) and again.as_numpy("finish_reason") is None
 
 
@@ -127,16 +130,19 @@ def test_streams_concurrent_requests_with_final_flags(served, tiny_llama_dir, cl
     assert len(by_id["whole"]) == 1 and text_of(by_id["whole"][0]) == greedy_text(served, tiny_llama_dir, PROMPT, 10)
 
 
-@pytest.mark.parametrize("bad_inputs, needle", [
-    (lambda: inputs(sampling={"temperature": 0})[1:], "'text_input' is missing"),
-    (lambda: inputs(text_datatype="INT32"), "'text_input' must have datatype BYTES"),
-    (lambda: inputs(sampling="{temperature: 0}"), "sampling_parameters is not valid JSON"),
-    (lambda: inputs(sampling={"temperature": -1}), "sampling_parameters.temperature"),
-    (lambda: inputs(sampling={"max_tokens": 0}), "sampling_parameters.max_tokens"),
-    (lambda: inputs(sampling={"temprature": 0.5}), "unknown sampling field 'sampling_parameters.temprature'"),
-    (lambda: inputs(text="word " * 600), "context window"),
-    (lambda: inputs(stream=True), "needs ModelStreamInfer"),
-])
+@pytest.mark.parametrize(
+    "bad_inputs, needle",
+    [
+        (lambda: inputs(sampling={"temperature": 0})[1:], "'text_input' is missing"),
+        (lambda: inputs(text_datatype="INT32"), "'text_input' must have datatype BYTES"),
+        (lambda: inputs(sampling="{temperature: 0}"), "sampling_parameters is not valid JSON"),
+        (lambda: inputs(sampling={"temperature": -1}), "sampling_parameters.temperature"),
+        (lambda: inputs(sampling={"max_tokens": 0}), "sampling_parameters.max_tokens"),
+        (lambda: inputs(sampling={"temprature": 0.5}), "unknown sampling field 'sampling_parameters.temprature'"),
+        (lambda: inputs(text="word " * 600), "context window"),
+        (lambda: inputs(stream=True), "needs ModelStreamInfer"),
+    ],
+)
 def test_bad_input_is_invalid_argument(client, bad_inputs, needle):
     with pytest.raises(InferenceServerException) as info:
         client.infer(MODEL, bad_inputs())
@@ -171,9 +177,14 @@ def test_unknown_model_overload_and_failure_statuses(client, backend):
 
 def test_stream_error_keeps_other_requests_going(client, served):
     greedy = {"temperature": 0, "max_tokens": 6}
-    by_id = stream_requests(client, [{"id": "bad", "inputs": inputs(sampling={"top_p": 0})},
-                                     {"id": "good", "inputs": inputs(sampling=greedy, stream=True)}],
-                            num_errors=1)
+    by_id = stream_requests(
+        client,
+        [
+            {"id": "bad", "inputs": inputs(sampling={"top_p": 0})},
+            {"id": "good", "inputs": inputs(sampling=greedy, stream=True)},
+        ],
+        num_errors=1,
+    )
     [error] = by_id["errors"]
     assert error.message().startswith("INVALID_ARGUMENT: sampling_parameters.top_p")
     assert by_id["good"][-1].get_response().parameters["triton_final_response"].bool_param

@@ -47,8 +47,11 @@ def test_completion_matches_transformers_streamed_or_not(served, tiny_llama_dir,
     assert completion.usage.completion_tokens == 10
     assert completion.usage.prompt_tokens == len(served.backend.tokenizer.encode(PROMPT))
 
-    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, stream=True,
-                                            stream_options={"include_usage": True}, **GREEDY))
+    chunks = list(
+        client.completions.create(
+            model=MODEL, prompt=PROMPT, stream=True, stream_options={"include_usage": True}, **GREEDY
+        )
+    )
     text_chunks = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in text_chunks) == expected and len(text_chunks) > 2
     assert [c.choices[0].finish_reason for c in text_chunks][-2:] == [None, "length"]
@@ -88,17 +91,24 @@ def test_models_health_and_metrics(served, client):
     assert served.backend.num_refreshes > num_refreshes  # every scrape asked for fresh stats
 
 
-@pytest.mark.parametrize("body, param, needle", [
-    ({"prompt": PROMPT}, "model", "model is missing"),
-    ({"model": MODEL}, "prompt", "prompt must be a string"),
-    ({"model": MODEL, "prompt": PROMPT, "temperature": -1}, "temperature", "temperature must be a finite number >= 0"),
-    ({"model": MODEL, "prompt": PROMPT, "temperature": "hot"}, "temperature", "must be a number"),
-    ({"model": MODEL, "prompt": PROMPT, "max_tokens": 0}, "max_tokens", "max_tokens must be a positive"),
-    ({"model": MODEL, "prompt": PROMPT, "max_tokens": 100000}, "max_tokens", "does not fit"),
-    ({"model": MODEL, "prompt": "word " * 600}, "prompt", "context window"),
-    ({"model": MODEL, "prompt": PROMPT, "n": 2}, "n", "n=2 is not supported"),
-    ({"model": MODEL, "prompt": [5, 10**9]}, None, "outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "body, param, needle",
+    [
+        ({"prompt": PROMPT}, "model", "model is missing"),
+        ({"model": MODEL}, "prompt", "prompt must be a string"),
+        (
+            {"model": MODEL, "prompt": PROMPT, "temperature": -1},
+            "temperature",
+            "temperature must be a finite number >= 0",
+        ),
+        ({"model": MODEL, "prompt": PROMPT, "temperature": "hot"}, "temperature", "must be a number"),
+        ({"model": MODEL, "prompt": PROMPT, "max_tokens": 0}, "max_tokens", "max_tokens must be a positive"),
+        ({"model": MODEL, "prompt": PROMPT, "max_tokens": 100000}, "max_tokens", "does not fit"),
+        ({"model": MODEL, "prompt": "word " * 600}, "prompt", "context window"),
+        ({"model": MODEL, "prompt": PROMPT, "n": 2}, "n", "n=2 is not supported"),
+        ({"model": MODEL, "prompt": [5, 10**9]}, None, "outside the vocabulary"),
+    ],
+)
 def test_bad_completion_is_400_naming_the_field(served, body, param, needle):
     status, error = post(served, "/v1/completions", body)
     assert status == 400 and error["error"]["param"] == param and needle in error["error"]["message"]
@@ -140,19 +150,23 @@ def test_overload_is_429_and_failures_are_500_or_503(client, backend):
     assert info.value.status_code == 503
     backend.fail = "worker_died"
     # ...while a stream that has started reports it as an error event.
-    stream = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=20, stream=True,
-                                       extra_body={"ignore_eos": True})
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=20, stream=True, extra_body={"ignore_eos": True}
+    )
     with pytest.raises(openai.APIError, match="decode worker 0 died"):
         list(stream)
 
 
 def test_client_disconnect_aborts_and_frees_blocks(served):
     before = served.metric("tandem_requests_total", frontend="http", finish_reason="cancelled")
-    body = json.dumps({"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "stream": True,
-                       "ignore_eos": True}).encode()
+    body = json.dumps(
+        {"model": MODEL, "prompt": PROMPT, "max_tokens": 400, "stream": True, "ignore_eos": True}
+    ).encode()
     with socket.create_connection(("127.0.0.1", served.handle.http_port)) as sock:
-        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        sock.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
         received = b""
         while b"data: {" not in received:  # wait until streaming has started, then hang up
             received += sock.recv(65536)

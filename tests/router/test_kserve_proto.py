@@ -9,8 +9,16 @@ from proto.kserve import grpc_service_pb2 as pb
 
 
 def _fields(message) -> dict:
-    return {f.name: (f.number, f.type, f.is_repeated, f.message_type.full_name if f.message_type else None,
-                     f.enum_type.full_name if f.enum_type else None) for f in message.fields}
+    return {
+        f.name: (
+            f.number,
+            f.type,
+            f.is_repeated,
+            f.message_type.full_name if f.message_type else None,
+            f.enum_type.full_name if f.enum_type else None,
+        )
+        for f in message.fields
+    }
 
 
 def _check_message(ours, theirs) -> None:
@@ -36,10 +44,14 @@ def test_every_method_matches_triton():
     assert ours.full_name == theirs.full_name == "inference.GRPCInferenceService"
     for method in ours.methods:
         upstream = theirs.methods_by_name[method.name]
-        assert (method.input_type.full_name, method.output_type.full_name) == \
-            (upstream.input_type.full_name, upstream.output_type.full_name)
-        assert (method.client_streaming, method.server_streaming) == \
-            (upstream.client_streaming, upstream.server_streaming)
+        assert (method.input_type.full_name, method.output_type.full_name) == (
+            upstream.input_type.full_name,
+            upstream.output_type.full_name,
+        )
+        assert (method.client_streaming, method.server_streaming) == (
+            upstream.client_streaming,
+            upstream.server_streaming,
+        )
 
 
 def test_a_response_reads_back_in_tritons_classes():
@@ -48,7 +60,7 @@ def test_a_response_reads_back_in_tritons_classes():
     response.outputs.add(name="text_output", datatype="BYTES", shape=[1])
     response.raw_output_contents.append(b"\x02\x00\x00\x00hi")
     theirs = triton_pb.ModelStreamInferResponse.FromString(
-        pb.ModelStreamInferResponse(infer_response=response).SerializeToString())
+        pb.ModelStreamInferResponse(infer_response=response).SerializeToString()
+    )
     assert theirs.infer_response.parameters["triton_final_response"].bool_param
     assert theirs.infer_response.raw_output_contents == [b"\x02\x00\x00\x00hi"]
-

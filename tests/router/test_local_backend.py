@@ -43,7 +43,11 @@ def test_concurrent_streams_match_transformers(backend, tiny_llama_dir):
 
 def test_closing_the_stream_aborts_and_frees_blocks(backend):
     async def main():
-        stream = backend.generate(GenerateRequest("long", list(range(3, 60)), SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)))
+        stream = backend.generate(
+            GenerateRequest(
+                "long", list(range(3, 60)), SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
+            )
+        )
         async for delta in stream:
             if len(delta.token_ids):
                 break

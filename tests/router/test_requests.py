@@ -39,18 +39,25 @@ def test_ids_are_unique_and_max_tokens_defaults_fit_the_context(backend):
     assert unbounded.params.max_tokens == 54
 
 
-@pytest.mark.parametrize("fields, param", [
-    ({"top_k": 1.5}, "top_k"), ({"ignore_eos": 1}, "ignore_eos"), ({"stop": [1]}, "stop"),
-    ({"top_p": 0}, "top_p"), ({"seed": "7"}, "seed"), ({"beam_width": 2}, "beam_width"),
-    ({"max_tokens": 61}, "max_tokens"),
-])
+@pytest.mark.parametrize(
+    "fields, param",
+    [
+        ({"top_k": 1.5}, "top_k"),
+        ({"ignore_eos": 1}, "ignore_eos"),
+        ({"stop": [1]}, "stop"),
+        ({"top_p": 0}, "top_p"),
+        ({"seed": "7"}, "seed"),
+        ({"beam_width": 2}, "beam_width"),
+        ({"max_tokens": 61}, "max_tokens"),
+    ],
+)
 def test_each_bad_field_is_named(backend, fields, param):
     with pytest.raises(BadRequest) as info:
         make_request(backend, "x", [5] * 4, fields, prompt_param="prompt")
     assert info.value.param == param and param in str(info.value)
 
 
-def kserve_msg(text: bytes = b"Once", sampling: bytes = b'{}', shape=(1,)) -> pb.ModelInferRequest:
+def kserve_msg(text: bytes = b"Once", sampling: bytes = b"{}", shape=(1,)) -> pb.ModelInferRequest:
     msg = pb.ModelInferRequest(model_name="m")
     msg.inputs.add(name="text_input", datatype="BYTES", shape=list(shape))
     msg.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
@@ -63,8 +70,9 @@ def test_kserve_request_from_tensors(backend, encoder):
     msg.inputs.add(name="text_input", datatype="BYTES", shape=[1])
     msg.inputs.add(name="stream", datatype="BOOL", shape=[1])
     msg.inputs.add(name="sampling_parameters", datatype="BYTES", shape=[1])
-    msg.raw_input_contents.extend([serialize_bytes(b"Once"), b"\x01",
-                                   serialize_bytes(b'{"max_tokens": "5", "temperature": 0, "stop": "x"}')])
+    msg.raw_input_contents.extend(
+        [serialize_bytes(b"Once"), b"\x01", serialize_bytes(b'{"max_tokens": "5", "temperature": 0, "stop": "x"}')]
+    )
     request = run(parse_infer_request(backend, encoder, msg))
     assert request.stream and request.client_id == "client-7"
     assert request.generate.prompt_token_ids == tuple(backend.tokenizer.encode("Once"))
@@ -79,26 +87,52 @@ def test_kserve_request_from_tensors(backend, encoder):
 
 
 def test_openai_bodies(backend, encoder):
-    completion = run(parse_completion({"model": "m", "prompt": ["Once"], "stream": True,
-                                   "stream_options": {"include_usage": True}, "user": "ignored"}, backend, encoder))
+    completion = run(
+        parse_completion(
+            {
+                "model": "m",
+                "prompt": ["Once"],
+                "stream": True,
+                "stream_options": {"include_usage": True},
+                "user": "ignored",
+            },
+            backend,
+            encoder,
+        )
+    )
     assert completion.stream and completion.include_usage and not completion.chat
     with pytest.raises(BadRequest, match="only|one prompt"):
         run(parse_completion({"model": "m", "prompt": ["a", "b"]}, backend, encoder))
     with pytest.raises(BadRequest) as info:
         run(parse_completion({"model": "m", "prompt": "a", "stream": "yes"}, backend, encoder))
     assert info.value.param == "stream"
-    chat = run(parse_chat({"model": "m", "max_completion_tokens": 3,
-                       "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}, backend, encoder))
+    chat = run(
+        parse_chat(
+            {
+                "model": "m",
+                "max_completion_tokens": 3,
+                "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+            },
+            backend,
+            encoder,
+        )
+    )
     assert chat.chat and chat.generate.params.max_tokens == 3
     with pytest.raises(BadRequest) as info:
-        run(parse_chat({"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, backend, encoder))
+        run(
+            parse_chat(
+                {"model": "m", "messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, backend, encoder
+            )
+        )
     assert info.value.param == "messages[0].content"
 
 
 def test_chat_uses_the_tokenizers_own_template(tiny_llama_dir):
     tokenizer = load_tokenizer(tiny_llama_dir)
-    tokenizer.chat_template = ("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
-                               "{% if add_generation_prompt %}<assistant>{% endif %}")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
     encoder = PromptEncoder(tokenizer, 64)
     ids = run(chat_prompt_ids(encoder, [{"role": "user", "content": "hi"}]))
     assert ids == tokenizer.encode("<user>hi<assistant>", add_special_tokens=False)

@@ -35,8 +35,9 @@ def _name(common_name: str) -> x509.Name:
 
 def _write(path: Path, key, cert) -> tuple[str, str]:
     key_path, cert_path = path.with_suffix(".key"), path.with_suffix(".pem")
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
+    key_path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
     return str(key_path), str(cert_path)
 
@@ -44,13 +45,22 @@ def _write(path: Path, key, cert) -> tuple[str, str]:
 def _issue(ca_key, ca_cert, common_name: str, server: bool):
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(common_name)).issuer_name(ca_cert.subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1)))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+    )
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]),
-            critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(__import__("ipaddress").ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
     return key, builder.sign(ca_key, hashes.SHA256())
 
 
@@ -60,16 +70,27 @@ def pki(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("pki")
     ca_key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.datetime.now(datetime.timezone.utc)
-    ca_cert = (x509.CertificateBuilder().subject_name(_name("tandem test CA")).issuer_name(_name("tandem test CA"))
-               .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-               .sign(ca_key, hashes.SHA256()))
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("tandem test CA"))
+        .issuer_name(_name("tandem test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
     _, ca_path = _write(root / "ca", ca_key, ca_cert)
     server_key, server_cert = _write(root / "server", *_issue(ca_key, ca_cert, "127.0.0.1", server=True))
     client_key, client_cert = _write(root / "client", *_issue(ca_key, ca_cert, "client", server=False))
-    return {"ca": ca_path, "server_key": server_key, "server_cert": server_cert,
-            "client_key": client_key, "client_cert": client_cert}
+    return {
+        "ca": ca_path,
+        "server_key": server_key,
+        "server_cert": server_cert,
+        "client_key": client_key,
+        "client_cert": client_cert,
+    }
 
 
 @pytest.fixture
@@ -89,8 +110,9 @@ def start(served):
 
 def http_status(url: str, headers: dict | None = None, context=None) -> int:
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30,
-                                    context=context) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers=headers or {}), timeout=30, context=context
+        ) as response:
             return response.status
     except urllib.error.HTTPError as error:
         return error.code
@@ -158,8 +180,11 @@ def test_grpc_streams_need_a_key(start):
 
 
 def test_tls_with_client_certificates_through_both_clients(start, pki):
-    handle = start(Security(api_keys=(KEY,), ssl_certfile=pki["server_cert"], ssl_keyfile=pki["server_key"],
-                            ssl_ca_certs=pki["ca"]))
+    handle = start(
+        Security(
+            api_keys=(KEY,), ssl_certfile=pki["server_cert"], ssl_keyfile=pki["server_key"], ssl_ca_certs=pki["ca"]
+        )
+    )
     base = f"https://127.0.0.1:{handle.http_port}"
     # The openai SDK's own HTTP client class, given the test CA and the client certificate.
     context = ssl.create_default_context(cafile=pki["ca"])
@@ -171,13 +196,16 @@ def test_tls_with_client_certificates_through_both_clients(start, pki):
     # Without a client certificate the TLS handshake itself fails.
     with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
         http_status(base + "/health", context=ssl.create_default_context(cafile=pki["ca"]))
-    with triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}", ssl=True,
-                                      root_certificates=pki["ca"], private_key=pki["client_key"],
-                                      certificate_chain=pki["client_cert"]) as client:
+    with triton.InferenceServerClient(
+        f"127.0.0.1:{handle.grpc_port}",
+        ssl=True,
+        root_certificates=pki["ca"],
+        private_key=pki["client_key"],
+        certificate_chain=pki["client_cert"],
+    ) as client:
         result = client.infer(MODEL, inputs(sampling={"max_tokens": 2}), headers={"authorization": f"Bearer {KEY}"})
         assert result.as_numpy("finish_reason")[0] in (b"length", b"stop")
-    with triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}", ssl=True,
-                                      root_certificates=pki["ca"]) as client:
+    with triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}", ssl=True, root_certificates=pki["ca"]) as client:
         with pytest.raises(InferenceServerException):
             client.is_server_live(client_timeout=10)
 
@@ -186,8 +214,7 @@ def test_tls_without_client_certificates(start, pki):
     handle = start(Security(ssl_certfile=pki["server_cert"], ssl_keyfile=pki["server_key"]))
     context = ssl.create_default_context(cafile=pki["ca"])
     assert http_status(f"https://127.0.0.1:{handle.http_port}/health", context=context) == 200
-    with triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}", ssl=True,
-                                      root_certificates=pki["ca"]) as client:
+    with triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}", ssl=True, root_certificates=pki["ca"]) as client:
         assert client.is_server_live()
 
 

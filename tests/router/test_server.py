@@ -18,8 +18,11 @@ PROMPT = "Once upon a time"
 
 
 def text_input(text: str, sampling: str) -> list:
-    tensors = [triton.InferInput("text_input", [1], "BYTES"), triton.InferInput("sampling_parameters", [1], "BYTES"),
-               triton.InferInput("stream", [1], "BOOL")]
+    tensors = [
+        triton.InferInput("text_input", [1], "BYTES"),
+        triton.InferInput("sampling_parameters", [1], "BYTES"),
+        triton.InferInput("stream", [1], "BOOL"),
+    ]
     tensors[0].set_data_from_numpy(np.array([text.encode()], dtype=object))
     tensors[1].set_data_from_numpy(np.array([sampling.encode()], dtype=object))
     tensors[2].set_data_from_numpy(np.array([True]))
@@ -37,10 +40,12 @@ def test_stop_lets_running_requests_finish_then_refuses_new_ones(served):
     grpc_client = triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}")
     responses: queue.Queue = queue.Queue()
     grpc_client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    grpc_client.async_stream_infer(MODEL, text_input(PROMPT, '{"max_tokens": 200, "ignore_eos": true}'),
-                                   request_id="draining")
-    stream = http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=200, stream=True,
-                                     extra_body={"ignore_eos": True})
+    grpc_client.async_stream_infer(
+        MODEL, text_input(PROMPT, '{"max_tokens": 200, "ignore_eos": true}'), request_id="draining"
+    )
+    stream = http.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=200, stream=True, extra_body={"ignore_eos": True}
+    )
     chunks = [next(iter(stream))]
     assert responses.get(timeout=30)[1] is None
     assert served.backend.stats()["num_running"] == 2  # both are mid-generation when stop() begins
@@ -77,12 +82,14 @@ def test_stop_cuts_what_outlasts_the_grace_period_with_an_error_that_says_so(ser
     grpc_client = triton.InferenceServerClient(f"127.0.0.1:{handle.grpc_port}")
     responses: queue.Queue = queue.Queue()
     grpc_client.start_stream(callback=lambda result, error: responses.put((result, error)))
-    grpc_client.async_stream_infer(MODEL, text_input(PROMPT, '{"max_tokens": 400, "ignore_eos": true}'),
-                                   request_id="long")
+    grpc_client.async_stream_infer(
+        MODEL, text_input(PROMPT, '{"max_tokens": 400, "ignore_eos": true}'), request_id="long"
+    )
     assert responses.get(timeout=30)[1] is None
     with openai.OpenAI(base_url=f"http://127.0.0.1:{handle.http_port}/v1", api_key="unused", max_retries=0) as http:
-        stream = http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400, stream=True,
-                                         extra_body={"ignore_eos": True})
+        stream = http.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(stream))
         served.run(handle.stop(grace_s=0.1))
         # Not a silent close: an error event, then [DONE].
@@ -101,8 +108,9 @@ def test_stop_cuts_what_outlasts_the_grace_period_with_an_error_that_says_so(ser
 def test_during_the_drain_new_requests_get_503_not_a_refused_connection(served):
     handle = served.run(serve(served.backend, 0, 0, "127.0.0.1"))
     with openai.OpenAI(base_url=f"http://127.0.0.1:{handle.http_port}/v1", api_key="unused", max_retries=0) as http:
-        stream = http.completions.create(model=MODEL, prompt=PROMPT, max_tokens=400, stream=True,
-                                         extra_body={"ignore_eos": True})
+        stream = http.completions.create(
+            model=MODEL, prompt=PROMPT, max_tokens=400, stream=True, extra_body={"ignore_eos": True}
+        )
         next(iter(stream))
         stopping = asyncio.run_coroutine_threadsafe(handle.stop(grace_s=30), served.loop)
         while not handle.serving.draining:

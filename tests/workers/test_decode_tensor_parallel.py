@@ -31,13 +31,15 @@ DEADLINE_S = 5.0
 
 def follower_main(model_dir: str, dist_init: str, conn) -> None:
     """Rank 1: a DecodeFollower serving rank 0's port requests from a pipe."""
-    follower = DecodeFollower(model_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, "127.0.0.1", 1, dist_init,
-                              kv_secret=TEST_SECRET)
+    follower = DecodeFollower(
+        model_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, "127.0.0.1", 1, dist_init, kv_secret=TEST_SECRET
+    )
     send_lock = threading.Lock()
 
     def send(msg) -> None:
         with send_lock:
             conn.send(msg)
+
     send(("endpoint", follower.endpoint))
     while True:
         op, *args = conn.recv()
@@ -107,8 +109,14 @@ def tp_decode(tiny_llama_dir):
     proc = ctx.Process(target=follower_main, args=(str(tiny_llama_dir), dist_init, child), daemon=True)
     proc.start()
     port = PipePort(parent)
-    decode = DecodeWorker(tiny_llama_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND,
-                          transfer_timeout_s=DEADLINE_S, dist_init=dist_init, kv_secret=TEST_SECRET)
+    decode = DecodeWorker(
+        tiny_llama_dir,
+        replace(CONFIG, tensor_parallel_size=2),
+        BACKEND,
+        transfer_timeout_s=DEADLINE_S,
+        dist_init=dist_init,
+        kv_secret=TEST_SECRET,
+    )
     port.endpoint = port._await(("endpoint", None)).result(120)
     decode.attach_followers([port])
     prefill = PrefillWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=DEADLINE_S, kv_secret=TEST_SECRET)

@@ -46,6 +46,7 @@ def run_request(prefill, decode, rid, prompt, params):
         deltas.append(d)
         if d.finished:
             finished.set()
+
     decode.admit(rid, result.first_token_id, on_delta)
     assert finished.wait(30)
     return [t for d in deltas for t in d.token_ids], deltas[-1]
@@ -93,8 +94,10 @@ def test_concurrent_disaggregated_requests(workers, tiny_llama_dir):
     params = SamplingParams(temperature=0.0, max_tokens=8)
     prompts = {f"c-{i}": [7 + i] * (10 + 7 * i) for i in range(5)}
     results = {}
-    threads = [threading.Thread(target=lambda r=r, p=p: results.__setitem__(r, run_request(prefill, decode, r, p, params)))
-               for r, p in prompts.items()]
+    threads = [
+        threading.Thread(target=lambda r=r, p=p: results.__setitem__(r, run_request(prefill, decode, r, p, params)))
+        for r, p in prompts.items()
+    ]
     for t in threads:
         t.start()
     for t in threads:

@@ -32,12 +32,23 @@ GAUGES = ("num_waiting", "num_running", "num_reserved", "num_held", "num_transfe
 
 @pytest.fixture(scope="module")
 def deployment(tiny_llama_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
+    )
     # Few decode slots, so that concurrent long prompts must queue for them.
     groups = [WorkerGroup("prefill", 1), WorkerGroup("decode", 1, max_num_seqs=4)]
-    dep = deploy(tiny_llama_dir, groups, EngineConfig(max_num_batched_tokens=32, num_blocks=96),
-                 kv_backend="shm", model_name="tiny", local_prefill_tokens=0, transfer_timeout_s=DEADLINE_S)
+    dep = deploy(
+        tiny_llama_dir,
+        groups,
+        EngineConfig(max_num_batched_tokens=32, num_blocks=96),
+        kv_backend="shm",
+        model_name="tiny",
+        local_prefill_tokens=0,
+        transfer_timeout_s=DEADLINE_S,
+    )
     yield dep
     dep.shutdown()
     ray.shutdown()
@@ -60,8 +71,12 @@ async def settled(backend) -> dict:
     while True:
         await backend.refresh()
         stats = backend.stats()
-        busy = {f"{role}_{g}": stats[f"{role}_{g}"] for role in ("prefill", "decode") for g in GAUGES
-                if stats[f"{role}_{g}"]}
+        busy = {
+            f"{role}_{g}": stats[f"{role}_{g}"]
+            for role in ("prefill", "decode")
+            for g in GAUGES
+            if stats[f"{role}_{g}"]
+        }
         free = {r: stats[f"{r}_num_free_blocks"] == stats[f"{r}_num_blocks"] for r in ("prefill", "decode")}
         if not busy and all(free.values()):
             return stats
@@ -131,11 +146,13 @@ def test_per_worker_gauges_then_a_dead_prefill_worker(deployment):
             await collect(backend, "warm", list(range(5, 60)), params)
             status, text = await asyncio.to_thread(_get, base + "/metrics")
             assert status == 200
-            for line in ('tandem_worker_up{role="prefill",worker="0"} 1.0',
-                         'tandem_worker_up{role="decode",worker="0"} 1.0',
-                         'tandem_worker_num_reserved{role="decode",worker="0"} 0.0',
-                         'tandem_worker_num_transfers{role="prefill",worker="0"} 0.0',
-                         'tandem_worker_num_held{role="prefill",worker="0"} 0.0'):
+            for line in (
+                'tandem_worker_up{role="prefill",worker="0"} 1.0',
+                'tandem_worker_up{role="decode",worker="0"} 1.0',
+                'tandem_worker_num_reserved{role="decode",worker="0"} 0.0',
+                'tandem_worker_num_transfers{role="prefill",worker="0"} 0.0',
+                'tandem_worker_num_held{role="prefill",worker="0"} 0.0',
+            ):
                 assert line in text, line
             # Long prompts in flight, then the prefill worker dies under them.
             prompts = [list(range(5 + i, 300)) for i in range(6)]
@@ -153,8 +170,10 @@ def test_per_worker_gauges_then_a_dead_prefill_worker(deployment):
             while True:
                 await backend.refresh()
                 s = backend.stats()
-                if s["decode_num_reserved"] == s["decode_num_transfers"] == 0 and \
-                        s["decode_num_free_blocks"] == s["decode_num_blocks"]:
+                if (
+                    s["decode_num_reserved"] == s["decode_num_transfers"] == 0
+                    and s["decode_num_free_blocks"] == s["decode_num_blocks"]
+                ):
                     break
                 assert time.monotonic() < deadline, s
                 await asyncio.sleep(0.05)

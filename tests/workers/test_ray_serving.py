@@ -15,11 +15,22 @@ from tests.checkpoints import hf_greedy  # noqa: E402
 
 @pytest.fixture(scope="module")
 def deployment(tiny_llama_dir):
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
+    )
     groups = [WorkerGroup("prefill", 1), WorkerGroup("decode", 2)]
-    dep = deploy(tiny_llama_dir, groups, EngineConfig(max_num_batched_tokens=32, num_blocks=64),
-                 kv_backend="shm", model_name="tiny", local_prefill_tokens=8, transfer_timeout_s=5.0)
+    dep = deploy(
+        tiny_llama_dir,
+        groups,
+        EngineConfig(max_num_batched_tokens=32, num_blocks=64),
+        kv_backend="shm",
+        model_name="tiny",
+        local_prefill_tokens=8,
+        transfer_timeout_s=5.0,
+    )
     yield dep
     dep.shutdown()
     ray.shutdown()
@@ -41,8 +52,10 @@ async def all_free(backend):
     for _ in range(100):
         await backend.refresh()
         s = backend.stats()
-        if s["decode_num_free_blocks"] == s["decode_num_blocks"] and \
-                s["prefill_num_free_blocks"] == s["prefill_num_blocks"]:
+        if (
+            s["decode_num_free_blocks"] == s["decode_num_blocks"]
+            and s["prefill_num_free_blocks"] == s["prefill_num_blocks"]
+        ):
             return True
         await asyncio.sleep(0.05)
     return False
@@ -86,7 +99,11 @@ def test_cancelled_stream_frees_blocks_on_both_workers(deployment):
     backend = deployment.backend
 
     async def main():
-        stream = backend.generate(GenerateRequest("cancel-me", list(range(5, 60)), SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)))
+        stream = backend.generate(
+            GenerateRequest(
+                "cancel-me", list(range(5, 60)), SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+            )
+        )
         async for _ in stream:
             break
         await stream.aclose()

@@ -16,18 +16,33 @@ from tests.checkpoints import hf_greedy  # noqa: E402
 from tests.workers.test_ray_serving import all_free  # noqa: E402
 
 
-@pytest.mark.parametrize("groups, num_followers", [
-    ([WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1)], 1),
-    ([WorkerGroup("prefill", 1), WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1, tp=2)], 2),
-], ids=["prefill-tp2-decode-tp1", "prefill-tp1-and-tp2-decode-tp2"])
+@pytest.mark.parametrize(
+    "groups, num_followers",
+    [
+        ([WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1)], 1),
+        ([WorkerGroup("prefill", 1), WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1, tp=2)], 2),
+    ],
+    ids=["prefill-tp2-decode-tp1", "prefill-tp1-and-tp2-decode-tp2"],
+)
 def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, groups, num_followers):
-    ray.init(num_cpus=6, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=6,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
+    )
     dep = None
     try:
-        dep = deploy(tiny_llama_dir, groups, EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64),
-                     kv_backend="shm", model_name="tiny", policy="round_robin", local_prefill_tokens=0,
-                     transfer_timeout_s=10.0)
+        dep = deploy(
+            tiny_llama_dir,
+            groups,
+            EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64),
+            kv_backend="shm",
+            model_name="tiny",
+            policy="round_robin",
+            local_prefill_tokens=0,
+            transfer_timeout_s=10.0,
+        )
         assert len(dep.follower_actors) == num_followers
         backend = dep.backend
         params = SamplingParams(temperature=0.0, max_tokens=8)
@@ -41,6 +56,7 @@ def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, group
                         assert delta.error is None, delta.error
                         tokens += delta.token_ids
                 return tokens
+
             results = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
             results.append(await one("again", prompts[0]))  # after the others: round robin visits both
             assert await all_free(backend)
@@ -62,11 +78,21 @@ def test_workers_the_cluster_cannot_hold_are_refused_naming_the_resource(tiny_ll
     ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(ValueError, match=r"need 4 CPU \(the cluster has 3\)"):
-            deploy(tiny_llama_dir, [WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1, tp=2)],
-                   EngineConfig(), kv_backend="shm", model_name="tiny")
+            deploy(
+                tiny_llama_dir,
+                [WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1, tp=2)],
+                EngineConfig(),
+                kv_backend="shm",
+                model_name="tiny",
+            )
         with pytest.raises(ValueError, match=r"need 2 GPU \(the cluster has 0\)"):
-            deploy(tiny_llama_dir, [WorkerGroup("decode", 1, tp=2, use_gpus=True)],
-                   EngineConfig(), kv_backend="shm", model_name="tiny")
+            deploy(
+                tiny_llama_dir,
+                [WorkerGroup("decode", 1, tp=2, use_gpus=True)],
+                EngineConfig(),
+                kv_backend="shm",
+                model_name="tiny",
+            )
         assert ray.util.placement_group_table() == {}  # nothing was reserved
     finally:
         ray.shutdown()
@@ -75,15 +101,24 @@ def test_workers_the_cluster_cannot_hold_are_refused_naming_the_resource(tiny_ll
 def test_lost_decode_rank_fails_its_worker_and_the_rest_are_served(tiny_llama_dir):
     """A decode worker whose rank 1 died answers with an error naming it, then the router
     stops picking it; the other decode worker serves on."""
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}})
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
+    )
     dep = None
     try:
-        dep = deploy(tiny_llama_dir, [WorkerGroup("prefill", 1), WorkerGroup("decode", 1, tp=2),
-                                      WorkerGroup("decode", 1)],
-                     EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64),
-                     kv_backend="shm", model_name="tiny", policy="round_robin", local_prefill_tokens=0,
-                     transfer_timeout_s=10.0)
+        dep = deploy(
+            tiny_llama_dir,
+            [WorkerGroup("prefill", 1), WorkerGroup("decode", 1, tp=2), WorkerGroup("decode", 1)],
+            EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64),
+            kv_backend="shm",
+            model_name="tiny",
+            policy="round_robin",
+            local_prefill_tokens=0,
+            transfer_timeout_s=10.0,
+        )
         backend = dep.backend
         ray.kill(dep.follower_actors[0])
         params = SamplingParams(temperature=0.0, max_tokens=6)

@@ -26,8 +26,16 @@ CONFIG = EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64,
 
 
 def follower_main(model_dir, dist_init, released: mp.Queue, ready: mp.Event) -> None:
-    follower = PrefillFollower(model_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, 10.0, 1, dist_init,
-                               on_released=released.put, kv_secret=TEST_SECRET)
+    follower = PrefillFollower(
+        model_dir,
+        replace(CONFIG, tensor_parallel_size=2),
+        BACKEND,
+        10.0,
+        1,
+        dist_init,
+        on_released=released.put,
+        kv_secret=TEST_SECRET,
+    )
     ready.set()
     follower.close()  # returns once rank 0 closes the group
 
@@ -39,8 +47,14 @@ def tp_prefill(tiny_llama_dir):
     dist_init = f"tcp://127.0.0.1:{free_port()}"
     proc = ctx.Process(target=follower_main, args=(str(tiny_llama_dir), dist_init, released, ready), daemon=True)
     proc.start()
-    prefill = PrefillWorker(tiny_llama_dir, replace(CONFIG, tensor_parallel_size=2), BACKEND, 10.0,
-                            dist_init=dist_init, kv_secret=TEST_SECRET)
+    prefill = PrefillWorker(
+        tiny_llama_dir,
+        replace(CONFIG, tensor_parallel_size=2),
+        BACKEND,
+        10.0,
+        dist_init=dist_init,
+        kv_secret=TEST_SECRET,
+    )
     assert ready.wait(120), "rank 1 did not start"
     stop = threading.Event()
 
@@ -50,6 +64,7 @@ def tp_prefill(tiny_llama_dir):
                 prefill.release_part(released.get(timeout=0.1))
             except queue.Empty:
                 pass
+
     relay = threading.Thread(target=forward_releases, daemon=True)
     relay.start()
     decode = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=10.0, kv_secret=TEST_SECRET)
