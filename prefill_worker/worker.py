@@ -22,9 +22,9 @@ layers. Rank 0 frees a request's blocks only once every rank's part has released
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 from engine import EngineConfig, LLMEngine
 from engine.engine_loop import EngineLoop
@@ -81,6 +81,9 @@ class PrefillWorker:
         self._pending: dict[str, KVHandle] = {}  # submitted, transfer not started yet
         self._transfers: dict[str, Transfer] = {}  # rank 0's part started, blocks not released yet
         self._parts_left: dict[str, int] = {}  # ranks whose part still holds the blocks
+        # Aborted while their transfer was being started (between _before_run's two critical
+        # sections): cancelled as soon as the transfer object exists.
+        self._cancel_on_start: set[str] = set()
         self.loop = EngineLoop(self.engine, before_run=self._before_run)
 
     @property
@@ -116,6 +119,8 @@ class PrefillWorker:
         with self._lock:
             not_started = self._pending.pop(request_id, None) is not None
             transfer = self._transfers.get(request_id)
+            if not not_started and transfer is None and request_id in self._parts_left:
+                self._cancel_on_start.add(request_id)
         self.loop.abort(request_id)
         if not_started:
             self.loop.release_soon(request_id)  # nothing ever read the blocks
@@ -136,6 +141,10 @@ class PrefillWorker:
         hook, transfers = start_transfers(self.sender, starts, self.transfer_timeout_s, self.release_part)
         with self._lock:
             self._transfers.update((r, t) for r, t in transfers.items() if r in self._parts_left)
+            cancelled = [transfers[r] for r in self._cancel_on_start & transfers.keys()]
+            self._cancel_on_start -= transfers.keys()
+        for transfer in cancelled:
+            transfer.cancel("request aborted")  # blocks come back through on_release
         return hook, starts
 
     def release_part(self, request_id: str) -> None:
