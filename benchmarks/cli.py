@@ -90,10 +90,9 @@ def _bench(args: argparse.Namespace) -> int:
 def _run_mode(args: argparse.Namespace, mode: str, rate: float) -> dict:
     """Fresh servers for every point, so that no run inherits another's queues or caches."""
     from benchmarks.serving import run_load, summarize
+    from deploy.cli import build_parser
     from deploy.commands import start_backend
     from router.server import serve
-
-    from deploy.cli import build_parser
 
     argv = ["serve", "--model-name", "bench", "--local-prefill-tokens", "0"]
     argv += ["--model", args.model] if args.model else []

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import statistics
@@ -157,7 +158,7 @@ def goodput(points: list[tuple[float, float]]) -> float:
     """The highest rate with attainment >= GOAL, interpolated between the swept rates."""
     points = sorted(points)
     best = 0.0
-    for (r0, a0), (r1, a1) in zip([(0.0, 1.0)] + points, points):
+    for (r0, a0), (r1, a1) in itertools.pairwise([(0.0, 1.0), *points]):
         if a1 >= GOAL:
             best = r1
         elif a0 >= GOAL:
@@ -291,7 +292,7 @@ def _plot(data: dict, path: Path) -> None:
 
     unit = data["unit"]
     fig, axes = plt.subplots(1, len(SLO_SCENARIOS), figsize=(5 * len(SLO_SCENARIOS), 3.8), sharey=True)
-    for ax, (scenario, k_ttft, k_tpot) in zip(axes, SLO_SCENARIOS):
+    for ax, (scenario, k_ttft, k_tpot) in zip(axes, SLO_SCENARIOS, strict=True):
         for name, by_rate in data["raw"].items():
             pts = sorted(
                 (float(r), attainment(res, k_ttft * unit["ttft_s"], k_tpot * unit["tpot_s"]))

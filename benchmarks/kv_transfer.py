@@ -236,7 +236,7 @@ def bandwidth_rows(backend: str, tokens: tuple[int, ...], reps: dict[int, int]) 
                 transfers.append(timed_transfer(receiver, sender, f"{kind}-{n}-{i}", src_ids, dst_ids))
             del copy_src
             view = cache.view(torch.int16).view(layout.num_layers * 2, num_blocks, -1)
-            assert all(int(view[-1, d, -1]) == s for s, d in zip(src_ids, dst_ids)), "bad bytes"
+            assert all(int(view[-1, d, -1]) == s for s, d in zip(src_ids, dst_ids, strict=True)), "bad bytes"
             # The first pair faults in the pages it touches: dropped.
             latency, copy = statistics.median(transfers[1:]), statistics.median(copies[1:])
             rows.append(

@@ -140,6 +140,12 @@ def run_case(name: str, workload: WorkloadSpec, solve_options: SolveOptions, sim
     return row
 
 
+def _figures(row: dict, kind: str) -> str:
+    """A solver's GPUs used / predicted goodput / simulated goodput, for one row."""
+    sim = row.get(f"{kind}_sim_goodput")
+    return f"{row[f'{kind}_gpus']} / {row[f'{kind}_goodput']:.1f} / " + ("-" if sim is None else f"{sim:.1f}")
+
+
 def print_table(rows: list[dict]) -> None:
     """Goodput in req/s; "per GPU" divides by all of the cluster's GPUs (the cluster is given)."""
     head = (
@@ -157,11 +163,6 @@ def print_table(rows: list[dict]) -> None:
     )
     lines = [head]
     for r in rows:
-
-        def figures(kind: str) -> str:
-            sim = r.get(f"{kind}_sim_goodput")
-            return f"{r[f'{kind}_gpus']} / {r[f'{kind}_goodput']:.1f} / " + ("-" if sim is None else f"{sim:.1f}")
-
         per_gpu = "-"
         if "milp_sim_goodput" in r:
             per_gpu = f"{r['milp_sim_goodput'] / r['gpus']:.3f}, {r['baseline_sim_goodput'] / r['gpus']:.3f}"
@@ -175,14 +176,14 @@ def print_table(rows: list[dict]) -> None:
                 f"{r['total_s']:.2f}",
                 f"{r['gap']:.2%}",
                 r["status"],
-                figures("milp"),
-                figures("baseline"),
+                _figures(r, "milp"),
+                _figures(r, "baseline"),
                 per_gpu,
             )
         )
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     for line in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(line, widths)).rstrip())
+        print("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip())
 
 
 def plot(rows: list[dict], path: Path, gap: float) -> None:

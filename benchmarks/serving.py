@@ -69,7 +69,7 @@ def trace_workload(
             max(1, min(max_prompt, round(p * prompt_scale))),
             max(1, min(max_output, round(o * output_scale))),
         )
-        for a, (p, o) in zip(arrivals, picked)
+        for a, (p, o) in zip(arrivals, picked, strict=True)
     ]
 
 
@@ -205,7 +205,7 @@ def plot(rows: list[tuple[str, float, dict]], path: Path, slo_ttft_s: float, slo
         axes[2].plot(rates, [s["goodput_rps"] for _, s in pts], marker="o", label=mode)
     axes[0].axhline(slo_ttft_s, color="grey", ls="--", lw=1)
     axes[1].axhline(slo_tpot_s * 1e3, color="grey", ls="--", lw=1)
-    for ax, title in zip(axes, ["P90 TTFT (s)", "P90 TPOT (ms)", "goodput (req/s within SLO)"]):
+    for ax, title in zip(axes, ["P90 TTFT (s)", "P90 TPOT (ms)", "goodput (req/s within SLO)"], strict=True):
         ax.set_xlabel("offered rate (req/s)")
         ax.set_title(title)
         ax.grid(alpha=0.3)

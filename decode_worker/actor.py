@@ -7,8 +7,8 @@ returns (deploy/ray_clients.py); in process, DecodeActor is itself a router.clie
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import Future
-from typing import AsyncIterator, Callable, Sequence
 
 from decode_worker.worker import DecodeFollower, DecodeWorker, RankLost, Settled
 from engine import EngineConfig
@@ -53,7 +53,7 @@ class DecodeActor:
         )
         endpoints = ray.get([f.endpoint.remote() for f in followers])
         self.worker.attach_followers(
-            [RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints), 1)]
+            [RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints, strict=True), 1)]
         )
 
     async def reserve(self, request: GenerateRequest) -> KVHandle:

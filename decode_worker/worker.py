@@ -28,10 +28,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 from engine import EngineConfig, LLMEngine
 from engine.engine_loop import MAX_TOMBSTONES, EngineLoop, RequestAborted
@@ -170,7 +171,7 @@ class DecodeWorker:
         # Every rank registers at once: a round trip per request, not one per rank.
         calls = [self._pool.submit(p.expect, request_id, block_ids, self.transfer_timeout_s) for p in self._followers]
         error = None
-        for port, call in zip(self._followers, calls):
+        for port, call in zip(self._followers, calls, strict=True):
             try:
                 record.parts.append(call.result())
                 record.ports.append(port)

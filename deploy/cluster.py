@@ -7,13 +7,14 @@ import socket
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import ray
-from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decode_worker.actor import DecodeActor, DecodeFollowerActor
-from deploy.cores import CorePlan, plan_cores
+from deploy.cores import CorePlan, RankCores, plan_cores
 from deploy.ray_clients import RayDecodeClient, RayPrefillClient
 from engine import EngineConfig
 from kv_transfer.auth import deployment_secret
@@ -140,38 +141,24 @@ def deploy(
             remove_placement_group(pg)
         raise
     prefill_actors, decode_actors, followers = [], [], []
-    for group, pg, rank_cores in zip(workers, pgs, cores.ranks):
-
-        def options(rank: int) -> dict:
-            bundle = group.bundles()[rank]
-            threads = rank_cores[rank].env() if rank_cores[rank] is not None else {}
-            return dict(
-                num_cpus=bundle["CPU"],
-                num_gpus=bundle.get("GPU", 0),
-                resources={k: v for k, v in bundle.items() if k.startswith("GPU_")},
-                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                max_concurrency=1000,
-                runtime_env={"env_vars": {**env_vars, **threads}},
-            )
-
-        def pinned(rank: int) -> tuple[int, ...] | None:
-            return rank_cores[rank].cores if rank_cores[rank] is not None else None
-
+    for group, pg, rank_cores in zip(workers, pgs, cores.ranks, strict=True):
+        options = [_rank_options(group, pg, rank, rank_cores[rank], env_vars) for rank in range(group.tp)]
+        pinned = [c.cores if c is not None else None for c in rank_cores]
         config = group.engine_config(engine_config)
         dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
         ranks = range(1, group.tp)
         if group.role is Role.PREFILL:
             driver = (
                 ray.remote(PrefillActor)
-                .options(**options(0))
+                .options(**options[0])
                 .remote(
-                    model_dir, config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret, cores=pinned(0)
+                    model_dir, config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret, cores=pinned[0]
                 )
             )
             prefill_actors.append(driver)
             followers += [
                 ray.remote(PrefillFollowerActor)
-                .options(**options(rank))
+                .options(**options[rank])
                 .remote(
                     model_dir,
                     config,
@@ -181,20 +168,20 @@ def deploy(
                     dist_init,
                     driver,
                     kv_secret=kv_secret,
-                    cores=pinned(rank),
+                    cores=pinned[rank],
                 )
                 for rank in ranks
             ]
         else:  # followers first: rank 0 asks them for their KV receivers' endpoints
             decode_followers = [
                 ray.remote(DecodeFollowerActor)
-                .options(**options(rank))
-                .remote(model_dir, config, kv_backend, host, rank, dist_init, kv_secret=kv_secret, cores=pinned(rank))
+                .options(**options[rank])
+                .remote(model_dir, config, kv_backend, host, rank, dist_init, kv_secret=kv_secret, cores=pinned[rank])
                 for rank in ranks
             ]
             decode_actors.append(
                 ray.remote(DecodeActor)
-                .options(**options(0))
+                .options(**options[0])
                 .remote(
                     model_dir,
                     config,
@@ -204,7 +191,7 @@ def deploy(
                     dist_init=dist_init,
                     followers=decode_followers,
                     kv_secret=kv_secret,
-                    cores=pinned(0),
+                    cores=pinned[0],
                 )
             )
             followers += decode_followers
@@ -255,6 +242,23 @@ def describe(groups: list[WorkerGroup]) -> str:
 
 def _fmt(resources) -> str:
     return ", ".join(f"{v:g} {k}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU") or k.startswith("GPU_"))
+
+
+def _rank_options(
+    group: WorkerGroup, pg: PlacementGroup, rank: int, cores: RankCores | None, env_vars: dict[str, str]
+) -> dict[str, Any]:
+    """Ray actor options for one rank of a worker: its bundle of the worker's placement group,
+    and its thread count when it runs on CPU cores of its own."""
+    bundle = group.bundles()[rank]
+    threads = cores.env() if cores is not None else {}
+    return dict(
+        num_cpus=bundle["CPU"],
+        num_gpus=bundle.get("GPU", 0),
+        resources={k: v for k, v in bundle.items() if k.startswith("GPU_")},
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+        max_concurrency=1000,
+        runtime_env={"env_vars": {**env_vars, **threads}},
+    )
 
 
 def _dist_init(pg, single_node: bool) -> str:

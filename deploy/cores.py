@@ -42,7 +42,7 @@ class CorePlan:
     def describe(self, labels: list[str]) -> str:
         """One line per worker, then the router's."""
         lines = []
-        for label, ranks in zip(labels, self.ranks):
+        for label, ranks in zip(labels, self.ranks, strict=True):
             if all(r is None for r in ranks):
                 continue
             parts = [
@@ -77,7 +77,7 @@ def plan_cores(groups, pgs, pin: bool | None) -> CorePlan:
     """groups: each worker's WorkerGroup, in start order; pgs: their placement groups."""
     # (worker, rank) -> node, for the ranks that run on CPUs
     placed = defaultdict(list)
-    for w, (group, pg) in enumerate(zip(groups, pgs)):
+    for w, (group, pg) in enumerate(zip(groups, pgs, strict=True)):
         if group.use_gpus:
             continue
         nodes = placement_group_table(pg)["bundles_to_node_id"]

@@ -8,7 +8,7 @@ it raised as a RuntimeError naming the cause.
 
 from __future__ import annotations
 
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 

@@ -45,7 +45,7 @@ def _generate(args: argparse.Namespace) -> int:
     start = time.monotonic()
     outputs = llm.generate(args.prompts, params)
     elapsed = time.monotonic() - start
-    for prompt, out in zip(args.prompts, outputs):
+    for prompt, out in zip(args.prompts, outputs, strict=True):
         print(f"\n>>> {prompt}{out.text}\n    [{len(out.token_ids)} tokens, finish_reason={out.finish_reason}]")
     num_tokens = sum(len(o.token_ids) for o in outputs)
     print(

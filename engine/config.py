@@ -43,7 +43,7 @@ class ModelConfig:
     checkpoint_dtype: str  # the dtype the weights were saved in
 
     @staticmethod
-    def from_dir(model_dir: str | Path) -> "ModelConfig":
+    def from_dir(model_dir: str | Path) -> ModelConfig:
         path = Path(model_dir)
         if not path.is_dir():
             raise FileNotFoundError(f"model directory {str(path)!r} does not exist")
@@ -55,7 +55,7 @@ class ModelConfig:
         return ModelConfig.from_hf_dict(json.loads(raw), model_id)
 
     @staticmethod
-    def from_hf_dict(cfg: dict, model_id: str) -> "ModelConfig":
+    def from_hf_dict(cfg: dict, model_id: str) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:

@@ -39,7 +39,7 @@ class LLM:
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
         ids = [f"gen-{next(self._ids)}" for _ in prompts]
         try:
-            for request_id, prompt, p in zip(ids, prompts, params):
+            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
                 self.engine.add_request(request_id, prompt, p)
             results: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished():

@@ -7,9 +7,9 @@ aborted; every finished or aborted request has given its KV blocks back.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -304,7 +304,7 @@ class LLMEngine:
         logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload)
         sampling = [s.seq for s in out.scheduled if s.samples]
         tokens, failures = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
-        sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens) if tok is not None}
+        sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens, strict=True) if tok is not None}
         self.scheduler.update(out, sampled)
         now = time.monotonic()
         outputs = [self._failed(self.requests[r], why, now) for r, why in failures.items() if r in self.requests]

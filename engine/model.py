@@ -7,7 +7,7 @@ with their positions and the cache slots their K/V go to. It holds no KV state i
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
@@ -75,7 +75,7 @@ class ModelRunner:
             decode_context_lens=torch.tensor(step.decode_context_lens, dtype=torch.int32, device=dev),
             prefills=[
                 PrefillSpan(*span, torch.tensor(blocks, device=dev))
-                for span, blocks in zip(step.prefill_spans, step.prefill_block_tables)
+                for span, blocks in zip(step.prefill_spans, step.prefill_block_tables, strict=True)
             ],
         )
         ids = torch.tensor(step.input_ids, dtype=torch.int64, device=dev)

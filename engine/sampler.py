@@ -56,7 +56,7 @@ class Sampler:
         logits = logits.float()
         tokens: list[int | None] = logits.argmax(dim=-1).tolist()
         failures: dict[str, str] = {}
-        for row, (request_id, p) in enumerate(zip(request_ids, params)):
+        for row, (request_id, p) in enumerate(zip(request_ids, params, strict=True)):
             if p.greedy:
                 continue
             try:

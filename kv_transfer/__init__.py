@@ -51,10 +51,29 @@ _LAZY = {
     "Transport": "kv_transfer.transport",
     "TransportError": "kv_transfer.transport",
 }
-__all__ = sorted([*_LAZY, "backend_names", "load_backend", "register_backend"])
+__all__ = [
+    "AuthenticationError",
+    "HandshakeError",
+    "HeadSlice",
+    "KVReceiver",
+    "KVSender",
+    "RecvLink",
+    "SendLink",
+    "Transfer",
+    "TransferState",
+    "Transport",
+    "TransportError",
+    "backend_names",
+    "deployment_secret",
+    "head_slice",
+    "head_slices",
+    "load_backend",
+    "new_secret",
+    "register_backend",
+]
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'kv_transfer' has no attribute {name!r}")

@@ -80,5 +80,7 @@ def copy_chunks(
     thread already saturates memory bandwidth here: splitting across two measured slower.
     """
     memmove = ctypes.memmove
-    for dst, src, n in zip((dst_offsets + dst_addr).tolist(), (src_offsets + src_addr).tolist(), lengths.tolist()):
+    for dst, src, n in zip(
+        (dst_offsets + dst_addr).tolist(), (src_offsets + src_addr).tolist(), lengths.tolist(), strict=True
+    ):
         memmove(dst, src, n)

@@ -47,9 +47,9 @@ from kv_transfer.messages import (
     Rendezvous,
     Welcome,
 )
+from kv_transfer.registry import load_backend
 from kv_transfer.resharding import head_slice, src_ranks_of
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
-from kv_transfer.registry import load_backend
 from kv_transfer.transport import RecvLink
 from proto.kv import KVLayout
 

@@ -47,9 +47,9 @@ from kv_transfer.messages import (
     Welcome,
     parse_endpoint,
 )
+from kv_transfer.registry import load_backend
 from kv_transfer.resharding import dst_ranks_of, head_slice
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
-from kv_transfer.registry import load_backend
 from kv_transfer.transport import SendLink, TransportError
 from proto.kv import KVLayout
 

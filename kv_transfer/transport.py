@@ -50,12 +50,13 @@ class SendLink(ABC):
         memory. Raises TransportError on failure or when the monotonic `deadline` passes.
         """
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a link that holds nothing keeps this no-op)
         """Free what the link holds. Called once, after the last write_layer returned."""
 
 
-class RecvLink(ABC):
-    """Receiver end of one link. One-sided backends need nothing here."""
+class RecvLink:
+    """Receiver end of one link. One-sided backends need nothing here: they return a plain
+    RecvLink(), whose methods do nothing."""
 
     def read_layer(self, layer_idx: int, dst_block_ids: np.ndarray, seq: int, deadline: float) -> None:
         """Two-sided links: receive the layer announced with `seq` into the dst blocks.
@@ -124,5 +125,5 @@ class Transport(ABC):
     def open_recv_link(self, peer_layout: KVLayout, heads: HeadSlice, link_id: str, rendezvous: Rendezvous) -> RecvLink:
         """Receiver: the matching end, opened right after the Welcome was sent."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a backend that holds nothing keeps this no-op)
         """Free the backend's resources. Called once, after every link was closed."""

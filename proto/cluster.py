@@ -108,7 +108,7 @@ class ClusterSpec:
         return self._link_caps.get(frozenset((a, b)))
 
     @staticmethod
-    def from_dict(data: dict, known_gpu_types: tuple[str, ...] | None = None) -> "ClusterSpec":
+    def from_dict(data: dict, known_gpu_types: tuple[str, ...] | None = None) -> ClusterSpec:
         """Build from a parsed YAML mapping; gpu_type is checked against known_gpu_types."""
         check_keys("cluster", data, ("nodes",), ("links",))
         nodes: list[NodeSpec] = []
@@ -141,9 +141,9 @@ class ClusterSpec:
             nodes.append(entry)
         out: dict = {"nodes": nodes}
         if self.links:
-            out["links"] = [{"a": l.a, "b": l.b, "gb_s": l.gb_s} for l in self.links]
+            out["links"] = [{"a": link.a, "b": link.b, "gb_s": link.gb_s} for link in self.links]
         return out
 
     @staticmethod
-    def load(path, known_gpu_types: tuple[str, ...] | None = None) -> "ClusterSpec":
+    def load(path, known_gpu_types: tuple[str, ...] | None = None) -> ClusterSpec:
         return ClusterSpec.from_dict(load_document(path, "cluster"), known_gpu_types)

@@ -90,7 +90,7 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     @staticmethod
-    def from_dict(data: dict) -> "ModelSpec":
+    def from_dict(data: dict) -> ModelSpec:
         check_keys("model", data, ("name",) + SHAPE_FIELDS, ("dtype", "head_dim", "tie_word_embeddings", "mlp", "path"))
         return ModelSpec(**data)
 

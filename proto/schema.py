@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import json
 import numbers
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 
 def load_document(path: str | Path, what: str) -> dict:

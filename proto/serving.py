@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, fields
-
 from typing import TYPE_CHECKING
 
 from proto.kv import KVLayout

@@ -36,7 +36,7 @@ class SLOSpec:
         as_number("slo.attainment", self.attainment, minimum=0, exclusive=True, maximum=1)
 
     @staticmethod
-    def from_dict(data: dict) -> "SLOSpec":
+    def from_dict(data: dict) -> SLOSpec:
         check_keys("slo", data, ("ttft_s", "tpot_s"), ("ttft_percentile", "tpot_percentile", "attainment"))
         return SLOSpec(**data)
 
@@ -44,7 +44,7 @@ class SLOSpec:
         return asdict(self)
 
     @staticmethod
-    def load(path) -> "SLOSpec":
+    def load(path) -> SLOSpec:
         return SLOSpec.from_dict(load_document(path, "slo"))
 
     def describe(self) -> str:

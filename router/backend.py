@@ -8,8 +8,9 @@ decode workers.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator, Protocol
+from typing import Protocol
 
 from proto.errors import Overloaded, Unavailable
 from proto.serving import GenerateRequest, Role, TokenDelta, WorkerStats

@@ -15,7 +15,8 @@ Errors a call raises, whatever the transport:
 
 from __future__ import annotations
 
-from typing import AsyncIterator, Protocol
+from collections.abc import AsyncIterator
+from typing import Protocol
 
 from proto.serving import GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
 

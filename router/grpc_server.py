@@ -13,16 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Callable
+from collections.abc import Callable
 
 import grpc
 from google.protobuf import descriptor_pool
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from proto.errors import Overloaded, Unavailable
 from proto.kserve import grpc_service_pb2 as pb
 from proto.kserve import grpc_service_pb2_grpc as pb_grpc
-from proto.errors import Overloaded, Unavailable
 from router.kserve import (
     FINAL_RESPONSE,
     KServeRequest,

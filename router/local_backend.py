@@ -4,8 +4,8 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import AsyncIterator
 
 from engine import EngineConfig, LLMEngine
 from engine.engine_loop import EngineLoop, delta_stream

@@ -19,8 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import AsyncIterator, Sequence
 
 from engine.tokenizer import load_tokenizer
 from proto.errors import Overloaded, Unavailable
@@ -136,8 +136,8 @@ class DisaggregatedBackend:
 
     def _views(self) -> list[tuple[Role, WorkerView, PrefillClient | DecodeClient]]:
         return [
-            *((Role.PREFILL, v, c) for v, c in zip(self.policy.prefill, self.prefill)),
-            *((Role.DECODE, v, c) for v, c in zip(self.policy.decode, self.decode)),
+            *((Role.PREFILL, v, c) for v, c in zip(self.policy.prefill, self.prefill, strict=True)),
+            *((Role.DECODE, v, c) for v, c in zip(self.policy.decode, self.decode, strict=True)),
         ]
 
     async def _refresh_stats(self) -> None:
@@ -150,7 +150,7 @@ class DisaggregatedBackend:
             *(asyncio.wait_for(client.stats(), WORKER_STATS_TIMEOUT_S) for _, _, client in views),
             return_exceptions=True,
         )
-        for (_, view, _), result in zip(views, results):
+        for (_, view, _), result in zip(views, results, strict=True):
             # A worker that does not answer (dead) or whose engine broke (its stats() raises)
             # is down: no stats are made up for it.
             view.update(result if isinstance(result, WorkerStats) else None)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import asyncio
 import reprlib
 import uuid
+from collections.abc import Mapping
 from dataclasses import replace
-from typing import Any, Mapping
+from typing import Any
 
 from engine.sampling_params import SamplingParams
 from proto.serving import GenerateRequest

@@ -12,11 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import AsyncIterator
 
-from proto.serving import FinishReason, TokenDelta
 from proto.errors import Overloaded, Unavailable
+from proto.serving import FinishReason, TokenDelta
 from router.metrics import ServerMetrics
 from router.requests import BadRequest, GenerateRequest, PromptEncoder
 from router.security import Security

@@ -37,7 +37,6 @@ from kv_transfer.resharding import HeadSlice
 from kv_transfer.transport import RecvLink, Role, SendLink, Transport, TransportError
 from proto.kv import KVLayout
 
-
 DIR_PREFIX = "tandem-kv-shm-"
 FD_HANDOUT_TIMEOUT_S = 5.0
 

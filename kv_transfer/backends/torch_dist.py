@@ -30,7 +30,7 @@ import torch.distributed as dist
 from kv_transfer.blocks import chunk_offsets, coalesce, copy_chunks, layer_chunk_ids
 from kv_transfer.messages import Rendezvous
 from kv_transfer.resharding import HeadSlice
-from kv_transfer.transport import RecvLink, Role, SendLink, Transport, TransportError
+from kv_transfer.transport import RecvLink, SendLink, Transport, TransportError
 from proto.kv import KVLayout
 
 _SETUP_TIMEOUT = datetime.timedelta(seconds=30)  # both ranks must join a link's group within it

@@ -11,8 +11,8 @@ ray = pytest.importorskip("ray", reason="ray is not installed")
 from deploy.cli import build_parser, main  # noqa: E402
 from deploy.commands import start_backend  # noqa: E402
 from engine import SamplingParams  # noqa: E402
-from proto.serving import GenerateRequest  # noqa: E402
 from proto.plan import Plan, ray_resource_name  # noqa: E402
+from proto.serving import GenerateRequest  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
 
 CLUSTER = {

@@ -1,6 +1,6 @@
-from engine.detokenizer import Detokenizer
 from engine.default_model.corpus import stories
 from engine.default_model.tokenizer import train_tokenizer
+from engine.detokenizer import Detokenizer
 
 
 def test_incremental_text_equals_full_decode_including_multibyte(tmp_path):

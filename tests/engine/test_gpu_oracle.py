@@ -52,9 +52,9 @@ def test_half_precision_on_gpu_matches_transformers_up_to_near_ties(checkpoints,
     outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
     reference = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=getattr(torch, dtype)).to("cuda").eval()
     exact = 0
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, outputs, strict=True):
         expected, gaps = hf_greedy_with_gaps(reference, prompt)
-        diverged = next((i for i, (a, b) in enumerate(zip(out.token_ids, expected)) if a != b), None)
+        diverged = next((i for i, (a, b) in enumerate(zip(out.token_ids, expected, strict=False)) if a != b), None)
         if diverged is None:
             exact += 1
             continue

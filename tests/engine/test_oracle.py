@@ -18,7 +18,7 @@ def random_prompts(lengths, seed, vocab=300):
 
 
 def assert_matches_hf(model_dir, prompts, outputs, max_tokens, ignore_eos=False):
-    for prompt, out in zip(prompts, outputs):
+    for prompt, out in zip(prompts, outputs, strict=True):
         expected = hf_greedy(model_dir, prompt, max_tokens, ignore_eos)
         assert out.token_ids == expected, f"prompt of {len(prompt)} tokens diverged"
 

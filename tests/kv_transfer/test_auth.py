@@ -8,7 +8,6 @@ import socket
 import struct
 import tempfile
 import threading
-import time
 
 import psutil
 import pytest
@@ -47,7 +46,7 @@ def closed_by_peer(sock: socket.socket, timeout_s: float = 10.0) -> bool:
         return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 

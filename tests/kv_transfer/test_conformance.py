@@ -82,7 +82,8 @@ def test_layers_land_one_by_one_in_push_order(env, ends):
 def test_concurrent_transfers_from_two_senders(env, ends):
     rx, endpoint = ends.receiver(env.local, env.layout(receiver=True))
     senders = [
-        (peer, ends.sender(peer, env.layout(receiver=False), seed), seed) for peer, seed in zip(env.peers, (21, 22))
+        (peer, ends.sender(peer, env.layout(receiver=False), seed), seed)
+        for peer, seed in zip(env.peers, (21, 22), strict=True)
     ]
     layout = env.layout(receiver=True)
     plan = []  # (peer, sender, seed, tid, src_ids, dst_ids); 4 transfers into disjoint blocks

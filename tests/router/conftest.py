@@ -16,8 +16,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from engine import EngineConfig
-from proto.serving import TokenDelta
 from proto.errors import Overloaded, Unavailable
+from proto.serving import TokenDelta
 from router.local_backend import LocalBackend
 from router.requests import PromptEncoder
 from router.server import ServerHandle, serve

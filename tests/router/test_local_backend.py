@@ -6,8 +6,8 @@ import contextlib
 import pytest
 
 from engine import EngineConfig, SamplingParams
-from proto.serving import GenerateRequest
 from proto.errors import Overloaded
+from proto.serving import GenerateRequest
 from router.local_backend import LocalBackend
 from tests.checkpoints import hf_greedy
 
@@ -34,7 +34,7 @@ def test_concurrent_streams_match_transformers(backend, tiny_llama_dir):
     async def main():
         return await asyncio.gather(*(collect(backend, f"r{i}", p, params) for i, p in enumerate(prompts)))
 
-    for prompt, deltas in zip(prompts, asyncio.run(main())):
+    for prompt, deltas in zip(prompts, asyncio.run(main()), strict=True):
         assert deltas[-1].finished and all(not d.finished for d in deltas[:-1])
         tokens = [t for d in deltas for t in d.token_ids]
         assert tokens == hf_greedy(tiny_llama_dir, prompt, 10)

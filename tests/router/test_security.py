@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import queue
 import ssl
 import urllib.error
@@ -44,7 +45,7 @@ def _write(path: Path, key, cert) -> tuple[str, str]:
 
 def _issue(ca_key, ca_cert, common_name: str, server: bool):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
@@ -69,7 +70,7 @@ def pki(tmp_path_factory) -> dict:
     """A CA made for this test, a server certificate for 127.0.0.1 and a client certificate."""
     root = tmp_path_factory.mktemp("pki")
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_cert = (
         x509.CertificateBuilder()
         .subject_name(_name("tandem test CA"))
@@ -161,13 +162,18 @@ def test_grpc_needs_a_key_except_for_probes(start):
     assert health.status == health_pb2.HealthCheckResponse.SERVING
 
 
+def _put_pair(responses: queue.Queue, result, error) -> None:
+    """A stream callback: each (result, error) the client hands it goes on `responses`."""
+    responses.put((result, error))
+
+
 def test_grpc_streams_need_a_key(start):
     handle = start(Security(api_keys=(KEY,)))
     url = f"127.0.0.1:{handle.grpc_port}"
     for headers, expect_ok in ((None, False), ({"authorization": f"Bearer {KEY}"}, True)):
         responses: queue.Queue = queue.Queue()
         with triton.InferenceServerClient(url) as client:
-            client.start_stream(callback=lambda result, error: responses.put((result, error)), headers=headers)
+            client.start_stream(callback=functools.partial(_put_pair, responses), headers=headers)
             with contextlib.suppress(InferenceServerException):  # the stream may be refused already
                 client.async_stream_infer(MODEL, inputs(sampling={"max_tokens": 2}, stream=False))
             result, error = responses.get(timeout=30)

@@ -17,8 +17,8 @@ import pytest
 
 from decode_worker.worker import DecodeFollower, DecodeWorker, TransferFailed
 from engine import EngineConfig, SamplingParams
-from proto.serving import GenerateRequest
 from prefill_worker.worker import PrefillWorker
+from proto.serving import GenerateRequest
 from tests.checkpoints import hf_greedy
 from tests.kv_transfer.peer import TEST_SECRET
 from tests.ports import free_port

@@ -11,10 +11,10 @@ import pytest
 
 from decode_worker.worker import DecodeWorker, TransferFailed
 from engine import EngineConfig, SamplingParams
-from proto.serving import GenerateRequest
 from engine.engine_loop import RequestAborted
 from kv_transfer import TransferState
 from prefill_worker.worker import PrefillWorker
+from proto.serving import GenerateRequest
 from tests.checkpoints import hf_greedy
 from tests.kv_transfer.peer import TEST_SECRET
 

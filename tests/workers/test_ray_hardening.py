@@ -93,7 +93,7 @@ def test_long_prompts_queue_for_decode_room_instead_of_failing(deployment, tiny_
     async def main():
         results = await asyncio.gather(*(collect(backend, r, p, params) for r, p in prompts.items()))
         await settled(backend)
-        return dict(zip(prompts, results))
+        return dict(zip(prompts, results, strict=True))
 
     results = asyncio.run(main())
     for rid in ("q0", "q13", "q23"):

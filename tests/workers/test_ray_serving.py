@@ -72,7 +72,7 @@ def test_disaggregated_and_local_prefill_match_transformers(deployment, tiny_lla
         return results
 
     results = asyncio.run(main())
-    for prompt, deltas in zip(prompts, results):
+    for prompt, deltas in zip(prompts, results, strict=True):
         assert deltas[-1].finished and deltas[-1].finish_reason in ("stop", "length")
         assert tokens(deltas) == hf_greedy(tiny_llama_dir, prompt, 10)
     stats = backend.stats()
@@ -88,7 +88,7 @@ def test_many_concurrent_streams_then_no_block_leaks(deployment, tiny_llama_dir)
     async def main():
         results = await asyncio.gather(*(collect(backend, r, p, params) for r, p in prompts.items()))
         assert await all_free(backend)
-        return dict(zip(prompts, results))
+        return dict(zip(prompts, results, strict=True))
 
     results = asyncio.run(main())
     for rid, prompt in prompts.items():

@@ -62,7 +62,7 @@ def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, group
             assert await all_free(backend)
             return results
 
-        for prompt, tokens in zip(prompts + prompts[:1], asyncio.run(main())):
+        for prompt, tokens in zip(prompts + prompts[:1], asyncio.run(main()), strict=True):
             assert tokens == hf_greedy(tiny_llama_dir, prompt, 8)
         assert backend.stats()["kv_transfers_total"] == len(prompts) + 1
         # Ranks > 0 of decode workers hold no part of any transfer any more.

@@ -15,11 +15,11 @@ import pytest
 
 from decode_worker.worker import DecodeWorker
 from engine import EngineConfig, SamplingParams
-from proto.serving import GenerateRequest
 from prefill_worker.worker import PrefillFollower, PrefillWorker
-from tests.workers.test_disaggregated import all_blocks_free, assert_oracle
+from proto.serving import GenerateRequest
 from tests.kv_transfer.peer import TEST_SECRET
 from tests.ports import free_port
+from tests.workers.test_disaggregated import all_blocks_free, assert_oracle
 
 BACKEND = "shm"
 CONFIG = EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64, max_model_len=256)
