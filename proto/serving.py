@@ -81,6 +81,10 @@ class TokenDelta:
     # HTTP 503); False when the request failed on its own (INTERNAL, 500).
     retryable: bool = False
 
+    def __post_init__(self) -> None:
+        if self.finish_reason is not None and not isinstance(self.finish_reason, FinishReason):
+            object.__setattr__(self, "finish_reason", FinishReason(self.finish_reason))  # "stop" accepted
+
 
 def final_delta(request_id: str, reason: FinishReason, error: str | None = None, retryable: bool = True) -> TokenDelta:
     """A request's last delta when it ends outside a step: aborted, or failed by the server's
