@@ -16,7 +16,7 @@ and SLO-feasible throughput:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -32,7 +32,11 @@ PARALLEL_SIZES = (1, 2, 4, 8)
 MAX_DECODE_BATCH = 1024
 # Running out of KV blocks preempts and recomputes sequences, which adds load exactly when
 # there is none to spare; KV is sized for the 99.9th percentile of its occupancy.
-KV_SAFETY_Z = 3.1  # beyond this a step's kernels stop scaling with the batch
+KV_SAFETY_Z = 3.1
+# A decode instance is sized, for Poisson arrivals, to complete at most this share of what
+# it would with every slot busy: the free slots absorb the arrivals' variance (a full batch
+# queues new requests for a slot, in their TTFT).
+DECODE_UTILIZATION = 0.95
 # Prompts per prefill step are bounded by the token budget; this only caps the case of
 # many short prompts, whose batching barely saves time over running them in turn.
 MAX_PREFILL_SEQS = 16
@@ -45,6 +49,7 @@ class WorkloadStats:
     input_tokens: np.ndarray
     output_tokens: np.ndarray
     max_tokens: int  # the longest request (prompt plus output) the workload holds
+    arrival_cv2: float = 1.0  # burstiness of the arrivals (WorkloadSpec.arrival_cv2): 1 is Poisson
 
     @property
     def mean_decode_steps(self) -> float:
@@ -82,6 +87,12 @@ class InstanceOption:
     capacity_rps: float  # SLO-feasible throughput
     max_batch_size: int  # scheduler max_num_seqs (per pipeline stage's batch)
     max_batched_tokens: int  # scheduler token budget
+    # Prefill: the number of prefill instances whose pooled queue capacity_rps assumes (the
+    # router sends each prompt to the least loaded one); a placement with fewer is refused.
+    pool_size: int = 1
+    # Simulated over modelled capacity of the role (planner/calibration.py), already in
+    # capacity_rps; the forecast's queue formulas see an instance's rate divided by it.
+    calibration: float = 1.0
 
     @property
     def gpu_type(self) -> str:
@@ -114,6 +125,13 @@ def kv_capacity_tokens(model: ModelSpec, hw: NodeHardware, tp: int, pp: int) -> 
     return max(int(free // per_token), 0)
 
 
+def has_latency(latency: LatencyTable, hw: NodeHardware, tp: int, pp: int) -> bool:
+    """Whether step times are known for (hw, tp, pp): the roofline's GPUs always; a device
+    without a datasheet (cpu) only where the profile has the exact (tp, pp)."""
+    return hw.gpu.has_roofline or (latency.profile is not None
+                                   and latency.profile.find(hw.gpu.name, tp, pp) is not None)
+
+
 def fits(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, max_tokens: int) -> bool:
     """Whether the instance holds its weights and the longest request in one engine's KV."""
     return valid_parallelism(model, tp, pp) and kv_capacity_tokens(model, hw, tp, pp) // pp >= max_tokens
@@ -123,8 +141,21 @@ def prefill_service_s(coeffs: Coefficients, stats: WorkloadStats) -> np.ndarray:
     return coeffs.prefill_ms(stats.input_tokens.astype(float)) / 1e3
 
 
-def prefill_capacity(coeffs: Coefficients, pp: int, stats: WorkloadStats, slo: SLOSpec) -> float:
-    return queueing.max_rate(prefill_service_s(coeffs, stats), slo.ttft_s, slo.ttft_percentile / 100, pp)
+def prefill_capacity(coeffs: Coefficients, pp: int, stats: WorkloadStats, slo: SLOSpec, pool_size: int = 1) -> float:
+    """Requests/s one prefill instance serves within the TTFT percentile, as one of pool_size
+    instances whose queues the router pools (queueing.ttft_exceed_prob)."""
+    return queueing.max_rate(prefill_service_s(coeffs, stats), slo.ttft_s, slo.ttft_percentile / 100, pp,
+                             stats.arrival_cv2, pool_size)
+
+
+def pooled(options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec, pool_size: int) -> list[InstanceOption]:
+    """The options with prefill capacities of a member of a pool of pool_size prefill
+    instances: the router sends each prompt to the least loaded one, so together they wait
+    like one queue of pool_size servers, far less than each alone. Decode options unchanged."""
+    if pool_size == 1:
+        return options
+    return [replace(o, capacity_rps=prefill_capacity(o.coefficients, o.pp, stats, slo, pool_size) * o.calibration,
+                    pool_size=pool_size) if o.role == "prefill" else o for o in options]
 
 
 @dataclass(frozen=True)
@@ -140,14 +171,18 @@ def decode_load(coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: flo
     return rho, coeffs.A / per_seq_ms
 
 
-def decode_tpot_exceed(coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: float, t_s: float) -> float:
-    """P(a decode step of one engine's batch takes longer than t_s) at this arrival rate."""
+def decode_tpot_exceed(coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: float, t_s: float,
+                       max_batch: int = MAX_DECODE_BATCH) -> float:
+    """P(a decode step of one engine's batch takes longer than t_s) at this arrival rate; the
+    batch is the demand the rate builds up, capped at the engine's max_batch (the rest wait)."""
     rho, a = decode_load(coeffs, stats, engine_rate_rps)
-    if rho >= 1:
-        return 1.0
     per_seq_ms = coeffs.B * stats.decode_context + coeffs.C
     k = math.floor((t_s * 1e3 - coeffs.A) / per_seq_ms)  # the largest batch within t_s
-    return 1.0 if k < 0 else float(queueing.decode_batch_pmf(rho, a)[k + 1:].sum())
+    if k >= max_batch:
+        return 0.0
+    if rho >= 1:
+        return 1.0
+    return 1.0 if k < 0 else float(queueing.decode_batch_pmf(rho, a, stats.arrival_cv2)[k + 1:].sum())
 
 
 def decode_limits(coeffs: Coefficients, pp: int, kv_tokens: int, stats: WorkloadStats, slo: SLOSpec,
@@ -156,52 +191,58 @@ def decode_limits(coeffs: Coefficients, pp: int, kv_tokens: int, stats: Workload
     ctx += block_size / 2  # half a block of slack per sequence
     var_ctx = max(ctx2 - stats.decode_context ** 2, 0.0)
     prompt = float(stats.input_tokens.mean()) + block_size / 2
-    prompt2 = float((stats.input_tokens.astype(float) ** 2).mean())
     tpot_ms = slo.tpot_s * 1e3
     kv_per_engine = kv_tokens / pp
+    per_seq_ms = coeffs.B * stats.decode_context + coeffs.C
+
+    def slots(rate: float) -> tuple[float, float]:
+        """(running, reserved) of one engine at this rate: the sequences it runs at most,
+        within TPOT at their own step and within the KV left by the prompts reserved for
+        requests in prefill (about rate x TTFT of them: decode reserves before prefill runs),
+        each sequence of random size, at KV_SAFETY_Z (running sequences never preempt)."""
+        reserved = rate / pp * slo.ttft_s
+        kv_for_batch = kv_per_engine - reserved * prompt
+        # n ctx + z sqrt(n var_ctx) = kv_for_batch is a quadratic in sqrt(n).
+        z_sigma = KV_SAFETY_Z * math.sqrt(var_ctx)
+        root = (math.sqrt(z_sigma ** 2 + 4 * ctx * max(kv_for_batch, 0.0)) - z_sigma) / (2 * ctx)
+        return min((tpot_ms - coeffs.A) / per_seq_ms, root ** 2), reserved
+
+    # Square-root staffing (Halfin-Whitt): the slots kept free for the variance of a many-server
+    # queue grow with the square root of its variability, (ca2 + cs2) / (1 + cs2) relative to
+    # Poisson arrivals, cs2 that of the lifetimes (decode steps); so does the free share here.
+    free_share = (1 - DECODE_UTILIZATION) * math.sqrt(
+        queueing.burst_factor(stats.arrival_cv2, stats.output_tokens.astype(float)))
+    utilization = max(1 - free_share, 0.0)
 
     def feasible(rate: float) -> bool:
-        rho, a = decode_load(coeffs, stats, rate / pp)
-        if rho >= 1:
+        """Within `utilization` of what the engine completes with every slot busy, and within
+        the TPOT percentile by the batch law the forecast uses (predict.py), so that the
+        forecast at a capacity meets the TPOT percentile that the capacity promises."""
+        running, _ = slots(rate)
+        if running < 1:
             return False
-        pmf = queueing.decode_batch_pmf(rho, a)
-        batch = queueing.batch_quantile(pmf, slo.tpot_percentile / 100)
-        if coeffs.decode_ms(batch, batch * stats.decode_context) > tpot_ms:
+        full_step_s = coeffs.decode_ms(running, running * stats.decode_context) / 1e3
+        if rate / pp > utilization * running / (stats.mean_decode_steps * full_step_s):
             return False
-        # KV of one engine: its batch plus the prompts reserved for requests in prefill
-        # (Poisson, about rate x TTFT of them), each of a random size.
-        mean_n = (a + 1) * rho / (1 - rho)  # the negative binomial's moments
-        var_n = mean_n / (1 - rho)
-        reserved = rate / pp * slo.ttft_s
-        mean = mean_n * ctx + reserved * prompt
-        var = mean_n * var_ctx + var_n * ctx ** 2 + reserved * prompt2
-        return mean + KV_SAFETY_Z * math.sqrt(var) <= kv_per_engine
+        return decode_tpot_exceed(coeffs, stats, rate / pp, slo.tpot_s) <= 1 - slo.tpot_percentile / 100
 
-    per_seq_ms = coeffs.B * stats.decode_context + coeffs.C
-    lo, hi = 0.0, pp * 1e3 / (stats.mean_decode_steps * per_seq_ms)  # rho = 1
+    lo, hi = 0.0, pp * 1e3 / (stats.mean_decode_steps * per_seq_ms)  # rho = 1: no batch is that fast
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
     if lo <= 0:
         return DecodeLimits(0.0, 1)
-    # The scheduler's batch cap counts running and reserved sequences (decode reserves a slot
-    # before prefill runs). Running ones: within TPOT at their own step, and few enough to
-    # leave KV for the reservations expected at this rate, so that a burst queues instead
-    # of preempting; plus room for the reservations themselves.
-    reserved = lo / pp * slo.ttft_s
-    kv_for_batch = kv_per_engine - reserved * prompt
-    # n ctx + z sqrt(n var_ctx) = kv_for_batch is a quadratic in sqrt(n).
-    z_sigma = KV_SAFETY_Z * math.sqrt(var_ctx)
-    root = (math.sqrt(z_sigma ** 2 + 4 * ctx * max(kv_for_batch, 0.0)) - z_sigma) / (2 * ctx)
-    running = min((tpot_ms - coeffs.A) / per_seq_ms, root ** 2)
-    cap = int(running + reserved + KV_SAFETY_Z * math.sqrt(reserved))
+    # The scheduler's batch cap counts running and reserved sequences.
+    running, reserved = slots(lo)
+    cap = int(running + reserved + KV_SAFETY_Z * math.sqrt(reserved * stats.arrival_cv2))
     return DecodeLimits(lo, min(max(cap, 1), MAX_DECODE_BATCH))
 
 
 def enumerate_options(model: ModelSpec, hardware: dict[NodeHardware, int], latency: LatencyTable,
                       stats: WorkloadStats, slo: SLOSpec, block_size: int,
                       max_pp: int = max(PARALLEL_SIZES)) -> list[InstanceOption]:
-    """Every (role, tp, pp <= max_pp) that fits each hardware, up to its largest node's GPU count.
+    """Every (role, tp, pp <= max_pp) that fits each hardware, up to its largest node's GPU count,
+    and whose step times are known (has_latency: cpu devices take the profile's (tp, pp) only).
 
     A node hosts an option when tp x pp is at most its GPU count (planner/milp.py:
     power-of-two instances pack whenever their GPUs add up). Options with zero capacity are
@@ -212,7 +253,8 @@ def enumerate_options(model: ModelSpec, hardware: dict[NodeHardware, int], laten
     for hw, max_gpus in hardware.items():
         for tp in PARALLEL_SIZES:
             for pp in PARALLEL_SIZES:
-                if pp > max_pp or tp * pp > max_gpus or not fits(model, hw, tp, pp, stats.max_tokens):
+                if (pp > max_pp or tp * pp > max_gpus or not fits(model, hw, tp, pp, stats.max_tokens)
+                        or not has_latency(latency, hw, tp, pp)):
                     continue
                 kv_tokens = kv_capacity_tokens(model, hw, tp, pp)
                 coeffs = latency.coefficients(hw, tp, pp)

@@ -45,6 +45,10 @@ def register(subparsers) -> None:
                       help="requests to simulate the plan with; 0 skips simulation (default 2000)")
     plan.add_argument("--no-goodput-search", action="store_true",
                       help="simulate at the planned rate only, not the bisection for simulated goodput")
+    plan.add_argument("--calibrate-rounds", type=int, default=3,
+                      help="at most this many rounds of calibrating the capacity model by simulating the "
+                           "placement's roles alone, then solving again; stops when the MILP proposes a "
+                           "placement already calibrated (default 3; 0 plans with the model's own capacities)")
     plan.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
     plan.add_argument("--max-pp", type=int, default=1, choices=(1, 2, 4, 8),
                       help="pipeline stages per instance at most (default 1: tandem serve runs tensor "
@@ -61,6 +65,9 @@ def register(subparsers) -> None:
     profile.add_argument("--gpu-type", help="GPU type to file the measurements under (default: detected)")
     profile.add_argument("--dtype", default="auto", help="float32 | float16 | bfloat16 | auto")
     profile.add_argument("--device", default="auto", help="cpu | cuda | auto")
+    profile.add_argument("--cores", type=int,
+                         help="CPU only: compute on this many cores, as many threads (default 1 when the entry "
+                              "is filed under gpu_type cpu, which is one core)")
     profile.add_argument("--repeats", type=int, default=3, help="runs per point; the median is kept")
     profile.add_argument("--prefill-tokens", default="16,32,64,128,256,512",
                          help="prompt lengths to time (comma-separated)")
@@ -110,15 +117,16 @@ def run_plan(args: argparse.Namespace) -> int:
     from planner.solver import SolveOptions
 
     inputs = plan_inputs(args)
-    if args.gap < 0 or args.threads < 1 or args.sim_requests < 0:
-        raise ValueError("--gap must be >= 0, --threads >= 1 and --sim-requests >= 0")
+    if args.gap < 0 or args.threads < 1 or args.sim_requests < 0 or args.calibrate_rounds < 0:
+        raise ValueError("--gap must be >= 0, --threads >= 1, --sim-requests >= 0 and --calibrate-rounds >= 0")
     options = SolveOptions(time_limit_s=args.time_limit, gap_rel=args.gap, threads=args.threads,
                            solver=args.solver)
     if args.layer_split:
         plan = make_layer_plan(inputs, options, _progress)
     else:
         plan = make_plan(inputs, options, num_sim_requests=args.sim_requests,
-                         search_goodput=not args.no_goodput_search, progress=_progress)
+                         search_goodput=not args.no_goodput_search, progress=_progress,
+                         calibration_rounds=args.calibrate_rounds)
     plan.save(args.out)
     _progress(f"wrote {args.out}")
     if args.emit == "json":
@@ -133,6 +141,8 @@ def run_profile(args: argparse.Namespace) -> int:
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.cores is not None and args.cores < 1:
+        raise ValueError(f"--cores must be >= 1, got {args.cores}")
     grid = {}
     for flag in ("prefill_tokens", "decode_batches", "decode_contexts"):
         try:
@@ -143,7 +153,7 @@ def run_profile(args: argparse.Namespace) -> int:
         if min(grid[flag]) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} values must be positive")
     profile = profile_engine(args.model, gpu_type=args.gpu_type, dtype=args.dtype, device=args.device,
-                             repeats=args.repeats, progress=_progress, **grid)
+                             repeats=args.repeats, cores=args.cores, progress=_progress, **grid)
     profile.save(args.out)
     entry = profile.entries[0]
     c = entry.coefficients

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.capacity import PARALLEL_SIZES, InstanceOption, WorkloadStats, fits, prefill_service_s
+from planner.capacity import PARALLEL_SIZES, InstanceOption, WorkloadStats, fits, has_latency, prefill_service_s
 from planner.gpus import GPU_SPECS, NodeHardware
 from planner.latency import LatencyTable
 from planner.network import Traffic
@@ -51,7 +51,7 @@ def does_not_fit_message(model: ModelSpec, hardware: dict[str, NodeHardware], nu
                          f"its nodes have {have}")
     others = []
     for spec in GPU_SPECS.values():
-        if spec.name in seen:
+        if spec.name in seen or not spec.has_roofline:  # suggest GPUs, not CPU cores
             continue
         hw = NodeHardware(spec, spec.memory_gb * 1e9, spec.link_gb_s, spec.cost_per_hour)
         fit = smallest_fit(model, hw, max_tokens)
@@ -72,7 +72,8 @@ def slo_unreachable_message(model: ModelSpec, hardware: dict[str, NodeHardware],
     for name, hw in hardware.items():
         for tp in PARALLEL_SIZES:
             for pp in PARALLEL_SIZES:
-                if pp > max_pp or tp * pp > num_gpus[name] or not fits(model, hw, tp, pp, stats.max_tokens):
+                if (pp > max_pp or tp * pp > num_gpus[name] or not fits(model, hw, tp, pp, stats.max_tokens)
+                        or not has_latency(latency, hw, tp, pp)):
                     continue
                 c = latency.coefficients(hw, tp, pp)
                 label = f"{hw.gpu.name} tp={tp} pp={pp}"

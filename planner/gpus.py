@@ -7,6 +7,12 @@ hour (2024), only defaults for the cost objective: a cluster file overrides them
 
 Turing (T4) and Volta (V100) have no bfloat16 tensor cores; engines run bfloat16 models on
 them in float16, so their float16 rate stands in for bfloat16.
+
+`cpu` is a device too: one CPU core (a node's `num_gpus` counts its cores; `tandem serve`
+runs each rank of such an instance as a CPU worker on a core of its own). It has no
+datasheet for the roofline, so its latency must come from a profile measured on one core
+(`tandem profile --device cpu --cores 1`); its memory per core is the cluster file's
+`gpu_memory_gb`, or CPU_MEMORY_GB.
 """
 
 from __future__ import annotations
@@ -26,7 +32,15 @@ class GPUSpec:
     nvlink: bool  # whether link_gb_s is NVLink (lower collective latency than PCIe)
     cost_per_hour: float  # default price per GPU hour, USD
 
+    @property
+    def has_roofline(self) -> bool:
+        """Whether the table has the peaks the roofline needs (not for cpu: profile only)."""
+        return bool(self.tflops)
+
     def peak_flops(self, dtype: str) -> float:
+        if not self.has_roofline:
+            raise ValueError(f"gpu_type {self.name!r} has no datasheet for the roofline latency model: "
+                             f"{PROFILE_FIX}")
         return dict(self.tflops)[dtype] * 1e12
 
 
@@ -35,6 +49,17 @@ def _gpu(name, memory_gb, mem_bw_gb_s, fp16, fp32, link_gb_s, nvlink, cost) -> G
     tflops = (("float16", fp16), ("bfloat16", fp16), ("float32", fp32))
     return GPUSpec(name, memory_gb, mem_bw_gb_s, tflops, link_gb_s, nvlink, cost)
 
+
+# One CPU core as a device. Memory: what a core's worker may use for weights and KV (the
+# engine's CPU worker holds 1 GiB of KV by default); a cluster file's gpu_memory_gb says
+# what a node really gives each core. Link: KV between two workers of one machine goes
+# through host memory over a local socket, a few GB/s. Price: about a cloud vCPU hour.
+CPU_MEMORY_GB = 2.0
+CPU_LINK_GB_S = 5.0
+CPU_COST_PER_CORE_HOUR = 0.05
+PROFILE_FIX = ("its latency must come from a profile of the model measured on one core: run "
+               "`tandem profile --device cpu --cores 1 --model <checkpoint> --out profile.yaml` and plan "
+               "with --profile profile.yaml")
 
 GPU_SPECS: dict[str, GPUSpec] = {g.name: g for g in (
     #    name         mem GB  HBM GB/s  fp16 TF  fp32 TF  link GB/s  NVLink  $/h
@@ -47,6 +72,7 @@ GPU_SPECS: dict[str, GPUSpec] = {g.name: g for g in (
     _gpu("L4",         24.0,   300.0,   121.0,   30.3,     32.0,     False,   0.8),
     _gpu("V100",       32.0,   900.0,   125.0,   15.7,    150.0,     True,    2.5),
     _gpu("T4",         16.0,   320.0,    65.0,    8.1,     16.0,     False,   0.5),
+    GPUSpec("cpu", CPU_MEMORY_GB, 0.0, (), CPU_LINK_GB_S, False, CPU_COST_PER_CORE_HOUR),
 )}
 
 GPU_TYPES = tuple(GPU_SPECS)

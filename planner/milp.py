@@ -62,15 +62,23 @@ def compatible_options(cluster: ClusterSpec, hardware: dict[str, NodeHardware],
 
 def solve_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware], options: list[InstanceOption],
                     traffic: Traffic, objective: str, target_rps: float | None, solve_options: SolveOptions,
-                    progress: Callable[[str], None] | None = None) -> Placement:
+                    progress: Callable[[str], None] | None = None,
+                    fixed_counts: dict[tuple[str, int], int] | None = None) -> Placement:
+    """The placement the objective asks for; with fixed_counts, those instances (keyed like
+    Placement.counts) and only the routes solved: what a placement serves under new capacities."""
     import pulp
 
     sense = pulp.LpMaximize if objective == "goodput" else pulp.LpMinimize
     prob = pulp.LpProblem("placement", sense)
     hosts = compatible_options(cluster, hardware, options)
     gpus = {n.name: n.num_gpus for n in cluster.nodes}
-    x = {(n, i): prob.add_variable(f"x_{k}_{i}", 0, gpus[n] // options[i].num_gpus, cat="Integer")
-         for k, n in enumerate(hosts) for i in hosts[n]}
+    if fixed_counts is None:
+        x = {(n, i): prob.add_variable(f"x_{k}_{i}", 0, gpus[n] // options[i].num_gpus, cat="Integer")
+             for k, n in enumerate(hosts) for i in hosts[n]}
+    else:
+        x = {(n, i): prob.add_variable(f"x_{k}_{i}", fixed_counts.get((n, i), 0), fixed_counts.get((n, i), 0),
+                                       cat="Integer")
+             for k, n in enumerate(hosts) for i in hosts[n]}
     names = list(hosts)
     idx = {n: k for k, n in enumerate(names)}
     local = {n: prob.add_variable(f"l_{idx[n]}", 0, traffic.local_rps[n]) for n in names}
@@ -96,7 +104,8 @@ def solve_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware], opt
     else:
         prob += pulp.lpSum(send.values()) == pulp.lpSum(recv.values())
     rate = pulp.lpSum(local.values()) + pulp.lpSum(send.values())
-    _break_symmetry(prob, cluster, hardware, hosts, options, x)
+    if fixed_counts is None:
+        _break_symmetry(prob, cluster, hardware, hosts, options, x)
     if objective == "goodput":
         prob += rate
     else:

@@ -12,25 +12,26 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
 
+from planner.calibration import RoleCalibration, calibrate_role, calibrated
 from planner.capacity import (PARALLEL_SIZES, InstanceOption, WorkloadStats, enumerate_options, fits,
-                              prune_dominated)
+                              has_latency, pooled, prune_dominated)
 from planner.diagnose import does_not_fit_message, slo_unreachable_message, unpaired_message
-from planner.gpus import NodeHardware, node_hardware
+from planner.gpus import PROFILE_FIX, NodeHardware, node_hardware
 from planner.latency import LatencyTable, Profile
 from planner.milp import Placement, compatible_options, solve_placement
 from planner.network import Traffic, traffic_limits
-from planner.predict import attainment, goal_warning, predict
+from planner.predict import attainment, goal_warning, num_prefill_instances, predict
 from planner.simulator import SimResult, Simulator
 from planner.solver import SolveOptions
 from planner.workload import Requests, Trace, WorkloadSpec, load_trace
 from proto.cluster import ClusterSpec
 from proto.model_spec import ModelSpec
-from proto.plan import InstanceGroup, Metrics, Plan, PlanNode, Route, SolverInfo
+from proto.plan import ROLES, Calibration, InstanceGroup, Metrics, Plan, PlanNode, Route, SolverInfo
 from proto.schema import as_str
 from proto.slo import SLOSpec
 
@@ -38,6 +39,12 @@ NUM_STAT_SAMPLES = 400  # workload samples behind the queueing model's expectati
 TRANSFER_TPOT_SHARE = 0.25
 SIM_LIFETIMES = 3  # warm-up, counted window, cool-down
 GOODPUT_SEARCH_STEPS = 6  # bisection steps of the simulated goodput, after the bracket
+# Calibration simulates other requests (another seed) than the plan's simulated figures,
+# which therefore check the calibrated forecast on requests it was not fitted to.
+CALIBRATION_SEED = 1
+CALIBRATION_ROUNDS = 3  # at most, by default: calibrate-and-solve rounds (planner/calibration.py)
+# Prefill pool sizes the MILP is solved for (place()); past 16 a pool's gain barely grows.
+POOL_SIZES = (1, 2, 3, 4, 6, 8, 12, 16)
 
 
 @dataclass(frozen=True)
@@ -75,13 +82,15 @@ class Problem:
 
 def workload_stats(workload: WorkloadSpec, trace: Trace | None, seed: int = 0) -> WorkloadStats:
     rng = np.random.default_rng(seed)
+    cv2 = workload.arrival_cv2(trace)
     if trace is not None:
         rows = rng.choice(len(trace.input_tokens), min(NUM_STAT_SAMPLES, len(trace.input_tokens)), replace=False)
         longest = int((trace.input_tokens + trace.output_tokens).max())
-        return WorkloadStats(trace.input_tokens[rows], trace.output_tokens[rows], longest)
+        return WorkloadStats(trace.input_tokens[rows], trace.output_tokens[rows], longest, cv2)
     sample = workload.sample(NUM_STAT_SAMPLES * 25, seed=seed)
     longest = int((sample.input_tokens + sample.output_tokens).max())
-    return WorkloadStats(sample.input_tokens[:NUM_STAT_SAMPLES], sample.output_tokens[:NUM_STAT_SAMPLES], longest)
+    return WorkloadStats(sample.input_tokens[:NUM_STAT_SAMPLES], sample.output_tokens[:NUM_STAT_SAMPLES], longest,
+                         cv2)
 
 
 def kv_traffic(inputs: PlanInputs, hardware: dict[str, NodeHardware], stats: WorkloadStats) -> Traffic:
@@ -103,6 +112,11 @@ def kv_traffic(inputs: PlanInputs, hardware: dict[str, NodeHardware], stats: Wor
 def _read(inputs: PlanInputs) -> tuple[dict[str, NodeHardware], Trace | None, WorkloadStats, LatencyTable]:
     """What every mode needs: node hardware, the trace (if any), workload stats, latencies."""
     hardware = {n.name: node_hardware(n) for n in inputs.cluster.nodes}
+    profiled = {e.gpu_type for e in inputs.profile.entries} if inputs.profile else set()
+    for i, n in enumerate(inputs.cluster.nodes):
+        if not hardware[n.name].gpu.has_roofline and n.gpu_type not in profiled:
+            raise ValueError(f"cluster.nodes[{i}] ({n.name}) has gpu_type {n.gpu_type}, which the roofline has no "
+                             f"datasheet for, and no profile entry has gpu_type {n.gpu_type}: {PROFILE_FIX}")
     trace = load_trace(inputs.workload.trace) if inputs.workload.trace else None
     latency = LatencyTable(inputs.model, inputs.profile, (n.gpu_type for n in inputs.cluster.nodes))
     return hardware, trace, workload_stats(inputs.workload, trace), latency
@@ -120,7 +134,8 @@ def prepare(inputs: PlanInputs) -> Problem:
     missing = [role for role in ("prefill", "decode") if not any(o.role == role for o in options)]
     if missing:
         fitting = [(tp * pp, pp, tp, hw.gpu.name) for hw, g in max_gpus.items() for tp in PARALLEL_SIZES
-                   for pp in PARALLEL_SIZES if tp * pp <= g and fits(inputs.model, hw, tp, pp, stats.max_tokens)]
+                   for pp in PARALLEL_SIZES if tp * pp <= g and fits(inputs.model, hw, tp, pp, stats.max_tokens)
+                   and has_latency(latency, hw, tp, pp)]
         if not fitting:
             raise ValueError(does_not_fit_message(inputs.model, hardware, num_gpus, stats.max_tokens))
         if all(pp > inputs.max_pp for _, pp, _, _ in fitting):
@@ -137,24 +152,44 @@ def prepare(inputs: PlanInputs) -> Problem:
 
 def place(problem: Problem, solve_options: SolveOptions,
           progress: Callable[[str], None] | None = None) -> tuple[Placement, list[InstanceOption]]:
-    """Solve the MILP over the non-dominated options; ValueError when it has no answer."""
-    options = prune_dominated(problem.options)
+    """Solve the MILP over the non-dominated options; ValueError when it has no answer.
+
+    Prefill capacities depend on how many prefill instances pool their queues (capacity.pooled),
+    which the MILP decides: it is solved once per assumed pool size in POOL_SIZES (and for
+    each pool size a solution has), a solution counts only when it places at least as many
+    prefill instances as its capacities assume, and the best one wins."""
     inputs = problem.inputs
     target = problem.target_rps if inputs.objective == "cost" else None
-    placement = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic,
-                                inputs.objective, target, solve_options, progress)
-    if placement.solver.status == "no_solution" or (placement.solver.status == "time_limit"
-                                                     and placement.rate_rps <= 0):
+    best = first = None
+    pools = [k for k in POOL_SIZES if k <= inputs.cluster.num_gpus]
+    for pool in pools:
+        options = prune_dominated(pooled(problem.options, problem.stats, inputs.slo, pool))
+        placement = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic,
+                                    inputs.objective, target, solve_options, progress)
+        first = first or (placement, options)
+        found = num_prefill_instances(placement, options)
+        if placement.solver.status not in ("optimal", "time_limit") or placement.rate_rps <= 0 or found < pool:
+            continue
+        if found not in pools:  # solve again for the pool it has, so that its capacities are its own
+            pools.append(found)
+        if best is None or _better(placement, best[0], inputs.objective):
+            best = (placement, options)
+    if best is not None:
+        return best
+    placement, options = first
+    if placement.solver.status == "no_solution" or placement.solver.status == "time_limit":
         raise ValueError(stopped_message(solve_options, "a placement that serves requests"))
     if inputs.objective == "cost" and placement.solver.status == "infeasible":
-        best = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic, "goodput",
-                               None, solve_options)
+        most, _ = place(replace(problem, inputs=replace(inputs, objective="goodput")), solve_options)
         raise ValueError(f"target rate {target:g} req/s is out of reach: the most this cluster serves "
-                         f"within {inputs.slo.describe()} is {best.rate_rps:.2f} req/s")
-    if placement.rate_rps <= 0:
-        hosts = compatible_options(inputs.cluster, problem.hardware, options)
-        raise ValueError(unpaired_message(inputs.cluster, inputs.model, options, hosts, problem.traffic))
-    return placement, options
+                         f"within {inputs.slo.describe()} is {most.rate_rps:.2f} req/s")
+    hosts = compatible_options(inputs.cluster, problem.hardware, options)
+    raise ValueError(unpaired_message(inputs.cluster, inputs.model, options, hosts, problem.traffic))
+
+
+def _better(a: Placement, b: Placement, objective: str) -> bool:
+    """Goodput: more requests/s; cost: a lower price (each solve meets the target)."""
+    return a.rate_rps > b.rate_rps if objective == "goodput" else a.solver.objective < b.solver.objective
 
 
 def stopped_message(solve_options: SolveOptions, what: str) -> str:
@@ -181,13 +216,21 @@ def simulator(problem: Problem, placement: Placement, options: list[InstanceOpti
 
 
 def _sim_requests(problem: Problem, rate_rps: float, num_requests: int, seed: int) -> tuple[Requests, tuple]:
-    """At least num_requests, and enough for a warm-up, a counted window and a cool-down of
+    return run_requests(problem.inputs.workload, problem.trace, problem.stats, problem.inputs.slo, rate_rps,
+                        num_requests, seed)
+
+
+def run_requests(workload: WorkloadSpec, trace: Trace | None, stats: WorkloadStats, slo: SLOSpec, rate_rps: float,
+                 num_requests: int, seed: int) -> tuple[Requests, tuple[float, float]]:
+    """The requests a simulation at rate_rps runs, and the window of arrival times it counts
+    (benchmarks/closed_loop.py replays the same requests against a server).
+
+    At least num_requests, and enough for a warm-up, a counted window and a cool-down of
     one request lifetime each (a decode lifetime at the TPOT target can be many seconds, and
     a short run at a high rate would never load the decode instances)."""
-    slo = problem.inputs.slo
-    lifetime_s = slo.ttft_s + problem.stats.mean_decode_steps * slo.tpot_s
+    lifetime_s = slo.ttft_s + stats.mean_decode_steps * slo.tpot_s
     n = max(num_requests, math.ceil(rate_rps * SIM_LIFETIMES * lifetime_s))
-    requests = problem.inputs.workload.sample(n, rate_rps=rate_rps, seed=seed, trace=problem.trace)
+    requests = workload.sample(n, rate_rps=rate_rps, seed=seed, trace=trace)
     end_s = float(requests.arrival_s[-1])
     return requests, (lifetime_s, end_s - lifetime_s)
 
@@ -224,6 +267,100 @@ def simulated_goodput(problem: Problem, placement: Placement, options: list[Inst
     return lo
 
 
+@dataclass(frozen=True)
+class Calibrated:
+    """What calibrate() settles on: the placement, its options at calibrated capacities, and
+    what the simulator found."""
+
+    problem: Problem  # with every option's capacity calibrated by `calibration`'s factors
+    placement: Placement
+    options: list[InstanceOption]
+    calibration: Calibration
+    simulated_goodput_rps: float  # of the placement, both roles together
+
+
+def calibrate(problem: Problem, placement: Placement, options: list[InstanceOption], solve_options: SolveOptions,
+              num_requests: int, max_rounds: int, seed: int = 0,
+              progress: Callable[[str], None] | None = None) -> Calibrated:
+    """The MILP iterating with the simulator (planner/calibration.py), at most max_rounds rounds.
+
+    A round takes the MILP's latest placement and simulates it: each role alone gives a
+    factor per role (simulated over modelled capacity), whose capacities set the routes of
+    the placement's own instances; the goodput search then simulates both roles together,
+    and its goodput over that rate is one more factor for both roles (their interaction:
+    a request's TTFT holds its wait for prefill and for decode room). The MILP solves
+    again with the factors for the next placement. The rounds stop when the MILP proposes
+    a placement already simulated; the one with the best simulated goodput (cost: the
+    cheapest serving the target) wins, so a plan's capacities are always those simulated
+    for its own placement."""
+    say = progress or (lambda _msg: None)
+    inputs = problem.inputs
+    model_options = problem.options  # the queueing model's own capacities
+    candidates: list[Calibrated] = []
+    seen = set()
+    for k in range(max_rounds):
+        seen.add(_signature(placement, options))
+        sim = simulator(problem, placement, options)
+        found: dict[str, RoleCalibration] = {}
+        for role in ROLES:
+            found[role] = calibrate_role(sim, placement, options, role, inputs.slo,
+                                         lambda rate: _sim_requests(problem, rate, num_requests, seed), progress)
+            if found[role].modelled_rps > 0 and found[role].simulated_rps <= 0:
+                raise ValueError(f"simulated alone, the placement's {role} instances meet the SLO percentiles at no "
+                                 f"rate, while the capacity model gives them {found[role].modelled_rps:.2f} req/s; "
+                                 f"plan with --calibrate-rounds 0 to see the model's plan")
+        alone = calibrated(options, {role: c.factor for role, c in found.items()})
+        routed = _fixed(problem, placement, alone, solve_options)
+        say(f"calibration round {k + 1}: " + "; ".join(
+            f"{r} alone {c.simulated_rps:.2f} req/s (model {c.modelled_rps:.2f})" for r, c in found.items())
+            + f"; together at most {routed.rate_rps:.2f} req/s")
+        goodput = simulated_goodput(problem, routed, alone, num_requests, seed=seed, progress=progress)
+        joint = goodput / routed.rate_rps if routed.rate_rps > 0 else 1.0
+        own = calibrated(alone, dict.fromkeys(ROLES, joint))
+        factors = {role: next((o.calibration for o in own if o.role == role), 1.0) for role in ROLES}
+        candidates.append(Calibrated(replace(problem, options=calibrated(model_options, factors)),
+                                     _fixed(problem, placement, own, solve_options), own,
+                                     Calibration(k + 1, round(factors["prefill"], 4), round(factors["decode"], 4)),
+                                     goodput))
+        say(f"  simulated goodput {goodput:.2f} req/s: factors prefill x{factors['prefill']:.3f}, "
+            f"decode x{factors['decode']:.3f} the model's")
+        problem = candidates[-1].problem
+        placement, options = place(problem, solve_options, progress)
+        again = _signature(placement, options) in seen
+        say(f"  solved again with these factors: {placement.rate_rps:.2f} req/s"
+            + (", a placement already simulated: converged" if again else ""))
+        if again:
+            break
+    target = problem.target_rps if inputs.objective == "cost" else 0.0
+    eligible = [c for c in candidates if c.simulated_goodput_rps > 0 and c.simulated_goodput_rps >= target]
+    best = max(eligible or candidates, key=lambda c: c.simulated_goodput_rps)
+    if inputs.objective == "cost" and eligible:
+        best = min(eligible, key=lambda c: c.placement.solver.objective)
+    return replace(best, calibration=replace(best.calibration, rounds=len(candidates)))
+
+
+def _fixed(problem: Problem, placement: Placement, options: list[InstanceOption],
+           solve_options: SolveOptions) -> Placement:
+    """The placement's own instances at these options' capacities, routes solved for the
+    most they serve; its solver info is the placement's (the MILP that chose it), with the
+    objective of these capacities."""
+    inputs = problem.inputs
+    routed = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic, "goodput", None,
+                             solve_options, fixed_counts=placement.counts)
+    cost = sum(c * options[i].cost_per_hour for (_, i), c in routed.counts.items())
+    objective = routed.rate_rps if inputs.objective == "goodput" else cost
+    return replace(routed, solver=replace(placement.solver, objective=round(objective, 4)))
+
+
+def _signature(placement: Placement, options: list[InstanceOption]) -> frozenset:
+    """A placement's instances, independent of how its options list is numbered."""
+    counts: dict[tuple, int] = defaultdict(int)
+    for (n, i), c in placement.counts.items():
+        o = options[i]
+        counts[n, o.role, o.gpu_type, o.tp, o.pp] += c
+    return frozenset(counts.items())
+
+
 def evaluation_rate(problem: Problem, placement: Placement) -> float:
     """The rate a plan's figures are quoted at: its goodput, or the cost objective's target."""
     return problem.target_rps if problem.inputs.objective == "cost" else placement.rate_rps
@@ -236,7 +373,7 @@ def plan_nodes(cluster: ClusterSpec, hardware: dict[str, NodeHardware], used: se
 
 
 def to_plan(problem: Problem, placement: Placement, options: list[InstanceOption], predicted: Metrics,
-            simulated: Metrics | None, warnings: tuple[str, ...] = ()) -> Plan:
+            simulated: Metrics | None, warnings: tuple[str, ...] = (), calibration: Calibration | None = None) -> Plan:
     inputs = problem.inputs
     by_option: dict[int, list[str]] = defaultdict(list)
     for (n, i), c in sorted(placement.counts.items()):
@@ -251,11 +388,14 @@ def to_plan(problem: Problem, placement: Placement, options: list[InstanceOption
     routes = tuple(Route(p, d, round(r, 4)) for (p, d), r in sorted(placement.routes.items()))
     return Plan(model=inputs.model, slo=inputs.slo, objective=inputs.objective, nodes=nodes, groups=groups,
                 routes=routes, predicted=predicted, simulated=simulated, solver=placement.solver,
-                block_size=inputs.block_size, warnings=warnings)
+                block_size=inputs.block_size, warnings=warnings, calibration=calibration)
 
 
 def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests: int = 2000,
-              search_goodput: bool = True, progress: Callable[[str], None] | None = None) -> Plan:
+              search_goodput: bool = True, progress: Callable[[str], None] | None = None,
+              calibration_rounds: int = CALIBRATION_ROUNDS) -> Plan:
+    """The plan for inputs; with simulation on (num_sim_requests > 0), capacities are first
+    calibrated by the simulator in at most calibration_rounds rounds (0: the model's own)."""
     say = progress or (lambda _msg: None)
     say(f"planning {inputs.model.name} on {len(inputs.cluster.nodes)} nodes / {inputs.cluster.num_gpus} GPUs "
         f"for {inputs.slo.describe()}")
@@ -264,7 +404,13 @@ def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests:
     placement, options = place(problem, solve_options, progress)
     s = placement.solver
     say(f"MILP ({s.name}): {s.status}, gap {s.gap:.2%}, {s.solve_time_s:.1f} s, "
-        f"{s.num_variables} variables, {s.num_constraints} constraints")
+        f"{s.num_variables} variables, {s.num_constraints} constraints: {placement.rate_rps:.2f} req/s")
+    calibration = None
+    if num_sim_requests and calibration_rounds:
+        say(f"calibrating capacities by simulation: at most {calibration_rounds} round(s)")
+        found = calibrate(problem, placement, options, solve_options, num_sim_requests, calibration_rounds,
+                          seed=CALIBRATION_SEED, progress=progress)
+        problem, placement, options, calibration = found.problem, found.placement, found.options, found.calibration
     rate = evaluation_rate(problem, placement)
     predicted = predict(placement, options, problem.stats, inputs.slo, rate)
     warnings = _warn(say, time_limit_warning(placement.solver, solve_options, inputs.objective),
@@ -281,7 +427,7 @@ def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests:
                 f"the goal fails, then {GOODPUT_SEARCH_STEPS} bisection steps")
             goodput = simulated_goodput(problem, placement, options, num_sim_requests, progress=progress)
         simulated = result.metrics(inputs.slo, rate, goodput)
-    return to_plan(problem, placement, options, predicted, simulated, warnings)
+    return to_plan(problem, placement, options, predicted, simulated, warnings, calibration)
 
 
 def _warn(say: Callable[[str], None], *warnings: str | None) -> tuple[str, ...]:

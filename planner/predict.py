@@ -2,9 +2,13 @@
 
 Load is spread as the routes say, and inside a node over its instances in proportion to
 their capacities (what the router's least-loaded choice approximates). Each prefill
-instance is the M/G/1 queue of planner/queueing.py; each decode instance runs the batch
-queueing.decode_batch_pmf gives, with TPOT the step time of that batch. The
-figures of all instances are mixed by their share of the requests.
+instance is the queue of planner/queueing.py; each decode instance runs the batch
+queueing.decode_batch_pmf gives, with TPOT the step time of that batch (G/G/1 and a wider
+batch for bursty arrivals). The router pools the prefill queues, so each prefill instance
+waits as one of a pool of as many servers as the placement has prefill instances. An
+option calibrated by the simulator (InstanceOption.calibration) is loaded in the formulas
+by its rate over its factor. The figures of all instances are mixed by their share of the
+requests.
 """
 
 from __future__ import annotations
@@ -32,6 +36,12 @@ class _Loaded:
     option: InstanceOption
     rate_rps: float  # requests/s this instance serves
 
+    @property
+    def model_rate_rps(self) -> float:
+        """The rate the queue formulas see: a calibrated option serves its calibration
+        times what the model says, so it is loaded as by that much less."""
+        return self.rate_rps / self.option.calibration
+
 
 def _instance_loads(placement: Placement, options: list[InstanceOption], rate_rps: float) -> list[_Loaded]:
     scale = rate_rps / placement.rate_rps if placement.rate_rps else 0.0
@@ -48,6 +58,10 @@ def _instance_loads(placement: Placement, options: list[InstanceOption], rate_rp
         share = o.capacity_rps / have[n, o.role] if have[n, o.role] else 0.0
         loads.extend([_Loaded(o, used[n, o.role] * share)] * c)
     return [l for l in loads if l.rate_rps > 0]
+
+
+def num_prefill_instances(placement: Placement, options: list[InstanceOption]) -> int:
+    return sum(c for (_, i), c in placement.counts.items() if options[i].role == "prefill")
 
 
 def _mixture_quantile(exceed, quantile: float, hi: float) -> float:
@@ -90,15 +104,18 @@ def _exceed(placement: Placement, options: list[InstanceOption], stats: Workload
     prefill = [l for l in loads if l.option.role == "prefill"]
     decode = [l for l in loads if l.option.role == "decode"]
     services = {id(l.option): prefill_service_s(l.option.coefficients, stats) for l in prefill}
+    pool = num_prefill_instances(placement, options)  # the router pools all their queues
     p_total = sum(l.rate_rps for l in prefill) or 1.0
     d_total = sum(l.rate_rps for l in decode) or 1.0
 
     def ttft_exceed(t: float) -> float:
-        return sum(l.rate_rps * queueing.ttft_exceed_prob(l.rate_rps, services[id(l.option)], t, l.option.pp)
+        return sum(l.rate_rps * queueing.ttft_exceed_prob(l.model_rate_rps, services[id(l.option)], t, l.option.pp,
+                                                          stats.arrival_cv2, pool)
                    for l in prefill) / p_total
 
     def tpot_exceed(t: float) -> float:
-        return sum(l.rate_rps * decode_tpot_exceed(l.option.coefficients, stats, l.rate_rps / l.option.pp, t)
+        return sum(l.rate_rps * decode_tpot_exceed(l.option.coefficients, stats, l.model_rate_rps / l.option.pp, t,
+                                                   l.option.max_batch_size)
                    for l in decode) / d_total
 
     return ttft_exceed, tpot_exceed

@@ -6,15 +6,22 @@ times decode steps over K context tokens in all. Medians of a few runs are fitte
 non-negative least squares to the form planner/latency.py uses:
 
     prefill ms = a + b T + c T^2          decode ms = A + B K + C batch
+
+On a CPU the device is one core (planner/gpus.py: gpu_type cpu), so the profile binds
+itself to `cores` cores (one unless told) with as many compute threads, and files the
+entry under gpu_type cpu; measured on all of a machine's cores it would describe a device
+that no cluster file counts.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
 import statistics
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -55,6 +62,34 @@ def detect_gpu_type(device: str) -> str:
         if fragment in name:
             return gpu_type
     return name
+
+
+@contextmanager
+def bound_to_cores(num_cores: int | None) -> Iterator[tuple[int, ...]]:
+    """Run the body on the first num_cores cores this process may use, with as many torch
+    threads (engine/cores.py), and give the process its cores and threads back after.
+    None leaves everything as it is and yields the cores in use."""
+    import torch
+
+    from engine.cores import available_cores, bind_cores
+
+    cores = available_cores()
+    if num_cores is None:
+        yield tuple(cores)
+        return
+    if num_cores > len(cores):
+        raise ValueError(f"--cores {num_cores}: this process may run on {len(cores)} cores {cores}")
+    threads = torch.get_num_threads()
+    bind_cores(cores[:num_cores])
+    try:
+        yield tuple(cores[:num_cores])
+    finally:  # bind_cores would refuse cores the bound process no longer has: set them directly
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                os.sched_setaffinity(int(tid), cores)
+            except (ProcessLookupError, PermissionError):  # a thread that just ended
+                continue
+        torch.set_num_threads(threads)
 
 
 def _timed_step(engine) -> tuple[float, object]:
@@ -105,9 +140,34 @@ def measure_decode(engine, batches: tuple[int, ...], contexts: tuple[int, ...], 
 
 def profile_engine(model_dir: str | None, prefill_tokens: tuple[int, ...], decode_batches: tuple[int, ...],
                    decode_contexts: tuple[int, ...], gpu_type: str | None = None, dtype: str = "auto",
-                   device: str = "auto", repeats: int = 3,
+                   device: str = "auto", repeats: int = 3, cores: int | None = None,
                    progress: Callable[[str], None] | None = None) -> Profile:
-    """Time the engine over the grid (prompt lengths; decode batches x contexts) and fit."""
+    """Time the engine over the grid (prompt lengths; decode batches x contexts) and fit.
+
+    On a CPU device the process computes on `cores` cores (default one: the planner's cpu
+    device, under which the entry is filed unless gpu_type names another)."""
+    from engine.llm_engine import resolve_device
+
+    say = progress or (lambda _msg: None)
+    on_cpu = resolve_device(device) == "cpu"
+    if cores is not None and not on_cpu:
+        raise ValueError(f"--cores binds a profile to CPU cores: use it with --device cpu, not {device!r}")
+    if on_cpu and gpu_type in (None, "cpu"):
+        if cores not in (None, 1):
+            raise ValueError(f"--cores {cores}: gpu_type cpu is one core (a cluster's cpu node counts cores), "
+                             f"so its profile runs on --cores 1; to file what {cores} cores measure, name it "
+                             f"with --gpu-type")
+        gpu_type, cores = "cpu", 1
+    with bound_to_cores(cores) as used:
+        if on_cpu:
+            say(f"computing on cores {list(used)}")
+        return _profile(model_dir, prefill_tokens, decode_batches, decode_contexts, gpu_type, dtype, device,
+                        repeats, progress)
+
+
+def _profile(model_dir: str | None, prefill_tokens: tuple[int, ...], decode_batches: tuple[int, ...],
+             decode_contexts: tuple[int, ...], gpu_type: str | None, dtype: str, device: str, repeats: int,
+             progress: Callable[[str], None] | None) -> Profile:
     from engine import EngineConfig, LLMEngine, ModelConfig
     from engine.default_model import ensure_default_model
 

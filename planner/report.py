@@ -65,5 +65,9 @@ def format_plan(plan: Plan) -> str:
               f"predicted goodput per GPU {goodput / max(plan.num_gpus, 1):.3f} req/s",
               f"solver {s.name}: {s.status}, gap {s.gap:.2%}, {s.solve_time_s:.2f} s, "
               f"{s.num_variables} variables, {s.num_constraints} constraints"]
+    c = plan.calibration
+    lines.append("capacities: the queueing model's" if c is None else
+                 f"capacities: the queueing model's calibrated by simulation ({c.rounds} round"
+                 f"{'s' if c.rounds > 1 else ''}): prefill x{c.prefill:.3f}, decode x{c.decode:.3f}")
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)

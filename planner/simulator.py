@@ -2,7 +2,7 @@
 
 A request's way through the simulation (the router's story, architecture.md)::
 
-    arrive -> router picks a prefill instance (least queued work per capacity) and a
+    arrive -> router picks a prefill instance (least queued work per planned rate) and a
               decode node (the plan's routes, in proportion) and instance (least loaded)
            -> decode reserves the prompt's blocks      (waits while none are free)
            -> prefill queue -> prefill step(s)          (first token: TTFT ends here)
@@ -63,6 +63,7 @@ class Simulator:
         self.routes = routes
         self.cluster = cluster
         self.hardware = hardware
+        self.model = model
         self.nic_gb_s = {n.name: n.nic_gb_s for n in cluster.nodes}
         self.kv_bytes_per_token = model.kv_bytes_per_token
         self.block_size = block_size
@@ -99,6 +100,17 @@ class _Run:
             if d in self.decode_by_node:
                 self.targets[p][d] = rate
         self.sent = defaultdict(int)  # (prefill node, decode node) -> requests routed
+        # A prefill instance's planned share: its node's planned prefill rate split over the
+        # node's prefill instances by capacity. The router weighs queued work by it, so that
+        # the pooled queues (least loaded first) still give each node the load the routes plan.
+        planned = defaultdict(float)
+        for (p, _), rate in sim.routes.items():
+            planned[p] += rate
+        node_capacity = defaultdict(float)
+        for inst in self.prefill:
+            node_capacity[inst.node] += inst.option.capacity_rps
+        self.share = {inst.index: max(planned[inst.node] * inst.option.capacity_rps / node_capacity[inst.node],
+                                      1e-9) for inst in self.prefill}
         self.link_free_s = defaultdict(float)  # transfer resource -> when it is free
         self.events: list = []
         self.counter = itertools.count()
@@ -140,7 +152,7 @@ class _Run:
 
     def arrive(self, i: int) -> None:
         prompt, output = int(self.req.input_tokens[i]), int(self.req.output_tokens[i])
-        p = min(self.prefill, key=lambda x: x.pending_tokens / x.option.capacity_rps)
+        p = min(self.prefill, key=lambda x: x.pending_tokens / self.share[x.index])
         targets = self.targets.get(p.node) or {m: 1.0 for m in self.decode_by_node}
         node = min(targets, key=lambda m: self.sent[p.node, m] / targets[m])
         self.sent[p.node, node] += 1

@@ -28,6 +28,7 @@ tp x pp GPUs of one type, inside one node; a group is the instances of one role 
     predicted: {rate_rps: 12.2, goodput_rps: 12.2, attainment: 0.93, ttft_s: 0.31, tpot_s: 0.06}
     simulated: {...}                       # the same figures from the simulator, or null
     solver: {name: HiGHS, status: optimal, gap: 0.0, solve_time_s: 0.4, objective: 12.2}
+    calibration: {rounds: 1, prefill: 1.21, decode: 1.13}   # capacity factors from simulation, or null
     warnings: []                           # what to know before trusting the figures
 
 Layer-split mode (a model that fits no single node) fills ``stages`` instead of ``groups``:
@@ -174,6 +175,21 @@ class SolverInfo:
 
 
 @dataclass(frozen=True)
+class Calibration:
+    """How the capacity model was calibrated by the simulator (planner/calibration.py):
+    every option's capacity_rps is the model's times its role's factor."""
+
+    rounds: int  # calibrate-and-solve rounds
+    prefill: float = 1.0  # simulated over modelled capacity, over all rounds
+    decode: float = 1.0
+
+    def __post_init__(self) -> None:
+        as_int("plan.calibration.rounds", self.rounds, minimum=1)
+        for role in ROLES:
+            as_number(f"plan.calibration.{role}", getattr(self, role), minimum=0, exclusive=True)
+
+
+@dataclass(frozen=True)
 class Plan:
     model: ModelSpec
     slo: SLOSpec
@@ -190,6 +206,7 @@ class Plan:
     # goal (and the rate at which it meets it), a solve stopped at its time limit.
     warnings: tuple[str, ...] = ()
     version: int = PLAN_VERSION
+    calibration: Calibration | None = None  # None: capacities straight from the model
 
     def __post_init__(self) -> None:
         as_str("plan.objective", self.objective, OBJECTIVES)
@@ -269,7 +286,7 @@ class Plan:
     def from_dict(data: dict) -> "Plan":
         check_keys("plan", data, ("model", "slo", "objective", "nodes", "groups", "routes",
                                   "predicted", "solver"),
-                   ("simulated", "stages", "block_size", "warnings", "version"))
+                   ("simulated", "stages", "block_size", "warnings", "version", "calibration"))
 
         def each(key, cls):
             items = data.get(key) or []
@@ -278,7 +295,10 @@ class Plan:
             return tuple(build(cls, f"plan.{key}[{i}]", item) for i, item in enumerate(items))
 
         simulated = data.get("simulated")
+        calibration = data.get("calibration")
         return build(Plan, "plan", data,
+                     calibration=None if calibration is None else build(Calibration, "plan.calibration",
+                                                                        calibration),
                      model=ModelSpec.from_dict(data["model"]), slo=SLOSpec.from_dict(data["slo"]),
                      nodes=each("nodes", PlanNode), groups=each("groups", InstanceGroup),
                      routes=each("routes", Route), stages=each("stages", LayerStage),

@@ -11,7 +11,7 @@ from planner.gpus import GPU_TYPES
 from planner.models import ARCHITECTURES, resolve_model
 from planner.workload import WorkloadSpec, load_trace
 from proto.cluster import ClusterSpec
-from proto.plan import (InstanceGroup, LayerStage, Metrics, Plan, PlanNode, Route, SolverInfo,
+from proto.plan import (Calibration, InstanceGroup, LayerStage, Metrics, Plan, PlanNode, Route, SolverInfo,
                         ray_resource_name)
 from proto.slo import SLOSpec
 
@@ -146,6 +146,17 @@ def test_plan_warnings_round_trip(tmp_path):
     assert Plan.load(tmp_path / "plan.yaml") == plan
     with pytest.raises(ValueError, match=r"plan.warnings\[0\] must be a non-empty string"):
         _plan(warnings=("",))
+
+
+def test_plan_calibration_round_trips(tmp_path):
+    plan = _plan(calibration=Calibration(rounds=1, prefill=1.21, decode=1.13))
+    plan.save(tmp_path / "plan.yaml")
+    assert Plan.load(tmp_path / "plan.yaml") == plan
+    assert _plan().calibration is None  # a plan of the model's own capacities
+    data = plan.to_dict()
+    data["calibration"]["decode"] = 0
+    with pytest.raises(ValueError, match="plan.calibration.decode must be > 0"):
+        Plan.from_dict(data)
 
 
 def test_layer_split_plan_round_trips(tmp_path):
