@@ -25,7 +25,7 @@ __all__ = ["LLM", "LLMEngine", "EngineConfig", "ModelConfig", "RequestOutput", "
 _LAZY = {"LLM": "engine.llm", "LLMEngine": "engine.llm_engine", "RequestOutput": "engine.llm_engine"}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> object:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

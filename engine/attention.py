@@ -123,7 +123,9 @@ def _use_triton(t: torch.Tensor) -> bool:
     return triton_available()
 
 
-def store_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+def store_kv(
+    k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
     if _use_triton(k):
         from engine.kernels.triton_attention import store_kv as store_kv_triton
 

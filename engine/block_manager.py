@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Collection
 
 from engine.sequence import Sequence
 
@@ -83,7 +84,7 @@ class BlockManager:
 
     # ---- allocation -----------------------------------------------------------------------
 
-    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_ids: list[int] = ()) -> bool:
+    def can_allocate(self, seq: Sequence, num_new_tokens: int, cached_ids: Collection[int] = ()) -> bool:
         """Whether seq can grow to cover num_new_tokens more tokens (after taking cached_ids)."""
         have = len(seq.block_ids) + len(cached_ids)
         num_needed = (
@@ -95,13 +96,17 @@ class BlockManager:
     def take_cached(self, seq: Sequence, cached_ids: list[int]) -> None:
         """Give a new sequence the prefix blocks found by find_cached_blocks."""
         assert not seq.block_ids and seq.num_computed_tokens == 0, "only a fresh sequence takes a prefix"
+        hashes = []
         for block_id in cached_ids:
+            h = self.block_hash[block_id]
+            assert h is not None, "a cached block keeps its hash"
+            hashes.append(h)
             if self.ref_counts[block_id] == 0:
                 del self.free_ids[block_id]
             self.ref_counts[block_id] += 1
         seq.block_ids = list(cached_ids)
         seq.num_computed_tokens = len(cached_ids) * self.block_size
-        self.seq_hashes[seq.request_id] = [self.block_hash[b] for b in cached_ids]
+        self.seq_hashes[seq.request_id] = hashes
 
     def allocate(self, seq: Sequence, num_new_tokens: int) -> None:
         """Add blocks so that seq covers num_computed_tokens + num_new_tokens slots."""

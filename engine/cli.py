@@ -6,7 +6,7 @@ import argparse
 import time
 
 
-def register(subparsers) -> None:
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     make = subparsers.add_parser("make-model", help="build the embedded default model (about a minute)")
     make.add_argument("--out", help="directory to write (default: the user cache, see docs/default-model.md)")
     make.add_argument("--steps", type=int, default=200, help="training steps (default 200)")

@@ -6,6 +6,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 # Hugging Face architecture name -> whether q/k/v projections carry a bias by default.
 SUPPORTED_ARCHITECTURES = {
@@ -32,7 +33,7 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float
     rope_theta: float
-    rope_scaling: dict | None  # HF rope parameters beyond theta; type "llama3" or None
+    rope_scaling: dict[str, Any] | None  # HF rope parameters beyond theta; type "llama3" or None
     max_position_embeddings: int
     tie_word_embeddings: bool
     qkv_bias: bool
@@ -55,7 +56,7 @@ class ModelConfig:
         return ModelConfig.from_hf_dict(json.loads(raw), model_id)
 
     @staticmethod
-    def from_hf_dict(cfg: dict, model_id: str) -> ModelConfig:
+    def from_hf_dict(cfg: dict[str, Any], model_id: str) -> ModelConfig:
         archs = cfg.get("architectures") or []
         arch = archs[0] if archs else None
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -97,7 +98,7 @@ class ModelConfig:
         )
 
 
-def _sliding_windows(cfg: dict, arch: str, num_layers: int) -> tuple[int | None, ...]:
+def _sliding_windows(cfg: dict[str, Any], arch: str, num_layers: int) -> tuple[int | None, ...]:
     window = cfg.get("sliding_window")
     if arch == "Qwen2ForCausalLM" and not cfg.get("use_sliding_window", False):
         window = None
@@ -109,10 +110,13 @@ def _sliding_windows(cfg: dict, arch: str, num_layers: int) -> tuple[int | None,
     return tuple(window if t == "sliding_attention" else None for t in layer_types)
 
 
-def _as_token_ids(value) -> int | tuple[int, ...] | None:
+def _as_token_ids(value: object) -> int | tuple[int, ...] | None:
+    """config.json's eos_token_id: one id, a list of ids, or absent."""
     if isinstance(value, list):
         return tuple(value)
-    return value
+    if value is None or isinstance(value, int):
+        return value
+    raise ValueError(f"config.json: eos_token_id must be an int or a list of ints, got {value!r}")
 
 
 @dataclass(frozen=True)

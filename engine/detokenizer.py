@@ -8,12 +8,17 @@ still turn out to be the start of a stop string is held back until it cannot.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 # Tokens kept before the newest ones when decoding a window: enough context for merges.
 WINDOW_CONTEXT = 6
 
 
 class Detokenizer:
-    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop: tuple[str, ...] = ()):
         self.tokenizer = tokenizer
         self.stop = stop
         self.holdback = max((len(s) for s in stop), default=1) - 1
@@ -25,7 +30,9 @@ class Detokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        assert isinstance(text, str), "one list of ids decodes to one string"
+        return text
 
     def append(self, token_id: int) -> bool:
         """Add one generated token; returns True when the text now contains a stop string."""

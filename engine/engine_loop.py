@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
@@ -59,7 +59,7 @@ def to_delta(out: RequestOutput) -> TokenDelta:
 
 async def delta_stream(
     start: Callable[[Callable[[TokenDelta], None]], Awaitable[None]], stop: Callable[[], Awaitable[None]]
-) -> AsyncIterator[TokenDelta]:
+) -> AsyncGenerator[TokenDelta, None]:
     """Bridge a request's deltas from the engine thread into the caller's event loop.
 
     start(on_delta) begins the request; deltas are yielded until the final one. If the
@@ -67,7 +67,11 @@ async def delta_stream(
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
-    await start(lambda delta: loop.call_soon_threadsafe(queue.put_nowait, delta))
+
+    def on_delta(delta: TokenDelta) -> None:  # called on the engine's thread
+        loop.call_soon_threadsafe(queue.put_nowait, delta)
+
+    await start(on_delta)
     finished = False
     try:
         while not finished:
@@ -88,7 +92,7 @@ class EngineLoop:
         self._work = threading.Condition(self._lock)
         self._callbacks: dict[str, Callable[[TokenDelta], None]] = {}
         # Decode side: reservations waiting for a batch slot and blocks, oldest first.
-        self._reservations: OrderedDict[str, tuple[Sequence, Future]] = OrderedDict()
+        self._reservations: OrderedDict[str, tuple[Sequence, Future[list[int]]]] = OrderedDict()
         self._tombstones: OrderedDict[str, None] = OrderedDict()  # aborted before they arrived
         self._releases: list[str] = []  # appended by KV transfer threads, drained by the loop
         self._releases_lock = threading.Lock()
@@ -137,7 +141,7 @@ class EngineLoop:
             self._callbacks[request_id] = on_delta
             self._work.notify()
 
-    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Future:
+    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Future[list[int]]:
         """Decode side: blocks for a prompt prefilled elsewhere (see LLMEngine.reserve).
 
         Bad input raises ValueError and a full queue Overloaded, here. Otherwise the request
@@ -145,7 +149,7 @@ class EngineLoop:
         gets its block ids, or RequestAborted if abort() came first, or the loop's error.
         Callbacks on the future run under the loop's lock: they must not call the loop.
         """
-        future: Future = Future()
+        future: Future[list[int]] = Future()
         with self._lock:
             self._check_admissible(request_id)
             if request_id in self._reservations:
@@ -262,9 +266,9 @@ class EngineLoop:
                         if o.finished:
                             self._callbacks.pop(o.request_id, None)
                     self._grant_reservations()  # finished requests gave their blocks back
-                for callback, out in deliveries:
+                for callback, output in deliveries:
                     if callback is not None:
-                        callback(to_delta(out))
+                        callback(to_delta(output))
         except BaseException as exc:  # the engine broke: fail every request, never hang them
             self._error = exc
         self._fail_all(self._error or RuntimeError("engine loop stopped"))
@@ -282,7 +286,7 @@ class EngineLoop:
             callback(final_delta(request_id, FinishReason.ERROR, str(reason)))
 
 
-def _fail(future: Future, error: BaseException) -> None:
+def _fail(future: Future[list[int]], error: BaseException) -> None:
     """Fail a reservation's future unless its waiter cancelled it already."""
     if future.set_running_or_notify_cancel():
         future.set_exception(error)

@@ -3,7 +3,13 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+    from typing_extensions import TypeIs
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, RequestOutput
@@ -13,12 +19,12 @@ from engine.sampling_params import SamplingParams
 class LLM:
     """Runs batches of prompts to completion through the engine's continuous batching."""
 
-    def __init__(self, model: str | Path, **engine_args):
+    def __init__(self, model: str | Path, **engine_args: Any):
         self.engine = LLMEngine(model, EngineConfig(**engine_args))
         self._ids = itertools.count()
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self.engine.tokenizer
 
     def generate(
@@ -30,16 +36,19 @@ class LLM:
 
         A prompt is a string or a list of token ids; a single prompt may be passed bare.
         """
-        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-            prompts = [prompts]
+        batch: Sequence[str | list[int]]
+        if isinstance(prompts, str) or _is_token_ids(prompts):
+            batch = [prompts]
+        else:
+            batch = prompts
         if sampling_params is None:
             sampling_params = SamplingParams()
-        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
-        if len(params) != len(prompts):
-            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(batch)
+        if len(params) != len(batch):
+            raise ValueError(f"got {len(params)} sampling_params for {len(batch)} prompts")
+        ids = [f"gen-{next(self._ids)}" for _ in batch]
         try:
-            for request_id, prompt, p in zip(ids, prompts, params, strict=True):
+            for request_id, prompt, p in zip(ids, batch, params, strict=True):
                 self.engine.add_request(request_id, prompt, p)
             results: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished():
@@ -51,3 +60,8 @@ class LLM:
                 self.engine.abort(request_id)
             raise
         return [results[i] for i in ids]
+
+
+def _is_token_ids(prompts: list[int] | list[str] | list[list[int]]) -> TypeIs[list[int]]:
+    """A single prompt passed bare as token ids (rather than a list of prompts)."""
+    return bool(prompts) and isinstance(prompts[0], int)

@@ -44,7 +44,8 @@ class RequestOutput:
     finished: bool
     finish_reason: FinishReason | None  # once finished
     num_cached_tokens: int  # prompt tokens served by the prefix cache
-    metrics: dict[str, float] = field(default_factory=dict)  # arrival_s, first_token_s, finished_s
+    # arrival_s, first_token_s (None before the first token), finished_s (once finished)
+    metrics: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None  # why this request failed (finish_reason "error"), else None
 
 
@@ -147,6 +148,7 @@ class LLMEngine:
             ),
             self.block_manager,
         )
+        self.runner: ModelRunner
         if self.tp_group is None:
             self.runner = ModelRunner(self.model, self.kv_cache)
         else:
@@ -170,7 +172,8 @@ class LLMEngine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model directory has no tokenizer; pass prompts as token ids")
-            return self.tokenizer.encode(prompt)
+            token_ids: list[int] = self.tokenizer.encode(prompt)
+            return token_ids
         return list(prompt)
 
     def add_request(
@@ -268,6 +271,7 @@ class LLMEngine:
         given, runs as each step arrives and returns that step's per-layer hook (or None)."""
         if self.tp_group is None:
             raise RuntimeError("follow() is for ranks > 0 of a tensor-parallel engine; this one runs alone")
+        assert isinstance(self.runner, TPModelRunner)
         self.runner.follow(on_step)
 
     def close(self) -> None:
@@ -277,6 +281,7 @@ class LLMEngine:
             return
         try:
             if self.tp_group.is_driver:
+                assert isinstance(self.runner, TPModelRunner)
                 self.runner.stop_followers()
         except RuntimeError:  # a follower is gone already: there is no one left to stop
             pass
@@ -342,7 +347,7 @@ class LLMEngine:
 
     def _output(self, req: _Request, new_token_ids: list[int], now: float) -> RequestOutput:
         seq = req.seq
-        metrics = {"arrival_s": seq.arrival_s, "first_token_s": req.first_token_s}
+        metrics: dict[str, float | None] = {"arrival_s": seq.arrival_s, "first_token_s": req.first_token_s}
         if seq.is_finished:
             metrics["finished_s"] = now
         detok = req.detokenizer if req.error is None else None

@@ -52,6 +52,9 @@ def rope_inv_freq(config: ModelConfig) -> torch.Tensor:
 
 
 class Rotary(nn.Module):
+    cos: torch.Tensor  # [max_positions, head_dim], a buffer
+    sin: torch.Tensor
+
     def __init__(self, config: ModelConfig, max_positions: int):
         super().__init__()
         freqs = torch.arange(max_positions).float()[:, None] * rope_inv_freq(config)[None, :]
@@ -93,7 +96,8 @@ class Attention(nn.Module):
         k_cache, v_cache = kv_cache.layer(self.layer_idx)
         store_kv(k, v.contiguous(), k_cache, v_cache, meta.slot_mapping)
         out = paged_attention(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
-        return self.o_proj(out.reshape(num_tokens, self.q_size))
+        projected: torch.Tensor = self.o_proj(out.reshape(num_tokens, self.q_size))
+        return projected
 
 
 class MLP(nn.Module):
@@ -105,7 +109,8 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).split(self.intermediate_size, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        down: torch.Tensor = self.down_proj(F.silu(gate) * up)
+        return down
 
 
 class DecoderLayer(nn.Module):
@@ -116,9 +121,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, positions, rotary, meta, kv_cache):
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, rotary: Rotary, meta: AttentionMetadata, kv_cache: KVCache
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), positions, rotary, meta, kv_cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        out: torch.Tensor = x + self.mlp(self.post_attention_layernorm(x))
+        return out
 
 
 class LlamaModel(nn.Module):
@@ -155,7 +163,8 @@ class LlamaModel(nn.Module):
             x = layer(x, positions, self.rotary, meta, kv_cache)
             if on_layer_stored is not None:
                 on_layer_stored(i)
-        return self.norm(x)
+        hidden: torch.Tensor = self.norm(x)
+        return hidden
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [M, hidden_size] -> logits [M, vocab_size] in float32."""

@@ -61,7 +61,7 @@ class ModelRunner:
                 step.sample_indices.append(len(step.input_ids) - 1)
         return step
 
-    def tensors(self, step: StepInputs):
+    def tensors(self, step: StepInputs) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         """The model's inputs on this runner's device: ids, positions, metadata, sample rows."""
         dev = self.device
         max_blocks = max((len(t) for t in step.decode_block_tables), default=0)
@@ -82,7 +82,9 @@ class ModelRunner:
         pos = torch.tensor(step.positions, dtype=torch.int64, device=dev)
         return ids, pos, meta, torch.tensor(step.sample_indices, dtype=torch.int64, device=dev)
 
-    def prepare(self, scheduled: list[ScheduledSeq]):
+    def prepare(
+        self, scheduled: list[ScheduledSeq]
+    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata, torch.Tensor]:
         return self.tensors(self.plan(scheduled))
 
     @torch.inference_mode()
@@ -90,7 +92,7 @@ class ModelRunner:
         """Run the model over one step (K/V go to the cache); returns the hidden states of
         the sampled rows, [num_sampling_seqs, hidden_size]."""
         ids, pos, meta, sample_indices = self.tensors(step)
-        hidden = self.model(ids, pos, meta, self.kv_cache, on_layer_stored)
+        hidden: torch.Tensor = self.model(ids, pos, meta, self.kv_cache, on_layer_stored)
         return hidden[sample_indices]
 
     @torch.inference_mode()

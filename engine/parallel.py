@@ -52,7 +52,7 @@ from torch import nn
 
 from engine.config import ModelConfig
 from engine.kv_cache import KVCache
-from engine.model import LlamaModel
+from engine.model import DecoderLayer, LlamaModel
 from engine.model_runner import ModelRunner, StepInputs
 from engine.scheduler import ScheduledSeq
 
@@ -99,7 +99,7 @@ class TPGroup:
     Created before the model is sharded; close() leaves both.
     """
 
-    def __init__(self, rank: int, world_size: int, init_method: str, device: str):
+    def __init__(self, rank: int, world_size: int, init_method: str | None, device: str):
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a process group: one engine rank per process")
         self.rank = rank
@@ -125,7 +125,9 @@ class TPGroup:
         """The driver sends msg; every other rank passes None and gets the driver's."""
         box = [msg]
         dist.broadcast_object_list(box, src=0, group=self.control)
-        return box[0]
+        received = box[0]
+        assert received is not None, "the driver always sends a message"
+        return received
 
     def barrier(self) -> None:
         dist.barrier(group=self.control)
@@ -159,11 +161,11 @@ def _keep_columns(linear: nn.Linear, share: slice, rank: int) -> None:
     linear.weight = nn.Parameter(linear.weight[:, share].contiguous(), requires_grad=False)
     linear.in_features = linear.weight.shape[1]
     if rank != 0:
-        linear.bias = None
+        linear.register_parameter("bias", None)
     linear.register_forward_hook(_all_reduce_output)
 
 
-def _all_reduce_output(_module: nn.Module, _inputs, output: torch.Tensor) -> torch.Tensor:
+def _all_reduce_output(_module: nn.Module, _inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor:
     dist.all_reduce(output)
     return output
 
@@ -177,6 +179,7 @@ def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
     config = model.config
     check_tp_size(config, world_size)
     for layer in model.layers:
+        assert isinstance(layer, DecoderLayer)
         attn, mlp = layer.self_attn, layer.mlp
         assert attn.num_heads == config.num_heads, "the model is already sharded"
         q_size, kv_size = attn.q_size, attn.kv_size

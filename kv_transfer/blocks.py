@@ -40,7 +40,8 @@ def layer_chunk_ids(layout: KVLayout, layer_idx: int, block_ids: np.ndarray) -> 
     """Chunk ids of one layer's blocks: the K chunks in block order, then the V chunks."""
     # ids: [2, num_ids] -> flattened K then V
     kv = np.arange(2, dtype=np.int64)[:, None]
-    return ((layer_idx * 2 + kv) * layout.num_blocks + block_ids[None, :]).reshape(-1)
+    ids: np.ndarray = ((layer_idx * 2 + kv) * layout.num_blocks + block_ids[None, :]).reshape(-1)
+    return ids
 
 
 def chunk_offsets(layout: KVLayout, chunk_ids: np.ndarray, head_start: int) -> np.ndarray:

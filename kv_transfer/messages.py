@@ -192,7 +192,8 @@ class Channel:
 
     @property
     def local_host(self) -> str:
-        return self._sock.getsockname()[0]
+        host: str = self._sock.getsockname()[0]  # (host, port) for IPv4, (host, port, flow, scope) for IPv6
+        return host
 
     @classmethod
     def connect(cls, endpoint: str, timeout_s: float) -> Channel:

@@ -214,19 +214,21 @@ class KVReceiver:
         if link is None:
             channel.close()
             return
-        handlers = {
-            Begin: self._on_begin,
-            LayerSent: self._on_layer,
-            Quiesced: self._on_quiesced,
-            Abort: self._on_abort,
-        }
         reason = f"sender rank {link.layout.tp_rank} disconnected"
         try:
             while (msg := channel.recv()) is not None:
-                if type(msg) not in handlers:
-                    reason = f"sender rank {link.layout.tp_rank} sent an unexpected {msg!r}"
-                    break
-                handlers[type(msg)](link, msg)
+                match msg:
+                    case Begin():
+                        self._on_begin(link, msg)
+                    case LayerSent():
+                        self._on_layer(link, msg)
+                    case Quiesced():
+                        self._on_quiesced(link, msg)
+                    case Abort():
+                        self._on_abort(link, msg)
+                    case _:
+                        reason = f"sender rank {link.layout.tp_rank} sent an unexpected {msg!r}"
+                        break
         except Exception as e:  # a backend read failed: the link is broken
             reason = f"{self.backend} read from sender rank {link.layout.tp_rank} failed: {e}"
             log.warning("%s", reason)
@@ -285,7 +287,8 @@ class KVReceiver:
         sender = link.layout
         with self._lock:
             inc = self._transfers.get(msg.transfer_id)
-            outbox, released = [], []
+            outbox: Outbox = []
+            released: list[Transfer] = []
             if inc is None:
                 reason = "no blocks reserved for this transfer (unknown, ended or expired)"
             elif inc.handle.state.is_terminal:
@@ -319,18 +322,22 @@ class KVReceiver:
     def _on_layer(self, link: _Link, msg: LayerSent) -> None:
         with self._lock:
             inc = self._transfers.get(msg.transfer_id)
-            part = inc.parts.get(link.layout.tp_rank) if inc else None
-            if part is None or part.link is not link or part.quiet or msg.layer_idx in part.layers:
+            part = inc.parts.get(link.layout.tp_rank) if inc is not None else None
+            if inc is None or part is None or part.link is not link or part.quiet or msg.layer_idx in part.layers:
                 raise ValueError(f"unexpected {msg!r}")  # a sender bug: drop the link
+            expected = inc.expected
+        data = link.data
+        assert data is not None and expected is not None, "only a Begin on a link with our heads makes a part"
         # Two-sided backends receive here; the blocks stay reserved meanwhile because this
         # part is not quiet, even if the transfer already failed.
-        link.data.read_layer(msg.layer_idx, inc.dst_block_ids, msg.seq, inc.deadline)
+        data.read_layer(msg.layer_idx, inc.dst_block_ids, msg.seq, inc.deadline)
         with self._lock:
             part.layers.add(msg.layer_idx)
-            handle, outbox = inc.handle, []
+            handle = inc.handle
+            outbox: Outbox = []
             if handle.state.is_terminal:
                 return
-            if all(r in inc.parts and msg.layer_idx in inc.parts[r].layers for r in inc.expected):
+            if all(r in inc.parts and msg.layer_idx in inc.parts[r].layers for r in expected):
                 handle._layer_done(msg.layer_idx)
             if len(handle.layers_done) == self.layout.num_layers:
                 handle._finish(TransferState.DONE)
@@ -350,8 +357,8 @@ class KVReceiver:
         """This sender will not write the transfer's blocks again; fail it if `failure`."""
         with self._lock:
             inc = self._transfers.get(transfer_id)
-            part = inc.parts.get(link.layout.tp_rank) if inc else None
-            if part is None or part.link is not link:
+            part = inc.parts.get(link.layout.tp_rank) if inc is not None else None
+            if inc is None or part is None or part.link is not link:
                 return
             part.quiet = True
             outbox = self._fail(inc, TransferState.FAILED, failure) if failure else []
@@ -362,7 +369,8 @@ class KVReceiver:
         with self._lock:
             link.alive = False
             self._links.remove(link)
-            outbox, released = [], []
+            outbox: Outbox = []
+            released: list[Transfer] = []
             for inc in list(self._transfers.values()):
                 part = inc.parts.get(link.layout.tp_rank)
                 if part is not None and part.link is link:

@@ -64,8 +64,9 @@ class _Link:
     channel: Channel
     layout: KVLayout  # the receiver's
     data: SendLink | None  # None when the two ranks share no head: nothing to move
-    jobs: queue.SimpleQueue = field(default_factory=queue.SimpleQueue)  # (id, layer, ready)|None
-    seq: itertools.count = field(default_factory=itertools.count)
+    # (transfer id, layer, ready event) to write, or None to stop
+    jobs: queue.SimpleQueue[tuple[str, int, torch.cuda.Event | None] | None] = field(default_factory=queue.SimpleQueue)
+    seq: itertools.count[int] = field(default_factory=itertools.count)
     writing: str | None = None  # the transfer whose bytes the worker is moving right now
     alive: bool = True
     threads: list[threading.Thread] = field(default_factory=list)
@@ -160,7 +161,7 @@ class KVSender:
             if self._closed or transfer_id in self._transfers:  # while we were connecting
                 raise RuntimeError(f"sender closed or transfer {transfer_id!r} already running")
             self._transfers[transfer_id] = out
-            outbox = [(part.link.channel, Begin(transfer_id, len(ids))) for part in out.parts]
+            outbox: Outbox = [(part.link.channel, Begin(transfer_id, len(ids))) for part in out.parts]
             lost = [part.link for part in out.parts if not part.link.alive]
             if lost:
                 outbox = self._fail(out, TransferState.FAILED, f"receiver at {lost[0].endpoint} disconnected")
@@ -294,9 +295,16 @@ class KVSender:
     # Link threads.
 
     def _read(self, link: _Link) -> None:
-        handlers = {Accept: self._on_accept, Confirm: self._on_confirm, Abort: self._on_abort}
-        while (msg := link.channel.recv()) is not None and type(msg) in handlers:
-            handlers[type(msg)](link, msg)
+        while (msg := link.channel.recv()) is not None:
+            match msg:
+                case Accept():
+                    self._on_accept(link, msg)
+                case Confirm():
+                    self._on_confirm(link, msg)
+                case Abort():
+                    self._on_abort(link, msg)
+                case _:  # nothing else may come from a receiver
+                    break
         self._lose(link, f"receiver at {link.endpoint} disconnected")
 
     def _work(self, link: _Link) -> None:
@@ -311,25 +319,25 @@ class KVSender:
         if ready is not None:
             ready.synchronize()  # the layer's K/V are in the cache only once its kernels ran
         with self._lock:
-            out, part = self._find(transfer_id, link)
-            while (
-                part is not None
-                and part.dst_block_ids is None
-                and not part.stopping
-                and link.alive
-                and time.monotonic() < out.deadline
-            ):
+            found = self._find(transfer_id, link)
+            if found is None:
+                return
+            out, part = found
+            while part.dst_block_ids is None and not part.stopping and link.alive and time.monotonic() < out.deadline:
                 self._accepted.wait(out.deadline - time.monotonic())
-            if part is None or part.dst_block_ids is None or part.stopping or not link.alive:
+            dst_block_ids = part.dst_block_ids
+            if dst_block_ids is None or part.stopping or not link.alive:
                 return
             link.writing = transfer_id
             msg = LayerSent(transfer_id, layer_idx, next(link.seq))
+        data = link.data
+        assert data is not None, "_plan keeps only links that share heads"
         error = None
         try:
-            if link.data.two_sided:  # the receiver must post its receive before the bytes come
+            if data.two_sided:  # the receiver must post its receive before the bytes come
                 link.channel.send(msg)
-            link.data.write_layer(layer_idx, out.src_block_ids, part.dst_block_ids, msg.seq, out.deadline)
-            if not link.data.two_sided:  # one-sided: announce only what already landed
+            data.write_layer(layer_idx, out.src_block_ids, dst_block_ids, msg.seq, out.deadline)
+            if not data.two_sided:  # one-sided: announce only what already landed
                 link.channel.send(msg)
         except Exception as e:  # any backend failure breaks the link, never the worker
             error = f"{self.backend} write to {link.endpoint} failed: {e}"
@@ -339,7 +347,7 @@ class KVSender:
                 out.written[layer_idx] = out.written.get(layer_idx, 0) + 1
                 if out.written[layer_idx] == len(out.parts):
                     out.handle._layer_done(layer_idx)
-            outbox = self._quiet(part) if part.stopping else []
+            outbox: Outbox = self._quiet(part) if part.stopping else []
             released = self._settle(out)
         deliver(outbox, released)
         if error is not None:
@@ -355,9 +363,10 @@ class KVSender:
 
     def _on_accept(self, link: _Link, msg: Accept) -> None:
         with self._lock:
-            out, part = self._find(msg.transfer_id, link)
-            if part is None or part.stopping:
+            found = self._find(msg.transfer_id, link)
+            if found is None or found[1].stopping:
                 return
+            out, part = found
             try:
                 dst = check_block_ids(msg.dst_block_ids, link.layout.num_blocks, "dst_block_ids")
                 if dst.size != out.src_block_ids.size:
@@ -373,9 +382,10 @@ class KVSender:
 
     def _on_confirm(self, link: _Link, msg: Confirm) -> None:
         with self._lock:
-            out, part = self._find(msg.transfer_id, link)
-            if part is None or part.stopping:
+            found = self._find(msg.transfer_id, link)
+            if found is None or found[1].stopping:
                 return
+            out, part = found
             out.confirmed += 1
             outbox = self._stop(part, msg.transfer_id, None)
             if out.confirmed == len(out.parts):
@@ -385,9 +395,10 @@ class KVSender:
 
     def _on_abort(self, link: _Link, msg: Abort) -> None:
         with self._lock:
-            out, part = self._find(msg.transfer_id, link)
-            if part is None:
+            found = self._find(msg.transfer_id, link)
+            if found is None:
                 return
+            out, part = found
             outbox = self._stop(part, msg.transfer_id, Quiesced(msg.transfer_id))
             outbox += self._fail(out, TransferState.FAILED, f"receiver at {link.endpoint} aborted: {msg.reason}")
             released = self._settle(out)
@@ -423,25 +434,28 @@ class KVSender:
             if self._links.get(link.endpoint) is link:
                 del self._links[link.endpoint]
             self._accepted.notify_all()
-            outbox, released = [], []
+            outbox: Outbox = []
+            released: list[Transfer] = []
             for out in list(self._transfers.values()):
-                _, part = self._find(out.handle.transfer_id, link)
-                if part is not None:
+                found = self._find(out.handle.transfer_id, link)
+                if found is not None:
+                    part = found[1]
                     outbox += self._stop(part, out.handle.transfer_id, None)
                     outbox += self._fail(out, TransferState.FAILED, reason)
                     released += self._settle(out)
         link.jobs.put(None)
         deliver(outbox, released)
 
-    def _find(self, transfer_id: str, link: _Link) -> tuple[_Outgoing | None, _Part | None]:
+    def _find(self, transfer_id: str, link: _Link) -> tuple[_Outgoing, _Part] | None:
+        """The running transfer and its part on `link`; None when there is no such part."""
         out = self._transfers.get(transfer_id)
-        part = next((p for p in out.parts if p.link is link), None) if out else None
-        return out, part
+        part = next((p for p in out.parts if p.link is link), None) if out is not None else None
+        return (out, part) if out is not None and part is not None else None
 
     def _fail(self, out: _Outgoing, state: TransferState, reason: str) -> Outbox:
         if not out.handle._finish(state, reason):
             return []
-        outbox = []
+        outbox: Outbox = []
         for part in out.parts:
             outbox += self._stop(part, out.handle.transfer_id, Abort(out.handle.transfer_id, reason))
         return outbox

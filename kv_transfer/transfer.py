@@ -70,7 +70,7 @@ class Transfer:
         self._layers_done: list[int] = []
         self._finished_s: float | None = None
         self._released = False
-        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future]] = []
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[TransferState]]] = []
         self._callbacks: list[Callable[[Transfer], None]] = []
 
     def __repr__(self) -> str:
@@ -115,7 +115,7 @@ class Transfer:
     async def wait_async(self) -> TransferState:
         """Await a terminal state from an asyncio loop, without tying up a thread."""
         loop = asyncio.get_running_loop()
-        future = loop.create_future()
+        future: asyncio.Future[TransferState] = loop.create_future()
         with self._cond:
             if self._state.is_terminal:
                 return self._state
@@ -187,7 +187,7 @@ def deliver(outbox: Outbox, released: list[Transfer]) -> None:
         handle._release()
 
 
-def _resolve(future: asyncio.Future, state: TransferState) -> None:
+def _resolve(future: asyncio.Future[TransferState], state: TransferState) -> None:
     if not future.done():
         future.set_result(state)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import cached_property
+from pathlib import Path
+from typing import Any
 
 from proto.schema import as_int, as_list, as_number, as_str, check_keys, load_document
 
@@ -108,7 +110,7 @@ class ClusterSpec:
         return self._link_caps.get(frozenset((a, b)))
 
     @staticmethod
-    def from_dict(data: dict, known_gpu_types: tuple[str, ...] | None = None) -> ClusterSpec:
+    def from_dict(data: dict[str, Any], known_gpu_types: tuple[str, ...] | None = None) -> ClusterSpec:
         """Build from a parsed YAML mapping; gpu_type is checked against known_gpu_types."""
         check_keys("cluster", data, ("nodes",), ("links",))
         nodes: list[NodeSpec] = []
@@ -131,7 +133,7 @@ class ClusterSpec:
             links.append(LinkSpec(**check_keys(f"cluster.links[{i}]", entry, ("a", "b", "gb_s"))))
         return ClusterSpec(tuple(nodes), tuple(links))
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         nodes = []
         for n in self.nodes:
             entry = {"name": n.name, "gpu_type": n.gpu_type, "num_gpus": n.num_gpus, "nic_gb_s": n.nic_gb_s}
@@ -139,11 +141,11 @@ class ClusterSpec:
                 if getattr(n, key) is not None:
                     entry[key] = getattr(n, key)
             nodes.append(entry)
-        out: dict = {"nodes": nodes}
+        out: dict[str, Any] = {"nodes": nodes}
         if self.links:
             out["links"] = [{"a": link.a, "b": link.b, "gb_s": link.gb_s} for link in self.links]
         return out
 
     @staticmethod
-    def load(path, known_gpu_types: tuple[str, ...] | None = None) -> ClusterSpec:
+    def load(path: str | Path, known_gpu_types: tuple[str, ...] | None = None) -> ClusterSpec:
         return ClusterSpec.from_dict(load_document(path, "cluster"), known_gpu_types)

@@ -18,6 +18,7 @@ In YAML (a named architecture from planner/models.py needs only ``name`` and opt
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Any
 
 from proto.kv import DTYPE_BYTES, DTYPE_NAMES
 from proto.schema import as_int, as_str, check_keys
@@ -90,11 +91,11 @@ class ModelSpec:
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes
 
     @staticmethod
-    def from_dict(data: dict) -> ModelSpec:
+    def from_dict(data: dict[str, Any]) -> ModelSpec:
         check_keys("model", data, ("name",) + SHAPE_FIELDS, ("dtype", "head_dim", "tie_word_embeddings", "mlp", "path"))
         return ModelSpec(**data)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
         if out["path"] is None:
             del out["path"]

@@ -12,10 +12,15 @@ import json
 import numbers
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+Schema = TypeVar("Schema", bound="DataclassInstance")
 
 
-def load_document(path: str | Path, what: str) -> dict:
+def load_document(path: str | Path, what: str) -> dict[str, Any]:
     """Read a YAML or JSON file (by suffix; YAML otherwise) holding one mapping."""
     file = Path(path)
     if not file.is_file():
@@ -32,7 +37,7 @@ def load_document(path: str | Path, what: str) -> dict:
     return data
 
 
-def dump_document(data: dict, path: str | Path) -> None:
+def dump_document(data: dict[str, Any], path: str | Path) -> None:
     """Write a mapping as JSON when the suffix is .json, as YAML otherwise."""
     file = Path(path)
     if file.suffix == ".json":
@@ -43,7 +48,7 @@ def dump_document(data: dict, path: str | Path) -> None:
         file.write_text(yaml.safe_dump(data, sort_keys=False))
 
 
-def check_keys(where: str, data: Any, required: Iterable[str], optional: Iterable[str] = ()) -> dict:
+def check_keys(where: str, data: Any, required: Iterable[str], optional: Iterable[str] = ()) -> dict[str, Any]:
     """data must be a mapping with all required keys and no keys outside required + optional."""
     if not isinstance(data, dict):
         raise ValueError(f"{where} must be a mapping, got {type(data).__name__}")
@@ -90,7 +95,7 @@ def as_str(where: str, value: Any, allowed: Iterable[str] | None = None) -> str:
     return value
 
 
-def as_list(where: str, value: Any) -> list:
+def as_list(where: str, value: Any) -> list[Any]:
     if not isinstance(value, list):
         raise ValueError(f"{where} must be a list, got {type(value).__name__}")
     return value
@@ -112,7 +117,7 @@ def plain(value: Any) -> Any:
     return value
 
 
-def build(cls, where: str, data: Any, **converted):
+def build(cls: type[Schema], where: str, data: Any, **converted: Any) -> Schema:
     """Construct the flat dataclass cls from a mapping, checking its keys.
 
     Fields without a default are required. Lists become tuples (the dataclasses are frozen);

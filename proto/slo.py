@@ -14,6 +14,8 @@ Goodput is the highest request rate at which the attainment goal still holds.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from proto.schema import as_number, check_keys, load_document
 
@@ -36,15 +38,15 @@ class SLOSpec:
         as_number("slo.attainment", self.attainment, minimum=0, exclusive=True, maximum=1)
 
     @staticmethod
-    def from_dict(data: dict) -> SLOSpec:
+    def from_dict(data: dict[str, Any]) -> SLOSpec:
         check_keys("slo", data, ("ttft_s", "tpot_s"), ("ttft_percentile", "tpot_percentile", "attainment"))
         return SLOSpec(**data)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @staticmethod
-    def load(path) -> SLOSpec:
+    def load(path: str | Path) -> SLOSpec:
         return SLOSpec.from_dict(load_document(path, "slo"))
 
     def describe(self) -> str:

@@ -14,6 +14,11 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import LlamaForCausalLM
 
 from engine.default_model.corpus import stories
 from engine.default_model.tokenizer import train_tokenizer
@@ -24,7 +29,7 @@ SEQ_LEN = 128
 BATCH_SIZE = 32
 LEARNING_RATE = 3e-3
 # A Llama-3-shaped decoder (GQA, tied embeddings), about 2M parameters.
-ARCHITECTURE = dict(
+ARCHITECTURE: dict[str, Any] = dict(
     hidden_size=192,
     intermediate_size=512,
     num_hidden_layers=4,
@@ -40,9 +45,8 @@ ARCHITECTURE = dict(
 def default_model_dir() -> Path:
     """$TANDEM_CACHE_DIR, else $XDG_CACHE_HOME/tandem, else ~/.cache/tandem; then models/NAME."""
     root = os.environ.get("TANDEM_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem"
-    return Path(root) / "models" / NAME
+    cache = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tandem"
+    return cache / "models" / NAME
 
 
 def ensure_default_model(log: Callable[[str], None] = print) -> Path:
@@ -92,7 +96,7 @@ def make_default_model(
     return out_dir
 
 
-def _train(model, data, steps: int, seed: int, log: Callable[[str], None]) -> None:
+def _train(model: LlamaForCausalLM, data: torch.Tensor, steps: int, seed: int, log: Callable[[str], None]) -> None:
     import torch
 
     gen = torch.Generator().manual_seed(seed)

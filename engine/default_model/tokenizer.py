@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 BOS, EOS = "<s>", "</s>"
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path):
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: str | Path) -> PreTrainedTokenizerFast:
     """Train on texts, save tokenizer files into out_dir, return the transformers tokenizer.
 
     Encoding adds BOS in front, as Llama tokenizers do; EOS ends a document in training.

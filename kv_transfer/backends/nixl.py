@@ -28,6 +28,7 @@ import threading
 import time
 import uuid
 from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,7 +64,10 @@ def _descriptors(base_addr: int, layout: KVLayout, heads_start: int, num_heads: 
 
 
 class NixlSendLink(SendLink):
-    def __init__(self, transport: NixlTransport, remote: str, local_dlist, remote_dlist, dst_layout: KVLayout):
+    # local_dlist, remote_dlist: the agent's prepped descriptor lists (nixl ships no types).
+    def __init__(
+        self, transport: NixlTransport, remote: str, local_dlist: Any, remote_dlist: Any, dst_layout: KVLayout
+    ):
         self._transport, self._agent = transport, transport.agent
         self._remote, self._local_dlist, self._remote_dlist = remote, local_dlist, remote_dlist
         self._src_layout, self._dst_layout = transport.layout, dst_layout
@@ -86,7 +90,7 @@ class NixlSendLink(SendLink):
         finally:
             self._retire(handle)
 
-    def _retire(self, handle) -> None:
+    def _retire(self, handle: Any) -> None:
         # release() cancels a WRITE still in flight. If UCX cannot cancel it, wait until it
         # ends: returning earlier would let the receiver hand out blocks it may still reach.
         try:
@@ -116,6 +120,7 @@ class NixlTransport(Transport):
     def __init__(self, cache: torch.Tensor, layout: KVLayout, role: Role, secret: bytes):
         super().__init__(cache, layout, role, secret)
         api = _nixl_api()
+        assert api is not None, "Transport.__init__ checked unavailable_reason()"
         # STRICT: link workers, readers and connect() use the agent from several threads.
         config = api.nixl_agent_config(
             enable_prog_thread=False, backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
@@ -146,7 +151,8 @@ class NixlTransport(Transport):
                 "mem_type": self._mem_type,
             }
         ).encode()
-        return struct.pack("!I", len(header)) + header + self.agent.get_agent_metadata()
+        metadata: bytes = self.agent.get_agent_metadata()
+        return struct.pack("!I", len(header)) + header + metadata
 
     def open_send_link(
         self,

@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import datetime
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,17 +47,17 @@ class _RendezvousStore(dist.Store):
         super().__init__()
         self._rendezvous = rendezvous
 
-    def set(self, key: str, value) -> None:
+    def set(self, key: str, value: str | bytes) -> None:
         self._rendezvous.set(key, value.encode() if isinstance(value, str) else bytes(value))
 
     def get(self, key: str) -> bytes:
         return self._rendezvous.get(key)
 
-    def wait(self, keys, timeout=None) -> None:
+    def wait(self, keys: list[str], timeout: datetime.timedelta | None = None) -> None:
         for key in keys:
             self._rendezvous.get(key)
 
-    def check(self, keys) -> bool:
+    def check(self, keys: list[str]) -> bool:
         return all(self._rendezvous.has(key) for key in keys)
 
 
@@ -72,7 +73,10 @@ class _Link(SendLink, RecvLink):
         self._num_heads = heads.num_heads
         self._peer = _RECEIVER_RANK if rank == _SENDER_RANK else _SENDER_RANK
         # (work, staging, deadline) of sends not yet known complete; staging must outlive them.
-        self._in_flight: collections.deque = collections.deque()
+        self._in_flight: collections.deque[tuple[dist.Work, torch.Tensor, float]] = collections.deque()
+        # A two-rank ProcessGroupNCCL or ProcessGroupGloo. torch's stubs leave out these backends'
+        # send/recv and Gloo's options object, which the runtime has.
+        self._group: Any
         store = _RendezvousStore(rendezvous)
         try:
             if self._device.type == "cuda":
@@ -80,7 +84,7 @@ class _Link(SendLink, RecvLink):
                 options._timeout = _SETUP_TIMEOUT
                 self._group = dist.ProcessGroupNCCL(store, rank, 2, options)
             else:
-                options = dist.ProcessGroupGloo._Options()
+                options = dist.ProcessGroupGloo._Options()  # type: ignore[attr-defined]  # see self._group
                 options._timeout = _SETUP_TIMEOUT
                 options._devices = [dist.ProcessGroupGloo.create_device(hostname=rendezvous.local_host)]
                 self._group = dist.ProcessGroupGloo(store, rank, 2, options)
