@@ -44,11 +44,13 @@ def register(subparsers) -> None:
     plan.add_argument("--sim-requests", type=int, default=2000,
                       help="requests to simulate the plan with; 0 skips simulation (default 2000)")
     plan.add_argument("--no-goodput-search", action="store_true",
-                      help="simulate at the planned rate only, not the bisection for simulated goodput")
-    plan.add_argument("--calibrate-rounds", type=int, default=3,
+                      help="simulate at the planned rate only, not the bisection for simulated goodput (and, "
+                           "unless --calibrate-rounds says otherwise, no calibration)")
+    plan.add_argument("--calibrate-rounds", type=int,
                       help="at most this many rounds of calibrating the capacity model by simulating the "
-                           "placement's roles alone, then solving again; stops when the MILP proposes a "
-                           "placement already calibrated (default 3; 0 plans with the model's own capacities)")
+                           "MILP's placement, then solving again; stops when the MILP proposes a placement "
+                           "already simulated (default 3, or 0 with --no-goodput-search; 0 plans with the "
+                           "model's own capacities)")
     plan.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
     plan.add_argument("--max-pp", type=int, default=1, choices=(1, 2, 4, 8),
                       help="pipeline stages per instance at most (default 1: tandem serve runs tensor "
@@ -112,12 +114,15 @@ def plan_inputs(args: argparse.Namespace):
 
 
 def run_plan(args: argparse.Namespace) -> int:
-    from planner.planning import make_layer_plan, make_plan
+    from planner.planning import CALIBRATION_ROUNDS, make_layer_plan, make_plan
     from planner.report import format_plan
     from planner.solver import SolveOptions
 
     inputs = plan_inputs(args)
-    if args.gap < 0 or args.threads < 1 or args.sim_requests < 0 or args.calibrate_rounds < 0:
+    rounds = args.calibrate_rounds
+    if rounds is None:  # calibration runs goodput searches: not when the user declined one
+        rounds = 0 if args.no_goodput_search else CALIBRATION_ROUNDS
+    if args.gap < 0 or args.threads < 1 or args.sim_requests < 0 or rounds < 0:
         raise ValueError("--gap must be >= 0, --threads >= 1, --sim-requests >= 0 and --calibrate-rounds >= 0")
     options = SolveOptions(time_limit_s=args.time_limit, gap_rel=args.gap, threads=args.threads,
                            solver=args.solver)
@@ -126,7 +131,7 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         plan = make_plan(inputs, options, num_sim_requests=args.sim_requests,
                          search_goodput=not args.no_goodput_search, progress=_progress,
-                         calibration_rounds=args.calibrate_rounds)
+                         calibration_rounds=rounds)
     plan.save(args.out)
     _progress(f"wrote {args.out}")
     if args.emit == "json":

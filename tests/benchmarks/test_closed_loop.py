@@ -57,3 +57,4 @@ def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, ma
     assert "MILP forecast" in (out / "table.md").read_text() and (out / "plot.png").stat().st_size > 0
     printed = capsys.readouterr().out
     assert "profile: tandem profile" in printed and "bench bursty" in printed
+    assert "capacities: the queueing model's calibrated by simulation (1 round)" in printed
