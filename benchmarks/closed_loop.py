@@ -68,9 +68,25 @@ def profile_core(model: Path, out: Path, args, progress: Progress):
     from deploy.cli import main as tandem
     from planner.latency import Profile
 
-    argv = ["profile", "--model", str(model), "--device", "cpu", "--cores", "1", "--out", str(out),
-            "--repeats", str(args.profile_repeats), "--prefill-tokens", "16,32,64,128,256,512",
-            "--decode-batches", "1,2,4,8,16,32", "--decode-contexts", "64,256"]
+    argv = [
+        "profile",
+        "--model",
+        str(model),
+        "--device",
+        "cpu",
+        "--cores",
+        "1",
+        "--out",
+        str(out),
+        "--repeats",
+        str(args.profile_repeats),
+        "--prefill-tokens",
+        "16,32,64,128,256,512",
+        "--decode-batches",
+        "1,2,4,8,16,32",
+        "--decode-contexts",
+        "64,256",
+    ]
     progress.stage("profile", "tandem " + " ".join(argv))
     if tandem(argv) != 0:
         raise RuntimeError("tandem profile failed (its error is above)")
@@ -79,9 +95,13 @@ def profile_core(model: Path, out: Path, args, progress: Progress):
 
 def slo_for(coeffs, prompt_p90: int, mean_context: float) -> dict:
     """The SLO in units of a lone request (see the module docstring), as slo.yaml holds it."""
-    return {"ttft_s": round(SLO_TTFT_PREFILLS * coeffs.prefill_ms(prompt_p90) / 1e3, 4),
-            "tpot_s": round(SLO_TPOT_STEPS * coeffs.decode_ms(1, mean_context) / 1e3, 4),
-            "ttft_percentile": 90, "tpot_percentile": 90, "attainment": 0.9}
+    return {
+        "ttft_s": round(SLO_TTFT_PREFILLS * coeffs.prefill_ms(prompt_p90) / 1e3, 4),
+        "tpot_s": round(SLO_TPOT_STEPS * coeffs.decode_ms(1, mean_context) / 1e3, 4),
+        "ttft_percentile": 90,
+        "tpot_percentile": 90,
+        "attainment": 0.9,
+    }
 
 
 def cluster_for(model: Path, num_cores: int) -> dict:
@@ -93,16 +113,28 @@ def cluster_for(model: Path, num_cores: int) -> dict:
 
     weights = resolve_model(str(model)).weight_bytes
     memory_gb = (CPU_KV_CACHE_BYTES + weights) / GPU_MEMORY_UTILIZATION / 1e9
-    return {"nodes": [{"name": "cores", "gpu_type": "cpu", "num_gpus": num_cores,
-                       "gpu_memory_gb": round(memory_gb + 0.001, 3)}]}
+    return {
+        "nodes": [
+            {"name": "cores", "gpu_type": "cpu", "num_gpus": num_cores, "gpu_memory_gb": round(memory_gb + 0.001, 3)}
+        ]
+    }
 
 
 def plan_workload(model: Path, files: dict[str, Path], out: Path, args, progress: Progress, name: str):
     from deploy.cli import main as tandem
     from proto.plan import Plan
 
-    argv = ["plan", "--model", str(model), "--out", str(out), "--sim-requests", str(args.num_requests),
-            "--calibrate-rounds", str(args.calibrate_rounds)]
+    argv = [
+        "plan",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--sim-requests",
+        str(args.num_requests),
+        "--calibrate-rounds",
+        str(args.calibrate_rounds),
+    ]
     for flag in ("cluster", "workload", "slo", "profile"):
         argv += [f"--{flag}", str(files[flag])]
     progress.stage(f"plan {name}", "tandem " + " ".join(argv))
@@ -118,13 +150,28 @@ class PlannedServer:
         from deploy.cli import build_parser
         from deploy.commands import start_backend
 
-        argv = ["serve", "--plan", str(plan_file), "--model", str(model), "--model-name", "bench",
-                "--kv-backend", "shm", "--cpus-per-worker", "1", "--local-prefill-tokens", "0",
-                "--max-model-len", str(max_model_len)]
+        argv = [
+            "serve",
+            "--plan",
+            str(plan_file),
+            "--model",
+            str(model),
+            "--model-name",
+            "bench",
+            "--kv-backend",
+            "shm",
+            "--cpus-per-worker",
+            "1",
+            "--local-prefill-tokens",
+            "0",
+            "--max-model-len",
+            str(max_model_len),
+        ]
         progress.stage(f"serve {plan_file.parent.name}", "tandem " + " ".join(argv))
         self.vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-        self.backend, self.stop = start_backend(build_parser().parse_args(argv),
-                                                log=lambda line: progress.say("  " + line))
+        self.backend, self.stop = start_backend(
+            build_parser().parse_args(argv), log=lambda line: progress.say("  " + line)
+        )
 
     def load(self, requests: list[Request]) -> tuple[list[Result], float]:
         from router.server import serve
@@ -132,10 +179,12 @@ class PlannedServer:
         async def main():
             handle = await serve(self.backend, http_port=0, grpc_port=0, host="127.0.0.1")
             try:
-                return await run_load(f"http://127.0.0.1:{handle.http_port}", "bench", requests, vocab=self.vocab,
-                                      temperature=1.0)
+                return await run_load(
+                    f"http://127.0.0.1:{handle.http_port}", "bench", requests, vocab=self.vocab, temperature=1.0
+                )
             finally:
                 await handle.stop(grace_s=1.0)
+
         return asyncio.run(main())
 
 
@@ -143,18 +192,27 @@ def measure(server: PlannedServer, plan, spec, rate: float, num_requests: int) -
     """One run at `rate`: the simulator's requests and counted window at that rate."""
     from planner.planning import run_requests, workload_stats
 
-    sample, (start_s, end_s) = run_requests(spec, None, workload_stats(spec, None), plan.slo, rate, num_requests,
-                                            seed=0)
-    requests = [Request(float(a), int(p), int(o))
-                for a, p, o in zip(sample.arrival_s, sample.input_tokens, sample.output_tokens)]
+    sample, (start_s, end_s) = run_requests(
+        spec, None, workload_stats(spec, None), plan.slo, rate, num_requests, seed=0
+    )
+    requests = [
+        Request(float(a), int(p), int(o))
+        for a, p, o in zip(sample.arrival_s, sample.input_tokens, sample.output_tokens)
+    ]
     results, duration_s = server.load(requests)
     counted = [r for q, r in zip(requests, results) if start_s <= q.arrival_s <= end_s]
     ok = [r for r in counted if r.ttft_s is not None]
     good = [r for r in ok if r.ttft_s <= plan.slo.ttft_s and r.tpot_s <= plan.slo.tpot_s]
-    return {"rate_rps": round(rate, 4), "requests": len(requests), "counted": len(counted),
-            "failed": len(counted) - len(ok), "attainment": len(good) / max(len(counted), 1),
-            "p90_ttft_s": percentile([r.ttft_s for r in ok], 90), "p90_tpot_s": percentile([r.tpot_s for r in ok], 90),
-            "duration_s": round(duration_s, 1)}
+    return {
+        "rate_rps": round(rate, 4),
+        "requests": len(requests),
+        "counted": len(counted),
+        "failed": len(counted) - len(ok),
+        "attainment": len(good) / max(len(counted), 1),
+        "p90_ttft_s": percentile([r.ttft_s for r in ok], 90),
+        "p90_tpot_s": percentile([r.tpot_s for r in ok], 90),
+        "duration_s": round(duration_s, 1),
+    }
 
 
 def goodput(points: list[tuple[float, float]], goal: float) -> float:
@@ -179,10 +237,12 @@ def sweep(server: PlannedServer, plan, spec, args, progress: Progress, name: str
         for m in multiples:
             r = measure(server, plan, spec, m * rate, args.num_requests)
             runs.append(r)
-            progress.say(f"  {name} at {r['rate_rps']:.2f} req/s ({m:g}x the plan's): attainment "
-                         f"{r['attainment']:.3f}, P90 TTFT {r['p90_ttft_s']:.3f} s, P90 TPOT "
-                         f"{r['p90_tpot_s'] * 1e3:.1f} ms, {r['failed']} failed of {r['counted']} counted "
-                         f"({r['duration_s']:.0f} s)")
+            progress.say(
+                f"  {name} at {r['rate_rps']:.2f} req/s ({m:g}x the plan's): attainment "
+                f"{r['attainment']:.3f}, P90 TTFT {r['p90_ttft_s']:.3f} s, P90 TPOT "
+                f"{r['p90_tpot_s'] * 1e3:.1f} ms, {r['failed']} failed of {r['counted']} counted "
+                f"({r['duration_s']:.0f} s)"
+            )
         met = [r["attainment"] >= plan.slo.attainment for r in runs]
         ran = [r["rate_rps"] / rate for r in runs]
         if all(met):
@@ -200,30 +260,45 @@ def results_for(plan, runs: list[dict]) -> dict:
     measured_goodput = goodput([(x["rate_rps"], x["attainment"]) for x in runs], plan.slo.attainment)
 
     def figures(m, goodput_rps):
-        return {"attainment": m.attainment, "p90_ttft_s": m.ttft_s, "p90_tpot_s": m.tpot_s,
-                "goodput_rps": goodput_rps}
-    return {"forecast": figures(plan.predicted, plan.predicted.goodput_rps),
-            "simulated": figures(plan.simulated, plan.simulated.goodput_rps),
-            "measured": {"attainment": round(at_plan["attainment"], 4), "p90_ttft_s": round(at_plan["p90_ttft_s"], 4),
-                         "p90_tpot_s": round(at_plan["p90_tpot_s"], 4), "goodput_rps": round(measured_goodput, 4)}}
+        return {"attainment": m.attainment, "p90_ttft_s": m.ttft_s, "p90_tpot_s": m.tpot_s, "goodput_rps": goodput_rps}
+
+    return {
+        "forecast": figures(plan.predicted, plan.predicted.goodput_rps),
+        "simulated": figures(plan.simulated, plan.simulated.goodput_rps),
+        "measured": {
+            "attainment": round(at_plan["attainment"], 4),
+            "p90_ttft_s": round(at_plan["p90_ttft_s"], 4),
+            "p90_tpot_s": round(at_plan["p90_tpot_s"], 4),
+            "goodput_rps": round(measured_goodput, 4),
+        },
+    }
 
 
 def table(all_results: dict[str, dict], rates: dict[str, float]) -> str:
     rows = []
     for name, res in all_results.items():
         f, s, m = res["forecast"], res["simulated"], res["measured"]
-        rows += [[name, f"SLO attainment at {rates[name]:.2f} req/s", f"{f['attainment']:.3f}",
-                  f"{s['attainment']:.3f}", f"{m['attainment']:.3f}"],
-                 ["", "P90 TTFT (s)"] + [f"{x['p90_ttft_s']:.3f}" for x in (f, s, m)],
-                 ["", "P90 TPOT (ms)"] + [f"{x['p90_tpot_s'] * 1e3:.1f}" for x in (f, s, m)],
-                 ["", "goodput (req/s)"] + [f"{x['goodput_rps']:.2f}" for x in (f, s, m)]]
+        rows += [
+            [
+                name,
+                f"SLO attainment at {rates[name]:.2f} req/s",
+                f"{f['attainment']:.3f}",
+                f"{s['attainment']:.3f}",
+                f"{m['attainment']:.3f}",
+            ],
+            ["", "P90 TTFT (s)"] + [f"{x['p90_ttft_s']:.3f}" for x in (f, s, m)],
+            ["", "P90 TPOT (ms)"] + [f"{x['p90_tpot_s'] * 1e3:.1f}" for x in (f, s, m)],
+            ["", "goodput (req/s)"] + [f"{x['goodput_rps']:.2f}" for x in (f, s, m)],
+        ]
     lines = [markdown_table(["workload", "", "MILP forecast", "simulator", "measured"], rows), ""]
     for name, res in all_results.items():
         f, s, m = res["forecast"], res["simulated"], res["measured"]
-        lines.append(f"- {name}: simulator - measured attainment {100 * (s['attainment'] - m['attainment']):+.1f} "
-                     f"points (target within 5), goodput {_gap(s['goodput_rps'], m['goodput_rps'])} of measured "
-                     f"(target within 10%); forecast goodput {_gap(f['goodput_rps'], s['goodput_rps'])} of the "
-                     f"simulator's (target within 10%)")
+        lines.append(
+            f"- {name}: simulator - measured attainment {100 * (s['attainment'] - m['attainment']):+.1f} "
+            f"points (target within 5), goodput {_gap(s['goodput_rps'], m['goodput_rps'])} of measured "
+            f"(target within 10%); forecast goodput {_gap(f['goodput_rps'], s['goodput_rps'])} of the "
+            f"simulator's (target within 10%)"
+        )
     return "\n".join(lines)
 
 
@@ -233,12 +308,17 @@ def _gap(x: float, ref: float) -> str:
 
 def plot(all_results: dict[str, dict], slo: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     sources = ("forecast", "simulated", "measured")
-    titles = {"attainment": "SLO attainment at the plan's rate", "p90_ttft_s": "P90 TTFT (s)",
-              "p90_tpot_s": "P90 TPOT (ms)", "goodput_rps": "goodput (req/s)"}
+    titles = {
+        "attainment": "SLO attainment at the plan's rate",
+        "p90_ttft_s": "P90 TTFT (s)",
+        "p90_tpot_s": "P90 TPOT (ms)",
+        "goodput_rps": "goodput (req/s)",
+    }
     lines = {"attainment": slo["attainment"], "p90_ttft_s": slo["ttft_s"], "p90_tpot_s": slo["tpot_s"] * 1e3}
     fig, axes = plt.subplots(1, len(KEYS), figsize=(4 * len(KEYS), 3.6))
     x = np.arange(len(all_results))
@@ -266,6 +346,7 @@ def run(args) -> dict:
     model = args.model
     if model is None:
         from benchmarks.distserve import model_dir
+
         model = model_dir()
     num_cores = len(available_cores())
     progress.say(f"model {model}, {num_cores} cores, load average {os.getloadavg()[0]:.2f}")
@@ -278,8 +359,10 @@ def run(args) -> dict:
     files = {"profile": out / "profile.yaml", "cluster": out / "cluster.yaml", "slo": out / "slo.yaml"}
     files["cluster"].write_text(yaml.safe_dump(cluster_for(model, num_cores), sort_keys=False))
     files["slo"].write_text(yaml.safe_dump(slo, sort_keys=False))
-    progress.say(f"SLO: P90 TTFT <= {slo['ttft_s']:.3f} s ({SLO_TTFT_PREFILLS:g}x the prefill of a {prompt_p90}-token "
-                 f"prompt), P90 TPOT <= {slo['tpot_s'] * 1e3:.1f} ms ({SLO_TPOT_STEPS:g}x a decode step alone)")
+    progress.say(
+        f"SLO: P90 TTFT <= {slo['ttft_s']:.3f} s ({SLO_TTFT_PREFILLS:g}x the prefill of a {prompt_p90}-token "
+        f"prompt), P90 TPOT <= {slo['tpot_s'] * 1e3:.1f} ms ({SLO_TPOT_STEPS:g}x a decode step alone)"
+    )
     all_results, rates, sweeps = {}, {}, {}
     max_model_len = args.max_prompt + OUTPUT["max"] + 16
     for name in args.workloads:
@@ -288,14 +371,18 @@ def run(args) -> dict:
         # The plan finds the rate it serves (objective goodput); the replay runs at that rate.
         data = {"rate_rps": 1.0, "cv": WORKLOADS[name], "input_tokens": prompt, "output_tokens": OUTPUT}
         (wdir / "workload.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        plan = plan_workload(model, {**files, "workload": wdir / "workload.yaml"}, wdir / "plan.yaml", args,
-                             progress, name)
+        plan = plan_workload(
+            model, {**files, "workload": wdir / "workload.yaml"}, wdir / "plan.yaml", args, progress, name
+        )
         spec = WorkloadSpec.load(wdir / "workload.yaml")
         server = PlannedServer(wdir / "plan.yaml", model, max_model_len, progress)
         try:
-            progress.stage(f"bench {name}", f"warm-up, then {args.num_requests} requests or more per rate, at "
-                                            f"{', '.join(f'{m:g}' for m in args.rate_multiples)}x the plan's "
-                                            f"{plan.predicted.rate_rps:.2f} req/s")
+            progress.stage(
+                f"bench {name}",
+                f"warm-up, then {args.num_requests} requests or more per rate, at "
+                f"{', '.join(f'{m:g}' for m in args.rate_multiples)}x the plan's "
+                f"{plan.predicted.rate_rps:.2f} req/s",
+            )
             server.load([Request(0.2 * i, 64, 8) for i in range(4)])  # first forwards pay one-time costs
             sweeps[name] = sweep(server, plan, spec, args, progress, name)
         finally:
@@ -306,9 +393,16 @@ def run(args) -> dict:
     text = table(all_results, rates)
     (out / "table.md").write_text(text + "\n")
     plot(all_results, slo, out / "plot.png")
-    run_info = {"model": str(model), "cores": num_cores, "slo": slo, "num_requests": args.num_requests,
-                "load_avg_end": os.getloadavg()[0], "elapsed_s": round(time.monotonic() - progress.start, 1),
-                "stages": progress.stages, "sweeps": sweeps}
+    run_info = {
+        "model": str(model),
+        "cores": num_cores,
+        "slo": slo,
+        "num_requests": args.num_requests,
+        "load_avg_end": os.getloadavg()[0],
+        "elapsed_s": round(time.monotonic() - progress.start, 1),
+        "stages": progress.stages,
+        "sweeps": sweeps,
+    }
     (out / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
     print("\n" + text, flush=True)
     progress.say(f"wrote {out}/table.md, plot.png, run.json and <workload>/results.json")
@@ -318,19 +412,42 @@ def run(args) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("docs/bench/closed-loop"))
-    parser.add_argument("--model", type=Path, help="checkpoint directory (default: the ~100M Llama of "
-                                                    "benchmarks/distserve.py, built on first use)")
-    parser.add_argument("--workloads", type=lambda s: s.split(","), default=list(WORKLOADS),
-                        help=f"comma-separated, of {', '.join(WORKLOADS)} (default both)")
-    parser.add_argument("--num-requests", type=int, default=300,
-                        help="requests per simulation and per measured run, at least (default 300)")
-    parser.add_argument("--rate-multiples", type=lambda s: tuple(float(x) for x in s.split(",")),
-                        default=RATE_MULTIPLES, help="measured runs at these multiples of the plan's rate")
-    parser.add_argument("--max-prompt", type=int, default=PROMPT["max"],
-                        help=f"longest prompt in tokens (default {PROMPT['max']}; the model's context window "
-                             f"must hold it and {OUTPUT['max']} output tokens)")
-    parser.add_argument("--extra-rates", type=int, default=2,
-                        help="measured runs added, at most, beyond the multiples until the goal is bracketed")
+    parser.add_argument(
+        "--model",
+        type=Path,
+        help="checkpoint directory (default: the ~100M Llama of benchmarks/distserve.py, built on first use)",
+    )
+    parser.add_argument(
+        "--workloads",
+        type=lambda s: s.split(","),
+        default=list(WORKLOADS),
+        help=f"comma-separated, of {', '.join(WORKLOADS)} (default both)",
+    )
+    parser.add_argument(
+        "--num-requests",
+        type=int,
+        default=300,
+        help="requests per simulation and per measured run, at least (default 300)",
+    )
+    parser.add_argument(
+        "--rate-multiples",
+        type=lambda s: tuple(float(x) for x in s.split(",")),
+        default=RATE_MULTIPLES,
+        help="measured runs at these multiples of the plan's rate",
+    )
+    parser.add_argument(
+        "--max-prompt",
+        type=int,
+        default=PROMPT["max"],
+        help=f"longest prompt in tokens (default {PROMPT['max']}; the model's context window "
+        f"must hold it and {OUTPUT['max']} output tokens)",
+    )
+    parser.add_argument(
+        "--extra-rates",
+        type=int,
+        default=2,
+        help="measured runs added, at most, beyond the multiples until the goal is bracketed",
+    )
     parser.add_argument("--calibrate-rounds", type=int, default=3, help="tandem plan --calibrate-rounds")
     parser.add_argument("--profile-repeats", type=int, default=3, help="tandem profile --repeats")
     args = parser.parse_args(argv)

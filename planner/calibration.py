@@ -119,14 +119,19 @@ def highest_rate(ok: Callable[[float], bool], start: float) -> float:
     return lo
 
 
-def calibrate_role(sim: Simulator, placement: Placement, options: list[InstanceOption], role: str, slo,
-                   sample: Callable[[float], tuple[Requests, tuple[float, float]]],
-                   progress: Callable[[str], None] | None = None) -> RoleCalibration:
+def calibrate_role(
+    sim: Simulator,
+    placement: Placement,
+    options: list[InstanceOption],
+    role: str,
+    slo,
+    sample: Callable[[float], tuple[Requests, tuple[float, float]]],
+    progress: Callable[[str], None] | None = None,
+) -> RoleCalibration:
     """Simulate the role alone on sim's instances (see the module docstring); sample(rate)
     gives the requests and the counted window of one run."""
     say = progress or (lambda _msg: None)
-    alone = Simulator(role_alone(sim.instances, role), sim.routes, sim.cluster, sim.hardware, sim.model,
-                      sim.block_size)
+    alone = Simulator(role_alone(sim.instances, role), sim.routes, sim.cluster, sim.hardware, sim.model, sim.block_size)
     modelled = modelled_capacity(placement, options, role)
 
     def ok(rate: float) -> bool:
@@ -144,5 +149,11 @@ def calibrate_role(sim: Simulator, placement: Placement, options: list[InstanceO
 
 def calibrated(options: list[InstanceOption], factors: dict[str, float]) -> list[InstanceOption]:
     """The options with each role's capacity scaled by its factor (cumulative over rounds)."""
-    return [replace(o, capacity_rps=o.capacity_rps * factors.get(o.role, 1.0),
-                    calibration=o.calibration * factors.get(o.role, 1.0)) for o in options]
+    return [
+        replace(
+            o,
+            capacity_rps=o.capacity_rps * factors.get(o.role, 1.0),
+            calibration=o.calibration * factors.get(o.role, 1.0),
+        )
+        for o in options
+    ]

@@ -69,10 +69,10 @@ class WorkloadStats:
         steps = np.maximum(self.output_tokens - 1, 0).astype(float)
         prompt = self.input_tokens.astype(float)
         if not steps.sum():
-            return float(prompt.mean()), float((prompt ** 2).mean())
+            return float(prompt.mean()), float((prompt**2).mean())
         w = steps / steps.sum()
         first = (w * (prompt + steps / 2)).sum()
-        second = (w * (prompt ** 2 + prompt * steps + steps ** 2 / 3)).sum()
+        second = (w * (prompt**2 + prompt * steps + steps**2 / 3)).sum()
         return float(first), float(second)
 
 
@@ -128,8 +128,9 @@ def kv_capacity_tokens(model: ModelSpec, hw: NodeHardware, tp: int, pp: int) -> 
 def has_latency(latency: LatencyTable, hw: NodeHardware, tp: int, pp: int) -> bool:
     """Whether step times are known for (hw, tp, pp): the roofline's GPUs always; a device
     without a datasheet (cpu) only where the profile has the exact (tp, pp)."""
-    return hw.gpu.has_roofline or (latency.profile is not None
-                                   and latency.profile.find(hw.gpu.name, tp, pp) is not None)
+    return hw.gpu.has_roofline or (
+        latency.profile is not None and latency.profile.find(hw.gpu.name, tp, pp) is not None
+    )
 
 
 def fits(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, max_tokens: int) -> bool:
@@ -144,8 +145,9 @@ def prefill_service_s(coeffs: Coefficients, stats: WorkloadStats) -> np.ndarray:
 def prefill_capacity(coeffs: Coefficients, pp: int, stats: WorkloadStats, slo: SLOSpec, pool_size: int = 1) -> float:
     """Requests/s one prefill instance serves within the TTFT percentile, as one of pool_size
     instances whose queues the router pools (queueing.ttft_exceed_prob)."""
-    return queueing.max_rate(prefill_service_s(coeffs, stats), slo.ttft_s, slo.ttft_percentile / 100, pp,
-                             stats.arrival_cv2, pool_size)
+    return queueing.max_rate(
+        prefill_service_s(coeffs, stats), slo.ttft_s, slo.ttft_percentile / 100, pp, stats.arrival_cv2, pool_size
+    )
 
 
 def pooled(options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec, pool_size: int) -> list[InstanceOption]:
@@ -154,8 +156,16 @@ def pooled(options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec, po
     like one queue of pool_size servers, far less than each alone. Decode options unchanged."""
     if pool_size == 1:
         return options
-    return [replace(o, capacity_rps=prefill_capacity(o.coefficients, o.pp, stats, slo, pool_size) * o.calibration,
-                    pool_size=pool_size) if o.role == "prefill" else o for o in options]
+    return [
+        replace(
+            o,
+            capacity_rps=prefill_capacity(o.coefficients, o.pp, stats, slo, pool_size) * o.calibration,
+            pool_size=pool_size,
+        )
+        if o.role == "prefill"
+        else o
+        for o in options
+    ]
 
 
 @dataclass(frozen=True)
@@ -171,8 +181,9 @@ def decode_load(coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: flo
     return rho, coeffs.A / per_seq_ms
 
 
-def decode_tpot_exceed(coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: float, t_s: float,
-                       max_batch: int = MAX_DECODE_BATCH) -> float:
+def decode_tpot_exceed(
+    coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: float, t_s: float, max_batch: int = MAX_DECODE_BATCH
+) -> float:
     """P(a decode step of one engine's batch takes longer than t_s) at this arrival rate; the
     batch is the demand the rate builds up, capped at the engine's max_batch (the rest wait)."""
     rho, a = decode_load(coeffs, stats, engine_rate_rps)
@@ -182,14 +193,15 @@ def decode_tpot_exceed(coeffs: Coefficients, stats: WorkloadStats, engine_rate_r
         return 0.0
     if rho >= 1:
         return 1.0
-    return 1.0 if k < 0 else float(queueing.decode_batch_pmf(rho, a, stats.arrival_cv2)[k + 1:].sum())
+    return 1.0 if k < 0 else float(queueing.decode_batch_pmf(rho, a, stats.arrival_cv2)[k + 1 :].sum())
 
 
-def decode_limits(coeffs: Coefficients, pp: int, kv_tokens: int, stats: WorkloadStats, slo: SLOSpec,
-                  block_size: int) -> DecodeLimits:
+def decode_limits(
+    coeffs: Coefficients, pp: int, kv_tokens: int, stats: WorkloadStats, slo: SLOSpec, block_size: int
+) -> DecodeLimits:
     ctx, ctx2 = stats.decode_kv_moments
     ctx += block_size / 2  # half a block of slack per sequence
-    var_ctx = max(ctx2 - stats.decode_context ** 2, 0.0)
+    var_ctx = max(ctx2 - stats.decode_context**2, 0.0)
     prompt = float(stats.input_tokens.mean()) + block_size / 2
     tpot_ms = slo.tpot_s * 1e3
     kv_per_engine = kv_tokens / pp
@@ -204,14 +216,15 @@ def decode_limits(coeffs: Coefficients, pp: int, kv_tokens: int, stats: Workload
         kv_for_batch = kv_per_engine - reserved * prompt
         # n ctx + z sqrt(n var_ctx) = kv_for_batch is a quadratic in sqrt(n).
         z_sigma = KV_SAFETY_Z * math.sqrt(var_ctx)
-        root = (math.sqrt(z_sigma ** 2 + 4 * ctx * max(kv_for_batch, 0.0)) - z_sigma) / (2 * ctx)
-        return min((tpot_ms - coeffs.A) / per_seq_ms, root ** 2), reserved
+        root = (math.sqrt(z_sigma**2 + 4 * ctx * max(kv_for_batch, 0.0)) - z_sigma) / (2 * ctx)
+        return min((tpot_ms - coeffs.A) / per_seq_ms, root**2), reserved
 
     # Square-root staffing (Halfin-Whitt): the slots kept free for the variance of a many-server
     # queue grow with the square root of its variability, (ca2 + cs2) / (1 + cs2) relative to
     # Poisson arrivals, cs2 that of the lifetimes (decode steps); so does the free share here.
     free_share = (1 - DECODE_UTILIZATION) * math.sqrt(
-        queueing.burst_factor(stats.arrival_cv2, stats.output_tokens.astype(float)))
+        queueing.burst_factor(stats.arrival_cv2, stats.output_tokens.astype(float))
+    )
     utilization = max(1 - free_share, 0.0)
 
     def feasible(rate: float) -> bool:
@@ -238,9 +251,15 @@ def decode_limits(coeffs: Coefficients, pp: int, kv_tokens: int, stats: Workload
     return DecodeLimits(lo, min(max(cap, 1), MAX_DECODE_BATCH))
 
 
-def enumerate_options(model: ModelSpec, hardware: dict[NodeHardware, int], latency: LatencyTable,
-                      stats: WorkloadStats, slo: SLOSpec, block_size: int,
-                      max_pp: int = max(PARALLEL_SIZES)) -> list[InstanceOption]:
+def enumerate_options(
+    model: ModelSpec,
+    hardware: dict[NodeHardware, int],
+    latency: LatencyTable,
+    stats: WorkloadStats,
+    slo: SLOSpec,
+    block_size: int,
+    max_pp: int = max(PARALLEL_SIZES),
+) -> list[InstanceOption]:
     """Every (role, tp, pp <= max_pp) that fits each hardware, up to its largest node's GPU count,
     and whose step times are known (has_latency: cpu devices take the profile's (tp, pp) only).
 
@@ -253,21 +272,45 @@ def enumerate_options(model: ModelSpec, hardware: dict[NodeHardware, int], laten
     for hw, max_gpus in hardware.items():
         for tp in PARALLEL_SIZES:
             for pp in PARALLEL_SIZES:
-                if (pp > max_pp or tp * pp > max_gpus or not fits(model, hw, tp, pp, stats.max_tokens)
-                        or not has_latency(latency, hw, tp, pp)):
+                if (
+                    pp > max_pp
+                    or tp * pp > max_gpus
+                    or not fits(model, hw, tp, pp, stats.max_tokens)
+                    or not has_latency(latency, hw, tp, pp)
+                ):
                     continue
                 kv_tokens = kv_capacity_tokens(model, hw, tp, pp)
                 coeffs = latency.coefficients(hw, tp, pp)
                 cap = prefill_capacity(coeffs, pp, stats, slo)
                 if cap > 0:
-                    options.append(InstanceOption("prefill", hw, tp, pp, coeffs, kv_tokens, cap,
-                                                  max_batch_size=MAX_PREFILL_SEQS,
-                                                  max_batched_tokens=prefill_budget))
+                    options.append(
+                        InstanceOption(
+                            "prefill",
+                            hw,
+                            tp,
+                            pp,
+                            coeffs,
+                            kv_tokens,
+                            cap,
+                            max_batch_size=MAX_PREFILL_SEQS,
+                            max_batched_tokens=prefill_budget,
+                        )
+                    )
                 limits = decode_limits(coeffs, pp, kv_tokens, stats, slo, block_size)
                 if limits.capacity_rps > 0:
-                    options.append(InstanceOption("decode", hw, tp, pp, coeffs, kv_tokens,
-                                                  limits.capacity_rps, limits.max_batch_size,
-                                                  max(MIN_PREFILL_BUDGET, limits.max_batch_size)))
+                    options.append(
+                        InstanceOption(
+                            "decode",
+                            hw,
+                            tp,
+                            pp,
+                            coeffs,
+                            kv_tokens,
+                            limits.capacity_rps,
+                            limits.max_batch_size,
+                            max(MIN_PREFILL_BUDGET, limits.max_batch_size),
+                        )
+                    )
     return options
 
 
@@ -280,12 +323,19 @@ def prune_dominated(options: list[InstanceOption]) -> list[InstanceOption]:
     kept = []
     for o in options:
         dominated = any(
-            p is not o and p.role == o.role and p.hardware == o.hardware
+            p is not o
+            and p.role == o.role
+            and p.hardware == o.hardware
             and o.num_gpus % p.num_gpus == 0
-            and ((o.num_gpus // p.num_gpus) * p.capacity_rps > o.capacity_rps
-                 or ((o.num_gpus // p.num_gpus) * p.capacity_rps == o.capacity_rps
-                     and (p.num_gpus, p.tp) < (o.num_gpus, o.tp)))
-            for p in options)
+            and (
+                (o.num_gpus // p.num_gpus) * p.capacity_rps > o.capacity_rps
+                or (
+                    (o.num_gpus // p.num_gpus) * p.capacity_rps == o.capacity_rps
+                    and (p.num_gpus, p.tp) < (o.num_gpus, o.tp)
+                )
+            )
+            for p in options
+        )
         if not dominated:
             kept.append(o)
     return kept

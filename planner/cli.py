@@ -19,60 +19,91 @@ from planner import latency_cli
 
 def register(subparsers) -> None:
     plan = subparsers.add_parser(
-        "plan", help="choose prefill/decode instances and their placement on a GPU cluster (MILP)",
+        "plan",
+        help="choose prefill/decode instances and their placement on a GPU cluster (MILP)",
         description="Plan how many prefill and decode instances of which GPU type, TP and PP to run "
-                    "on which nodes, to serve the most requests within the SLO (or a rate at least cost).")
+        "on which nodes, to serve the most requests within the SLO (or a rate at least cost).",
+    )
     # Required unless a subcommand (`tandem plan latency`) runs instead: plan_inputs checks them.
     plan.add_argument("--cluster", help="cluster YAML (nodes, GPUs, network); required")
-    plan.add_argument("--model",
-                      help="architecture name (e.g. llama-2-13b), checkpoint directory, config.json or YAML; required")
+    plan.add_argument(
+        "--model", help="architecture name (e.g. llama-2-13b), checkpoint directory, config.json or YAML; required"
+    )
     plan.add_argument("--workload", help="workload YAML (rate and lengths, or a trace); required")
     plan.add_argument("--slo", help="SLO YAML (TTFT/TPOT targets, percentiles, attainment); required")
-    plan.add_argument("--objective", choices=("goodput", "cost"), default="goodput",
-                      help="goodput: most requests/s on the cluster; cost: least $/h for --target-rate")
+    plan.add_argument(
+        "--objective",
+        choices=("goodput", "cost"),
+        default="goodput",
+        help="goodput: most requests/s on the cluster; cost: least $/h for --target-rate",
+    )
     plan.add_argument("--target-rate", type=float, help="requests/s for --objective cost (default: workload rate)")
     plan.add_argument("--profile", help="profile YAML from `tandem profile` or fitted coefficients")
     plan.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), help="override the model's dtype")
-    plan.add_argument("--layer-split", action="store_true",
-                      help="split layers over nodes (Helix-style) for models that fit no single node")
+    plan.add_argument(
+        "--layer-split",
+        action="store_true",
+        help="split layers over nodes (Helix-style) for models that fit no single node",
+    )
     plan.add_argument("--out", default="plan.yaml", help="plan file to write (.yaml or .json; default plan.yaml)")
     plan.add_argument("--emit", choices=("table", "json"), default="table", help="stdout format")
     plan.add_argument("--time-limit", type=float, default=60.0, help="solver time limit, s (default 60)")
     plan.add_argument("--gap", type=float, default=0.005, help="relative gap to stop at (default 0.005)")
     plan.add_argument("--threads", type=int, default=2, help="solver threads (default 2)")
     plan.add_argument("--solver", choices=("auto", "highs", "cbc"), default="auto")
-    plan.add_argument("--sim-requests", type=int, default=2000,
-                      help="requests to simulate the plan with; 0 skips simulation (default 2000)")
-    plan.add_argument("--no-goodput-search", action="store_true",
-                      help="simulate at the planned rate only, not the bisection for simulated goodput (and, "
-                           "unless --calibrate-rounds says otherwise, no calibration)")
-    plan.add_argument("--calibrate-rounds", type=int,
-                      help="at most this many rounds of calibrating the capacity model by simulating the "
-                           "MILP's placement, then solving again; stops when the MILP proposes a placement "
-                           "already simulated (default 3, or 0 with --no-goodput-search; 0 plans with the "
-                           "model's own capacities)")
+    plan.add_argument(
+        "--sim-requests",
+        type=int,
+        default=2000,
+        help="requests to simulate the plan with; 0 skips simulation (default 2000)",
+    )
+    plan.add_argument(
+        "--no-goodput-search",
+        action="store_true",
+        help="simulate at the planned rate only, not the bisection for simulated goodput (and, "
+        "unless --calibrate-rounds says otherwise, no calibration)",
+    )
+    plan.add_argument(
+        "--calibrate-rounds",
+        type=int,
+        help="at most this many rounds of calibrating the capacity model by simulating the "
+        "MILP's placement, then solving again; stops when the MILP proposes a placement "
+        "already simulated (default 3, or 0 with --no-goodput-search; 0 plans with the "
+        "model's own capacities)",
+    )
     plan.add_argument("--block-size", type=int, default=16, help="KV block size in tokens (default 16)")
-    plan.add_argument("--max-pp", type=int, default=1, choices=(1, 2, 4, 8),
-                      help="pipeline stages per instance at most (default 1: tandem serve runs tensor "
-                           "parallelism, not pipeline stages; raise it to see what PP would plan)")
+    plan.add_argument(
+        "--max-pp",
+        type=int,
+        default=1,
+        choices=(1, 2, 4, 8),
+        help="pipeline stages per instance at most (default 1: tandem serve runs tensor "
+        "parallelism, not pipeline stages; raise it to see what PP would plan)",
+    )
     plan.set_defaults(run=run_plan)
     latency_cli.register(plan)
 
     profile = subparsers.add_parser(
-        "profile", help="measure the engine on this machine and write latency coefficients",
+        "profile",
+        help="measure the engine on this machine and write latency coefficients",
         description="Run the real engine on the local device over a grid of prompt lengths and decode "
-                    "batches, fit prefill and decode coefficients, and write a profile for `tandem plan`.")
+        "batches, fit prefill and decode coefficients, and write a profile for `tandem plan`.",
+    )
     profile.add_argument("--model", help="checkpoint directory (default: the embedded model)")
     profile.add_argument("--out", default="profile.yaml", help="profile file to write")
     profile.add_argument("--gpu-type", help="GPU type to file the measurements under (default: detected)")
     profile.add_argument("--dtype", default="auto", help="float32 | float16 | bfloat16 | auto")
     profile.add_argument("--device", default="auto", help="cpu | cuda | auto")
-    profile.add_argument("--cores", type=int,
-                         help="CPU only: compute on this many cores, as many threads (default 1 when the entry "
-                              "is filed under gpu_type cpu, which is one core)")
+    profile.add_argument(
+        "--cores",
+        type=int,
+        help="CPU only: compute on this many cores, as many threads (default 1 when the entry "
+        "is filed under gpu_type cpu, which is one core)",
+    )
     profile.add_argument("--repeats", type=int, default=3, help="runs per point; the median is kept")
-    profile.add_argument("--prefill-tokens", default="16,32,64,128,256,512",
-                         help="prompt lengths to time (comma-separated)")
+    profile.add_argument(
+        "--prefill-tokens", default="16,32,64,128,256,512", help="prompt lengths to time (comma-separated)"
+    )
     profile.add_argument("--decode-batches", default="1,2,4,8,16", help="decode batch sizes to time")
     profile.add_argument("--decode-contexts", default="64,256", help="prompt lengths behind the decode batches")
     profile.set_defaults(run=run_profile)
@@ -94,8 +125,10 @@ def plan_inputs(args: argparse.Namespace):
 
     missing = [f"--{name}" for name in ("cluster", "model", "workload", "slo") if getattr(args, name) is None]
     if missing:
-        raise ValueError(f"the following arguments are required: {', '.join(missing)} "
-                         f"(or `tandem plan latency` for the latency of one step)")
+        raise ValueError(
+            f"the following arguments are required: {', '.join(missing)} "
+            f"(or `tandem plan latency` for the latency of one step)"
+        )
     if args.target_rate is not None and args.target_rate <= 0:
         raise ValueError(f"--target-rate must be positive, got {args.target_rate}")
     if args.block_size <= 0 or args.block_size & (args.block_size - 1):
@@ -124,14 +157,18 @@ def run_plan(args: argparse.Namespace) -> int:
         rounds = 0 if args.no_goodput_search else CALIBRATION_ROUNDS
     if args.gap < 0 or args.threads < 1 or args.sim_requests < 0 or rounds < 0:
         raise ValueError("--gap must be >= 0, --threads >= 1, --sim-requests >= 0 and --calibrate-rounds >= 0")
-    options = SolveOptions(time_limit_s=args.time_limit, gap_rel=args.gap, threads=args.threads,
-                           solver=args.solver)
+    options = SolveOptions(time_limit_s=args.time_limit, gap_rel=args.gap, threads=args.threads, solver=args.solver)
     if args.layer_split:
         plan = make_layer_plan(inputs, options, _progress)
     else:
-        plan = make_plan(inputs, options, num_sim_requests=args.sim_requests,
-                         search_goodput=not args.no_goodput_search, progress=_progress,
-                         calibration_rounds=rounds)
+        plan = make_plan(
+            inputs,
+            options,
+            num_sim_requests=args.sim_requests,
+            search_goodput=not args.no_goodput_search,
+            progress=_progress,
+            calibration_rounds=rounds,
+        )
     plan.save(args.out)
     _progress(f"wrote {args.out}")
     if args.emit == "json":
@@ -153,15 +190,26 @@ def run_profile(args: argparse.Namespace) -> int:
         try:
             grid[flag] = tuple(int(v) for v in getattr(args, flag).split(","))
         except ValueError:
-            raise ValueError(f"--{flag.replace('_', '-')} must be comma-separated integers, "
-                             f"got {getattr(args, flag)!r}") from None
+            raise ValueError(
+                f"--{flag.replace('_', '-')} must be comma-separated integers, got {getattr(args, flag)!r}"
+            ) from None
         if min(grid[flag]) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} values must be positive")
-    profile = profile_engine(args.model, gpu_type=args.gpu_type, dtype=args.dtype, device=args.device,
-                             repeats=args.repeats, cores=args.cores, progress=_progress, **grid)
+    profile = profile_engine(
+        args.model,
+        gpu_type=args.gpu_type,
+        dtype=args.dtype,
+        device=args.device,
+        repeats=args.repeats,
+        cores=args.cores,
+        progress=_progress,
+        **grid,
+    )
     profile.save(args.out)
     entry = profile.entries[0]
     c = entry.coefficients
-    print(f"{profile.model} on {entry.gpu_type}: prefill ms = {c.a:.3g} + {c.b:.3g} T + {c.c:.3g} T^2; "
-          f"decode ms = {c.A:.3g} + {c.B:.3g} K + {c.C:.3g} batch; wrote {args.out}")
+    print(
+        f"{profile.model} on {entry.gpu_type}: prefill ms = {c.a:.3g} + {c.b:.3g} T + {c.c:.3g} T^2; "
+        f"decode ms = {c.A:.3g} + {c.B:.3g} K + {c.C:.3g} batch; wrote {args.out}"
+    )
     return 0

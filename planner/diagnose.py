@@ -25,20 +25,27 @@ MAX_SUGGESTED_GPUS = 64
 def smallest_fit(model: ModelSpec, hw: NodeHardware, max_tokens: int) -> tuple[int, int] | None:
     """The (tp, pp) with the fewest GPUs whose instance holds the weights and one request."""
     sizes = (1, 2, 4, 8, 16, 32, 64)
-    candidates = [(tp * pp, -tp, pp) for tp in sizes for pp in sizes
-                  if tp * pp <= MAX_SUGGESTED_GPUS and fits(model, hw, tp, pp, max_tokens)]
+    candidates = [
+        (tp * pp, -tp, pp)
+        for tp in sizes
+        for pp in sizes
+        if tp * pp <= MAX_SUGGESTED_GPUS and fits(model, hw, tp, pp, max_tokens)
+    ]
     if not candidates:
         return None
     _, neg_tp, pp = min(candidates)  # fewest GPUs, then the most tensor parallelism
     return -neg_tp, pp
 
 
-def does_not_fit_message(model: ModelSpec, hardware: dict[str, NodeHardware], num_gpus: dict[str, int],
-                         max_tokens: int) -> str:
+def does_not_fit_message(
+    model: ModelSpec, hardware: dict[str, NodeHardware], num_gpus: dict[str, int], max_tokens: int
+) -> str:
     weights_gb = model.weight_bytes / 1e9
-    lines = [f"model {model.name} ({weights_gb:.1f} GB of {model.dtype} weights, plus KV for "
-             f"{max_tokens} tokens) fits no instance on this cluster: an instance is at most "
-             f"the GPUs of one node, tp and pp from {', '.join(map(str, PARALLEL_SIZES))}."]
+    lines = [
+        f"model {model.name} ({weights_gb:.1f} GB of {model.dtype} weights, plus KV for "
+        f"{max_tokens} tokens) fits no instance on this cluster: an instance is at most "
+        f"the GPUs of one node, tp and pp from {', '.join(map(str, PARALLEL_SIZES))}."
+    ]
     seen = set()
     for name, hw in hardware.items():
         if hw.gpu.name in seen:
@@ -47,8 +54,10 @@ def does_not_fit_message(model: ModelSpec, hardware: dict[str, NodeHardware], nu
         fit = smallest_fit(model, hw, max_tokens)
         have = max(num_gpus[n] for n, h in hardware.items() if h.gpu.name == hw.gpu.name)
         if fit:
-            lines.append(f"  {hw.gpu.name}: needs tp={fit[0]} pp={fit[1]} ({fit[0] * fit[1]} GPUs in one node); "
-                         f"its nodes have {have}")
+            lines.append(
+                f"  {hw.gpu.name}: needs tp={fit[0]} pp={fit[1]} ({fit[0] * fit[1]} GPUs in one node); "
+                f"its nodes have {have}"
+            )
     others = []
     for spec in GPU_SPECS.values():
         if spec.name in seen or not spec.has_roofline:  # suggest GPUs, not CPU cores
@@ -58,22 +67,35 @@ def does_not_fit_message(model: ModelSpec, hardware: dict[str, NodeHardware], nu
         if fit:
             others.append((fit[0] * fit[1], f"{fit[0] * fit[1]} x {spec.name} (tp={fit[0]} pp={fit[1]})"))
     if others:
-        lines.append("  smallest configurations of other GPU types that would: "
-                     + ", ".join(text for _, text in sorted(others)[:4]))
+        lines.append(
+            "  smallest configurations of other GPU types that would: "
+            + ", ".join(text for _, text in sorted(others)[:4])
+        )
     lines.append("  or plan with --layer-split, which spreads the layers over several nodes")
     return "\n".join(lines)
 
 
-def slo_unreachable_message(model: ModelSpec, hardware: dict[str, NodeHardware], num_gpus: dict[str, int],
-                            latency: LatencyTable, stats: WorkloadStats, slo: SLOSpec,
-                            missing_roles: list[str], max_pp: int = max(PARALLEL_SIZES)) -> str:
+def slo_unreachable_message(
+    model: ModelSpec,
+    hardware: dict[str, NodeHardware],
+    num_gpus: dict[str, int],
+    latency: LatencyTable,
+    stats: WorkloadStats,
+    slo: SLOSpec,
+    missing_roles: list[str],
+    max_pp: int = max(PARALLEL_SIZES),
+) -> str:
     """The best zero-load TTFT and TPOT over every configuration that fits (pp <= max_pp)."""
     best_ttft, best_tpot = (np.inf, ""), (np.inf, "")
     for name, hw in hardware.items():
         for tp in PARALLEL_SIZES:
             for pp in PARALLEL_SIZES:
-                if (pp > max_pp or tp * pp > num_gpus[name] or not fits(model, hw, tp, pp, stats.max_tokens)
-                        or not has_latency(latency, hw, tp, pp)):
+                if (
+                    pp > max_pp
+                    or tp * pp > num_gpus[name]
+                    or not fits(model, hw, tp, pp, stats.max_tokens)
+                    or not has_latency(latency, hw, tp, pp)
+                ):
                     continue
                 c = latency.coefficients(hw, tp, pp)
                 label = f"{hw.gpu.name} tp={tp} pp={pp}"
@@ -81,15 +103,19 @@ def slo_unreachable_message(model: ModelSpec, hardware: dict[str, NodeHardware],
                 tpot = c.decode_ms(1, stats.decode_context) / 1e3
                 best_ttft = min(best_ttft, (ttft, label))
                 best_tpot = min(best_tpot, (tpot, label))
-    return (f"SLO unreachable: no {' or '.join(missing_roles)} instance meets {slo.describe()} even unloaded. "
-            f"Best attainable on this cluster: P{slo.ttft_percentile:g} TTFT {best_ttft[0]:.3f} s "
-            f"({best_ttft[1]}, no queueing) against {slo.ttft_s:g} s; TPOT {best_tpot[0]:.4f} s "
-            f"({best_tpot[1]}, batch of one) against {slo.tpot_s:g} s")
+    return (
+        f"SLO unreachable: no {' or '.join(missing_roles)} instance meets {slo.describe()} even unloaded. "
+        f"Best attainable on this cluster: P{slo.ttft_percentile:g} TTFT {best_ttft[0]:.3f} s "
+        f"({best_ttft[1]}, no queueing) against {slo.ttft_s:g} s; TPOT {best_tpot[0]:.4f} s "
+        f"({best_tpot[1]}, batch of one) against {slo.tpot_s:g} s"
+    )
 
 
-def unpaired_message(cluster: ClusterSpec, model: ModelSpec, options: list[InstanceOption],
-                     hosts: dict[str, list[int]], traffic: Traffic) -> str:
+def unpaired_message(
+    cluster: ClusterSpec, model: ModelSpec, options: list[InstanceOption], hosts: dict[str, list[int]], traffic: Traffic
+) -> str:
     """Why no request can be served although prefill and decode instances fit somewhere."""
+
     def smallest(node: str, role: str) -> int | None:
         sizes = [options[i].num_gpus for i in hosts[node] if options[i].role == role]
         return min(sizes) if sizes else None
@@ -106,20 +132,28 @@ def unpaired_message(cluster: ClusterSpec, model: ModelSpec, options: list[Insta
             p, d = need[name]
             if p is None and d is None:
                 continue
-            roles = (f"{p} GPUs (prefill) and {d} (decode)" if None not in (p, d)
-                     else f"{p or d} GPUs ({'prefill' if p else 'decode'}; the other role meets the SLO on none)")
+            roles = (
+                f"{p} GPUs (prefill) and {d} (decode)"
+                if None not in (p, d)
+                else f"{p or d} GPUs ({'prefill' if p else 'decode'}; the other role meets the SLO on none)"
+            )
             sizes.append(f"one {gpu_type} instance of {model.name} needs {roles}, and node {name} has {num_gpus}")
         reasons.append("no node holds a prefill and a decode instance at once (" + "; ".join(sizes) + ")")
     elif all(traffic.local_rps[n.name] <= 0 for n in both):
-        reasons.append(f"inside nodes {', '.join(n.name for n in both)} the GPU link is too slow for a long "
-                       f"prompt's KV")
+        reasons.append(
+            f"inside nodes {', '.join(n.name for n in both)} the GPU link is too slow for a long prompt's KV"
+        )
     senders = [n.name for n in cluster.nodes if need[n.name][0] is not None]
     receivers = [n.name for n in cluster.nodes if need[n.name][1] is not None]
     pairs = [(a, b) for a in senders for b in receivers if a != b]
     if not pairs:
         reasons.append("no other node holds an instance to pair with")
     else:
-        reasons.append("between nodes the network closes every path (check nic_gb_s and links: a long "
-                       "prompt's KV must move fast enough not to spoil a short request's TPOT, see docs/planner.md)")
-    return ("no placement serves any request within the SLO: a request needs a prefill and a decode instance, "
-            "and " + "; ".join(reasons))
+        reasons.append(
+            "between nodes the network closes every path (check nic_gb_s and links: a long "
+            "prompt's KV must move fast enough not to spoil a short request's TPOT, see docs/planner.md)"
+        )
+    return (
+        "no placement serves any request within the SLO: a request needs a prefill and a decode instance, "
+        "and " + "; ".join(reasons)
+    )

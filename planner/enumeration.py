@@ -36,20 +36,29 @@ def node_fillings(option_ids: list[int], options: list[InstanceOption], num_gpus
             yield {first: k, **tail} if k else tail
 
 
-def served_rate(counts: dict[tuple[str, int], int], options: list[InstanceOption],
-                traffic: Traffic) -> tuple[float, dict[tuple[str, str], float]]:
+def served_rate(
+    counts: dict[tuple[str, int], int], options: list[InstanceOption], traffic: Traffic
+) -> tuple[float, dict[tuple[str, str], float]]:
     prefill, decode = defaultdict(float), defaultdict(float)
     for (n, i), c in counts.items():
         (prefill if options[i].role == "prefill" else decode)[n] += c * options[i].capacity_rps
     return max_served_rate(traffic, prefill, decode)
 
 
-def exhaustive_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware], options: list[InstanceOption],
-                         traffic: Traffic, objective: str, target_rps: float | None = None) -> Placement | None:
+def exhaustive_placement(
+    cluster: ClusterSpec,
+    hardware: dict[str, NodeHardware],
+    options: list[InstanceOption],
+    traffic: Traffic,
+    objective: str,
+    target_rps: float | None = None,
+) -> Placement | None:
     """The best placement by brute force; None when no placement reaches target_rps."""
     hosts = compatible_options(cluster, hardware, options)
-    per_node = [[{(n.name, i): c for i, c in filling.items()}
-                 for filling in node_fillings(hosts[n.name], options, n.num_gpus)] for n in cluster.nodes]
+    per_node = [
+        [{(n.name, i): c for i, c in filling.items()} for filling in node_fillings(hosts[n.name], options, n.num_gpus)]
+        for n in cluster.nodes
+    ]
     best, best_key = None, None
     for combo in itertools.product(*per_node):
         counts = {k: c for filling in combo for k, c in filling.items()}
@@ -66,8 +75,9 @@ def exhaustive_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware]
     return best
 
 
-def distserve_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware], options: list[InstanceOption],
-                        traffic: Traffic) -> Placement:
+def distserve_placement(
+    cluster: ClusterSpec, hardware: dict[str, NodeHardware], options: list[InstanceOption], traffic: Traffic
+) -> Placement:
     """Replicate, on every node, the best single-type node unit for that node's kind."""
     hosts = compatible_options(cluster, hardware, options)
     counts: dict[tuple[str, int], int] = {}
@@ -83,8 +93,9 @@ def distserve_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware],
     return Placement(counts, local, sum(local.values()), _no_solver(sum(local.values())))
 
 
-def _best_unit(node: str, ids: list[int], options: list[InstanceOption], num_gpus: int,
-               traffic: Traffic) -> dict[int, int]:
+def _best_unit(
+    node: str, ids: list[int], options: list[InstanceOption], num_gpus: int, traffic: Traffic
+) -> dict[int, int]:
     """The (prefill option, decode option, counts) with the most goodput in one node,
     fewest GPUs on ties."""
     best, best_key = {}, (0.0, 0)
@@ -94,8 +105,7 @@ def _best_unit(node: str, ids: list[int], options: list[InstanceOption], num_gpu
         gp, gd = options[p].num_gpus, options[d].num_gpus
         for num_p in range(1, (num_gpus - gd) // gp + 1):
             for num_d in range(1, (num_gpus - num_p * gp) // gd + 1):
-                rate = min(num_p * options[p].capacity_rps, num_d * options[d].capacity_rps,
-                           traffic.local_rps[node])
+                rate = min(num_p * options[p].capacity_rps, num_d * options[d].capacity_rps, traffic.local_rps[node])
                 key = (round(rate, 9), -(num_p * gp + num_d * gd))
                 if key > best_key:
                     best, best_key = {p: num_p, d: num_d}, key

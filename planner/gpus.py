@@ -39,8 +39,7 @@ class GPUSpec:
 
     def peak_flops(self, dtype: str) -> float:
         if not self.has_roofline:
-            raise ValueError(f"gpu_type {self.name!r} has no datasheet for the roofline latency model: "
-                             f"{PROFILE_FIX}")
+            raise ValueError(f"gpu_type {self.name!r} has no datasheet for the roofline latency model: {PROFILE_FIX}")
         return dict(self.tflops)[dtype] * 1e12
 
 
@@ -57,23 +56,28 @@ def _gpu(name, memory_gb, mem_bw_gb_s, fp16, fp32, link_gb_s, nvlink, cost) -> G
 CPU_MEMORY_GB = 2.0
 CPU_LINK_GB_S = 5.0
 CPU_COST_PER_CORE_HOUR = 0.05
-PROFILE_FIX = ("its latency must come from a profile of the model measured on one core: run "
-               "`tandem profile --device cpu --cores 1 --model <checkpoint> --out profile.yaml` and plan "
-               "with --profile profile.yaml")
+PROFILE_FIX = (
+    "its latency must come from a profile of the model measured on one core: run "
+    "`tandem profile --device cpu --cores 1 --model <checkpoint> --out profile.yaml` and plan "
+    "with --profile profile.yaml"
+)
 
-GPU_SPECS: dict[str, GPUSpec] = {g.name: g for g in (
-    #    name         mem GB  HBM GB/s  fp16 TF  fp32 TF  link GB/s  NVLink  $/h
-    _gpu("H200",      141.0,  4800.0,   989.0,   67.0,    450.0,     True,   10.0),
-    _gpu("H100",       80.0,  3350.0,   989.0,   67.0,    450.0,     True,    6.0),
-    _gpu("A100-80GB",  80.0,  2039.0,   312.0,   19.5,    300.0,     True,    3.7),
-    _gpu("A100-40GB",  40.0,  1555.0,   312.0,   19.5,    300.0,     True,    3.0),
-    _gpu("L40S",       48.0,   864.0,   362.0,   91.6,     32.0,     False,   1.9),
-    _gpu("A10G",       24.0,   600.0,    70.0,   31.2,     32.0,     False,   1.0),
-    _gpu("L4",         24.0,   300.0,   121.0,   30.3,     32.0,     False,   0.8),
-    _gpu("V100",       32.0,   900.0,   125.0,   15.7,    150.0,     True,    2.5),
-    _gpu("T4",         16.0,   320.0,    65.0,    8.1,     16.0,     False,   0.5),
-    GPUSpec("cpu", CPU_MEMORY_GB, 0.0, (), CPU_LINK_GB_S, False, CPU_COST_PER_CORE_HOUR),
-)}
+GPU_SPECS: dict[str, GPUSpec] = {
+    g.name: g
+    for g in (
+        #    name         mem GB  HBM GB/s  fp16 TF  fp32 TF  link GB/s  NVLink  $/h
+        _gpu("H200", 141.0, 4800.0, 989.0, 67.0, 450.0, True, 10.0),
+        _gpu("H100", 80.0, 3350.0, 989.0, 67.0, 450.0, True, 6.0),
+        _gpu("A100-80GB", 80.0, 2039.0, 312.0, 19.5, 300.0, True, 3.7),
+        _gpu("A100-40GB", 40.0, 1555.0, 312.0, 19.5, 300.0, True, 3.0),
+        _gpu("L40S", 48.0, 864.0, 362.0, 91.6, 32.0, False, 1.9),
+        _gpu("A10G", 24.0, 600.0, 70.0, 31.2, 32.0, False, 1.0),
+        _gpu("L4", 24.0, 300.0, 121.0, 30.3, 32.0, False, 0.8),
+        _gpu("V100", 32.0, 900.0, 125.0, 15.7, 150.0, True, 2.5),
+        _gpu("T4", 16.0, 320.0, 65.0, 8.1, 16.0, False, 0.5),
+        GPUSpec("cpu", CPU_MEMORY_GB, 0.0, (), CPU_LINK_GB_S, False, CPU_COST_PER_CORE_HOUR),
+    )
+}
 
 GPU_TYPES = tuple(GPU_SPECS)
 

@@ -56,8 +56,8 @@ LAYER_OVERHEAD_MS = 0.1  # kernel launches and small kernels' floor, per layer a
 STEP_OVERHEAD_MS = 1.0  # scheduling, input preparation and sampling, per step and stage
 ALLREDUCE_LATENCY_MS = {True: 0.02, False: 0.05}  # an all-reduce of a small message: NVLink, PCIe
 LINK_EFFICIENCY = 0.5  # NCCL all-reduces of 0.5-4 MB move about half the link's bandwidth
-PREFILL_FIT_TOKENS = tuple(2 ** i for i in range(6, 14))  # 64 .. 8,192
-DECODE_FIT_BATCHES = tuple(2 ** i for i in range(10))  # 1 .. 512
+PREFILL_FIT_TOKENS = tuple(2**i for i in range(6, 14))  # 64 .. 8,192
+DECODE_FIT_BATCHES = tuple(2**i for i in range(10))  # 1 .. 512
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,7 @@ class Coefficients:
     def step_ms(self, prefill_tokens: int, attn_tokens2: int, num_decodes: int, context_tokens: int) -> float:
         """A mixed step: decodes plus prefill chunks, paying one fixed cost."""
         fixed = max(self.a if prefill_tokens else 0.0, self.A if num_decodes else 0.0)
-        return (fixed + self.b * prefill_tokens + self.c * attn_tokens2
-                + self.B * context_tokens + self.C * num_decodes)
+        return fixed + self.b * prefill_tokens + self.c * attn_tokens2 + self.B * context_tokens + self.C * num_decodes
 
 
 def gemm_ms(gpu: GPUSpec, dtype: str, m: float, n: float, k: float) -> float:
@@ -94,7 +93,7 @@ def gemm_ms(gpu: GPUSpec, dtype: str, m: float, n: float, k: float) -> float:
     flops_per_ms = gpu.peak_flops(dtype) * COMPUTE_EFFICIENCY / 1e3
     compute = 2 * m * n * k / flops_per_ms
     memory = DTYPE_BYTES[dtype] * (m * k + k * n + m * n) / _bytes_per_ms(gpu)
-    return (compute ** GEMM_NORM + memory ** GEMM_NORM) ** (1 / GEMM_NORM)
+    return (compute**GEMM_NORM + memory**GEMM_NORM) ** (1 / GEMM_NORM)
 
 
 def allreduce_ms(hw: NodeHardware, tp: int, num_bytes: float) -> float:
@@ -113,23 +112,26 @@ def roofline(model: ModelSpec, hw: NodeHardware, tp: int, pp: int) -> Coefficien
     kv_read = model.kv_bytes_per_token / (_bytes_per_ms(hw.gpu) * tp)  # per context token of a decode
     a, b = _fit_line(PREFILL_FIT_TOKENS, [step_tokens_ms(model, hw, tp, pp, t, 1) for t in PREFILL_FIT_TOKENS])
     # Decode is exact for one sequence (the best TPOT an instance offers), fitted above it.
-    A, C = _fit_line(DECODE_FIT_BATCHES, [step_tokens_ms(model, hw, tp, pp, n, n) for n in DECODE_FIT_BATCHES],
-                     through_first=True)
+    A, C = _fit_line(
+        DECODE_FIT_BATCHES, [step_tokens_ms(model, hw, tp, pp, n, n) for n in DECODE_FIT_BATCHES], through_first=True
+    )
     # A decode token attends to each context token: its QK and PV, twice a prefill pair's FLOPs.
     return Coefficients(a=a, b=b, c=attention, A=A, B=kv_read + 2 * attention, C=C)
 
 
-def step_tokens_ms(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, num_tokens: float,
-                   num_logits: float) -> float:
+def step_tokens_ms(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, num_tokens: float, num_logits: float) -> float:
     """A step of num_tokens new tokens apart from their attention over the context: every
     layer's GEMMs, activations and all-reduces, num_logits rows of the LM head (one per
     prompt in prefill, one per sequence in decode), the sends between stages and the fixed
     costs."""
     gpu, dtype = hw.gpu, model.dtype
     hidden_bytes = num_tokens * model.hidden_size * model.dtype_bytes
-    layer = (sum(gemm_ms(gpu, dtype, num_tokens, n, k) for n, k in _weight_shapes(model, tp))
-             + num_tokens * _activation_bytes(model, tp) / _bytes_per_ms(gpu)
-             + 2 * allreduce_ms(hw, tp, hidden_bytes) + LAYER_OVERHEAD_MS)
+    layer = (
+        sum(gemm_ms(gpu, dtype, num_tokens, n, k) for n, k in _weight_shapes(model, tp))
+        + num_tokens * _activation_bytes(model, tp) / _bytes_per_ms(gpu)
+        + 2 * allreduce_ms(hw, tp, hidden_bytes)
+        + LAYER_OVERHEAD_MS
+    )
     logits = gemm_ms(gpu, dtype, num_logits, model.vocab_size / tp, model.hidden_size)
     # Between stages one GPU sends the hidden state; a send costs about a small all-reduce.
     sends = (pp - 1) * (ALLREDUCE_LATENCY_MS[gpu.nvlink] + hidden_bytes / (hw.link_gb_s * 1e9 / 1e3))
@@ -162,11 +164,12 @@ def _activation_bytes(model: ModelSpec, tp: int) -> float:
 def _fit_line(xs: Sequence[float], ys: Sequence[float], through_first: bool = False) -> tuple[float, float]:
     """Intercept and slope (both >= 0) of the line closest to the points in relative error;
     through_first: of the lines through the first point."""
-    w = [1 / y ** 2 for y in ys]
+    w = [1 / y**2 for y in ys]
     if through_first:
         x0, y0 = xs[0], ys[0]
-        slope = (sum(wi * (x - x0) * (y - y0) for wi, x, y in zip(w, xs, ys))
-                 / sum(wi * (x - x0) ** 2 for wi, x in zip(w, xs)))
+        slope = sum(wi * (x - x0) * (y - y0) for wi, x, y in zip(w, xs, ys)) / sum(
+            wi * (x - x0) ** 2 for wi, x in zip(w, xs)
+        )
         slope = max(slope, 0.0)
         return max(y0 - slope * x0, 0.0), slope
     s0, s1 = sum(w), sum(wi * x for wi, x in zip(w, xs))
@@ -209,21 +212,33 @@ class Profile:
             check_keys(where, e, ("gpu_type", "prefill_ms", "decode_ms"), ("tp", "pp"))
             pre = check_keys(f"{where}.prefill_ms", e["prefill_ms"], ("a", "b", "c"))
             dec = check_keys(f"{where}.decode_ms", e["decode_ms"], ("A", "B", "C"))
-            coeffs = {k: as_number(f"{where}.{'prefill_ms' if k in pre else 'decode_ms'}.{k}", v, minimum=0)
-                      for k, v in {**pre, **dec}.items()}
-            entries.append(ProfileEntry(as_str(f"{where}.gpu_type", e["gpu_type"]),
-                                        as_int(f"{where}.tp", e.get("tp", 1), minimum=1),
-                                        as_int(f"{where}.pp", e.get("pp", 1), minimum=1),
-                                        Coefficients(**coeffs, source="profile")))
+            coeffs = {
+                k: as_number(f"{where}.{'prefill_ms' if k in pre else 'decode_ms'}.{k}", v, minimum=0)
+                for k, v in {**pre, **dec}.items()
+            }
+            entries.append(
+                ProfileEntry(
+                    as_str(f"{where}.gpu_type", e["gpu_type"]),
+                    as_int(f"{where}.tp", e.get("tp", 1), minimum=1),
+                    as_int(f"{where}.pp", e.get("pp", 1), minimum=1),
+                    Coefficients(**coeffs, source="profile"),
+                )
+            )
         return Profile(as_str("profile.model", data["model"]), tuple(entries))
 
     def to_dict(self) -> dict:
         entries = []
         for e in self.entries:
             c = asdict(e.coefficients)
-            entries.append({"gpu_type": e.gpu_type, "tp": e.tp, "pp": e.pp,
-                            "prefill_ms": {k: c[k] for k in "abc"},
-                            "decode_ms": {k: c[k] for k in "ABC"}})
+            entries.append(
+                {
+                    "gpu_type": e.gpu_type,
+                    "tp": e.tp,
+                    "pp": e.pp,
+                    "prefill_ms": {k: c[k] for k in "abc"},
+                    "decode_ms": {k: c[k] for k in "ABC"},
+                }
+            )
         return {"model": self.model, "entries": entries}
 
     @staticmethod
@@ -241,15 +256,19 @@ class LatencyTable:
         """gpu_types: the cluster's; a profile entry for none of them is refused (a mistyped
         name would otherwise leave that GPU type on the roofline without a word)."""
         if profile is not None and profile.model != model.name:
-            raise ValueError(f"profile.model is {profile.model!r} but the plan is for model "
-                             f"{model.name!r}: profile coefficients hold for one model only")
+            raise ValueError(
+                f"profile.model is {profile.model!r} but the plan is for model "
+                f"{model.name!r}: profile coefficients hold for one model only"
+            )
         if profile is not None and gpu_types is not None:
             known = tuple(dict.fromkeys(gpu_types))
             for i, e in enumerate(profile.entries):
                 if e.gpu_type not in known:
-                    raise ValueError(f"profile.entries[{i}].gpu_type {e.gpu_type!r} matches no node of the "
-                                     f"cluster; its GPU types: {', '.join(known)} (tandem profile --gpu-type "
-                                     f"files measurements under one)")
+                    raise ValueError(
+                        f"profile.entries[{i}].gpu_type {e.gpu_type!r} matches no node of the "
+                        f"cluster; its GPU types: {', '.join(known)} (tandem profile --gpu-type "
+                        f"files measurements under one)"
+                    )
         self.model = model
         self.profile = profile
 

@@ -18,12 +18,15 @@ def register(plan: argparse.ArgumentParser) -> None:
     """Add `latency` as a subcommand of `tandem plan`."""
     subcommands = plan.add_subparsers(dest="plan_command", metavar="{latency}")
     latency = subcommands.add_parser(
-        "latency", help="predicted time of one prefill or decode step of one instance",
+        "latency",
+        help="predicted time of one prefill or decode step of one instance",
         description="Print the predicted time of one prefill step (a prompt of --prefill-tokens) or one "
-                    "decode step (--decode-batch sequences of --context tokens each) of one instance, and "
-                    "whether it came from --profile or the roofline.")
-    latency.add_argument("--model", required=True,
-                         help="architecture name (e.g. llama-2-13b), checkpoint directory, config.json or YAML")
+        "decode step (--decode-batch sequences of --context tokens each) of one instance, and "
+        "whether it came from --profile or the roofline.",
+    )
+    latency.add_argument(
+        "--model", required=True, help="architecture name (e.g. llama-2-13b), checkpoint directory, config.json or YAML"
+    )
     latency.add_argument("--gpu", required=True, help="GPU type from the planner's table, e.g. A100-80GB")
     latency.add_argument("--tp", type=int, default=1, help="tensor-parallel GPUs (default 1)")
     latency.add_argument("--pp", type=int, default=1, help="pipeline stages (default 1)")
@@ -65,11 +68,16 @@ def run_latency(args: argparse.Namespace) -> int:
     if args.decode_batch is None:
         result.update(prefill_tokens=args.prefill_tokens, prefill_ms=coeffs.prefill_ms(args.prefill_tokens))
     else:
-        result.update(decode_batch=args.decode_batch, context=args.context,
-                      decode_ms=coeffs.decode_ms(args.decode_batch, args.decode_batch * args.context))
+        result.update(
+            decode_batch=args.decode_batch,
+            context=args.context,
+            decode_ms=coeffs.decode_ms(args.decode_batch, args.decode_batch * args.context),
+        )
     c = asdict(coeffs)
-    result.update(source=coeffs.source, coefficients={"prefill_ms": {k: c[k] for k in "abc"},
-                                                     "decode_ms": {k: c[k] for k in "ABC"}})
+    result.update(
+        source=coeffs.source,
+        coefficients={"prefill_ms": {k: c[k] for k in "abc"}, "decode_ms": {k: c[k] for k in "ABC"}},
+    )
     if args.emit == "json":
         print(json.dumps(result, indent=2))
         return 0
@@ -77,14 +85,18 @@ def run_latency(args: argparse.Namespace) -> int:
     if args.decode_batch is None:
         step = f"a prefill of {args.prefill_tokens} tokens takes {result['prefill_ms']:.2f} ms"
     else:
-        step = (f"a decode step of {args.decode_batch} sequences of {args.context} context tokens takes "
-                f"{result['decode_ms']:.2f} ms")
+        step = (
+            f"a decode step of {args.decode_batch} sequences of {args.context} context tokens takes "
+            f"{result['decode_ms']:.2f} ms"
+        )
     source = coeffs.source
     if profile is not None and source == "roofline":
         source += f": {args.profile} has no entry for {gpu.name} tp={args.tp} pp={args.pp}"
     print(f"{where}: {step} ({source})")
-    print(f"prefill ms = {coeffs.a:.4g} + {coeffs.b:.4g} T + {coeffs.c:.4g} T^2; "
-          f"decode ms = {coeffs.A:.4g} + {coeffs.B:.4g} K + {coeffs.C:.4g} batch")
+    print(
+        f"prefill ms = {coeffs.a:.4g} + {coeffs.b:.4g} T + {coeffs.c:.4g} T^2; "
+        f"decode ms = {coeffs.A:.4g} + {coeffs.B:.4g} K + {coeffs.C:.4g} batch"
+    )
     return 0
 
 
@@ -98,12 +110,17 @@ def _check_parallelism(model, tp: int, pp: int) -> None:
     replicates) the KV heads evenly; a stage holds at least one layer."""
     _positive("--tp", tp)
     _positive("--pp", pp)
-    allowed = [t for t in range(1, model.num_heads + 1) if model.num_heads % t == 0
-               and (model.num_kv_heads % t == 0 or t % model.num_kv_heads == 0)]
+    allowed = [
+        t
+        for t in range(1, model.num_heads + 1)
+        if model.num_heads % t == 0 and (model.num_kv_heads % t == 0 or t % model.num_kv_heads == 0)
+    ]
     if tp not in allowed:
-        raise ValueError(f"--tp {tp} does not split {model.name}'s {model.num_heads} attention heads "
-                         f"({model.num_kv_heads} KV heads) evenly; allowed: {', '.join(map(str, allowed))}")
+        raise ValueError(
+            f"--tp {tp} does not split {model.name}'s {model.num_heads} attention heads "
+            f"({model.num_kv_heads} KV heads) evenly; allowed: {', '.join(map(str, allowed))}"
+        )
     if pp > model.num_layers:
-        raise ValueError(f"--pp {pp} exceeds {model.name}'s {model.num_layers} layers; allowed: 1 to "
-                         f"{model.num_layers}")
-
+        raise ValueError(
+            f"--pp {pp} exceeds {model.name}'s {model.num_layers} layers; allowed: 1 to {model.num_layers}"
+        )

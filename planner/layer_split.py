@@ -38,8 +38,16 @@ from dataclasses import dataclass, replace
 from typing import Callable
 
 from planner import queueing
-from planner.capacity import (WorkloadStats, decode_limits, decode_load, decode_tpot_exceed, kv_capacity_tokens,
-                              prefill_capacity, prefill_service_s, valid_parallelism)
+from planner.capacity import (
+    WorkloadStats,
+    decode_limits,
+    decode_load,
+    decode_tpot_exceed,
+    kv_capacity_tokens,
+    prefill_capacity,
+    prefill_service_s,
+    valid_parallelism,
+)
 from planner.gpus import NodeHardware
 from planner.latency import Coefficients, LatencyTable
 from planner.network import BANDWIDTH_UTILIZATION
@@ -77,18 +85,27 @@ def _scaled(c: Coefficients, f: float) -> Coefficients:
     return Coefficients(c.a * f, c.b * f, c.c * f, c.A * f, c.B * f, c.C * f, c.source)
 
 
-def stage_model(model: ModelSpec, hw: NodeHardware, tp: int, layers: int, latency: LatencyTable,
-                slo: SLOSpec) -> tuple[Coefficients, SLOSpec, ModelSpec]:
+def stage_model(
+    model: ModelSpec, hw: NodeHardware, tp: int, layers: int, latency: LatencyTable, slo: SLOSpec
+) -> tuple[Coefficients, SLOSpec, ModelSpec]:
     """A stage's coefficients and SLO share; the part of the model it holds (whose
     embeddings are counted whole: small beside a model that needs splitting)."""
     share = layers / model.num_layers
     coeffs = _scaled(latency.coefficients(hw, tp, 1), share)
-    return coeffs, replace(slo, ttft_s=slo.ttft_s * share, tpot_s=slo.tpot_s * share), \
-        replace(model, num_layers=layers)
+    return coeffs, replace(slo, ttft_s=slo.ttft_s * share, tpot_s=slo.tpot_s * share), replace(model, num_layers=layers)
 
 
-def stage_capacity(model: ModelSpec, hw: NodeHardware, tp: int, layers: int, role: str, latency: LatencyTable,
-                   stats: WorkloadStats, slo: SLOSpec, block_size: int) -> float:
+def stage_capacity(
+    model: ModelSpec,
+    hw: NodeHardware,
+    tp: int,
+    layers: int,
+    role: str,
+    latency: LatencyTable,
+    stats: WorkloadStats,
+    slo: SLOSpec,
+    block_size: int,
+) -> float:
     """Requests/s a node serves holding `layers` layers for role, within its share of the SLO."""
     coeffs, stage_slo, part = stage_model(model, hw, tp, layers, latency, slo)
     if kv_capacity_tokens(part, hw, tp, 1) < stats.max_tokens:
@@ -98,8 +115,9 @@ def stage_capacity(model: ModelSpec, hw: NodeHardware, tp: int, layers: int, rol
     return decode_limits(coeffs, 1, kv_capacity_tokens(part, hw, tp, 1), stats, stage_slo, block_size).capacity_rps
 
 
-def stage_bytes_per_request(model: ModelSpec, stats: WorkloadStats, role: str, layer_start: int,
-                            layer_end: int) -> tuple[float, float]:
+def stage_bytes_per_request(
+    model: ModelSpec, stats: WorkloadStats, role: str, layer_start: int, layer_end: int
+) -> tuple[float, float]:
     """Bytes one request makes a node of the stage send and receive: the hidden states
     to and from the neighbouring stages (every prompt token in prefill, one per output
     token in decode), and the KV of the stage's layers from prefill to decode."""
@@ -111,16 +129,25 @@ def stage_bytes_per_request(model: ModelSpec, stats: WorkloadStats, role: str, l
     return sent, received
 
 
-def nic_capacity(model: ModelSpec, stats: WorkloadStats, role: str, layer_start: int, layer_end: int,
-                 nic_gb_s: float) -> float:
+def nic_capacity(
+    model: ModelSpec, stats: WorkloadStats, role: str, layer_start: int, layer_end: int, nic_gb_s: float
+) -> float:
     """Requests/s one node's NIC carries for the stage, in its busier direction."""
     busiest = max(stage_bytes_per_request(model, stats, role, layer_start, layer_end))
     return nic_gb_s * 1e9 * BANDWIDTH_UTILIZATION / busiest if busiest > 0 else math.inf
 
 
-def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], model: ModelSpec,
-                      latency: LatencyTable, stats: WorkloadStats, slo: SLOSpec, block_size: int,
-                      solve_options: SolveOptions, progress: Callable[[str], None] | None = None) -> LayerSplit:
+def solve_layer_split(
+    cluster: ClusterSpec,
+    hardware: dict[str, NodeHardware],
+    model: ModelSpec,
+    latency: LatencyTable,
+    stats: WorkloadStats,
+    slo: SLOSpec,
+    block_size: int,
+    solve_options: SolveOptions,
+    progress: Callable[[str], None] | None = None,
+) -> LayerSplit:
     import pulp
 
     bounds = unit_bounds(model.num_layers)
@@ -157,8 +184,9 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
         prob += n["prefill"] + n["decode"] <= len(names)
     for r in ROLES:
         for j in range(1, units):
-            prob += (pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and e == j)
-                     == pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and s == j))
+            prob += pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and e == j) == pulp.lpSum(
+                v for (_, rr, s, e), v in f.items() if rr == r and s == j
+            )
         prob += goodput <= pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and s == 0)
     info = solve(prob, solve_options, progress)
     if info.status not in ("optimal", "time_limit"):
@@ -171,15 +199,30 @@ def solve_layer_split(cluster: ClusterSpec, hardware: dict[str, NodeHardware], m
             tp = caps[k, r, s, e][1]
             for node in (free[k].pop(0) for _ in range(count)):
                 source = latency.coefficients(hardware[node], tp, 1).source
-                stages.append(LayerStage(role=r, node=node, gpu_type=hardware[node].gpu.name, tp=tp,
-                                         layer_start=bounds[s], layer_end=bounds[e], rate_rps=round(rate / count, 4),
-                                         latency_source=source))
+                stages.append(
+                    LayerStage(
+                        role=r,
+                        node=node,
+                        gpu_type=hardware[node].gpu.name,
+                        tp=tp,
+                        layer_start=bounds[s],
+                        layer_end=bounds[e],
+                        rate_rps=round(rate / count, 4),
+                        latency_source=source,
+                    )
+                )
     stages.sort(key=lambda st: (ROLES.index(st.role), st.layer_start, st.node))
     return LayerSplit(tuple(stages), float(goodput.value() or 0.0), info)
 
 
-def predict_split(split: LayerSplit, hardware: dict[str, NodeHardware], model: ModelSpec, latency: LatencyTable,
-                  stats: WorkloadStats, slo: SLOSpec) -> Metrics:
+def predict_split(
+    split: LayerSplit,
+    hardware: dict[str, NodeHardware],
+    model: ModelSpec,
+    latency: LatencyTable,
+    stats: WorkloadStats,
+    slo: SLOSpec,
+) -> Metrics:
     """Figures at the split's goodput. A chain's shares of a target add up to one, so the
     largest quantile-to-share ratio of any stage bounds the percentiles."""
     ttft_bound = tpot_bound = 0.0
@@ -198,12 +241,24 @@ def predict_split(split: LayerSplit, hardware: dict[str, NodeHardware], model: M
             batch = queueing.batch_quantile(queueing.decode_batch_pmf(rho, a), slo.tpot_percentile / 100)
             tpot_bound = max(tpot_bound, coeffs.decode_ms(batch, batch * stats.decode_context) / 1e3 / share)
     attainment = split_attainment(split, hardware, model, latency, stats, slo, split.goodput_rps)
-    return Metrics(rate_rps=round(split.goodput_rps, 4), goodput_rps=round(split.goodput_rps, 4),
-                   attainment=round(attainment, 4), ttft_s=round(ttft_bound, 4), tpot_s=round(tpot_bound, 4))
+    return Metrics(
+        rate_rps=round(split.goodput_rps, 4),
+        goodput_rps=round(split.goodput_rps, 4),
+        attainment=round(attainment, 4),
+        ttft_s=round(ttft_bound, 4),
+        tpot_s=round(tpot_bound, 4),
+    )
 
 
-def split_attainment(split: LayerSplit, hardware: dict[str, NodeHardware], model: ModelSpec, latency: LatencyTable,
-                     stats: WorkloadStats, slo: SLOSpec, rate_rps: float) -> float:
+def split_attainment(
+    split: LayerSplit,
+    hardware: dict[str, NodeHardware],
+    model: ModelSpec,
+    latency: LatencyTable,
+    stats: WorkloadStats,
+    slo: SLOSpec,
+    rate_rps: float,
+) -> float:
     """Forecast attainment at rate_rps, every stage's flow scaled to it. Each stage meets
     its share of a target with some probability; a chain meets the target when all its
     stages do, so the worst stage of each role bounds attainment."""
@@ -211,8 +266,7 @@ def split_attainment(split: LayerSplit, hardware: dict[str, NodeHardware], model
     worst_miss = {r: 0.0 for r in ROLES}
     for st in split.stages:
         rate = st.rate_rps * scale
-        coeffs, stage_slo, _ = stage_model(model, hardware[st.node], st.tp, st.layer_end - st.layer_start,
-                                           latency, slo)
+        coeffs, stage_slo, _ = stage_model(model, hardware[st.node], st.tp, st.layer_end - st.layer_start, latency, slo)
         if st.role == "prefill":
             miss = queueing.ttft_exceed_prob(rate, prefill_service_s(coeffs, stats), stage_slo.ttft_s)
         else:

@@ -46,8 +46,9 @@ class Placement:
     solver: SolverInfo
 
 
-def compatible_options(cluster: ClusterSpec, hardware: dict[str, NodeHardware],
-                       options: list[InstanceOption]) -> dict[str, list[int]]:
+def compatible_options(
+    cluster: ClusterSpec, hardware: dict[str, NodeHardware], options: list[InstanceOption]
+) -> dict[str, list[int]]:
     """Indices of the options each node can host: its hardware, at most its GPUs.
 
     Instance sizes (tp x pp) are powers of two, so any set of instances whose GPUs add up
@@ -55,15 +56,23 @@ def compatible_options(cluster: ClusterSpec, hardware: dict[str, NodeHardware],
     size): a 3-GPU node holds a tp=2 instance beside a tp=1 one, and the GPU count per
     node is the whole packing constraint.
     """
-    return {n.name: [i for i, o in enumerate(options)
-                     if o.hardware == hardware[n.name] and o.num_gpus <= n.num_gpus]
-            for n in cluster.nodes}
+    return {
+        n.name: [i for i, o in enumerate(options) if o.hardware == hardware[n.name] and o.num_gpus <= n.num_gpus]
+        for n in cluster.nodes
+    }
 
 
-def solve_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware], options: list[InstanceOption],
-                    traffic: Traffic, objective: str, target_rps: float | None, solve_options: SolveOptions,
-                    progress: Callable[[str], None] | None = None,
-                    fixed_counts: dict[tuple[str, int], int] | None = None) -> Placement:
+def solve_placement(
+    cluster: ClusterSpec,
+    hardware: dict[str, NodeHardware],
+    options: list[InstanceOption],
+    traffic: Traffic,
+    objective: str,
+    target_rps: float | None,
+    solve_options: SolveOptions,
+    progress: Callable[[str], None] | None = None,
+    fixed_counts: dict[tuple[str, int], int] | None = None,
+) -> Placement:
     """The placement the objective asks for; with fixed_counts, those instances (keyed like
     Placement.counts) and only the routes solved: what a placement serves under new capacities."""
     import pulp
@@ -73,12 +82,19 @@ def solve_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware], opt
     hosts = compatible_options(cluster, hardware, options)
     gpus = {n.name: n.num_gpus for n in cluster.nodes}
     if fixed_counts is None:
-        x = {(n, i): prob.add_variable(f"x_{k}_{i}", 0, gpus[n] // options[i].num_gpus, cat="Integer")
-             for k, n in enumerate(hosts) for i in hosts[n]}
+        x = {
+            (n, i): prob.add_variable(f"x_{k}_{i}", 0, gpus[n] // options[i].num_gpus, cat="Integer")
+            for k, n in enumerate(hosts)
+            for i in hosts[n]
+        }
     else:
-        x = {(n, i): prob.add_variable(f"x_{k}_{i}", fixed_counts.get((n, i), 0), fixed_counts.get((n, i), 0),
-                                       cat="Integer")
-             for k, n in enumerate(hosts) for i in hosts[n]}
+        x = {
+            (n, i): prob.add_variable(
+                f"x_{k}_{i}", fixed_counts.get((n, i), 0), fixed_counts.get((n, i), 0), cat="Integer"
+            )
+            for k, n in enumerate(hosts)
+            for i in hosts[n]
+        }
     names = list(hosts)
     idx = {n: k for k, n in enumerate(names)}
     local = {n: prob.add_variable(f"l_{idx[n]}", 0, traffic.local_rps[n]) for n in names}
@@ -120,8 +136,9 @@ def solve_placement(cluster: ClusterSpec, hardware: dict[str, NodeHardware], opt
     if pair:
         remote = {key: v.value() or 0.0 for key, v in pair.items()}
     else:
-        remote = split_hub_traffic({n: send[n].value() or 0.0 for n in names},
-                                   {n: recv[n].value() or 0.0 for n in names})
+        remote = split_hub_traffic(
+            {n: send[n].value() or 0.0 for n in names}, {n: recv[n].value() or 0.0 for n in names}
+        )
     routes = merge_routes(local_routes, remote)
     counts = _drop_idle(counts, options, routes)
     return Placement(counts, routes, float(sum(routes.values())), info)
@@ -138,12 +155,14 @@ def _break_symmetry(prob, cluster, hardware, hosts, options, x) -> None:
             classes[(hardware[node.name], node.num_gpus, node.nic_gb_s)].append(node.name)
     for names in classes.values():
         for a, b in zip(names, names[1:]):
-            prob += (pulp.lpSum(options[i].num_gpus * x[a, i] for i in hosts[a] if options[i].role == "prefill")
-                     >= pulp.lpSum(options[i].num_gpus * x[b, i] for i in hosts[b] if options[i].role == "prefill"))
+            prob += pulp.lpSum(
+                options[i].num_gpus * x[a, i] for i in hosts[a] if options[i].role == "prefill"
+            ) >= pulp.lpSum(options[i].num_gpus * x[b, i] for i in hosts[b] if options[i].role == "prefill")
 
 
-def _drop_idle(counts: dict[tuple[str, int], int], options: list[InstanceOption],
-               routes: dict[tuple[str, str], float]) -> dict[tuple[str, int], int]:
+def _drop_idle(
+    counts: dict[tuple[str, int], int], options: list[InstanceOption], routes: dict[tuple[str, str], float]
+) -> dict[tuple[str, int], int]:
     """Remove instances that carry no planned traffic (the goodput objective does not
     penalise them), largest first, while each node keeps capacity for its routes."""
     used = defaultdict(float)
@@ -154,7 +173,7 @@ def _drop_idle(counts: dict[tuple[str, int], int], options: list[InstanceOption]
     for (n, i), c in counts.items():
         have[n, options[i].role] += c * options[i].capacity_rps
     out = dict(counts)
-    for (n, i) in sorted(counts, key=lambda key: -options[key[1]].num_gpus):
+    for n, i in sorted(counts, key=lambda key: -options[key[1]].num_gpus):
         o = options[i]
         while out[n, i] > 0 and have[n, o.role] - o.capacity_rps >= used[n, o.role] - 1e-6:
             out[n, i] -= 1

@@ -41,14 +41,20 @@ class Traffic:
         return self.link_rps.get(frozenset((a, b)), math.inf)
 
 
-def traffic_limits(cluster: ClusterSpec, hardware: dict[str, NodeHardware], kv_bytes_per_request: float,
-                   kv_bytes_large: float, max_transfer_s: float) -> Traffic:
+def traffic_limits(
+    cluster: ClusterSpec,
+    hardware: dict[str, NodeHardware],
+    kv_bytes_per_request: float,
+    kv_bytes_large: float,
+    max_transfer_s: float,
+) -> Traffic:
     """Limits for KV of kv_bytes_per_request on average.
 
     A path is closed (limit 0) when a large prompt's KV (kv_bytes_large) takes longer than
     max_transfer_s on it: the transfer delays that request's tokens after the first, so on
     slow links prefill and decode must share a node (DistServe's low-affinity placement).
     """
+
     def rps(gb_s: float) -> float:
         if gb_s <= 0 or kv_bytes_large / (gb_s * 1e9) > max_transfer_s:
             return 0.0
@@ -115,8 +121,9 @@ class _FlowGraph:
                 total += f
 
 
-def max_served_rate(traffic: Traffic, prefill_rps: dict[str, float],
-                    decode_rps: dict[str, float]) -> tuple[float, dict[tuple[str, str], float]]:
+def max_served_rate(
+    traffic: Traffic, prefill_rps: dict[str, float], decode_rps: dict[str, float]
+) -> tuple[float, dict[tuple[str, str], float]]:
     """Highest request rate the placement serves, and the prefill->decode node routes.
 
     Without listed links every pair of NICs can talk, so cross-node traffic goes through

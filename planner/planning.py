@@ -18,8 +18,16 @@ from typing import Callable
 import numpy as np
 
 from planner.calibration import RoleCalibration, calibrate_role, calibrated
-from planner.capacity import (PARALLEL_SIZES, InstanceOption, WorkloadStats, enumerate_options, fits,
-                              has_latency, pooled, prune_dominated)
+from planner.capacity import (
+    PARALLEL_SIZES,
+    InstanceOption,
+    WorkloadStats,
+    enumerate_options,
+    fits,
+    has_latency,
+    pooled,
+    prune_dominated,
+)
 from planner.diagnose import does_not_fit_message, slo_unreachable_message, unpaired_message
 from planner.gpus import PROFILE_FIX, NodeHardware, node_hardware
 from planner.latency import LatencyTable, Profile
@@ -89,8 +97,7 @@ def workload_stats(workload: WorkloadSpec, trace: Trace | None, seed: int = 0) -
         return WorkloadStats(trace.input_tokens[rows], trace.output_tokens[rows], longest, cv2)
     sample = workload.sample(NUM_STAT_SAMPLES * 25, seed=seed)
     longest = int((sample.input_tokens + sample.output_tokens).max())
-    return WorkloadStats(sample.input_tokens[:NUM_STAT_SAMPLES], sample.output_tokens[:NUM_STAT_SAMPLES], longest,
-                         cv2)
+    return WorkloadStats(sample.input_tokens[:NUM_STAT_SAMPLES], sample.output_tokens[:NUM_STAT_SAMPLES], longest, cv2)
 
 
 def kv_traffic(inputs: PlanInputs, hardware: dict[str, NodeHardware], stats: WorkloadStats) -> Traffic:
@@ -104,9 +111,13 @@ def kv_traffic(inputs: PlanInputs, hardware: dict[str, NodeHardware], stats: Wor
     slo = inputs.slo
     kv_per_token = inputs.model.kv_bytes_per_token
     short_steps = max(float(np.percentile(stats.output_tokens, (100 - slo.tpot_percentile) / 2)) - 1, 1.0)
-    return traffic_limits(inputs.cluster, hardware, float(stats.input_tokens.mean()) * kv_per_token,
-                          float(np.percentile(stats.input_tokens, slo.ttft_percentile)) * kv_per_token,
-                          TRANSFER_TPOT_SHARE * slo.tpot_s * short_steps)
+    return traffic_limits(
+        inputs.cluster,
+        hardware,
+        float(stats.input_tokens.mean()) * kv_per_token,
+        float(np.percentile(stats.input_tokens, slo.ttft_percentile)) * kv_per_token,
+        TRANSFER_TPOT_SHARE * slo.tpot_s * short_steps,
+    )
 
 
 def _read(inputs: PlanInputs) -> tuple[dict[str, NodeHardware], Trace | None, WorkloadStats, LatencyTable]:
@@ -115,8 +126,10 @@ def _read(inputs: PlanInputs) -> tuple[dict[str, NodeHardware], Trace | None, Wo
     profiled = {e.gpu_type for e in inputs.profile.entries} if inputs.profile else set()
     for i, n in enumerate(inputs.cluster.nodes):
         if not hardware[n.name].gpu.has_roofline and n.gpu_type not in profiled:
-            raise ValueError(f"cluster.nodes[{i}] ({n.name}) has gpu_type {n.gpu_type}, which the roofline has no "
-                             f"datasheet for, and no profile entry has gpu_type {n.gpu_type}: {PROFILE_FIX}")
+            raise ValueError(
+                f"cluster.nodes[{i}] ({n.name}) has gpu_type {n.gpu_type}, which the roofline has no "
+                f"datasheet for, and no profile entry has gpu_type {n.gpu_type}: {PROFILE_FIX}"
+            )
     trace = load_trace(inputs.workload.trace) if inputs.workload.trace else None
     latency = LatencyTable(inputs.model, inputs.profile, (n.gpu_type for n in inputs.cluster.nodes))
     return hardware, trace, workload_stats(inputs.workload, trace), latency
@@ -129,29 +142,40 @@ def prepare(inputs: PlanInputs) -> Problem:
     max_gpus: dict[NodeHardware, int] = defaultdict(int)
     for n in inputs.cluster.nodes:
         max_gpus[hardware[n.name]] = max(max_gpus[hardware[n.name]], n.num_gpus)
-    options = enumerate_options(inputs.model, dict(max_gpus), latency, stats, inputs.slo, inputs.block_size,
-                                inputs.max_pp)
+    options = enumerate_options(
+        inputs.model, dict(max_gpus), latency, stats, inputs.slo, inputs.block_size, inputs.max_pp
+    )
     missing = [role for role in ("prefill", "decode") if not any(o.role == role for o in options)]
     if missing:
-        fitting = [(tp * pp, pp, tp, hw.gpu.name) for hw, g in max_gpus.items() for tp in PARALLEL_SIZES
-                   for pp in PARALLEL_SIZES if tp * pp <= g and fits(inputs.model, hw, tp, pp, stats.max_tokens)
-                   and has_latency(latency, hw, tp, pp)]
+        fitting = [
+            (tp * pp, pp, tp, hw.gpu.name)
+            for hw, g in max_gpus.items()
+            for tp in PARALLEL_SIZES
+            for pp in PARALLEL_SIZES
+            if tp * pp <= g and fits(inputs.model, hw, tp, pp, stats.max_tokens) and has_latency(latency, hw, tp, pp)
+        ]
         if not fitting:
             raise ValueError(does_not_fit_message(inputs.model, hardware, num_gpus, stats.max_tokens))
         if all(pp > inputs.max_pp for _, pp, _, _ in fitting):
             _, pp, tp, gpu = min(fitting)
-            raise ValueError(f"model {inputs.model.name} fits an instance on this cluster only with pipeline "
-                             f"parallelism (e.g. {gpu} tp={tp} pp={pp}), and max_pp is {inputs.max_pp}: "
-                             f"tandem serve does not run pipeline stages yet; plan with --max-pp {pp} "
-                             f"to see such a plan anyway, or with --layer-split")
-        raise ValueError(slo_unreachable_message(inputs.model, hardware, num_gpus, latency, stats,
-                                                 inputs.slo, missing, inputs.max_pp))
+            raise ValueError(
+                f"model {inputs.model.name} fits an instance on this cluster only with pipeline "
+                f"parallelism (e.g. {gpu} tp={tp} pp={pp}), and max_pp is {inputs.max_pp}: "
+                f"tandem serve does not run pipeline stages yet; plan with --max-pp {pp} "
+                f"to see such a plan anyway, or with --layer-split"
+            )
+        raise ValueError(
+            slo_unreachable_message(
+                inputs.model, hardware, num_gpus, latency, stats, inputs.slo, missing, inputs.max_pp
+            )
+        )
     traffic = kv_traffic(inputs, hardware, stats)
     return Problem(inputs, hardware, latency, stats, options, traffic, trace)
 
 
-def place(problem: Problem, solve_options: SolveOptions,
-          progress: Callable[[str], None] | None = None) -> tuple[Placement, list[InstanceOption]]:
+def place(
+    problem: Problem, solve_options: SolveOptions, progress: Callable[[str], None] | None = None
+) -> tuple[Placement, list[InstanceOption]]:
     """Solve the MILP over the non-dominated options; ValueError when it has no answer.
 
     Prefill capacities depend on how many prefill instances pool their queues (capacity.pooled),
@@ -164,8 +188,16 @@ def place(problem: Problem, solve_options: SolveOptions,
     pools = [k for k in POOL_SIZES if k <= inputs.cluster.num_gpus]
     for pool in pools:
         options = prune_dominated(pooled(problem.options, problem.stats, inputs.slo, pool))
-        placement = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic,
-                                    inputs.objective, target, solve_options, progress)
+        placement = solve_placement(
+            inputs.cluster,
+            problem.hardware,
+            options,
+            problem.traffic,
+            inputs.objective,
+            target,
+            solve_options,
+            progress,
+        )
         first = first or (placement, options)
         found = num_prefill_instances(placement, options)
         if placement.solver.status not in ("optimal", "time_limit") or placement.rate_rps <= 0 or found < pool:
@@ -181,8 +213,10 @@ def place(problem: Problem, solve_options: SolveOptions,
         raise ValueError(stopped_message(solve_options, "a placement that serves requests"))
     if inputs.objective == "cost" and placement.solver.status == "infeasible":
         most, _ = place(replace(problem, inputs=replace(inputs, objective="goodput")), solve_options)
-        raise ValueError(f"target rate {target:g} req/s is out of reach: the most this cluster serves "
-                         f"within {inputs.slo.describe()} is {most.rate_rps:.2f} req/s")
+        raise ValueError(
+            f"target rate {target:g} req/s is out of reach: the most this cluster serves "
+            f"within {inputs.slo.describe()} is {most.rate_rps:.2f} req/s"
+        )
     hosts = compatible_options(inputs.cluster, problem.hardware, options)
     raise ValueError(unpaired_message(inputs.cluster, inputs.model, options, hosts, problem.traffic))
 
@@ -194,8 +228,10 @@ def _better(a: Placement, b: Placement, objective: str) -> bool:
 
 def stopped_message(solve_options: SolveOptions, what: str) -> str:
     limit = solve_options.time_limit_s
-    return (f"the solver stopped at its time limit ({limit:g} s) before it found {what}; "
-            f"raise --time-limit (e.g. --time-limit {limit * 4:g})")
+    return (
+        f"the solver stopped at its time limit ({limit:g} s) before it found {what}; "
+        f"raise --time-limit (e.g. --time-limit {limit * 4:g})"
+    )
 
 
 def time_limit_warning(solver: SolverInfo, solve_options: SolveOptions, objective: str) -> str | None:
@@ -204,24 +240,40 @@ def time_limit_warning(solver: SolverInfo, solve_options: SolveOptions, objectiv
         return None
     better = "serve" if objective == "goodput" else "cost"
     more = "more" if objective == "goodput" else "less"
-    return (f"the solver stopped at its time limit ({solve_options.time_limit_s:g} s) with a proven gap of "
-            f"{solver.gap:.2%}: a better plan may {better} up to {solver.gap:.2%} {more}; raise --time-limit "
-            f"(or --gap) to prove it")
+    return (
+        f"the solver stopped at its time limit ({solve_options.time_limit_s:g} s) with a proven gap of "
+        f"{solver.gap:.2%}: a better plan may {better} up to {solver.gap:.2%} {more}; raise --time-limit "
+        f"(or --gap) to prove it"
+    )
 
 
 def simulator(problem: Problem, placement: Placement, options: list[InstanceOption]) -> Simulator:
     instances = [(n, options[i]) for (n, i), c in sorted(placement.counts.items()) for _ in range(c)]
-    return Simulator(instances, placement.routes, problem.inputs.cluster, problem.hardware,
-                     problem.inputs.model, problem.inputs.block_size)
+    return Simulator(
+        instances,
+        placement.routes,
+        problem.inputs.cluster,
+        problem.hardware,
+        problem.inputs.model,
+        problem.inputs.block_size,
+    )
 
 
 def _sim_requests(problem: Problem, rate_rps: float, num_requests: int, seed: int) -> tuple[Requests, tuple]:
-    return run_requests(problem.inputs.workload, problem.trace, problem.stats, problem.inputs.slo, rate_rps,
-                        num_requests, seed)
+    return run_requests(
+        problem.inputs.workload, problem.trace, problem.stats, problem.inputs.slo, rate_rps, num_requests, seed
+    )
 
 
-def run_requests(workload: WorkloadSpec, trace: Trace | None, stats: WorkloadStats, slo: SLOSpec, rate_rps: float,
-                 num_requests: int, seed: int) -> tuple[Requests, tuple[float, float]]:
+def run_requests(
+    workload: WorkloadSpec,
+    trace: Trace | None,
+    stats: WorkloadStats,
+    slo: SLOSpec,
+    rate_rps: float,
+    num_requests: int,
+    seed: int,
+) -> tuple[Requests, tuple[float, float]]:
     """The requests a simulation at rate_rps runs, and the window of arrival times it counts
     (benchmarks/closed_loop.py replays the same requests against a server).
 
@@ -235,15 +287,27 @@ def run_requests(workload: WorkloadSpec, trace: Trace | None, stats: WorkloadSta
     return requests, (lifetime_s, end_s - lifetime_s)
 
 
-def simulate(problem: Problem, placement: Placement, options: list[InstanceOption], rate_rps: float,
-             num_requests: int, seed: int = 0) -> SimResult:
+def simulate(
+    problem: Problem,
+    placement: Placement,
+    options: list[InstanceOption],
+    rate_rps: float,
+    num_requests: int,
+    seed: int = 0,
+) -> SimResult:
     requests, window = _sim_requests(problem, rate_rps, num_requests, seed)
     return simulator(problem, placement, options).run(requests, window)
 
 
-def simulated_goodput(problem: Problem, placement: Placement, options: list[InstanceOption],
-                      num_requests: int, num_steps: int = GOODPUT_SEARCH_STEPS, seed: int = 0,
-                      progress: Callable[[str], None] | None = None) -> float:
+def simulated_goodput(
+    problem: Problem,
+    placement: Placement,
+    options: list[InstanceOption],
+    num_requests: int,
+    num_steps: int = GOODPUT_SEARCH_STEPS,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> float:
     """Highest rate whose simulated attainment meets the goal (bisection, DistServe-style);
     progress hears each simulation's rate and attainment (each can take seconds)."""
     slo = problem.inputs.slo
@@ -254,8 +318,10 @@ def simulated_goodput(problem: Problem, placement: Placement, options: list[Inst
         requests, window = _sim_requests(problem, rate, num_requests, seed)
         attainment = sim.run(requests, window).attainment(slo)
         meets = attainment >= slo.attainment
-        say(f"  goodput search: {rate:.2f} req/s -> attainment {attainment:.3f} "
-            f"({'meets' if meets else 'misses'} the goal)")
+        say(
+            f"  goodput search: {rate:.2f} req/s -> attainment {attainment:.3f} "
+            f"({'meets' if meets else 'misses'} the goal)"
+        )
         return meets
 
     lo, hi = 0.0, placement.rate_rps
@@ -279,9 +345,16 @@ class Calibrated:
     simulated_goodput_rps: float  # of the placement, both roles together
 
 
-def calibrate(problem: Problem, placement: Placement, options: list[InstanceOption], solve_options: SolveOptions,
-              num_requests: int, max_rounds: int, seed: int = 0,
-              progress: Callable[[str], None] | None = None) -> Calibrated:
+def calibrate(
+    problem: Problem,
+    placement: Placement,
+    options: list[InstanceOption],
+    solve_options: SolveOptions,
+    num_requests: int,
+    max_rounds: int,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Calibrated:
     """The MILP iterating with the simulator (planner/calibration.py), at most max_rounds rounds.
 
     A round takes the MILP's latest placement and simulates it: each role alone gives a
@@ -303,32 +376,52 @@ def calibrate(problem: Problem, placement: Placement, options: list[InstanceOpti
         sim = simulator(problem, placement, options)
         found: dict[str, RoleCalibration] = {}
         for role in ROLES:
-            found[role] = calibrate_role(sim, placement, options, role, inputs.slo,
-                                         lambda rate: _sim_requests(problem, rate, num_requests, seed), progress)
+            found[role] = calibrate_role(
+                sim,
+                placement,
+                options,
+                role,
+                inputs.slo,
+                lambda rate: _sim_requests(problem, rate, num_requests, seed),
+                progress,
+            )
             if found[role].modelled_rps > 0 and found[role].simulated_rps <= 0:
-                raise ValueError(f"simulated alone, the placement's {role} instances meet the SLO percentiles at no "
-                                 f"rate, while the capacity model gives them {found[role].modelled_rps:.2f} req/s; "
-                                 f"plan with --calibrate-rounds 0 to see the model's plan")
+                raise ValueError(
+                    f"simulated alone, the placement's {role} instances meet the SLO percentiles at no "
+                    f"rate, while the capacity model gives them {found[role].modelled_rps:.2f} req/s; "
+                    f"plan with --calibrate-rounds 0 to see the model's plan"
+                )
         alone = calibrated(options, {role: c.factor for role, c in found.items()})
         routed = _fixed(problem, placement, alone, solve_options)
-        say(f"calibration round {k + 1}: " + "; ".join(
-            f"{r} alone {c.simulated_rps:.2f} req/s (model {c.modelled_rps:.2f})" for r, c in found.items())
-            + f"; together at most {routed.rate_rps:.2f} req/s")
+        say(
+            f"calibration round {k + 1}: "
+            + "; ".join(f"{r} alone {c.simulated_rps:.2f} req/s (model {c.modelled_rps:.2f})" for r, c in found.items())
+            + f"; together at most {routed.rate_rps:.2f} req/s"
+        )
         goodput = simulated_goodput(problem, routed, alone, num_requests, seed=seed, progress=progress)
         joint = goodput / routed.rate_rps if routed.rate_rps > 0 else 1.0
         own = calibrated(alone, dict.fromkeys(ROLES, joint))
         factors = {role: next((o.calibration for o in own if o.role == role), 1.0) for role in ROLES}
-        candidates.append(Calibrated(replace(problem, options=calibrated(model_options, factors)),
-                                     _fixed(problem, placement, own, solve_options), own,
-                                     Calibration(k + 1, round(factors["prefill"], 4), round(factors["decode"], 4)),
-                                     goodput))
-        say(f"  simulated goodput {goodput:.2f} req/s: factors prefill x{factors['prefill']:.3f}, "
-            f"decode x{factors['decode']:.3f} the model's")
+        candidates.append(
+            Calibrated(
+                replace(problem, options=calibrated(model_options, factors)),
+                _fixed(problem, placement, own, solve_options),
+                own,
+                Calibration(k + 1, round(factors["prefill"], 4), round(factors["decode"], 4)),
+                goodput,
+            )
+        )
+        say(
+            f"  simulated goodput {goodput:.2f} req/s: factors prefill x{factors['prefill']:.3f}, "
+            f"decode x{factors['decode']:.3f} the model's"
+        )
         problem = candidates[-1].problem
         placement, options = place(problem, solve_options, progress)
         again = _signature(placement, options) in seen
-        say(f"  solved again with these factors: {placement.rate_rps:.2f} req/s"
-            + (", a placement already simulated: converged" if again else ""))
+        say(
+            f"  solved again with these factors: {placement.rate_rps:.2f} req/s"
+            + (", a placement already simulated: converged" if again else "")
+        )
         if again:
             break
     target = problem.target_rps if inputs.objective == "cost" else 0.0
@@ -339,14 +432,23 @@ def calibrate(problem: Problem, placement: Placement, options: list[InstanceOpti
     return replace(best, calibration=replace(best.calibration, rounds=len(candidates)))
 
 
-def _fixed(problem: Problem, placement: Placement, options: list[InstanceOption],
-           solve_options: SolveOptions) -> Placement:
+def _fixed(
+    problem: Problem, placement: Placement, options: list[InstanceOption], solve_options: SolveOptions
+) -> Placement:
     """The placement's own instances at these options' capacities, routes solved for the
     most they serve; its solver info is the placement's (the MILP that chose it), with the
     objective of these capacities."""
     inputs = problem.inputs
-    routed = solve_placement(inputs.cluster, problem.hardware, options, problem.traffic, "goodput", None,
-                             solve_options, fixed_counts=placement.counts)
+    routed = solve_placement(
+        inputs.cluster,
+        problem.hardware,
+        options,
+        problem.traffic,
+        "goodput",
+        None,
+        solve_options,
+        fixed_counts=placement.counts,
+    )
     cost = sum(c * options[i].cost_per_hour for (_, i), c in routed.counts.items())
     objective = routed.rate_rps if inputs.objective == "goodput" else cost
     return replace(routed, solver=replace(placement.solver, objective=round(objective, 4)))
@@ -368,63 +470,122 @@ def evaluation_rate(problem: Problem, placement: Placement) -> float:
 
 def plan_nodes(cluster: ClusterSpec, hardware: dict[str, NodeHardware], used: set[str]) -> tuple[PlanNode, ...]:
     """The used nodes, in cluster order, with the price the plan was costed at."""
-    return tuple(PlanNode(n.name, n.gpu_type, n.num_gpus, hardware[n.name].cost_per_gpu_hour)
-                 for n in cluster.nodes if n.name in used)
+    return tuple(
+        PlanNode(n.name, n.gpu_type, n.num_gpus, hardware[n.name].cost_per_gpu_hour)
+        for n in cluster.nodes
+        if n.name in used
+    )
 
 
-def to_plan(problem: Problem, placement: Placement, options: list[InstanceOption], predicted: Metrics,
-            simulated: Metrics | None, warnings: tuple[str, ...] = (), calibration: Calibration | None = None) -> Plan:
+def to_plan(
+    problem: Problem,
+    placement: Placement,
+    options: list[InstanceOption],
+    predicted: Metrics,
+    simulated: Metrics | None,
+    warnings: tuple[str, ...] = (),
+    calibration: Calibration | None = None,
+) -> Plan:
     inputs = problem.inputs
     by_option: dict[int, list[str]] = defaultdict(list)
     for (n, i), c in sorted(placement.counts.items()):
         by_option[i].extend([n] * c)
     groups = tuple(
-        InstanceGroup(role=o.role, gpu_type=o.gpu_type, tp=o.tp, pp=o.pp, count=len(nodes), nodes=tuple(nodes),
-                      max_batch_size=o.max_batch_size, max_batched_tokens=o.max_batched_tokens,
-                      capacity_rps=round(o.capacity_rps, 4), latency_source=o.coefficients.source)
+        InstanceGroup(
+            role=o.role,
+            gpu_type=o.gpu_type,
+            tp=o.tp,
+            pp=o.pp,
+            count=len(nodes),
+            nodes=tuple(nodes),
+            max_batch_size=o.max_batch_size,
+            max_batched_tokens=o.max_batched_tokens,
+            capacity_rps=round(o.capacity_rps, 4),
+            latency_source=o.coefficients.source,
+        )
         for i, nodes in sorted(by_option.items(), key=lambda kv: (options[kv[0]].role != "prefill", kv[0]))
-        for o in [options[i]])
+        for o in [options[i]]
+    )
     nodes = plan_nodes(inputs.cluster, problem.hardware, {n for (n, _) in placement.counts})
     routes = tuple(Route(p, d, round(r, 4)) for (p, d), r in sorted(placement.routes.items()))
-    return Plan(model=inputs.model, slo=inputs.slo, objective=inputs.objective, nodes=nodes, groups=groups,
-                routes=routes, predicted=predicted, simulated=simulated, solver=placement.solver,
-                block_size=inputs.block_size, warnings=warnings, calibration=calibration)
+    return Plan(
+        model=inputs.model,
+        slo=inputs.slo,
+        objective=inputs.objective,
+        nodes=nodes,
+        groups=groups,
+        routes=routes,
+        predicted=predicted,
+        simulated=simulated,
+        solver=placement.solver,
+        block_size=inputs.block_size,
+        warnings=warnings,
+        calibration=calibration,
+    )
 
 
-def make_plan(inputs: PlanInputs, solve_options: SolveOptions, num_sim_requests: int = 2000,
-              search_goodput: bool = True, progress: Callable[[str], None] | None = None,
-              calibration_rounds: int = CALIBRATION_ROUNDS) -> Plan:
+def make_plan(
+    inputs: PlanInputs,
+    solve_options: SolveOptions,
+    num_sim_requests: int = 2000,
+    search_goodput: bool = True,
+    progress: Callable[[str], None] | None = None,
+    calibration_rounds: int = CALIBRATION_ROUNDS,
+) -> Plan:
     """The plan for inputs; with simulation on (num_sim_requests > 0), capacities are first
     calibrated by the simulator in at most calibration_rounds rounds (0: the model's own)."""
     say = progress or (lambda _msg: None)
-    say(f"planning {inputs.model.name} on {len(inputs.cluster.nodes)} nodes / {inputs.cluster.num_gpus} GPUs "
-        f"for {inputs.slo.describe()}")
+    say(
+        f"planning {inputs.model.name} on {len(inputs.cluster.nodes)} nodes / {inputs.cluster.num_gpus} GPUs "
+        f"for {inputs.slo.describe()}"
+    )
     problem = prepare(inputs)
     say(f"latency model and SLO capacities: {len(problem.options)} instance options")
     placement, options = place(problem, solve_options, progress)
     s = placement.solver
-    say(f"MILP ({s.name}): {s.status}, gap {s.gap:.2%}, {s.solve_time_s:.1f} s, "
-        f"{s.num_variables} variables, {s.num_constraints} constraints: {placement.rate_rps:.2f} req/s")
+    say(
+        f"MILP ({s.name}): {s.status}, gap {s.gap:.2%}, {s.solve_time_s:.1f} s, "
+        f"{s.num_variables} variables, {s.num_constraints} constraints: {placement.rate_rps:.2f} req/s"
+    )
     calibration = None
     if num_sim_requests and calibration_rounds:
         say(f"calibrating capacities by simulation: at most {calibration_rounds} round(s)")
-        found = calibrate(problem, placement, options, solve_options, num_sim_requests, calibration_rounds,
-                          seed=CALIBRATION_SEED, progress=progress)
+        found = calibrate(
+            problem,
+            placement,
+            options,
+            solve_options,
+            num_sim_requests,
+            calibration_rounds,
+            seed=CALIBRATION_SEED,
+            progress=progress,
+        )
         problem, placement, options, calibration = found.problem, found.placement, found.options, found.calibration
     rate = evaluation_rate(problem, placement)
     predicted = predict(placement, options, problem.stats, inputs.slo, rate)
-    warnings = _warn(say, time_limit_warning(placement.solver, solve_options, inputs.objective),
-                     goal_warning(predicted, inputs.slo, lambda r: attainment(
-                         placement, options, problem.stats, inputs.slo, r), inputs.objective))
+    warnings = _warn(
+        say,
+        time_limit_warning(placement.solver, solve_options, inputs.objective),
+        goal_warning(
+            predicted,
+            inputs.slo,
+            lambda r: attainment(placement, options, problem.stats, inputs.slo, r),
+            inputs.objective,
+        ),
+    )
     simulated = None
     if num_sim_requests:
-        say(f"simulating at {rate:.2f} req/s: {num_sim_requests} requests or more, for "
-            f"{SIM_LIFETIMES} request lifetimes")
+        say(
+            f"simulating at {rate:.2f} req/s: {num_sim_requests} requests or more, for "
+            f"{SIM_LIFETIMES} request lifetimes"
+        )
         result = simulate(problem, placement, options, rate, num_sim_requests)
         goodput = None
         if search_goodput:
-            say(f"searching the simulated goodput: simulations from {placement.rate_rps:.2f} req/s up until "
-                f"the goal fails, then {GOODPUT_SEARCH_STEPS} bisection steps")
+            say(
+                f"searching the simulated goodput: simulations from {placement.rate_rps:.2f} req/s up until "
+                f"the goal fails, then {GOODPUT_SEARCH_STEPS} bisection steps"
+            )
             goodput = simulated_goodput(problem, placement, options, num_sim_requests, progress=progress)
         simulated = result.metrics(inputs.slo, rate, goodput)
     return to_plan(problem, placement, options, predicted, simulated, warnings, calibration)
@@ -438,8 +599,9 @@ def _warn(say: Callable[[str], None], *warnings: str | None) -> tuple[str, ...]:
     return found
 
 
-def make_layer_plan(inputs: PlanInputs, solve_options: SolveOptions,
-                    progress: Callable[[str], None] | None = None) -> Plan:
+def make_layer_plan(
+    inputs: PlanInputs, solve_options: SolveOptions, progress: Callable[[str], None] | None = None
+) -> Plan:
     """Layer-split mode (planner/layer_split.py): layer ranges over nodes, goodput only."""
     from planner.layer_split import predict_split, solve_layer_split, split_attainment
 
@@ -447,21 +609,44 @@ def make_layer_plan(inputs: PlanInputs, solve_options: SolveOptions,
         raise ValueError("objective must be goodput with --layer-split (layer-split plans maximise goodput)")
     say = progress or (lambda _msg: None)
     hardware, _, stats, latency = _read(inputs)
-    say(f"layer-split planning of {inputs.model.name} ({inputs.model.num_layers} layers) over "
-        f"{len(inputs.cluster.nodes)} nodes")
-    split = solve_layer_split(inputs.cluster, hardware, inputs.model, latency, stats, inputs.slo,
-                              inputs.block_size, solve_options, progress)
+    say(
+        f"layer-split planning of {inputs.model.name} ({inputs.model.num_layers} layers) over "
+        f"{len(inputs.cluster.nodes)} nodes"
+    )
+    split = solve_layer_split(
+        inputs.cluster, hardware, inputs.model, latency, stats, inputs.slo, inputs.block_size, solve_options, progress
+    )
     if split.solver.status == "no_solution" or (split.solver.status == "time_limit" and not split.stages):
         raise ValueError(stopped_message(solve_options, "a layer split that serves requests"))
     if split.goodput_rps <= 0:
-        raise ValueError(f"no layer split serves requests within {inputs.slo.describe()}: the nodes cannot "
-                         f"hold the model's layers for both prefill and decode, or no stage meets its share "
-                         f"of the SLO (solver: {split.solver.status})")
+        raise ValueError(
+            f"no layer split serves requests within {inputs.slo.describe()}: the nodes cannot "
+            f"hold the model's layers for both prefill and decode, or no stage meets its share "
+            f"of the SLO (solver: {split.solver.status})"
+        )
     nodes = plan_nodes(inputs.cluster, hardware, {s.node for s in split.stages})
     predicted = predict_split(split, hardware, inputs.model, latency, stats, inputs.slo)
-    warnings = _warn(say, time_limit_warning(split.solver, solve_options, "goodput"),
-                     goal_warning(predicted, inputs.slo, lambda r: split_attainment(
-                         split, hardware, inputs.model, latency, stats, inputs.slo, r), "goodput"))
-    return Plan(model=inputs.model, slo=inputs.slo, objective="goodput", nodes=nodes, groups=(), routes=(),
-                stages=split.stages, predicted=predicted, simulated=None, solver=split.solver,
-                block_size=inputs.block_size, warnings=warnings)
+    warnings = _warn(
+        say,
+        time_limit_warning(split.solver, solve_options, "goodput"),
+        goal_warning(
+            predicted,
+            inputs.slo,
+            lambda r: split_attainment(split, hardware, inputs.model, latency, stats, inputs.slo, r),
+            "goodput",
+        ),
+    )
+    return Plan(
+        model=inputs.model,
+        slo=inputs.slo,
+        objective="goodput",
+        nodes=nodes,
+        groups=(),
+        routes=(),
+        stages=split.stages,
+        predicted=predicted,
+        simulated=None,
+        solver=split.solver,
+        block_size=inputs.block_size,
+        warnings=warnings,
+    )

@@ -76,29 +76,34 @@ def _mixture_quantile(exceed, quantile: float, hi: float) -> float:
     return hi
 
 
-def predict(placement: Placement, options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec,
-            rate_rps: float) -> Metrics:
+def predict(
+    placement: Placement, options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec, rate_rps: float
+) -> Metrics:
     ttft_exceed, tpot_exceed = _exceed(placement, options, stats, rate_rps)
-    return Metrics(rate_rps=round(rate_rps, 4), goodput_rps=round(placement.rate_rps, 4),
-                   attainment=round(_attainment(ttft_exceed, tpot_exceed, slo), 4),
-                   ttft_s=round(_mixture_quantile(ttft_exceed, slo.ttft_percentile / 100, slo.ttft_s), 4),
-                   tpot_s=round(_mixture_quantile(tpot_exceed, slo.tpot_percentile / 100, slo.tpot_s), 4))
+    return Metrics(
+        rate_rps=round(rate_rps, 4),
+        goodput_rps=round(placement.rate_rps, 4),
+        attainment=round(_attainment(ttft_exceed, tpot_exceed, slo), 4),
+        ttft_s=round(_mixture_quantile(ttft_exceed, slo.ttft_percentile / 100, slo.ttft_s), 4),
+        tpot_s=round(_mixture_quantile(tpot_exceed, slo.tpot_percentile / 100, slo.tpot_s), 4),
+    )
 
 
-def attainment(placement: Placement, options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec,
-               rate_rps: float) -> float:
+def attainment(
+    placement: Placement, options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec, rate_rps: float
+) -> float:
     """Forecast fraction of requests meeting both targets at rate_rps (predict's, without
     the percentiles, which cost most of its time)."""
     return _attainment(*_exceed(placement, options, stats, rate_rps), slo)
 
 
-def _attainment(ttft_exceed: Callable[[float], float], tpot_exceed: Callable[[float], float],
-                slo: SLOSpec) -> float:
+def _attainment(ttft_exceed: Callable[[float], float], tpot_exceed: Callable[[float], float], slo: SLOSpec) -> float:
     return float(np.clip((1 - ttft_exceed(slo.ttft_s)) * (1 - tpot_exceed(slo.tpot_s)), 0, 1))
 
 
-def _exceed(placement: Placement, options: list[InstanceOption], stats: WorkloadStats,
-            rate_rps: float) -> tuple[Callable[[float], float], Callable[[float], float]]:
+def _exceed(
+    placement: Placement, options: list[InstanceOption], stats: WorkloadStats, rate_rps: float
+) -> tuple[Callable[[float], float], Callable[[float], float]]:
     """P(TTFT > t) and P(TPOT > t) over all requests at rate_rps, as functions of t."""
     loads = _instance_loads(placement, options, rate_rps)
     prefill = [l for l in loads if l.option.role == "prefill"]
@@ -109,14 +114,28 @@ def _exceed(placement: Placement, options: list[InstanceOption], stats: Workload
     d_total = sum(l.rate_rps for l in decode) or 1.0
 
     def ttft_exceed(t: float) -> float:
-        return sum(l.rate_rps * queueing.ttft_exceed_prob(l.model_rate_rps, services[id(l.option)], t, l.option.pp,
-                                                          stats.arrival_cv2, pool)
-                   for l in prefill) / p_total
+        return (
+            sum(
+                l.rate_rps
+                * queueing.ttft_exceed_prob(
+                    l.model_rate_rps, services[id(l.option)], t, l.option.pp, stats.arrival_cv2, pool
+                )
+                for l in prefill
+            )
+            / p_total
+        )
 
     def tpot_exceed(t: float) -> float:
-        return sum(l.rate_rps * decode_tpot_exceed(l.option.coefficients, stats, l.model_rate_rps / l.option.pp, t,
-                                                   l.option.max_batch_size)
-                   for l in decode) / d_total
+        return (
+            sum(
+                l.rate_rps
+                * decode_tpot_exceed(
+                    l.option.coefficients, stats, l.model_rate_rps / l.option.pp, t, l.option.max_batch_size
+                )
+                for l in decode
+            )
+            / d_total
+        )
 
     return ttft_exceed, tpot_exceed
 
@@ -133,19 +152,27 @@ def rate_meeting_goal(attainment_at: Callable[[float], float], goal: float, rate
     return lo
 
 
-def goal_warning(predicted: Metrics, slo: SLOSpec, attainment_at: Callable[[float], float],
-                 objective: str) -> str | None:
+def goal_warning(
+    predicted: Metrics, slo: SLOSpec, attainment_at: Callable[[float], float], objective: str
+) -> str | None:
     """What to say when the forecast at the plan's rate falls below the attainment goal:
     the rate at which it meets the goal, and what else would."""
     if predicted.attainment >= slo.attainment - ATTAINMENT_SHOWN:
         return None
-    head = (f"forecast attainment {predicted.attainment:.3f} at {predicted.rate_rps:.2f} req/s is below the goal "
-            f"{slo.attainment:.3f}")
+    head = (
+        f"forecast attainment {predicted.attainment:.3f} at {predicted.rate_rps:.2f} req/s is below the goal "
+        f"{slo.attainment:.3f}"
+    )
     meets = rate_meeting_goal(attainment_at, slo.attainment, predicted.rate_rps)
     if meets <= 0:
-        return (f"{head} at any rate: even unloaded, more than {1 - slo.attainment:.1%} of requests miss the TTFT "
-                f"or TPOT target; loosen the SLO or use faster GPUs")
-    instead = ("plan with a higher --target-rate for headroom" if objective == "cost"
-               else "serve at most that, or add GPUs")
-    return (f"{head}; the forecast meets the goal up to {meets:.2f} req/s "
-            f"({meets / predicted.rate_rps:.0%} of it): {instead}, or loosen the SLO")
+        return (
+            f"{head} at any rate: even unloaded, more than {1 - slo.attainment:.1%} of requests miss the TTFT "
+            f"or TPOT target; loosen the SLO or use faster GPUs"
+        )
+    instead = (
+        "plan with a higher --target-rate for headroom" if objective == "cost" else "serve at most that, or add GPUs"
+    )
+    return (
+        f"{head}; the forecast meets the goal up to {meets:.2f} req/s "
+        f"({meets / predicted.rate_rps:.0%} of it): {instead}, or loosen the SLO"
+    )

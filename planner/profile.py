@@ -29,9 +29,18 @@ from planner.latency import Coefficients, Profile, ProfileEntry
 
 DECODE_STEPS = 4  # decode steps timed per (batch, context)
 # torch device name fragments -> GPU table names (more specific fragments first).
-GPU_NAMES = (("H200", "H200"), ("H100", "H100"), ("A100-SXM4-40GB", "A100-40GB"), ("A100-PCIE-40GB", "A100-40GB"),
-             ("A100", "A100-80GB"), ("L40S", "L40S"), ("L4", "L4"), ("A10G", "A10G"), ("T4", "T4"),
-             ("V100", "V100"))
+GPU_NAMES = (
+    ("H200", "H200"),
+    ("H100", "H100"),
+    ("A100-SXM4-40GB", "A100-40GB"),
+    ("A100-PCIE-40GB", "A100-40GB"),
+    ("A100", "A100-80GB"),
+    ("L40S", "L40S"),
+    ("L4", "L4"),
+    ("A10G", "A10G"),
+    ("T4", "T4"),
+    ("V100", "V100"),
+)
 
 
 def fit_nonnegative(features: np.ndarray, target: np.ndarray) -> np.ndarray:
@@ -105,8 +114,9 @@ def measure_prefill(engine, tokens: tuple[int, ...], repeats: int, rng) -> list[
     points = []
     vocab = engine.model_config.vocab_size
     for k, t in itertools.product(range(repeats), tokens):  # repeats interleaved: noise spreads
-        engine.add_request(f"prefill-{t}-{k}", rng.integers(2, vocab, t).tolist(),
-                           SamplingParams(max_tokens=1, ignore_eos=True))
+        engine.add_request(
+            f"prefill-{t}-{k}", rng.integers(2, vocab, t).tolist(), SamplingParams(max_tokens=1, ignore_eos=True)
+        )
         ms, _ = _timed_step(engine)
         points.append((t, ms))
         while engine.has_unfinished():
@@ -114,8 +124,9 @@ def measure_prefill(engine, tokens: tuple[int, ...], repeats: int, rng) -> list[
     return points
 
 
-def measure_decode(engine, batches: tuple[int, ...], contexts: tuple[int, ...], repeats: int,
-                   rng) -> list[tuple[int, int, float]]:
+def measure_decode(
+    engine, batches: tuple[int, ...], contexts: tuple[int, ...], repeats: int, rng
+) -> list[tuple[int, int, float]]:
     """(batch, context tokens in the batch, ms) per timed decode step."""
     from engine import SamplingParams
 
@@ -123,8 +134,11 @@ def measure_decode(engine, batches: tuple[int, ...], contexts: tuple[int, ...], 
     vocab = engine.model_config.vocab_size
     for k, b, ctx in itertools.product(range(repeats), batches, contexts):
         for j in range(b):
-            engine.add_request(f"decode-{b}-{ctx}-{k}-{j}", rng.integers(2, vocab, ctx).tolist(),
-                               SamplingParams(max_tokens=DECODE_STEPS + 2, ignore_eos=True))
+            engine.add_request(
+                f"decode-{b}-{ctx}-{k}-{j}",
+                rng.integers(2, vocab, ctx).tolist(),
+                SamplingParams(max_tokens=DECODE_STEPS + 2, ignore_eos=True),
+            )
         started: set[str] = set()
         while len(started) < b:  # prefill every prompt first
             started.update(o.request_id for o in engine.step())
@@ -138,10 +152,18 @@ def measure_decode(engine, batches: tuple[int, ...], contexts: tuple[int, ...], 
     return points
 
 
-def profile_engine(model_dir: str | None, prefill_tokens: tuple[int, ...], decode_batches: tuple[int, ...],
-                   decode_contexts: tuple[int, ...], gpu_type: str | None = None, dtype: str = "auto",
-                   device: str = "auto", repeats: int = 3, cores: int | None = None,
-                   progress: Callable[[str], None] | None = None) -> Profile:
+def profile_engine(
+    model_dir: str | None,
+    prefill_tokens: tuple[int, ...],
+    decode_batches: tuple[int, ...],
+    decode_contexts: tuple[int, ...],
+    gpu_type: str | None = None,
+    dtype: str = "auto",
+    device: str = "auto",
+    repeats: int = 3,
+    cores: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> Profile:
     """Time the engine over the grid (prompt lengths; decode batches x contexts) and fit.
 
     On a CPU device the process computes on `cores` cores (default one: the planner's cpu
@@ -154,20 +176,31 @@ def profile_engine(model_dir: str | None, prefill_tokens: tuple[int, ...], decod
         raise ValueError(f"--cores binds a profile to CPU cores: use it with --device cpu, not {device!r}")
     if on_cpu and gpu_type in (None, "cpu"):
         if cores not in (None, 1):
-            raise ValueError(f"--cores {cores}: gpu_type cpu is one core (a cluster's cpu node counts cores), "
-                             f"so its profile runs on --cores 1; to file what {cores} cores measure, name it "
-                             f"with --gpu-type")
+            raise ValueError(
+                f"--cores {cores}: gpu_type cpu is one core (a cluster's cpu node counts cores), "
+                f"so its profile runs on --cores 1; to file what {cores} cores measure, name it "
+                f"with --gpu-type"
+            )
         gpu_type, cores = "cpu", 1
     with bound_to_cores(cores) as used:
         if on_cpu:
             say(f"computing on cores {list(used)}")
-        return _profile(model_dir, prefill_tokens, decode_batches, decode_contexts, gpu_type, dtype, device,
-                        repeats, progress)
+        return _profile(
+            model_dir, prefill_tokens, decode_batches, decode_contexts, gpu_type, dtype, device, repeats, progress
+        )
 
 
-def _profile(model_dir: str | None, prefill_tokens: tuple[int, ...], decode_batches: tuple[int, ...],
-             decode_contexts: tuple[int, ...], gpu_type: str | None, dtype: str, device: str, repeats: int,
-             progress: Callable[[str], None] | None) -> Profile:
+def _profile(
+    model_dir: str | None,
+    prefill_tokens: tuple[int, ...],
+    decode_batches: tuple[int, ...],
+    decode_contexts: tuple[int, ...],
+    gpu_type: str | None,
+    dtype: str,
+    device: str,
+    repeats: int,
+    progress: Callable[[str], None] | None,
+) -> Profile:
     from engine import EngineConfig, LLMEngine, ModelConfig
     from engine.default_model import ensure_default_model
 
@@ -180,9 +213,14 @@ def _profile(model_dir: str | None, prefill_tokens: tuple[int, ...], decode_batc
     if len(prefill_tokens) < 3 or not decode_contexts:
         raise ValueError(f"model {model_dir.name} has a context window of {window} tokens: too short to profile")
     max_len = min(max(max(prefill_tokens), max(decode_contexts) + DECODE_STEPS + 2) + 1, window)
-    config = EngineConfig(dtype=dtype, device=device, max_num_seqs=max(decode_batches),
-                          max_num_batched_tokens=max(max(prefill_tokens), max(decode_contexts)),
-                          max_model_len=max_len, enable_prefix_caching=False)
+    config = EngineConfig(
+        dtype=dtype,
+        device=device,
+        max_num_seqs=max(decode_batches),
+        max_num_batched_tokens=max(max(prefill_tokens), max(decode_contexts)),
+        max_model_len=max_len,
+        enable_prefix_caching=False,
+    )
     engine = LLMEngine(model_dir, config)
     gpu_type = gpu_type or detect_gpu_type(engine.device)
     say(f"profiling {model_dir.name} on {engine.device} ({gpu_type}), {engine.dtype}")
@@ -197,6 +235,7 @@ def _profile(model_dir: str | None, prefill_tokens: tuple[int, ...], decode_batc
     a, b, c = fit_nonnegative(np.stack([np.ones_like(t), t, t * t], axis=1), np.array(list(pre.values())))
     rows = np.array(decode, dtype=float)
     big_a, big_b, big_c = fit_nonnegative(np.stack([np.ones(len(rows)), rows[:, 1], rows[:, 0]], axis=1), rows[:, 2])
-    coeffs = Coefficients(a=float(a), b=float(b), c=float(c), A=float(big_a), B=float(big_b), C=float(big_c),
-                          source="profile")
+    coeffs = Coefficients(
+        a=float(a), b=float(b), c=float(c), A=float(big_a), B=float(big_b), C=float(big_c), source="profile"
+    )
     return Profile(model=model_dir.resolve().name, entries=(ProfileEntry(gpu_type, 1, 1, coeffs),))

@@ -56,7 +56,7 @@ def burst_factor(arrival_cv2: float, service_s: np.ndarray) -> float:
     """How much longer a G/G/1 queue waits than M/G/1 at the same load (Kingman, in the
     Allen-Cunneen form): (ca2 + cs2) / (1 + cs2); 1 for Poisson arrivals."""
     mean = float(service_s.mean())
-    cs2 = float(service_s.var()) / mean ** 2 if mean > 0 else 0.0
+    cs2 = float(service_s.var()) / mean**2 if mean > 0 else 0.0
     return (arrival_cv2 + cs2) / (1 + cs2)
 
 
@@ -69,8 +69,9 @@ def erlang_c(num_servers: int, offered: float) -> float:
     return num_servers * b / (num_servers - offered * (1 - b))
 
 
-def ttft_exceed_prob(lam: float, service_s: np.ndarray, target_s: float, pp: int = 1,
-                     arrival_cv2: float = 1.0, num_servers: int = 1) -> float:
+def ttft_exceed_prob(
+    lam: float, service_s: np.ndarray, target_s: float, pp: int = 1, arrival_cv2: float = 1.0, num_servers: int = 1
+) -> float:
     """P(TTFT > target_s) for arrivals at lam per server (gaps of squared CV arrival_cv2;
     1 is Poisson) onto prefill times service_s, in a pool of num_servers such servers."""
     if lam <= 0:
@@ -103,8 +104,7 @@ def _halfin_whitt(beta: float) -> float:
     return 1 / (1 + beta * cdf / phi)
 
 
-def ttft_quantile(lam: float, service_s: np.ndarray, quantile: float, pp: int = 1,
-                  arrival_cv2: float = 1.0) -> float:
+def ttft_quantile(lam: float, service_s: np.ndarray, quantile: float, pp: int = 1, arrival_cv2: float = 1.0) -> float:
     """The TTFT that a fraction `quantile` of requests meets, at arrival rate lam."""
     lo, hi = float(service_s.min()), float(service_s.max())
     while ttft_exceed_prob(lam, service_s, hi, pp, arrival_cv2) > 1 - quantile:
@@ -117,8 +117,9 @@ def ttft_quantile(lam: float, service_s: np.ndarray, quantile: float, pp: int = 
     return hi
 
 
-def max_rate(service_s: np.ndarray, target_s: float, quantile: float, pp: int = 1,
-             arrival_cv2: float = 1.0, num_servers: int = 1) -> float:
+def max_rate(
+    service_s: np.ndarray, target_s: float, quantile: float, pp: int = 1, arrival_cv2: float = 1.0, num_servers: int = 1
+) -> float:
     """Highest arrival rate per server at which a fraction `quantile` of TTFTs stays within target_s."""
     allowed = 1 - quantile
     if ttft_exceed_prob(0.0, service_s, target_s) > allowed:

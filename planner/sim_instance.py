@@ -42,11 +42,16 @@ class SimInstance:
         self.node = node
         self.option = option
         num_blocks = option.kv_tokens // option.pp // block_size
-        config = SchedulerConfig(max_num_seqs=option.max_batch_size,
-                                 max_num_batched_tokens=option.max_batched_tokens, max_model_len=max_model_len)
+        config = SchedulerConfig(
+            max_num_seqs=option.max_batch_size,
+            max_num_batched_tokens=option.max_batched_tokens,
+            max_model_len=max_model_len,
+        )
         # Prefix caching stays off: simulated prompts have no shared content to hit.
-        self.engines = [Scheduler(config, BlockManager(num_blocks, block_size, enable_prefix_caching=False))
-                        for _ in range(option.pp)]
+        self.engines = [
+            Scheduler(config, BlockManager(num_blocks, block_size, enable_prefix_caching=False))
+            for _ in range(option.pp)
+        ]
         self.busy = [False] * option.pp
         self.reserve_queue: deque = deque()  # decode: requests waiting for blocks and a batch slot
         self.entry_free_s = 0.0  # when the first pipeline stage takes the next batch

@@ -47,18 +47,27 @@ class SimResult:
         return float(((self.ttft_s <= slo.ttft_s) & (self.tpot_s <= slo.tpot_s)).mean())
 
     def metrics(self, slo: SLOSpec, rate_rps: float, goodput_rps: float | None) -> Metrics:
-        return Metrics(rate_rps=round(rate_rps, 4),
-                       goodput_rps=None if goodput_rps is None else round(goodput_rps, 4),
-                       attainment=round(self.attainment(slo), 4),
-                       ttft_s=round(float(np.percentile(self.ttft_s, slo.ttft_percentile)), 4),
-                       tpot_s=round(float(np.percentile(self.tpot_s, slo.tpot_percentile)), 4))
+        return Metrics(
+            rate_rps=round(rate_rps, 4),
+            goodput_rps=None if goodput_rps is None else round(goodput_rps, 4),
+            attainment=round(self.attainment(slo), 4),
+            ttft_s=round(float(np.percentile(self.ttft_s, slo.ttft_percentile)), 4),
+            tpot_s=round(float(np.percentile(self.tpot_s, slo.tpot_percentile)), 4),
+        )
 
 
 class Simulator:
     """Replays requests on instances placed on nodes; run() may be called many times."""
 
-    def __init__(self, instances: list[tuple[str, InstanceOption]], routes: dict[tuple[str, str], float],
-                 cluster: ClusterSpec, hardware: dict[str, NodeHardware], model: ModelSpec, block_size: int):
+    def __init__(
+        self,
+        instances: list[tuple[str, InstanceOption]],
+        routes: dict[tuple[str, str], float],
+        cluster: ClusterSpec,
+        hardware: dict[str, NodeHardware],
+        model: ModelSpec,
+        block_size: int,
+    ):
         self.instances = instances
         self.routes = routes
         self.cluster = cluster
@@ -88,8 +97,9 @@ class _Run:
     def __init__(self, sim: Simulator, requests: Requests):
         self.sim, self.req = sim, requests
         max_model_len = int((requests.input_tokens + requests.output_tokens).max()) + 2
-        self.insts = [SimInstance(k, node, o, sim.block_size, max_model_len)
-                      for k, (node, o) in enumerate(sim.instances)]
+        self.insts = [
+            SimInstance(k, node, o, sim.block_size, max_model_len) for k, (node, o) in enumerate(sim.instances)
+        ]
         self.prefill = [i for i in self.insts if i.role == "prefill"]
         self.decode_by_node = defaultdict(list)
         for inst in self.insts:
@@ -109,8 +119,10 @@ class _Run:
         node_capacity = defaultdict(float)
         for inst in self.prefill:
             node_capacity[inst.node] += inst.option.capacity_rps
-        self.share = {inst.index: max(planned[inst.node] * inst.option.capacity_rps / node_capacity[inst.node],
-                                      1e-9) for inst in self.prefill}
+        self.share = {
+            inst.index: max(planned[inst.node] * inst.option.capacity_rps / node_capacity[inst.node], 1e-9)
+            for inst in self.prefill
+        }
         self.link_free_s = defaultdict(float)  # transfer resource -> when it is free
         self.events: list = []
         self.counter = itertools.count()
@@ -129,8 +141,7 @@ class _Run:
             raise ValueError("simulation needs at least one prefill and one decode instance")
         for i, t in enumerate(self.req.arrival_s):
             self.push(float(t), "arrive", i)
-        handlers = {"arrive": self.arrive, "step": self.step_done, "xfer": self.transfer_done,
-                    "kick": self.kick}
+        handlers = {"arrive": self.arrive, "step": self.step_done, "xfer": self.transfer_done, "kick": self.kick}
         while self.events:
             self.now, _, kind, payload = heapq.heappop(self.events)
             handlers[kind](payload)
@@ -159,8 +170,9 @@ class _Run:
         d = min(self.decode_by_node[node], key=lambda x: x.num_assigned / x.option.capacity_rps)
         d.num_assigned += 1
         p.pending_tokens += prompt
-        self.state[i] = _Request(p, d, Sequence(str(i), [0] * prompt, SamplingParams(max_tokens=output,
-                                                                                      ignore_eos=True)))
+        self.state[i] = _Request(
+            p, d, Sequence(str(i), [0] * prompt, SamplingParams(max_tokens=output, ignore_eos=True))
+        )
         d.reserve_queue.append(i)
         self.reserve(d)
 
@@ -174,8 +186,9 @@ class _Run:
             i = d.reserve_queue.popleft()
             r.decode_engine = engine
             prompt = [0] * int(self.req.input_tokens[i])
-            r.prefill_engine = r.prefill.add_prefill(Sequence(str(i), prompt, SamplingParams(max_tokens=1,
-                                                                                             ignore_eos=True)))
+            r.prefill_engine = r.prefill.add_prefill(
+                Sequence(str(i), prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+            )
             self.kick(r.prefill.index)
 
     # ---- instances ----------------------------------------------------------------------

@@ -56,9 +56,15 @@ def solve(problem, options: SolveOptions, progress: Callable[[str], None] | None
     import pulp
 
     objective = pulp.value(problem.objective) if status in ("optimal", "time_limit") else 0.0
-    return SolverInfo(name=name, status=status, gap=gap, solve_time_s=round(elapsed, 3),
-                      objective=float(objective or 0.0), num_variables=problem.numVariables(),
-                      num_constraints=problem.numConstraints())
+    return SolverInfo(
+        name=name,
+        status=status,
+        gap=gap,
+        solve_time_s=round(elapsed, 3),
+        objective=float(objective or 0.0),
+        num_variables=problem.numVariables(),
+        num_constraints=problem.numConstraints(),
+    )
 
 
 def _solve_highs(problem, options: SolveOptions, progress) -> tuple[str, float]:
@@ -70,14 +76,20 @@ def _solve_highs(problem, options: SolveOptions, progress) -> tuple[str, float]:
     def report(_type, _message, data, _data_in, _user):
         if data.running_time - last[0] >= PROGRESS_INTERVAL_S and abs(data.mip_primal_bound) < 1e30:
             last[0] = data.running_time
-            progress(f"  {data.running_time:5.1f} s  incumbent {abs(data.mip_primal_bound):.4g}  "
-                     f"bound {abs(data.mip_dual_bound):.4g}  gap {data.mip_gap:.2%}")
+            progress(
+                f"  {data.running_time:5.1f} s  incumbent {abs(data.mip_primal_bound):.4g}  "
+                f"bound {abs(data.mip_dual_bound):.4g}  gap {data.mip_gap:.2%}"
+            )
 
     cb = highspy.cb.HighsCallbackType
-    solver = pulp.HiGHS(msg=False, timeLimit=options.time_limit_s, gapRel=options.gap_rel,
-                        threads=options.threads,
-                        callbackTuple=(report, None) if progress else None,
-                        callbacksToActivate=[cb.kCallbackMipInterrupt] if progress else None)
+    solver = pulp.HiGHS(
+        msg=False,
+        timeLimit=options.time_limit_s,
+        gapRel=options.gap_rel,
+        threads=options.threads,
+        callbackTuple=(report, None) if progress else None,
+        callbacksToActivate=[cb.kCallbackMipInterrupt] if progress else None,
+    )
     problem.solve(solver)
     model_status = problem.solverModel.getModelStatus()
     if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):
@@ -94,8 +106,9 @@ def _solve_cbc(problem, options: SolveOptions) -> tuple[str, float]:
 
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "cbc.log"
-        solver = pulp.PULP_CBC_CMD(msg=False, timeLimit=options.time_limit_s, gapRel=options.gap_rel,
-                                   threads=options.threads, logPath=str(log))
+        solver = pulp.PULP_CBC_CMD(
+            msg=False, timeLimit=options.time_limit_s, gapRel=options.gap_rel, threads=options.threads, logPath=str(log)
+        )
         problem.solve(solver)
         text = log.read_text() if log.exists() else ""
     if problem.sol_status not in (pulp.LpSolutionOptimal, pulp.LpSolutionIntegerFeasible):

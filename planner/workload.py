@@ -149,17 +149,22 @@ class WorkloadSpec:
             if self.rate_rps is None or self.input_tokens is None or self.output_tokens is None:
                 raise ValueError("workload needs either trace, or rate_rps with input_tokens and output_tokens")
             if self.time_scale is not None:
-                raise ValueError("workload.time_scale scales a trace's arrival gaps: it needs workload.trace "
-                                 "(synthetic arrivals take workload.rate_rps and workload.cv)")
+                raise ValueError(
+                    "workload.time_scale scales a trace's arrival gaps: it needs workload.trace "
+                    "(synthetic arrivals take workload.rate_rps and workload.cv)"
+                )
         else:
             if self.input_tokens is not None or self.output_tokens is not None:
                 raise ValueError("workload.trace gives the lengths: drop workload.input_tokens/output_tokens")
             if self.cv is not None:
-                raise ValueError("workload.cv shapes synthetic arrivals; a trace keeps its own arrival gaps: drop "
-                                 "workload.cv (workload.time_scale replays the trace faster or slower)")
+                raise ValueError(
+                    "workload.cv shapes synthetic arrivals; a trace keeps its own arrival gaps: drop "
+                    "workload.cv (workload.time_scale replays the trace faster or slower)"
+                )
             if self.time_scale is not None and self.rate_rps is not None:
-                raise ValueError("workload.time_scale and workload.rate_rps both set the trace's replay rate: "
-                                 "give one of them")
+                raise ValueError(
+                    "workload.time_scale and workload.rate_rps both set the trace's replay rate: give one of them"
+                )
         if self.rate_rps is not None:
             as_number("workload.rate_rps", self.rate_rps, minimum=0, exclusive=True)
         if self.cv is not None:
@@ -175,10 +180,12 @@ class WorkloadSpec:
             trace = as_str("workload.trace", trace)
             if base_dir is not None and not Path(trace).is_absolute():
                 trace = str(base_dir / trace)  # relative to the workload file, like an include
-        dists = {k: LengthDist.from_dict(f"workload.{k}", data[k])
-                 for k in ("input_tokens", "output_tokens") if k in data}
-        return WorkloadSpec(rate_rps=data.get("rate_rps"), trace=trace, cv=data.get("cv"),
-                            time_scale=data.get("time_scale"), **dists)
+        dists = {
+            k: LengthDist.from_dict(f"workload.{k}", data[k]) for k in ("input_tokens", "output_tokens") if k in data
+        }
+        return WorkloadSpec(
+            rate_rps=data.get("rate_rps"), trace=trace, cv=data.get("cv"), time_scale=data.get("time_scale"), **dists
+        )
 
     @staticmethod
     def load(path) -> "WorkloadSpec":
@@ -197,8 +204,7 @@ class WorkloadSpec:
             return (self.cv or 1.0) ** 2
         return dispersion_index((trace or load_trace(self.trace)).arrival_s)
 
-    def sample(self, n: int, rate_rps: float | None = None, seed: int = 0,
-               trace: Trace | None = None) -> Requests:
+    def sample(self, n: int, rate_rps: float | None = None, seed: int = 0, trace: Trace | None = None) -> Requests:
         """n requests at rate_rps (default: the workload's own rate).
 
         A trace is replayed from its start (cycled when n exceeds it) with its arrival
@@ -213,7 +219,7 @@ class WorkloadSpec:
             # a bursty run replays the Poisson run's requests, only their arrivals differ.
             gaps = rng.exponential(1.0 / rate, n)
             if cv != 1.0:
-                shape = 1.0 / cv ** 2  # a Gamma's CV is 1 / sqrt(shape)
+                shape = 1.0 / cv**2  # a Gamma's CV is 1 / sqrt(shape)
                 gaps = np.random.default_rng([seed, 1]).gamma(shape, 1.0 / (rate * shape), n)
             arrival = np.cumsum(gaps)
             return Requests(arrival, self.input_tokens.sample(rng, n), self.output_tokens.sample(rng, n))

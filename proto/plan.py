@@ -43,8 +43,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 
 from proto.model_spec import ModelSpec
-from proto.schema import (as_int, as_number, as_str, build, check_keys, dump_document, load_document,
-                          plain)
+from proto.schema import as_int, as_number, as_str, build, check_keys, dump_document, load_document, plain
 from proto.slo import SLOSpec
 
 PLAN_VERSION = 1
@@ -94,8 +93,9 @@ class InstanceGroup:
         for name in ("tp", "pp", "count", "max_batch_size", "max_batched_tokens"):
             as_int(f"{where}.{name}", getattr(self, name), minimum=1)
         if len(self.nodes) != self.count:
-            raise ValueError(f"{where}.nodes must name one node per instance: {self.count} "
-                             f"instances, {len(self.nodes)} nodes")
+            raise ValueError(
+                f"{where}.nodes must name one node per instance: {self.count} instances, {len(self.nodes)} nodes"
+            )
         as_number(f"{where}.capacity_rps", self.capacity_rps, minimum=0)
 
     @property
@@ -225,11 +225,14 @@ class Plan:
             for name in group.nodes:
                 node = nodes.get(name)
                 if node is None:
-                    raise ValueError(f"plan.groups[{group.role} {group.gpu_type}].nodes names "
-                                     f"{name!r}, which is not in plan.nodes")
+                    raise ValueError(
+                        f"plan.groups[{group.role} {group.gpu_type}].nodes names {name!r}, which is not in plan.nodes"
+                    )
                 if node.gpu_type != group.gpu_type:
-                    raise ValueError(f"plan.groups[{group.role} {group.gpu_type}].gpu_type does not "
-                                     f"match node {name!r}, which has {node.gpu_type}")
+                    raise ValueError(
+                        f"plan.groups[{group.role} {group.gpu_type}].gpu_type does not "
+                        f"match node {name!r}, which has {node.gpu_type}"
+                    )
                 used[name] += group.gpus_per_instance
         for stage in self.stages:
             if stage.node not in nodes:
@@ -251,8 +254,9 @@ class Plan:
     @property
     def cost_per_hour(self) -> float:
         price = {n.name: n.cost_per_gpu_hour for n in self.nodes}
-        return (sum(price[name] * g.gpus_per_instance for g in self.groups for name in g.nodes)
-                + sum(price[s.node] * s.tp for s in self.stages))
+        return sum(price[name] * g.gpus_per_instance for g in self.groups for name in g.nodes) + sum(
+            price[s.node] * s.tp for s in self.stages
+        )
 
     def num_instances(self, role: str) -> int:
         return sum(g.count for g in self.groups if g.role == role)
@@ -261,12 +265,16 @@ class Plan:
         """Refuse what `tandem serve` cannot run yet, naming it: layer-split stages and
         pipeline-parallel instances (plans from `tandem plan --max-pp 1` never have either)."""
         if self.stages:
-            raise ValueError(f"this plan is layer-split ({len(self.stages)} plan.stages): tandem serve runs "
-                             f"plan.groups of whole-model instances only; plan without --layer-split")
+            raise ValueError(
+                f"this plan is layer-split ({len(self.stages)} plan.stages): tandem serve runs "
+                f"plan.groups of whole-model instances only; plan without --layer-split"
+            )
         for group in self.groups:
             if group.pp > 1:
-                raise ValueError(f"plan.groups[{group.role} {group.gpu_type}].pp is {group.pp}: tandem serve runs "
-                                 f"tensor-parallel instances (pp 1) only; plan again with --max-pp 1")
+                raise ValueError(
+                    f"plan.groups[{group.role} {group.gpu_type}].pp is {group.pp}: tandem serve runs "
+                    f"tensor-parallel instances (pp 1) only; plan again with --max-pp 1"
+                )
 
     def gpus_by_type(self) -> dict[str, int]:
         """GPUs used per GPU type: the Helm chart's worker groups."""
@@ -284,9 +292,12 @@ class Plan:
 
     @staticmethod
     def from_dict(data: dict) -> "Plan":
-        check_keys("plan", data, ("model", "slo", "objective", "nodes", "groups", "routes",
-                                  "predicted", "solver"),
-                   ("simulated", "stages", "block_size", "warnings", "version", "calibration"))
+        check_keys(
+            "plan",
+            data,
+            ("model", "slo", "objective", "nodes", "groups", "routes", "predicted", "solver"),
+            ("simulated", "stages", "block_size", "warnings", "version", "calibration"),
+        )
 
         def each(key, cls):
             items = data.get(key) or []
@@ -296,15 +307,21 @@ class Plan:
 
         simulated = data.get("simulated")
         calibration = data.get("calibration")
-        return build(Plan, "plan", data,
-                     calibration=None if calibration is None else build(Calibration, "plan.calibration",
-                                                                        calibration),
-                     model=ModelSpec.from_dict(data["model"]), slo=SLOSpec.from_dict(data["slo"]),
-                     nodes=each("nodes", PlanNode), groups=each("groups", InstanceGroup),
-                     routes=each("routes", Route), stages=each("stages", LayerStage),
-                     predicted=build(Metrics, "plan.predicted", data["predicted"]),
-                     simulated=None if simulated is None else build(Metrics, "plan.simulated", simulated),
-                     solver=build(SolverInfo, "plan.solver", data["solver"]))
+        return build(
+            Plan,
+            "plan",
+            data,
+            calibration=None if calibration is None else build(Calibration, "plan.calibration", calibration),
+            model=ModelSpec.from_dict(data["model"]),
+            slo=SLOSpec.from_dict(data["slo"]),
+            nodes=each("nodes", PlanNode),
+            groups=each("groups", InstanceGroup),
+            routes=each("routes", Route),
+            stages=each("stages", LayerStage),
+            predicted=build(Metrics, "plan.predicted", data["predicted"]),
+            simulated=None if simulated is None else build(Metrics, "plan.simulated", simulated),
+            solver=build(SolverInfo, "plan.solver", data["solver"]),
+        )
 
     def save(self, path) -> None:
         """YAML, or JSON when path ends in .json."""

@@ -20,8 +20,10 @@ POINTS_FILE = Path(__file__).with_name("points.yaml")
 KINDS = {
     "prefill": (("model", "tp", "prompt_tokens"), ("measured_ms", "measured_fit")),
     "decode": (("model", "tp", "batch", "context"), ("measured_ms", "measured_fit")),
-    "generate": (("model", "tp", "batch", "input_tokens", "output_tokens"),
-                 ("measured_ms", "measured_out_tok_s_per_gpu")),
+    "generate": (
+        ("model", "tp", "batch", "input_tokens", "output_tokens"),
+        ("measured_ms", "measured_out_tok_s_per_gpu"),
+    ),
     "gemm": (("m", "n", "k", "dtype"), ("measured_ms", "measured_tflops")),
     "allreduce": (("tp", "bytes"), ("measured_ms",)),
 }
@@ -85,8 +87,9 @@ def load_points(path: str | Path = POINTS_FILE) -> tuple[dict[str, Source], tupl
     sources = {}
     for name, entry in data["sources"].items():
         check_keys(f"sources.{name}", entry, ("title", "url"))
-        sources[name] = Source(as_str(f"sources.{name}.title", entry["title"]),
-                               as_str(f"sources.{name}.url", entry["url"]))
+        sources[name] = Source(
+            as_str(f"sources.{name}.title", entry["title"]), as_str(f"sources.{name}.url", entry["url"])
+        )
     points = []
     for i, entry in enumerate(as_list("points", data["points"])):
         where = f"points[{i}]"
@@ -114,8 +117,18 @@ def load_points(path: str | Path = POINTS_FILE) -> tuple[dict[str, Source], tupl
             value = tuple(as_number(f"{where}.measured_fit[{j}]", v) for j, v in enumerate(fit))
         else:
             value = as_number(f"{where}.{given[0]}", entry[given[0]], minimum=0, exclusive=True)
-        points.append(Point(as_str(f"{where}.id", entry["id"]), entry["source"], as_str(f"{where}.where", entry["where"]),
-                            kind, as_str(f"{where}.gpu", entry["gpu"], GPU_TYPES), shape, given[0], value))
+        points.append(
+            Point(
+                as_str(f"{where}.id", entry["id"]),
+                entry["source"],
+                as_str(f"{where}.where", entry["where"]),
+                kind,
+                as_str(f"{where}.gpu", entry["gpu"], GPU_TYPES),
+                shape,
+                given[0],
+                value,
+            )
+        )
     ids = [p.id for p in points]
     if len(set(ids)) != len(ids):
         raise ValueError(f"points ids must be unique; repeated: {sorted({i for i in ids if ids.count(i) > 1})}")
@@ -144,8 +157,9 @@ def predicted_ms(point: Point) -> float:
     # A static batch: its prompts in one prefill step (which gives each its first token), then
     # one decode step per further token, over a context one token longer each time.
     batch, prompt = s["batch"], s["input_tokens"]
-    return coeffs.prefill_ms(batch * prompt, batch * prompt ** 2) + sum(
-        coeffs.decode_ms(batch, batch * (prompt + j)) for j in range(1, s["output_tokens"]))
+    return coeffs.prefill_ms(batch * prompt, batch * prompt**2) + sum(
+        coeffs.decode_ms(batch, batch * (prompt + j)) for j in range(1, s["output_tokens"])
+    )
 
 
 def validate(path: str | Path = POINTS_FILE) -> list[Check]:
@@ -164,8 +178,9 @@ def markdown_table(checks: list[Check]) -> str:
     rows = ["| point | source: table, row | measured ms | predicted ms | error |", "|---|---|---|---|---|"]
     for c in checks:
         p = c.point
-        rows.append(f"| {p.id} | {p.source}: {p.where} | {_ms(c.measured_ms)} | {_ms(c.predicted_ms)} "
-                    f"| {c.error:+.0%} |")
+        rows.append(
+            f"| {p.id} | {p.source}: {p.where} | {_ms(c.measured_ms)} | {_ms(c.predicted_ms)} | {c.error:+.0%} |"
+        )
     return "\n".join(rows)
 
 

@@ -34,12 +34,36 @@ def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, ma
     from proto.plan import Plan
 
     out = tmp_path / "loop"
-    closed_loop.main(["--out", str(out), "--model", str(tiny_llama_dir), "--num-requests", "8",
-                      "--rate-multiples", "1", "--extra-rates", "0", "--calibrate-rounds", "1", "--profile-repeats", "1",
-                      "--max-prompt", "256"])
+    closed_loop.main(
+        [
+            "--out",
+            str(out),
+            "--model",
+            str(tiny_llama_dir),
+            "--num-requests",
+            "8",
+            "--rate-multiples",
+            "1",
+            "--extra-rates",
+            "0",
+            "--calibrate-rounds",
+            "1",
+            "--profile-repeats",
+            "1",
+            "--max-prompt",
+            "256",
+        ]
+    )
     run = json.loads((out / "run.json").read_text())
-    assert [s["stage"] for s in run["stages"]] == ["profile", "plan poisson", "serve poisson", "bench poisson",
-                                                   "plan bursty", "serve bursty", "bench bursty"]
+    assert [s["stage"] for s in run["stages"]] == [
+        "profile",
+        "plan poisson",
+        "serve poisson",
+        "bench poisson",
+        "plan bursty",
+        "serve bursty",
+        "bench bursty",
+    ]
     for name, cv in (("poisson", 1.0), ("bursty", 2.0)):
         results = json.loads((out / name / "results.json").read_text())
         assert set(results) == {"forecast", "simulated", "measured"}

@@ -15,8 +15,7 @@ from planner.solver import SolveOptions
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, SLO, WORKLOAD, make_inputs
 
 OPTIONS = SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S)
-MIXED = [{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2},
-         {"name": "l4", "gpu_type": "L4", "num_gpus": 4}]
+MIXED = [{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2}, {"name": "l4", "gpu_type": "L4", "num_gpus": 4}]
 NUM_SIM_REQUESTS = 1000
 
 
@@ -40,8 +39,9 @@ def test_calibrated_forecast_agrees_with_the_simulator(cv):
     # calibration's, so this checks the calibrated model, not the simulations it was fitted to.
     workload = replace(WORKLOAD, cv=cv)
     messages = []
-    plan = make_plan(make_inputs(MIXED, workload=workload), OPTIONS, num_sim_requests=NUM_SIM_REQUESTS,
-                     progress=messages.append)
+    plan = make_plan(
+        make_inputs(MIXED, workload=workload), OPTIONS, num_sim_requests=NUM_SIM_REQUESTS, progress=messages.append
+    )
     goodput_gap, attainment_gap = agreement(plan)
     assert goodput_gap <= 0.10 and attainment_gap <= 0.10
     assert 1 <= plan.calibration.rounds <= 3
@@ -70,25 +70,43 @@ def test_a_calibrated_option_forecasts_at_its_rate_over_the_factor():
     placement, options = place(problem, OPTIONS)
     scaled = calibrated(options, {"prefill": 1.5, "decode": 1.2})
     assert [o.capacity_rps for o in scaled] == pytest.approx(
-        [o.capacity_rps * (1.5 if o.role == "prefill" else 1.2) for o in options])
+        [o.capacity_rps * (1.5 if o.role == "prefill" else 1.2) for o in options]
+    )
     # Both roles scaled alike: what the model forecast at r, the calibrated plan forecasts at 1.5 r.
     same = calibrated(options, {"prefill": 1.5, "decode": 1.5})
     r = placement.rate_rps
     assert predict(placement, same, problem.stats, SLO, 1.5 * r).ttft_s == pytest.approx(
-        predict(placement, options, problem.stats, SLO, r).ttft_s, rel=1e-3)
+        predict(placement, options, problem.stats, SLO, r).ttft_s, rel=1e-3
+    )
 
 
 def test_a_placement_keeps_its_instances_under_calibrated_capacities():
     problem = prepare(make_inputs(MIXED))
     placement, options = place(problem, OPTIONS)
     inputs = problem.inputs
-    routed = solve_placement(inputs.cluster, problem.hardware, calibrated(options, {"prefill": 2.0, "decode": 2.0}),
-                             problem.traffic, "goodput", None, OPTIONS, fixed_counts=placement.counts)
+    routed = solve_placement(
+        inputs.cluster,
+        problem.hardware,
+        calibrated(options, {"prefill": 2.0, "decode": 2.0}),
+        problem.traffic,
+        "goodput",
+        None,
+        OPTIONS,
+        fixed_counts=placement.counts,
+    )
     assert routed.counts == placement.counts
     assert routed.rate_rps == pytest.approx(2 * placement.rate_rps, rel=1e-6)
     # Both roles halved: the same instances serve half as much.
-    halved = solve_placement(inputs.cluster, problem.hardware, calibrated(options, {"prefill": 0.5, "decode": 0.5}),
-                             problem.traffic, "goodput", None, OPTIONS, fixed_counts=placement.counts)
+    halved = solve_placement(
+        inputs.cluster,
+        problem.hardware,
+        calibrated(options, {"prefill": 0.5, "decode": 0.5}),
+        problem.traffic,
+        "goodput",
+        None,
+        OPTIONS,
+        fixed_counts=placement.counts,
+    )
     assert halved.rate_rps == pytest.approx(placement.rate_rps / 2, rel=1e-6)
 
 

@@ -5,9 +5,22 @@ from __future__ import annotations
 import pytest
 
 from planner.gpus import GPU_SPECS, GPU_TYPES, NodeHardware, node_hardware
-from planner.latency import (ALLREDUCE_LATENCY_MS, COMPUTE_EFFICIENCY, LAYER_OVERHEAD_MS, LINK_EFFICIENCY,
-                             MEMORY_EFFICIENCY, STEP_OVERHEAD_MS, Coefficients, LatencyTable, Profile,
-                             ProfileEntry, allreduce_ms, gemm_ms, roofline, step_tokens_ms)
+from planner.latency import (
+    ALLREDUCE_LATENCY_MS,
+    COMPUTE_EFFICIENCY,
+    LAYER_OVERHEAD_MS,
+    LINK_EFFICIENCY,
+    MEMORY_EFFICIENCY,
+    STEP_OVERHEAD_MS,
+    Coefficients,
+    LatencyTable,
+    Profile,
+    ProfileEntry,
+    allreduce_ms,
+    gemm_ms,
+    roofline,
+    step_tokens_ms,
+)
 from planner.models import ARCHITECTURES
 from proto.cluster import NodeSpec
 
@@ -36,8 +49,11 @@ def test_roofline_scales_like_hardware():
     fixed_ms = STEP_OVERHEAD_MS + MODEL.num_layers * LAYER_OVERHEAD_MS
     assert a100.A + a100.C == pytest.approx(step_tokens_ms(MODEL, hw("A100-80GB"), 1, 1, 1, 1))
     assert 0.97 * (weights_ms + fixed_ms) < a100.A + a100.C < 1.05 * (weights_ms + fixed_ms)
-    assert roofline(MODEL, hw("H100"), 1, 1).prefill_ms(1000) < a100.prefill_ms(1000) \
+    assert (
+        roofline(MODEL, hw("H100"), 1, 1).prefill_ms(1000)
+        < a100.prefill_ms(1000)
         < roofline(MODEL, hw("T4"), 1, 1).prefill_ms(1000)
+    )
     tp2 = roofline(MODEL, hw("A100-80GB"), 2, 1)
     assert 0.5 < tp2.prefill_ms(2000) / a100.prefill_ms(2000) < 0.65  # halved compute, plus all-reduces
     # Small decode steps shrink far less than the weights per GPU: fixed costs and all-reduce
@@ -102,7 +118,10 @@ def test_profile_errors_name_the_field():
 def test_profile_entry_for_no_gpu_type_of_the_cluster_is_an_error():
     measured = Coefficients(a=1, b=2, c=3, A=4, B=5, C=6, source="profile")
     profile = Profile("llama-2-13b", (ProfileEntry("A100-80GB", 1, 1, measured), ProfileEntry("A100", 2, 1, measured)))
-    with pytest.raises(ValueError, match=r"profile.entries\[1\].gpu_type 'A100' matches no node of the cluster; "
-                                         r"its GPU types: A100-80GB, L4"):
+    with pytest.raises(
+        ValueError,
+        match=r"profile.entries\[1\].gpu_type 'A100' matches no node of the cluster; "
+        r"its GPU types: A100-80GB, L4",
+    ):
         LatencyTable(MODEL, profile, gpu_types=("A100-80GB", "L4", "A100-80GB"))
     assert LatencyTable(MODEL, profile, gpu_types=("A100", "A100-80GB")).profile is profile

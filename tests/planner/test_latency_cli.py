@@ -14,8 +14,20 @@ from proto.cluster import NodeSpec
 
 MODEL = ARCHITECTURES["llama-2-13b"]
 PREFILL = ["plan", "latency", "--model", "llama-2-13b", "--gpu", "A100-80GB", "--tp", "2", "--prefill-tokens", "1024"]
-DECODE = ["plan", "latency", "--model", "llama-2-13b", "--gpu", "A100-80GB", "--tp", "2",
-          "--decode-batch", "32", "--context", "1500"]
+DECODE = [
+    "plan",
+    "latency",
+    "--model",
+    "llama-2-13b",
+    "--gpu",
+    "A100-80GB",
+    "--tp",
+    "2",
+    "--decode-batch",
+    "32",
+    "--context",
+    "1500",
+]
 
 
 def a100_tp2():
@@ -25,8 +37,10 @@ def a100_tp2():
 def test_prefill_prints_the_step_time_and_its_source(capsys):
     assert main(PREFILL) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0] == (f"llama-2-13b on A100-80GB tp=2 pp=1 (float16): a prefill of 1024 tokens takes "
-                        f"{a100_tp2().prefill_ms(1024):.2f} ms (roofline)")
+    assert lines[0] == (
+        f"llama-2-13b on A100-80GB tp=2 pp=1 (float16): a prefill of 1024 tokens takes "
+        f"{a100_tp2().prefill_ms(1024):.2f} ms (roofline)"
+    )
     assert lines[1].startswith("prefill ms = ") and "decode ms = " in lines[1]
 
 
@@ -41,8 +55,13 @@ def test_decode_emits_json(capsys):
 
 
 def test_a_profile_entry_for_the_exact_configuration_wins(write_yaml, capsys):
-    entry = {"gpu_type": "A100-80GB", "tp": 2, "pp": 1, "prefill_ms": {"a": 10, "b": 0.05, "c": 0},
-             "decode_ms": {"A": 20, "B": 0.001, "C": 0.1}}
+    entry = {
+        "gpu_type": "A100-80GB",
+        "tp": 2,
+        "pp": 1,
+        "prefill_ms": {"a": 10, "b": 0.05, "c": 0},
+        "decode_ms": {"A": 20, "B": 0.001, "C": 0.1},
+    }
     profile = write_yaml("profile.yaml", {"model": "llama-2-13b", "entries": [entry]})
     assert main(PREFILL + ["--profile", profile, "--emit", "json"]) == 0
     out = json.loads(capsys.readouterr().out)
@@ -54,18 +73,23 @@ def test_a_profile_entry_for_the_exact_configuration_wins(write_yaml, capsys):
 
 def test_plan_without_a_subcommand_still_plans_and_names_missing_inputs(capsys):
     assert main(["plan", "--model", "llama-2-13b"]) == 2
-    assert ("the following arguments are required: --cluster, --workload, --slo"
-            in capsys.readouterr().err)
+    assert "the following arguments are required: --cluster, --workload, --slo" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("change, message", [
-    (("--gpu", "A100"), "--gpu 'A100' is not a known GPU type; known: H200, H100, A100-80GB"),
-    (("--model", "llama-9b"), "model 'llama-9b' is neither a known architecture (llama-2-7b, llama-2-13b"),
-    (("--tp", "3"), "--tp 3 does not split llama-2-13b's 40 attention heads (40 KV heads) evenly; "
-                    "allowed: 1, 2, 4, 5, 8, 10, 20, 40"),
-    (("--pp", "41"), "--pp 41 exceeds llama-2-13b's 40 layers; allowed: 1 to 40"),
-    (("--prefill-tokens", "0"), "--prefill-tokens must be >= 1, got 0"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (("--gpu", "A100"), "--gpu 'A100' is not a known GPU type; known: H200, H100, A100-80GB"),
+        (("--model", "llama-9b"), "model 'llama-9b' is neither a known architecture (llama-2-7b, llama-2-13b"),
+        (
+            ("--tp", "3"),
+            "--tp 3 does not split llama-2-13b's 40 attention heads (40 KV heads) evenly; "
+            "allowed: 1, 2, 4, 5, 8, 10, 20, 40",
+        ),
+        (("--pp", "41"), "--pp 41 exceeds llama-2-13b's 40 layers; allowed: 1 to 40"),
+        (("--prefill-tokens", "0"), "--prefill-tokens must be >= 1, got 0"),
+    ],
+)
 def test_errors_name_the_flag_and_the_allowed_values(capsys, change, message):
     flag, value = change
     argv = list(PREFILL)
@@ -90,4 +114,3 @@ def test_one_kind_of_step_exactly(capsys):
             main(argv)
         assert exit_info.value.code == 2
     assert "--prefill-tokens" in capsys.readouterr().err
-

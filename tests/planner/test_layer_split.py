@@ -30,9 +30,14 @@ def node_traffic_bytes(stage, inputs, stats) -> tuple[float, float]:
 @pytest.mark.parametrize("nic_gb_s", [1.0, 2.0])
 def test_each_node_keeps_within_its_own_nic(nic_gb_s):
     # Slow NICs: a class's spare NICs must not carry another node's traffic.
-    inputs = make_inputs([{"name": "a", "count": 3, "gpu_type": "A100-40GB", "num_gpus": 4, "nic_gb_s": nic_gb_s},
-                          {"name": "l", "count": 2, "gpu_type": "L4", "num_gpus": 4, "nic_gb_s": nic_gb_s}],
-                         model="llama-2-70b", slo=SLO)
+    inputs = make_inputs(
+        [
+            {"name": "a", "count": 3, "gpu_type": "A100-40GB", "num_gpus": 4, "nic_gb_s": nic_gb_s},
+            {"name": "l", "count": 2, "gpu_type": "L4", "num_gpus": 4, "nic_gb_s": nic_gb_s},
+        ],
+        model="llama-2-70b",
+        slo=SLO,
+    )
     hardware, _, stats, latency = _read(inputs)
     split = solve_layer_split(inputs.cluster, hardware, inputs.model, latency, stats, SLO, 16, OPTIONS)
     assert split.solver.status == "optimal" and split.goodput_rps > 0

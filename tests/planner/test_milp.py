@@ -14,13 +14,17 @@ from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, SLO, make_inputs
 
 EXACT = SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S, gap_rel=1e-9)
 
-MIXED = [{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2},
-         {"name": "l4", "gpu_type": "L4", "num_gpus": 4},
-         {"name": "t4", "gpu_type": "T4", "num_gpus": 2}]
+MIXED = [
+    {"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2},
+    {"name": "l4", "gpu_type": "L4", "num_gpus": 4},
+    {"name": "t4", "gpu_type": "T4", "num_gpus": 2},
+]
 SLOW = [dict(n, nic_gb_s=0.5) for n in MIXED]
-SPLITWISE = [{"name": "h100", "gpu_type": "H100", "num_gpus": 2},
-             {"name": "a100-0", "gpu_type": "A100-80GB", "num_gpus": 2},
-             {"name": "a100-1", "gpu_type": "A100-80GB", "num_gpus": 2}]
+SPLITWISE = [
+    {"name": "h100", "gpu_type": "H100", "num_gpus": 2},
+    {"name": "a100-0", "gpu_type": "A100-80GB", "num_gpus": 2},
+    {"name": "a100-1", "gpu_type": "A100-80GB", "num_gpus": 2},
+]
 LINKED = [dict(n, nic_gb_s=50) for n in SPLITWISE]
 
 CASES = {
@@ -36,10 +40,16 @@ CASES = {
 def test_goodput_equals_exhaustive_enumeration(case):
     nodes, links = CASES[case]
     problem = prepare(make_inputs(nodes, links))
-    milp = solve_placement(problem.inputs.cluster, problem.hardware, prune_dominated(problem.options),
-                           problem.traffic, "goodput", None, EXACT)
-    brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic,
-                                 "goodput")
+    milp = solve_placement(
+        problem.inputs.cluster,
+        problem.hardware,
+        prune_dominated(problem.options),
+        problem.traffic,
+        "goodput",
+        None,
+        EXACT,
+    )
+    brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic, "goodput")
     assert milp.solver.status == "optimal"
     assert brute.rate_rps > 0
     assert milp.rate_rps == pytest.approx(brute.rate_rps, rel=1e-6)
@@ -50,13 +60,22 @@ def test_goodput_equals_exhaustive_enumeration(case):
 def test_cost_equals_exhaustive_enumeration(case):
     nodes, links = CASES[case]
     problem = prepare(make_inputs(nodes, links))
-    best = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic,
-                                "goodput").rate_rps
+    best = exhaustive_placement(
+        problem.inputs.cluster, problem.hardware, problem.options, problem.traffic, "goodput"
+    ).rate_rps
     target = 0.6 * best
-    milp = solve_placement(problem.inputs.cluster, problem.hardware, prune_dominated(problem.options),
-                           problem.traffic, "cost", target, EXACT)
-    brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic,
-                                 "cost", target)
+    milp = solve_placement(
+        problem.inputs.cluster,
+        problem.hardware,
+        prune_dominated(problem.options),
+        problem.traffic,
+        "cost",
+        target,
+        EXACT,
+    )
+    brute = exhaustive_placement(
+        problem.inputs.cluster, problem.hardware, problem.options, problem.traffic, "cost", target
+    )
     assert milp.solver.objective == pytest.approx(brute.solver.objective, rel=1e-6)
     # The MILP's instances really serve the target (checked by max-flow, not the MILP).
     options = prune_dominated(problem.options)
@@ -104,18 +123,27 @@ def test_unreachable_slo_reports_the_best_attainable():
 
 def test_unreachable_cost_target_reports_the_goodput():
     problem = prepare(make_inputs(MIXED, objective="cost", target_rps=1000.0))
-    with pytest.raises(ValueError, match=r"target rate 1000 req/s is out of reach: the most this cluster "
-                                         r"serves within .* is \d+\.\d\d req/s"):
+    with pytest.raises(
+        ValueError,
+        match=r"target rate 1000 req/s is out of reach: the most this cluster "
+        r"serves within .* is \d+\.\d\d req/s",
+    ):
         place(problem, EXACT)
 
 
 def test_symmetric_nodes_solve_to_the_same_optimum():
     nodes = [{"name": "a", "count": 3, "gpu_type": "A100-80GB", "num_gpus": 2}]
     problem = prepare(make_inputs(nodes, slo=SLO))
-    milp = solve_placement(problem.inputs.cluster, problem.hardware, prune_dominated(problem.options),
-                           problem.traffic, "goodput", None, EXACT)
-    brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic,
-                                 "goodput")
+    milp = solve_placement(
+        problem.inputs.cluster,
+        problem.hardware,
+        prune_dominated(problem.options),
+        problem.traffic,
+        "goodput",
+        None,
+        EXACT,
+    )
+    brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic, "goodput")
     assert milp.rate_rps == pytest.approx(brute.rate_rps, rel=1e-6)
 
 
@@ -156,8 +184,7 @@ def test_three_gpu_node_uses_its_third_gpu_for_a_tp1_instance():
     nodes = [{"name": "l4", "gpu_type": "L4", "num_gpus": 3}]
     problem = prepare(make_inputs(nodes, slo=SLOSpec(ttft_s=0.6, tpot_s=0.1)))
     placement, options = place(problem, EXACT)
-    brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic,
-                                 "goodput")
+    brute = exhaustive_placement(problem.inputs.cluster, problem.hardware, problem.options, problem.traffic, "goodput")
     assert placement.rate_rps == pytest.approx(brute.rate_rps, rel=1e-6)
     assert sorted(options[i].num_gpus for (_, i), c in placement.counts.items() for _ in range(c)) == [1, 2]
 

@@ -14,9 +14,11 @@ from proto.slo import SLOSpec
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, make_inputs
 
 OPTIONS = SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S)
-MIXED = [{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2},
-         {"name": "l4", "gpu_type": "L4", "num_gpus": 4},
-         {"name": "t4", "gpu_type": "T4", "num_gpus": 2}]
+MIXED = [
+    {"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2},
+    {"name": "l4", "gpu_type": "L4", "num_gpus": 4},
+    {"name": "t4", "gpu_type": "T4", "num_gpus": 2},
+]
 
 
 def test_forecast_below_the_goal_warns_with_the_rate_that_meets_it():
@@ -39,8 +41,9 @@ def test_forecast_below_the_goal_warns_with_the_rate_that_meets_it():
 
 
 def test_forecast_meeting_the_goal_has_no_warning():
-    plan = make_plan(make_inputs(MIXED, slo=SLOSpec(ttft_s=0.4, tpot_s=0.1, attainment=0.8)), OPTIONS,
-                     num_sim_requests=0)
+    plan = make_plan(
+        make_inputs(MIXED, slo=SLOSpec(ttft_s=0.4, tpot_s=0.1, attainment=0.8)), OPTIONS, num_sim_requests=0
+    )
     assert plan.predicted.attainment >= 0.8 and plan.warnings == ()
 
 
@@ -48,10 +51,11 @@ def test_goodput_search_reports_every_simulation():
     problem = prepare(make_inputs([{"name": "a100", "gpu_type": "A100-80GB", "num_gpus": 2}]))
     placement, options = place(problem, OPTIONS)
     messages = []
-    goodput = simulated_goodput(problem, placement, options, num_requests=200, num_steps=3,
-                                progress=messages.append)
-    steps = [re.fullmatch(r"  goodput search: ([\d.]+) req/s -> attainment ([\d.]+) \((meets|misses) the goal\)", m)
-             for m in messages]
+    goodput = simulated_goodput(problem, placement, options, num_requests=200, num_steps=3, progress=messages.append)
+    steps = [
+        re.fullmatch(r"  goodput search: ([\d.]+) req/s -> attainment ([\d.]+) \((meets|misses) the goal\)", m)
+        for m in messages
+    ]
     assert all(steps) and len(steps) >= 4  # the bracket's simulations, then 3 bisection steps
     rates = [float(m.group(1)) for m in steps]
     assert rates[0] == pytest.approx(placement.rate_rps, abs=0.01)

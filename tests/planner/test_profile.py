@@ -24,17 +24,46 @@ def test_fit_recovers_coefficients_and_stays_nonnegative():
 @pytest.fixture(scope="module")
 def wide_model(tmp_path_factory):
     # Wide enough that compute, not per-step overhead, sets the prefill time on CPU.
-    return make_checkpoint(tmp_path_factory.mktemp("profile") / "tiny", "llama", hidden_size=512,
-                           intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-                           num_key_value_heads=4)
+    return make_checkpoint(
+        tmp_path_factory.mktemp("profile") / "tiny",
+        "llama",
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+    )
 
 
 def test_profile_command_writes_a_usable_profile(wide_model, tmp_path, capsys):
     # A small grid: under the test suite the engine's Triton kernels run interpreted.
     out = tmp_path / "profile.yaml"
-    assert main(["profile", "--model", str(wide_model), "--out", str(out), "--gpu-type", "L4",
-                 "--device", "cpu", "--dtype", "float32", "--repeats", "1", "--prefill-tokens", "16,64,256",
-                 "--decode-batches", "1,4", "--decode-contexts", "64"]) == 0
+    assert (
+        main(
+            [
+                "profile",
+                "--model",
+                str(wide_model),
+                "--out",
+                str(out),
+                "--gpu-type",
+                "L4",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--repeats",
+                "1",
+                "--prefill-tokens",
+                "16,64,256",
+                "--decode-batches",
+                "1,4",
+                "--decode-contexts",
+                "64",
+            ]
+        )
+        == 0
+    )
     profile = Profile.load(out)
     assert profile.model == "tiny"
     (entry,) = profile.entries
@@ -56,12 +85,13 @@ def test_profiler_times_the_right_quantities(wide_model, monkeypatch):
         tokens = sum(s.num_new_tokens for s in out.scheduled if s.seq.num_output_tokens == 0)
         context = sum(s.seq.num_computed_tokens + 1 for s in decodes)
         engine.run(out)
-        ms = 2 + 0.05 * tokens + 1e-4 * tokens ** 2 if tokens else 1 + 0.001 * context + 0.3 * len(decodes)
+        ms = 2 + 0.05 * tokens + 1e-4 * tokens**2 if tokens else 1 + 0.001 * context + 0.3 * len(decodes)
         return ms, out
 
     monkeypatch.setattr(profile_module, "_timed_step", fake_timed_step)
-    profile = profile_engine(str(wide_model), (16, 64, 256), (1, 2, 4), (32, 64), gpu_type="L4", device="cpu",
-                             dtype="float32", repeats=1)
+    profile = profile_engine(
+        str(wide_model), (16, 64, 256), (1, 2, 4), (32, 64), gpu_type="L4", device="cpu", dtype="float32", repeats=1
+    )
     c = profile.entries[0].coefficients
     assert (c.a, c.b, c.c) == pytest.approx((2, 0.05, 1e-4), rel=1e-6)
     assert (c.A, c.B, c.C) == pytest.approx((1, 0.001, 0.3), rel=1e-6)

@@ -11,12 +11,23 @@ from planner.gpus import GPU_TYPES
 from planner.models import ARCHITECTURES, resolve_model
 from planner.workload import WorkloadSpec, load_trace
 from proto.cluster import ClusterSpec
-from proto.plan import (Calibration, InstanceGroup, LayerStage, Metrics, Plan, PlanNode, Route, SolverInfo,
-                        ray_resource_name)
+from proto.plan import (
+    Calibration,
+    InstanceGroup,
+    LayerStage,
+    Metrics,
+    Plan,
+    PlanNode,
+    Route,
+    SolverInfo,
+    ray_resource_name,
+)
 from proto.slo import SLOSpec
 
-NODES = [{"name": "a", "gpu_type": "A100-80GB", "num_gpus": 8, "count": 2, "nic_gb_s": 25},
-         {"name": "l4", "gpu_type": "L4", "num_gpus": 4, "cost_per_gpu_hour": 0.7}]
+NODES = [
+    {"name": "a", "gpu_type": "A100-80GB", "num_gpus": 8, "count": 2, "nic_gb_s": 25},
+    {"name": "l4", "gpu_type": "L4", "num_gpus": 4, "cost_per_gpu_hour": 0.7},
+]
 
 
 def test_cluster_expands_counts_and_keeps_overrides():
@@ -28,13 +39,16 @@ def test_cluster_expands_counts_and_keeps_overrides():
     assert ClusterSpec.from_dict(cluster.to_dict(), GPU_TYPES) == cluster
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"gpu_type": "A100"}, "cluster.nodes[0].gpu_type"),
-    ({"num_gpus": 0}, "num_gpus"),
-    ({"num_gpus": "8"}, "num_gpus"),
-    ({"nic_gb_s": -1}, "nic_gb_s"),
-    ({"speed": 3}, "cluster.nodes[0].speed"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"gpu_type": "A100"}, "cluster.nodes[0].gpu_type"),
+        ({"num_gpus": 0}, "num_gpus"),
+        ({"num_gpus": "8"}, "num_gpus"),
+        ({"nic_gb_s": -1}, "nic_gb_s"),
+        ({"speed": 3}, "cluster.nodes[0].speed"),
+    ],
+)
 def test_cluster_errors_name_the_field(change, field):
     with pytest.raises(ValueError, match=field.replace("[", r"\[").replace("]", r"\]")):
         ClusterSpec.from_dict({"nodes": [{**NODES[0], **change}]}, GPU_TYPES)
@@ -63,9 +77,16 @@ def test_slo_validation():
 
 
 def test_model_from_hf_config_directory(tmp_path):
-    config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 256, "intermediate_size": 512,
-              "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 2,
-              "vocab_size": 1000, "torch_dtype": "bfloat16"}
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 2,
+        "vocab_size": 1000,
+        "torch_dtype": "bfloat16",
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     spec = resolve_model(str(tmp_path))
     assert (spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype) == (4, 2, 32, "bfloat16")
@@ -85,26 +106,44 @@ def test_model_named_and_errors(write_yaml):
 
 
 def test_workload_distributions_and_errors(write_yaml):
-    spec = WorkloadSpec.load(write_yaml("w.yaml", {
-        "rate_rps": 10, "input_tokens": {"distribution": "fixed", "value": 100},
-        "output_tokens": {"distribution": "uniform", "min": 5, "max": 9}}))
+    spec = WorkloadSpec.load(
+        write_yaml(
+            "w.yaml",
+            {
+                "rate_rps": 10,
+                "input_tokens": {"distribution": "fixed", "value": 100},
+                "output_tokens": {"distribution": "uniform", "min": 5, "max": 9},
+            },
+        )
+    )
     reqs = spec.sample(5000, seed=1)
     assert (reqs.input_tokens == 100).all()
     assert reqs.output_tokens.min() == 5 and reqs.output_tokens.max() == 9
     assert abs(len(reqs) / reqs.arrival_s[-1] - 10) < 0.5  # Poisson at the given rate
     with pytest.raises(ValueError, match="workload.input_tokens.distribution must be one of"):
-        WorkloadSpec.from_dict({"rate_rps": 1, "input_tokens": {"distribution": "zipf"},
-                                "output_tokens": {"distribution": "fixed", "value": 1}})
+        WorkloadSpec.from_dict(
+            {
+                "rate_rps": 1,
+                "input_tokens": {"distribution": "zipf"},
+                "output_tokens": {"distribution": "fixed", "value": 1},
+            }
+        )
     with pytest.raises(ValueError, match="workload.output_tokens.max"):
-        WorkloadSpec.from_dict({"rate_rps": 1, "input_tokens": {"distribution": "fixed", "value": 1},
-                                "output_tokens": {"distribution": "uniform", "min": 5, "max": 2}})
+        WorkloadSpec.from_dict(
+            {
+                "rate_rps": 1,
+                "input_tokens": {"distribution": "fixed", "value": 1},
+                "output_tokens": {"distribution": "uniform", "min": 5, "max": 2},
+            }
+        )
     with pytest.raises(ValueError, match="either trace, or rate_rps"):
         WorkloadSpec.from_dict({"rate_rps": 1})
 
 
 def test_trace_replay_scales_to_the_rate(tmp_path):
     rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [
-        f"2023-11-16 18:00:{i:02d}.5000000,{100 + i},{i + 1}" for i in range(0, 60, 2)]
+        f"2023-11-16 18:00:{i:02d}.5000000,{100 + i},{i + 1}" for i in range(0, 60, 2)
+    ]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     trace = load_trace(tmp_path / "t.csv")
     assert trace.rate_rps == pytest.approx(0.5)
@@ -120,8 +159,10 @@ def _plan(**overrides) -> Plan:
         slo=SLOSpec(ttft_s=0.4, tpot_s=0.1),
         objective="goodput",
         nodes=(PlanNode("a-0", "A100-80GB", 8, 3.7), PlanNode("l4", "L4", 4, 0.8)),
-        groups=(InstanceGroup("prefill", "A100-80GB", 2, 1, 2, ("a-0", "a-0"), 16, 4096, 6.5),
-                InstanceGroup("decode", "L4", 4, 1, 1, ("l4",), 40, 512, 2.5)),
+        groups=(
+            InstanceGroup("prefill", "A100-80GB", 2, 1, 2, ("a-0", "a-0"), 16, 4096, 6.5),
+            InstanceGroup("decode", "L4", 4, 1, 1, ("l4",), 40, 512, 2.5),
+        ),
         routes=(Route("a-0", "l4", 2.5),),
         predicted=Metrics(2.5, 2.5, 0.91, 0.35, 0.08),
         simulated=Metrics(2.5, 3.1, 0.95, 0.3, 0.07),
@@ -160,20 +201,25 @@ def test_plan_calibration_round_trips(tmp_path):
 
 
 def test_layer_split_plan_round_trips(tmp_path):
-    stages = (LayerStage("prefill", "a-0", "A100-80GB", 8, 0, 32, 1.0),
-              LayerStage("decode", "l4", "L4", 4, 0, 32, 1.0))
+    stages = (LayerStage("prefill", "a-0", "A100-80GB", 8, 0, 32, 1.0), LayerStage("decode", "l4", "L4", 4, 0, 32, 1.0))
     plan = _plan(groups=(), routes=(), stages=stages, simulated=None)
     plan.save(tmp_path / "plan.yaml")
     assert Plan.load(tmp_path / "plan.yaml") == plan
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"groups": (InstanceGroup("decode", "L4", 4, 1, 2, ("l4", "l4"), 40, 512, 2.5),)}, "places 8 GPUs on node 'l4'"),
-    ({"groups": (InstanceGroup("decode", "H100", 1, 1, 1, ("l4",), 40, 512, 2.5),)}, "does not match node 'l4'"),
-    ({"routes": (Route("a-0", "zz", 1.0),)}, "node 'zz'"),
-    ({"objective": "latency"}, "plan.objective must be one of goodput, cost"),
-    ({"groups": ()}, "places nothing"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"groups": (InstanceGroup("decode", "L4", 4, 1, 2, ("l4", "l4"), 40, 512, 2.5),)},
+            "places 8 GPUs on node 'l4'",
+        ),
+        ({"groups": (InstanceGroup("decode", "H100", 1, 1, 1, ("l4",), 40, 512, 2.5),)}, "does not match node 'l4'"),
+        ({"routes": (Route("a-0", "zz", 1.0),)}, "node 'zz'"),
+        ({"objective": "latency"}, "plan.objective must be one of goodput, cost"),
+        ({"groups": ()}, "places nothing"),
+    ],
+)
 def test_plan_validation(overrides, message):
     with pytest.raises(ValueError, match=message):
         _plan(**overrides)
@@ -210,29 +256,57 @@ def test_model_mlp_kind_is_checked(write_yaml):
 
 
 def test_opt_config_json_reads_as_a_dense_mlp(tmp_path):
-    config = {"architectures": ["OPTForCausalLM"], "model_type": "opt", "hidden_size": 5120, "ffn_dim": 20480,
-              "num_hidden_layers": 40, "num_attention_heads": 40, "vocab_size": 50272,
-              "max_position_embeddings": 2048, "word_embed_proj_dim": 5120, "torch_dtype": "float16",
-              "do_layer_norm_before": True, "activation_function": "relu"}
+    config = {
+        "architectures": ["OPTForCausalLM"],
+        "model_type": "opt",
+        "hidden_size": 5120,
+        "ffn_dim": 20480,
+        "num_hidden_layers": 40,
+        "num_attention_heads": 40,
+        "vocab_size": 50272,
+        "max_position_embeddings": 2048,
+        "word_embed_proj_dim": 5120,
+        "torch_dtype": "float16",
+        "do_layer_norm_before": True,
+        "activation_function": "relu",
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     spec = resolve_model(str(tmp_path))
     assert spec.mlp == "dense" and spec.intermediate_size == 20480 and spec.num_kv_heads == 40
     assert spec.num_params == ARCHITECTURES["opt-13b"].num_params
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"architectures": ["GPTNeoXForCausalLM"]}, r"config.json architectures GPTNeoXForCausalLM is not one the "
-                                                r"planner can size; known: LlamaForCausalLM, .*OPTForCausalLM"),
-    ({"architectures": ["MixtralForCausalLM"], "num_local_experts": 8},
-     r"config.json num_local_experts: a mixture-of-experts model, which the planner cannot size"),
-    ({"architectures": ["LlamaForCausalLM"], "num_experts": 64},
-     r"config.json num_experts: a mixture-of-experts model"),
-    ({"architectures": ["OPTForCausalLM"], "word_embed_proj_dim": 512},
-     r"config.json word_embed_proj_dim \(512\) differs from hidden_size \(1024\)"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        (
+            {"architectures": ["GPTNeoXForCausalLM"]},
+            r"config.json architectures GPTNeoXForCausalLM is not one the "
+            r"planner can size; known: LlamaForCausalLM, .*OPTForCausalLM",
+        ),
+        (
+            {"architectures": ["MixtralForCausalLM"], "num_local_experts": 8},
+            r"config.json num_local_experts: a mixture-of-experts model, which the planner cannot size",
+        ),
+        (
+            {"architectures": ["LlamaForCausalLM"], "num_experts": 64},
+            r"config.json num_experts: a mixture-of-experts model",
+        ),
+        (
+            {"architectures": ["OPTForCausalLM"], "word_embed_proj_dim": 512},
+            r"config.json word_embed_proj_dim \(512\) differs from hidden_size \(1024\)",
+        ),
+    ],
+)
 def test_config_json_the_planner_cannot_size_is_refused_by_name(tmp_path, config, message):
-    base = {"hidden_size": 1024, "intermediate_size": 4096, "ffn_dim": 4096, "num_hidden_layers": 4,
-            "num_attention_heads": 8, "vocab_size": 1000}
+    base = {
+        "hidden_size": 1024,
+        "intermediate_size": 4096,
+        "ffn_dim": 4096,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "vocab_size": 1000,
+    }
     (tmp_path / "config.json").write_text(json.dumps({**base, **config}))
     with pytest.raises(ValueError, match=message):
         resolve_model(str(tmp_path))

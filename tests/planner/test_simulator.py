@@ -24,8 +24,9 @@ CLUSTER = ClusterSpec((NODE,))
 HARDWARE = {"n": node_hardware(NODE)}
 
 
-def option(role: str, coeffs: Coefficients, pp: int = 1, kv_tokens: int = 1 << 20, budget: int = 100,
-           max_batch: int = 64) -> InstanceOption:
+def option(
+    role: str, coeffs: Coefficients, pp: int = 1, kv_tokens: int = 1 << 20, budget: int = 100, max_batch: int = 64
+) -> InstanceOption:
     return InstanceOption(role, HARDWARE["n"], 1, pp, coeffs, kv_tokens, 1.0, max_batch, budget)
 
 
@@ -64,7 +65,8 @@ def test_one_request_timeline_is_the_latency_model():
 def test_pipeline_takes_a_new_batch_after_one_stage():
     prefill = option("prefill", Coefficients(a=100, b=0, c=0, A=1, B=0, C=0), pp=2)
     result = simulator(prefill, option("decode", Coefficients(1, 0, 0, 1, 0, 0))).run(
-        requests([0.0, 0.0, 0.0], prompt=100, output=1))
+        requests([0.0, 0.0, 0.0], prompt=100, output=1)
+    )
     # Two virtual engines: the second batch enters at 50 ms; the third waits for engine 0.
     assert sorted(result.ttft_s) == pytest.approx([0.1, 0.15, 0.2])
 
@@ -80,8 +82,11 @@ def test_decode_kv_limit_holds_back_prefill():
 
 
 def test_simulation_agrees_with_the_forecast_below_capacity():
-    problem = prepare(make_inputs([{"name": "a", "gpu_type": "A100-80GB", "num_gpus": 2},
-                                   {"name": "l4", "gpu_type": "L4", "num_gpus": 4}]))
+    problem = prepare(
+        make_inputs(
+            [{"name": "a", "gpu_type": "A100-80GB", "num_gpus": 2}, {"name": "l4", "gpu_type": "L4", "num_gpus": 4}]
+        )
+    )
     placement, options = place(problem, SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S))
     rate = 0.8 * placement.rate_rps
     simulated = simulate(problem, placement, options, rate, num_requests=1500).metrics(SLO, rate, None)

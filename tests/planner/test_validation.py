@@ -45,17 +45,33 @@ def test_measurements_are_converted_as_their_sources_state_them():
     assert by_id["mamf-a100-6912x16384x2048"].measured_ms == pytest.approx(2 * 6912 * 16384 * 2048 / 267.9e9)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: p.update(flops=1), r"points\[0\].flops is not a known field"),
-    (lambda p: p.update(source="blog"), r"points\[0\].source must be one of"),
-    (lambda p: p.update(measured_ms=16), r"points\[0\] \(prefill\) must give exactly one of measured_ms, measured_fit"),
-    (lambda p: p.update(model="llama-9b"), r"points\[0\].model must be one of llama-2-7b"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda p: p.update(flops=1), r"points\[0\].flops is not a known field"),
+        (lambda p: p.update(source="blog"), r"points\[0\].source must be one of"),
+        (
+            lambda p: p.update(measured_ms=16),
+            r"points\[0\] \(prefill\) must give exactly one of measured_ms, measured_fit",
+        ),
+        (lambda p: p.update(model="llama-9b"), r"points\[0\].model must be one of llama-2-7b"),
+    ],
+)
 def test_a_bad_point_is_refused_by_field(write_yaml, edit, message):
-    point = {"id": "x", "source": "s", "where": "table 1", "kind": "prefill", "model": "llama-2-7b",
-             "gpu": "A100-80GB", "tp": 1, "prompt_tokens": 128, "measured_fit": [1, 2, 3]}
+    point = {
+        "id": "x",
+        "source": "s",
+        "where": "table 1",
+        "kind": "prefill",
+        "model": "llama-2-7b",
+        "gpu": "A100-80GB",
+        "tp": 1,
+        "prompt_tokens": 128,
+        "measured_fit": [1, 2, 3],
+    }
     edit(point)
-    path = write_yaml("points.yaml", {"sources": {"s": {"title": "t", "url": "https://example.org"}},
-                                      "points": [point]})
+    path = write_yaml(
+        "points.yaml", {"sources": {"s": {"title": "t", "url": "https://example.org"}}, "points": [point]}
+    )
     with pytest.raises(ValueError, match=message):
         load_points(path)

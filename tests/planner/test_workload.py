@@ -9,8 +9,10 @@ import pytest
 from planner import queueing
 from planner.workload import LengthDist, WorkloadSpec, dispersion_index, load_trace
 
-LENGTHS = {"input_tokens": {"distribution": "fixed", "value": 100},
-           "output_tokens": {"distribution": "fixed", "value": 10}}
+LENGTHS = {
+    "input_tokens": {"distribution": "fixed", "value": 100},
+    "output_tokens": {"distribution": "fixed", "value": 10},
+}
 
 
 @pytest.mark.parametrize("cv", [0.5, 2.0, 4.0])
@@ -19,7 +21,7 @@ def test_gamma_gaps_have_the_asked_cv_and_rate(cv):
     gaps = np.diff(spec.sample(200_000, seed=3).arrival_s)
     assert gaps.std() / gaps.mean() == pytest.approx(cv, rel=0.05)
     assert 1 / gaps.mean() == pytest.approx(5.0, rel=0.05)
-    assert spec.arrival_cv2() == pytest.approx(cv ** 2)
+    assert spec.arrival_cv2() == pytest.approx(cv**2)
 
 
 def test_cv_one_is_the_poisson_stream_as_before():
@@ -36,7 +38,8 @@ def test_cv_one_is_the_poisson_stream_as_before():
 @pytest.fixture
 def trace_file(tmp_path):
     rows = ["TIMESTAMP,ContextTokens,GeneratedTokens"] + [
-        f"2023-11-16 18:00:{i:02d}.5000000,{100 + i},{i + 1}" for i in range(0, 60, 2)]
+        f"2023-11-16 18:00:{i:02d}.5000000,{100 + i},{i + 1}" for i in range(0, 60, 2)
+    ]
     (tmp_path / "t.csv").write_text("\n".join(rows) + "\n")
     return tmp_path / "t.csv"
 
@@ -51,15 +54,18 @@ def test_time_scale_replays_the_trace_gaps_multiplied(trace_file):
     assert spec.arrival_cv2(trace) == pytest.approx(dispersion_index(trace.arrival_s * 7.0))
 
 
-@pytest.mark.parametrize("data, field", [
-    ({"rate_rps": 1, "cv": 0, **LENGTHS}, "workload.cv"),
-    ({"rate_rps": 1, "cv": "high", **LENGTHS}, "workload.cv"),
-    ({"rate_rps": 1, "time_scale": 2.0, **LENGTHS}, "workload.time_scale"),
-    ({"trace": "t.csv", "cv": 2.0}, "workload.cv"),
-    ({"trace": "t.csv", "time_scale": 2.0, "rate_rps": 3.0}, "workload.time_scale and workload.rate_rps"),
-    ({"trace": "t.csv", "time_scale": -1}, "workload.time_scale"),
-    ({"rate_rps": 1, "burstiness": 2, **LENGTHS}, "workload.burstiness"),
-])
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"rate_rps": 1, "cv": 0, **LENGTHS}, "workload.cv"),
+        ({"rate_rps": 1, "cv": "high", **LENGTHS}, "workload.cv"),
+        ({"rate_rps": 1, "time_scale": 2.0, **LENGTHS}, "workload.time_scale"),
+        ({"trace": "t.csv", "cv": 2.0}, "workload.cv"),
+        ({"trace": "t.csv", "time_scale": 2.0, "rate_rps": 3.0}, "workload.time_scale and workload.rate_rps"),
+        ({"trace": "t.csv", "time_scale": -1}, "workload.time_scale"),
+        ({"rate_rps": 1, "burstiness": 2, **LENGTHS}, "workload.burstiness"),
+    ],
+)
 def test_workload_burstiness_errors_name_the_field(data, field):
     with pytest.raises(ValueError, match=field):
         WorkloadSpec.from_dict(data)
@@ -67,7 +73,7 @@ def test_workload_burstiness_errors_name_the_field(data, field):
 
 def test_prefill_waits_grow_with_burstiness():
     service = np.random.default_rng(0).lognormal(np.log(0.05), 0.5, 400)
-    rates = [queueing.max_rate(service, 0.4, 0.9, arrival_cv2=cv ** 2) for cv in (0.5, 1.0, 2.0, 4.0)]
+    rates = [queueing.max_rate(service, 0.4, 0.9, arrival_cv2=cv**2) for cv in (0.5, 1.0, 2.0, 4.0)]
     assert rates == sorted(rates, reverse=True) and rates[-1] < 0.7 * rates[1]
     assert queueing.max_rate(service, 0.4, 0.9, arrival_cv2=1.0) == queueing.max_rate(service, 0.4, 0.9)
     # Kingman's factor: (ca2 + cs2) / (1 + cs2); D/D/1-like arrivals and service never wait.
@@ -83,7 +89,7 @@ def test_decode_batch_widens_with_burstiness():
         mean, var = queueing.decode_batch_moments(rho, a, cv2)
         assert pmf.sum() == pytest.approx(1.0, abs=1e-6)
         assert (pmf * n).sum() == pytest.approx(mean, rel=1e-4)
-        assert (pmf * n * n).sum() - mean ** 2 == pytest.approx(var, rel=1e-3)
+        assert (pmf * n * n).sum() - mean**2 == pytest.approx(var, rel=1e-3)
     assert queueing.decode_batch_pmf(rho, a, 1.0) == pytest.approx(queueing.decode_batch_pmf(rho, a))
     # Nearly regular arrivals at a light load: a Poisson batch, computed without underflow.
     pmf = queueing.decode_batch_pmf(0.2, 4000.0, 0.01)
@@ -91,7 +97,11 @@ def test_decode_batch_widens_with_burstiness():
 
 
 def test_length_sampling_is_unchanged_by_the_arrivals():
-    spec = WorkloadSpec(rate_rps=2.0, input_tokens=LengthDist("uniform", min=1, max=50),
-                        output_tokens=LengthDist("fixed", value=3), cv=3.0)
+    spec = WorkloadSpec(
+        rate_rps=2.0,
+        input_tokens=LengthDist("uniform", min=1, max=50),
+        output_tokens=LengthDist("fixed", value=3),
+        cv=3.0,
+    )
     reqs = spec.sample(1000, seed=0)
     assert np.all(np.diff(reqs.arrival_s) >= 0) and reqs.input_tokens.min() >= 1
