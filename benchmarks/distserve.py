@@ -38,7 +38,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import DEFAULT_TRACE_DIR, markdown_table
-from benchmarks.serving import Result, percentile, run_load, trace_workload
+from benchmarks.serving import Result, measured, percentile, run_load, trace_workload
 
 MODEL_NAME = "llama-100m"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tandem" / "bench"
@@ -175,10 +175,14 @@ def calibrate(server: Server, trace: Path) -> dict[str, float]:
     reqs = workload(trace, 1.0, 400, seed=99)
     p90_prompt = sorted(r.prompt_len for r in reqs)[int(0.9 * len(reqs))]
     results, _ = server.load([Request(6.0 * i, p90_prompt, 32) for i in range(5)])
+    ok = measured(results)
+    if len(ok) < len(results):
+        failed = next(r.error for r in results if r.ttft_s is None or r.tpot_s is None)
+        raise RuntimeError(f"a calibration request failed: {failed}")
     return {
         "p90_prompt_tokens": p90_prompt,
-        "ttft_s": statistics.median(r.ttft_s for r in results),
-        "tpot_s": statistics.median(r.tpot_s for r in results),
+        "ttft_s": statistics.median(ttft for ttft, _, _ in ok),
+        "tpot_s": statistics.median(tpot for _, tpot, _ in ok),
     }
 
 
@@ -212,10 +216,10 @@ def run(args) -> dict:
                 loads.append(os.getloadavg()[0])
                 results, duration = servers[name].load(workload(trace, rate, args.num_requests, seed=i))
                 raw[name][str(rate)] = [asdict(r) for r in results]
-                ok = [r for r in results if r.ttft_s is not None]
+                ok = measured(results)
                 print(
-                    f"  rate {rate:g}  {name:28s} P90 TTFT {percentile([r.ttft_s for r in ok], 90):.2f} s  "
-                    f"P90 TPOT {percentile([r.tpot_s for r in ok], 90) * 1e3:.0f} ms  "
+                    f"  rate {rate:g}  {name:28s} P90 TTFT {percentile([ttft for ttft, _, _ in ok], 90):.2f} s  "
+                    f"P90 TPOT {percentile([tpot for _, tpot, _ in ok], 90) * 1e3:.0f} ms  "
                     f"failed {len(results) - len(ok)}  ({duration:.0f} s)",
                     flush=True,
                 )

@@ -20,12 +20,13 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from benchmarks.common import DEFAULT_TRACE_DIR, markdown_table, median_time_s, read_trace
 
-ARCH = dict(
+ARCH: dict[str, Any] = dict(
     vocab_size=32000,
     hidden_size=768,
     intermediate_size=2048,

@@ -25,6 +25,7 @@ import struct
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 KINDS = ("header", "idle", "junk")
 
@@ -55,7 +56,7 @@ def _receiver(tree: str, conn) -> None:
         dtype="bfloat16",
         device="cpu",
     )
-    kwargs = {"secret": os.urandom(32)} if "secret" in inspect.signature(KVReceiver).parameters else {}
+    kwargs: dict[str, Any] = {"secret": os.urandom(32)} if "secret" in inspect.signature(KVReceiver).parameters else {}
     receiver = KVReceiver("shm", torch.zeros(layout.shape, dtype=torch.bfloat16), layout, **kwargs)
     conn.send(receiver.endpoint)
     conn.recv()  # until told to stop
@@ -80,14 +81,16 @@ def measure(tree: str, num_connections: int) -> dict[str, float]:
     parent, child = ctx.Pipe()
     proc = ctx.Process(target=_receiver, args=(tree, child), daemon=True)
     proc.start()
+    pid = proc.pid
+    assert pid is not None, "a started process has a pid"
     endpoint = parent.recv()
     time.sleep(1.0)
-    rows = {"start": _rss_mib(proc.pid)}
+    rows = {"start": _rss_mib(pid)}
     held = []
     for kind in KINDS:
         held += [_open(endpoint, kind) for _ in range(num_connections)]
         time.sleep(2.0)  # let the receiver's threads do whatever they do with them
-        rows[kind] = _rss_mib(proc.pid)
+        rows[kind] = _rss_mib(pid)
     alive = 0
     for sock in held:  # read what the receiver sent (a challenge, perhaps); closed shows as EOF
         sock.setblocking(False)

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 if __name__ == "__main__":
     # Read when torch loads; spawned senders inherit both. OpenMP threads otherwise spin
@@ -51,7 +52,9 @@ from benchmarks.common import markdown_table  # noqa: E402
 from kv_transfer import KVReceiver, KVSender, TransferState, backend_names, new_secret  # noqa: E402
 from proto.kv import KVLayout  # noqa: E402
 
-SHAPE = dict(num_layers=32, total_num_kv_heads=8, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")
+SHAPE: dict[str, Any] = dict(
+    num_layers=32, total_num_kv_heads=8, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16"
+)
 TOKENS = (128, 2048, 32768)
 REPS = {128: 20, 2048: 20, 32768: 3}
 PREFILL_TOKENS, PREFILL_RUNS = 2048, 5
@@ -103,6 +106,7 @@ def _sender_main(conn) -> None:
             engine, sender = _open_engine(backend, model_dir, endpoint, secret)
             conn.send(None)
         elif command == "send":
+            assert sender is not None, "'open' comes first"
             transfer_id, src_ids, endpoint = args
             start = time.monotonic()
             transfer = sender.start(transfer_id, src_ids, [endpoint], TIMEOUT_S)
@@ -111,8 +115,10 @@ def _sender_main(conn) -> None:
             transfer.wait_released(TIMEOUT_S)
             conn.send((start, transfer.state.value, transfer.error))
         elif command == "prefill":
+            assert engine is not None and sender is not None, "'engine' comes first"
             conn.send(_prefill_and_push(engine, sender, *args))
         elif command == "release":
+            assert engine is not None, "'engine' comes first"
             engine.release(args[0])
             conn.send(None)
     if sender is not None:
@@ -275,7 +281,7 @@ def make_model(root: Path) -> Path:
         eos_token_id=1,
     )
     torch.manual_seed(0)
-    transformers.LlamaForCausalLM(config).to(torch.bfloat16).save_pretrained(str(path))
+    transformers.LlamaForCausalLM(config).bfloat16().save_pretrained(str(path))
     return path
 
 

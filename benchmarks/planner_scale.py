@@ -16,6 +16,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -29,7 +30,7 @@ from proto.cluster import ClusterSpec  # noqa: E402
 from proto.slo import SLOSpec  # noqa: E402
 
 
-def _nodes(*groups: tuple[str, str, int, int, float]) -> dict:
+def _nodes(*groups: tuple[str, str, int, int, float]) -> dict[str, Any]:
     return {
         "nodes": [
             {"name": name, "gpu_type": gpu, "count": count, "num_gpus": gpus, "nic_gb_s": nic}
@@ -38,9 +39,24 @@ def _nodes(*groups: tuple[str, str, int, int, float]) -> dict:
     }
 
 
+def _two_sites(cluster: dict[str, Any]) -> dict[str, Any]:
+    names = ClusterSpec.from_dict(cluster).nodes
+    near = [n.name for n in names if n.gpu_type in ("L4", "T4")]
+    far = [n.name for n in names if n.gpu_type in ("H100", "A100-80GB")]
+    return {**cluster, "links": [{"a": a, "b": b, "gb_s": 1.0} for a in near for b in far]}
+
+
+HELIX_42 = _nodes(
+    ("h100", "H100", 6, 8, 50),
+    ("a100", "A100-80GB", 6, 8, 25),
+    ("v100", "V100", 10, 4, 12.5),
+    ("l4", "L4", 10, 4, 6.25),
+    ("t4", "T4", 10, 4, 6.25),
+)
+
 # name -> (cluster, model): Helix-like mixes serve a 13B model (it fits a T4 node), the
 # H100/A100 clusters a 70B one.
-CLUSTERS = {
+CLUSTERS: dict[str, tuple[dict[str, Any], str]] = {
     "helix-8": (
         _nodes(
             ("a100", "A100-80GB", 2, 8, 25),
@@ -59,19 +75,10 @@ CLUSTERS = {
         ),
         "llama-2-13b",
     ),
-    "helix-42": (
-        _nodes(
-            ("h100", "H100", 6, 8, 50),
-            ("a100", "A100-80GB", 6, 8, 25),
-            ("v100", "V100", 10, 4, 12.5),
-            ("l4", "L4", 10, 4, 6.25),
-            ("t4", "T4", 10, 4, 6.25),
-        ),
-        "llama-2-13b",
-    ),
+    "helix-42": (HELIX_42, "llama-2-13b"),
     # The same 42 nodes in two sites: the L4/T4 nodes reach the H100/A100 nodes over 1 GB/s
     # links (1,722 pairwise route variables instead of the NIC hub).
-    "helix-42-sites": (None, "llama-2-13b"),
+    "helix-42-sites": (_two_sites(HELIX_42), "llama-2-13b"),
     "splitwise-16": (_nodes(("h100", "H100", 8, 8, 50), ("a100", "A100-80GB", 8, 8, 25)), "llama-2-70b"),
     "mixed-128": (
         _nodes(
@@ -85,14 +92,6 @@ CLUSTERS = {
 }
 
 
-def _two_sites(cluster: dict) -> dict:
-    names = ClusterSpec.from_dict(cluster).nodes
-    near = [n.name for n in names if n.gpu_type in ("L4", "T4")]
-    far = [n.name for n in names if n.gpu_type in ("H100", "A100-80GB")]
-    return {**cluster, "links": [{"a": a, "b": b, "gb_s": 1.0} for a in near for b in far]}
-
-
-CLUSTERS["helix-42-sites"] = (_two_sites(CLUSTERS["helix-42"][0]), "llama-2-13b")
 SLO = SLOSpec(ttft_s=2.0, tpot_s=0.1, ttft_percentile=90, tpot_percentile=90, attainment=0.9)
 SYNTHETIC = WorkloadSpec(
     rate_rps=10.0,

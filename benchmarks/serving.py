@@ -141,10 +141,15 @@ def percentile(values: list[float], p: float) -> float:
     return values[min(len(values) - 1, max(0, round(p / 100 * len(values) + 0.5) - 1))]
 
 
+def measured(results: list[Result]) -> list[tuple[float, float, int]]:
+    """(ttft_s, tpot_s, output_tokens) of each request that succeeded."""
+    return [(r.ttft_s, r.tpot_s, r.output_tokens) for r in results if r.ttft_s is not None and r.tpot_s is not None]
+
+
 def summarize(results: list[Result], duration_s: float, slo_ttft_s: float, slo_tpot_s: float) -> dict[str, float]:
-    ok = [r for r in results if r.ttft_s is not None]
-    ttfts, tpots = [r.ttft_s for r in ok], [r.tpot_s for r in ok]
-    good = [r for r in ok if r.ttft_s <= slo_ttft_s and r.tpot_s <= slo_tpot_s]
+    ok = measured(results)
+    ttfts, tpots = [ttft for ttft, _, _ in ok], [tpot for _, tpot, _ in ok]
+    num_good = sum(1 for ttft, tpot, _ in ok if ttft <= slo_ttft_s and tpot <= slo_tpot_s)
     return {
         "requests": len(results),
         "failed": len(results) - len(ok),
@@ -154,9 +159,9 @@ def summarize(results: list[Result], duration_s: float, slo_ttft_s: float, slo_t
         "tpot_p50_s": percentile(tpots, 50),
         "tpot_p90_s": percentile(tpots, 90),
         "tpot_p99_s": percentile(tpots, 99),
-        "attainment": len(good) / max(1, len(results)),
-        "goodput_rps": len(good) / duration_s,
-        "throughput_tok_s": sum(r.output_tokens for r in ok) / duration_s,
+        "attainment": num_good / max(1, len(results)),
+        "goodput_rps": num_good / duration_s,
+        "throughput_tok_s": sum(n for _, _, n in ok) / duration_s,
         "duration_s": duration_s,
         "mean_ttft_s": statistics.fmean(ttfts) if ttfts else float("nan"),
     }

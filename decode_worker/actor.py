@@ -7,7 +7,7 @@ returns (deploy/ray_clients.py); in process, DecodeActor is itself a router.clie
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
 
 from decode_worker.worker import DecodeFollower, DecodeWorker, RankLost, Settled
@@ -63,13 +63,13 @@ class DecodeActor:
         block_ids = await asyncio.wrap_future(granted)
         return await asyncio.to_thread(self.worker.register, request.request_id, block_ids)
 
-    async def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
+    async def admit(self, request_id: str, first_token_id: int) -> AsyncGenerator[TokenDelta, None]:
         """Wait for the request's KV on every rank, then stream its deltas from the first token on."""
         await self.worker.wait_kv_async(request_id)
         async for delta in self._stream(request_id, lambda cb: self.worker.admit(request_id, first_token_id, cb)):
             yield delta
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         """Prefill here and decode (short prompts: conditional disaggregation)."""
         async for delta in self._stream(request.request_id, lambda cb: self.worker.generate(request, cb)):
             yield delta

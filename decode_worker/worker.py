@@ -56,7 +56,7 @@ class RankPort(Protocol):
 
     endpoint: str  # the follower's KV receiver
 
-    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
+    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future[Settled]:
         """Register the blocks with the rank's receiver before returning (RankLost if the rank
         is gone); the future gets its Settled (or raises if the rank dies, which can no longer
         write either)."""
@@ -67,18 +67,23 @@ class RankPort(Protocol):
 
 def expect_part(
     receiver: KVReceiver, request_id: str, block_ids: Sequence[int], timeout_s: float
-) -> tuple[Transfer, Future]:
+) -> tuple[Transfer, Future[Settled]]:
     """Register one rank's part with its receiver; the future resolves to its Settled."""
-    settled: Future = Future()
+    settled: Future[Settled] = Future()
     transfer = receiver.expect(
         request_id, block_ids, timeout_s, on_release=lambda _ids: settled.set_result((transfer.state, transfer.error))
     )
-    # DONE releases nothing (the blocks stay with the request) and no sender writes after it.
-    transfer.add_done_callback(lambda t: t.state is TransferState.DONE and settled.set_result((t.state, None)))
+
+    def on_done(t: Transfer) -> None:
+        # DONE releases nothing (the blocks stay with the request) and no sender writes after it.
+        if t.state is TransferState.DONE:
+            settled.set_result((t.state, None))
+
+    transfer.add_done_callback(on_done)
     return transfer, settled
 
 
-def outcome(part: Future) -> Settled:
+def outcome(part: Future[Settled]) -> Settled:
     """A settled part's Settled; a rank that died settles as FAILED."""
     try:
         return part.result(timeout=0)
@@ -91,7 +96,7 @@ class _Reserved:
     """A reserved request's KV, arriving in one part per rank (rank 0's first)."""
 
     transfer: Transfer  # rank 0's part
-    parts: list[Future]  # every rank's Settled future, rank 0's included
+    parts: list[Future[Settled]]  # every rank's Settled future, rank 0's included
     ports: list[RankPort] = field(default_factory=list)  # followers with a part to cancel
     aborted: bool = False  # will never be admitted: free the blocks once all parts settle
     released: bool = False  # the blocks were given back to the engine
@@ -323,7 +328,7 @@ class DecodeFollower:
     def endpoint(self) -> str:
         return self.receiver.endpoint
 
-    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
+    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future[Settled]:
         transfer, settled = expect_part(self.receiver, request_id, block_ids, timeout_s)
         with self._lock:
             self._transfers[request_id] = transfer

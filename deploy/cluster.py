@@ -59,12 +59,14 @@ class WorkerGroup:
         return [self.rank_bundle()] * self.tp
 
     def engine_config(self, base: EngineConfig) -> EngineConfig:
-        overrides = {
-            k: v
-            for k, v in (("max_num_seqs", self.max_num_seqs), ("max_num_batched_tokens", self.max_num_batched_tokens))
-            if v is not None
-        }
-        return replace(base, tensor_parallel_size=self.tp, **overrides)
+        return replace(
+            base,
+            tensor_parallel_size=self.tp,
+            max_num_seqs=base.max_num_seqs if self.max_num_seqs is None else self.max_num_seqs,
+            max_num_batched_tokens=(
+                base.max_num_batched_tokens if self.max_num_batched_tokens is None else self.max_num_batched_tokens
+            ),
+        )
 
 
 @dataclass

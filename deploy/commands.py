@@ -172,6 +172,7 @@ def start_backend(args: argparse.Namespace, log=print):
     import ray
 
     from deploy.cluster import WorkerGroup, deploy, describe
+    from proto.serving import Role
 
     cpus = {
         role: getattr(args, f"{role}_cpus", None) or getattr(args, "cpus_per_worker", None)
@@ -182,7 +183,7 @@ def start_backend(args: argparse.Namespace, log=print):
         # a core per device; any other GPU type asks Ray for that GPU.
         groups = [
             WorkerGroup(
-                g.role,
+                Role(g.role),
                 g.count,
                 g.tp,
                 None if g.gpu_type == CPU_DEVICE else g.gpu_type,
@@ -194,8 +195,8 @@ def start_backend(args: argparse.Namespace, log=print):
         ]
     else:
         groups = [
-            WorkerGroup("prefill", args.num_prefill, args.prefill_tp, num_cpus=cpus["prefill"] or 1),
-            WorkerGroup("decode", args.num_decode, args.decode_tp, num_cpus=cpus["decode"] or 1),
+            WorkerGroup(Role.PREFILL, args.num_prefill, args.prefill_tp, num_cpus=cpus["prefill"] or 1),
+            WorkerGroup(Role.DECODE, args.num_decode, args.decode_tp, num_cpus=cpus["decode"] or 1),
         ]
     started_ray = not ray.is_initialized()
     if started_ray and os.environ.get("RAY_ADDRESS"):

@@ -20,6 +20,7 @@ from collections import Counter
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import PurePosixPath
+from typing import Any
 
 import yaml
 
@@ -123,7 +124,7 @@ def worker_groups(
     gpu_type = {node.name: node.gpu_type for node in plan.nodes}
     pods: Counter[tuple[str, int]] = Counter((gpu_type[name], num) for name, num in gpus_per_node(plan).items())
     sizes_per_type = Counter(t for t, _ in pods)
-    groups = []
+    groups: list[dict[str, Any]] = []
     for (gpu, num_gpus), replicas in sorted(pods.items()):
         if not _LABEL_VALUE.match(gpu):
             raise ValueError(

@@ -8,7 +8,7 @@ it raised as a RuntimeError naming the cause.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 
 from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
 
@@ -36,7 +36,7 @@ async def _call(ref, what: str):
         raise _translate(exc, what) from None
 
 
-async def _stream(generator, what: str) -> AsyncIterator[TokenDelta]:
+async def _stream(generator, what: str) -> AsyncGenerator[TokenDelta, None]:
     try:
         async for ref in generator:
             yield await ref
@@ -71,10 +71,10 @@ class RayDecodeClient:
     async def reserve(self, request: GenerateRequest) -> KVHandle:
         return await _call(self.actor.reserve.remote(request), self.name)
 
-    def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
+    def admit(self, request_id: str, first_token_id: int) -> AsyncGenerator[TokenDelta, None]:
         return _stream(self.actor.admit.remote(request_id, first_token_id), self.name)
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         return _stream(self.actor.generate.remote(request), self.name)
 
     async def abort(self, request_id: str) -> None:

@@ -52,12 +52,22 @@ def start_transfers(
     """Start this rank's part of each transfer; returns the per-layer push hook and the transfers."""
     transfers = {
         s.request_id: sender.start(
-            s.request_id, s.block_ids, s.endpoints, timeout_s, on_release=lambda _ids, r=s.request_id: on_release(r)
+            s.request_id, s.block_ids, s.endpoints, timeout_s, on_release=_released(on_release, s.request_id)
         )
         for s in starts
     }
     request_ids = [s.request_id for s in starts]
-    return (lambda layer_idx: [sender.push_layer(r, layer_idx) for r in request_ids]), transfers
+
+    def push(layer_idx: int) -> None:
+        for request_id in request_ids:
+            sender.push_layer(request_id, layer_idx)
+
+    return push, transfers
+
+
+def _released(on_release: Callable[[str], None], request_id: str) -> Callable[[tuple[int, ...]], None]:
+    """A transfer's on_release that tells `on_release` which request's blocks came back."""
+    return lambda _block_ids: on_release(request_id)
 
 
 class PrefillWorker:

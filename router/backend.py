@@ -8,12 +8,15 @@ decode workers.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from proto.errors import Overloaded, Unavailable
 from proto.serving import GenerateRequest, Role, TokenDelta, WorkerStats
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 __all__ = ["STATS_INTERVAL_S", "Backend", "Overloaded", "Unavailable", "WorkerStatus"]
 
@@ -27,10 +30,11 @@ class Backend(Protocol):
     max_model_len: int  # prompt plus output tokens at most
 
     @property
-    def tokenizer(self):
-        """The model's Hugging Face tokenizer (chat templates, token counts)."""
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
+        """The model's Hugging Face tokenizer (chat templates, token counts); None when the
+        checkpoint ships none (prompts are then token ids)."""
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         """Stream a request's deltas; the last one has finished=True.
 
         Raises ValueError for bad input, Overloaded when admission control refuses and

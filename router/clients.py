@@ -15,7 +15,7 @@ Errors a call raises, whatever the transport:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from proto.serving import GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
@@ -43,11 +43,11 @@ class DecodeClient(Protocol):
         """Wait in line for a batch slot and blocks for the prompt, register them with every
         rank's KV receiver, and say where the prefill worker must push."""
 
-    def admit(self, request_id: str, first_token_id: int) -> AsyncIterator[TokenDelta]:
+    def admit(self, request_id: str, first_token_id: int) -> AsyncGenerator[TokenDelta, None]:
         """Once the KV arrived on every rank, stream the reserved request from its first token;
         closing the stream early aborts it."""
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         """Prefill here and decode (short prompts, or no prefill worker); closing the stream
         early aborts it."""
 

@@ -4,13 +4,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine import EngineConfig, LLMEngine
 from engine.engine_loop import EngineLoop, delta_stream
 from proto.serving import GenerateRequest, Role, TokenDelta
 from router.backend import WorkerStatus
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 class LocalBackend:
@@ -29,10 +33,10 @@ class LocalBackend:
         self._loop = EngineLoop(engine, max_waiting=max_waiting)
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self._loop.engine.tokenizer
 
-    def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         prompt = list(request.prompt_token_ids)
         # submit waits for the engine lock (up to one step): keep the event loop free.
         return delta_stream(

@@ -33,7 +33,7 @@ FALLBACK_CHAT_TEMPLATE = (
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 # Field -> the values that mean "not used", the only ones accepted.
-UNSUPPORTED = {
+UNSUPPORTED: dict[str, tuple[object, ...]] = {
     "n": (1,),
     "best_of": (1,),
     "echo": (False,),

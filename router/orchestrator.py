@@ -19,8 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from engine.tokenizer import load_tokenizer
 from proto.errors import Overloaded, Unavailable
@@ -28,6 +29,9 @@ from proto.serving import FinishReason, GenerateRequest, Role, TokenDelta, Worke
 from router.backend import STATS_INTERVAL_S, WorkerStatus
 from router.clients import DecodeClient, PrefillClient
 from router.policy import RoutingPolicy, WorkerView
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 WORKER_STATS_TIMEOUT_S = 2.0
@@ -78,10 +82,10 @@ class DisaggregatedBackend:
         }
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PreTrainedTokenizerBase | None:
         return self._tokenizer
 
-    async def generate(self, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+    async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         request_id, token_ids = request.request_id, list(request.prompt_token_ids)
         await self._refresh_stats()
         hashes = self.policy.hashes(token_ids)
@@ -132,7 +136,8 @@ class DisaggregatedBackend:
         self.counters["kv_transfer_seconds_total"] += seconds
 
     async def abort(self, request_id: str) -> None:
-        await asyncio.gather(*(worker.abort(request_id) for worker in [*self.prefill, *self.decode]))
+        workers: list[PrefillClient | DecodeClient] = [*self.prefill, *self.decode]
+        await asyncio.gather(*(worker.abort(request_id) for worker in workers))
 
     def _views(self) -> list[tuple[Role, WorkerView, PrefillClient | DecodeClient]]:
         return [

@@ -75,7 +75,7 @@ class Security:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The HTTP server's TLS context (None without TLS)."""
-        if not self.tls:
+        if self.ssl_certfile is None:  # no TLS
             return None
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(self.ssl_certfile, self.ssl_keyfile)
@@ -86,7 +86,7 @@ class Security:
 
     def grpc_credentials(self) -> grpc.ServerCredentials | None:
         """The gRPC server's TLS credentials (None without TLS)."""
-        if not self.tls:
+        if self.ssl_certfile is None or self.ssl_keyfile is None:  # no TLS (__post_init__: both or neither)
             return None
         ca = Path(self.ssl_ca_certs).read_bytes() if self.ssl_ca_certs else None
         pair = (Path(self.ssl_keyfile).read_bytes(), Path(self.ssl_certfile).read_bytes())
@@ -107,7 +107,8 @@ class KeyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method in OPEN_GRPC_METHODS:
             return handler
         metadata = dict(details.invocation_metadata or ())
-        if self.security.allows(metadata.get("authorization")):
+        authorization = metadata.get("authorization")  # str: only "-bin" keys carry bytes
+        if self.security.allows(authorization if isinstance(authorization, str) else None):
             return handler
         return _refusing(handler)
 

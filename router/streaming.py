@@ -12,11 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from proto.errors import Overloaded, Unavailable
 from proto.serving import FinishReason, TokenDelta
+from router.backend import Backend
 from router.metrics import ServerMetrics
 from router.requests import BadRequest, GenerateRequest, PromptEncoder
 from router.security import Security
@@ -28,7 +29,7 @@ SHUTDOWN_MESSAGE = "the server is shutting down"
 class Serving:
     """The state both frontends share."""
 
-    backend: object  # router.backend.Backend
+    backend: Backend
     metrics: ServerMetrics
     encoder: PromptEncoder
     security: Security = Security()
@@ -72,7 +73,7 @@ def _failure(delta: TokenDelta, serving: Serving) -> RequestFailed:
     return RequestFailed(f"the request failed: {delta.error or 'unknown error'}", retryable=delta.retryable)
 
 
-async def stream_deltas(serving: Serving, frontend: str, request: GenerateRequest) -> AsyncIterator[TokenDelta]:
+async def stream_deltas(serving: Serving, frontend: str, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
     """Yield the request's deltas; the last has finished=True and finish_reason stop or length.
 
     Raises BadRequest (the backend refused the input), Overloaded, Unavailable (no worker,
@@ -81,7 +82,8 @@ async def stream_deltas(serving: Serving, frontend: str, request: GenerateReques
     """
     metrics = serving.metrics
     arrival_s = time.monotonic()
-    first_token_s = last_token_s = None
+    first_token_s: float | None = None
+    last_token_s = arrival_s  # the latest token's time, read only once there is a first
     num_tokens = 0
     outcome = "cancelled"  # unless the stream ends otherwise, the consumer closed it early
     metrics.in_flight.labels(frontend).inc()
