@@ -32,6 +32,7 @@ import asyncio
 import json
 import os
 import time
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -197,20 +198,20 @@ def measure(server: PlannedServer, plan, spec, rate: float, num_requests: int) -
     )
     requests = [
         Request(float(a), int(p), int(o))
-        for a, p, o in zip(sample.arrival_s, sample.input_tokens, sample.output_tokens)
+        for a, p, o in zip(sample.arrival_s, sample.input_tokens, sample.output_tokens, strict=True)
     ]
     results, duration_s = server.load(requests)
-    counted = [r for q, r in zip(requests, results) if start_s <= q.arrival_s <= end_s]
-    ok = [r for r in counted if r.ttft_s is not None]
-    good = [r for r in ok if r.ttft_s <= plan.slo.ttft_s and r.tpot_s <= plan.slo.tpot_s]
+    counted = [r for q, r in zip(requests, results, strict=True) if start_s <= q.arrival_s <= end_s]
+    ok = [(r.ttft_s, r.tpot_s) for r in counted if r.ttft_s is not None and r.tpot_s is not None]
+    good = [1 for ttft, tpot in ok if ttft <= plan.slo.ttft_s and tpot <= plan.slo.tpot_s]
     return {
         "rate_rps": round(rate, 4),
         "requests": len(requests),
         "counted": len(counted),
         "failed": len(counted) - len(ok),
         "attainment": len(good) / max(len(counted), 1),
-        "p90_ttft_s": percentile([r.ttft_s for r in ok], 90),
-        "p90_tpot_s": percentile([r.tpot_s for r in ok], 90),
+        "p90_ttft_s": percentile([ttft for ttft, _ in ok], 90),
+        "p90_tpot_s": percentile([tpot for _, tpot in ok], 90),
         "duration_s": round(duration_s, 1),
     }
 
@@ -219,7 +220,7 @@ def goodput(points: list[tuple[float, float]], goal: float) -> float:
     """The highest rate whose attainment meets goal, interpolated between measured rates
     (attainment taken as 1 at rate 0), as DistServe reads goodput off a sweep."""
     best = 0.0
-    for (r0, a0), (r1, a1) in zip([(0.0, 1.0)] + sorted(points), sorted(points)):
+    for (r0, a0), (r1, a1) in pairwise([(0.0, 1.0)] + sorted(points)):
         if a1 >= goal:
             best = r1
         elif a0 >= goal:
@@ -322,7 +323,7 @@ def plot(all_results: dict[str, dict], slo: dict, path: Path) -> None:
     lines = {"attainment": slo["attainment"], "p90_ttft_s": slo["ttft_s"], "p90_tpot_s": slo["tpot_s"] * 1e3}
     fig, axes = plt.subplots(1, len(KEYS), figsize=(4 * len(KEYS), 3.6))
     x = np.arange(len(all_results))
-    for ax, key in zip(axes, KEYS):
+    for ax, key in zip(axes, KEYS, strict=True):
         for k, source in enumerate(sources):
             values = [res[source][key] * (1e3 if key == "p90_tpot_s" else 1) for res in all_results.values()]
             ax.bar(x + (k - 1) * 0.27, values, 0.27, label=source)

@@ -32,8 +32,8 @@ factors of 1.25 and then bisects, to within about 2%.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 import numpy as np
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
@@ -139,7 +140,8 @@ def fits(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, max_tokens: int) 
 
 
 def prefill_service_s(coeffs: Coefficients, stats: WorkloadStats) -> np.ndarray:
-    return coeffs.prefill_ms(stats.input_tokens.astype(float)) / 1e3
+    tokens: Any = stats.input_tokens.astype(float)  # prefill_ms is elementwise: an array in, an array out
+    return np.asarray(coeffs.prefill_ms(tokens)) / 1e3
 
 
 def prefill_capacity(coeffs: Coefficients, pp: int, stats: WorkloadStats, slo: SLOSpec, pool_size: int = 1) -> float:

@@ -47,7 +47,7 @@ def does_not_fit_message(
         f"the GPUs of one node, tp and pp from {', '.join(map(str, PARALLEL_SIZES))}."
     ]
     seen = set()
-    for name, hw in hardware.items():
+    for hw in hardware.values():
         if hw.gpu.name in seen:
             continue
         seen.add(hw.gpu.name)
@@ -122,7 +122,7 @@ def unpaired_message(
 
     need = {n.name: (smallest(n.name, "prefill"), smallest(n.name, "decode")) for n in cluster.nodes}
     reasons = []
-    both = [n for n in cluster.nodes if None not in need[n.name] and sum(need[n.name]) <= n.num_gpus]
+    both = [n for n in cluster.nodes if _fits_both(need[n.name], n.num_gpus)]
     if not both:
         largest: dict[str, tuple[int, str]] = {}
         for n in cluster.nodes:
@@ -157,3 +157,9 @@ def unpaired_message(
         "no placement serves any request within the SLO: a request needs a prefill and a decode instance, "
         "and " + "; ".join(reasons)
     )
+
+
+def _fits_both(need: tuple[int | None, int | None], num_gpus: int) -> bool:
+    """Whether a node of num_gpus holds the smallest prefill and decode instances it can host."""
+    prefill, decode = need
+    return prefill is not None and decode is not None and prefill + decode <= num_gpus

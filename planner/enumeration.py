@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 from collections import defaultdict
-from typing import Iterator
+from collections.abc import Iterator
 
 from planner.capacity import InstanceOption
 from planner.gpus import NodeHardware
@@ -39,7 +39,8 @@ def node_fillings(option_ids: list[int], options: list[InstanceOption], num_gpus
 def served_rate(
     counts: dict[tuple[str, int], int], options: list[InstanceOption], traffic: Traffic
 ) -> tuple[float, dict[tuple[str, str], float]]:
-    prefill, decode = defaultdict(float), defaultdict(float)
+    prefill: defaultdict[str, float] = defaultdict(float)
+    decode: defaultdict[str, float] = defaultdict(float)
     for (n, i), c in counts.items():
         (prefill if options[i].role == "prefill" else decode)[n] += c * options[i].capacity_rps
     return max_served_rate(traffic, prefill, decode)
@@ -54,6 +55,9 @@ def exhaustive_placement(
     target_rps: float | None = None,
 ) -> Placement | None:
     """The best placement by brute force; None when no placement reaches target_rps."""
+    if objective != "goodput" and target_rps is None:
+        raise ValueError("the cost objective needs target_rps")
+    target = target_rps or 0.0
     hosts = compatible_options(cluster, hardware, options)
     per_node = [
         [{(n.name, i): c for i, c in filling.items()} for filling in node_fillings(hosts[n.name], options, n.num_gpus)]
@@ -66,7 +70,7 @@ def exhaustive_placement(
         cost = sum(options[i].cost_per_hour * c for (_, i), c in counts.items())
         if objective == "goodput":
             key = -rate
-        elif rate >= target_rps * (1 - 1e-9):
+        elif rate >= target * (1 - 1e-9):
             key = cost
         else:
             continue

@@ -38,8 +38,8 @@ measurements (docs/planner.md, "Validating the roofline").
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Iterable, Sequence
 
 from planner.gpus import GPUSpec, NodeHardware
 from proto.kv import DTYPE_BYTES
@@ -167,14 +167,17 @@ def _fit_line(xs: Sequence[float], ys: Sequence[float], through_first: bool = Fa
     w = [1 / y**2 for y in ys]
     if through_first:
         x0, y0 = xs[0], ys[0]
-        slope = sum(wi * (x - x0) * (y - y0) for wi, x, y in zip(w, xs, ys)) / sum(
-            wi * (x - x0) ** 2 for wi, x in zip(w, xs)
+        slope = sum(wi * (x - x0) * (y - y0) for wi, x, y in zip(w, xs, ys, strict=True)) / sum(
+            wi * (x - x0) ** 2 for wi, x in zip(w, xs, strict=True)
         )
         slope = max(slope, 0.0)
         return max(y0 - slope * x0, 0.0), slope
-    s0, s1 = sum(w), sum(wi * x for wi, x in zip(w, xs))
-    s2 = sum(wi * x * x for wi, x in zip(w, xs))
-    r0, r1 = sum(wi * y for wi, y in zip(w, ys)), sum(wi * x * y for wi, x, y in zip(w, xs, ys))
+    s0, s1 = sum(w), sum(wi * x for wi, x in zip(w, xs, strict=True))
+    s2 = sum(wi * x * x for wi, x in zip(w, xs, strict=True))
+    r0, r1 = (
+        sum(wi * y for wi, y in zip(w, ys, strict=True)),
+        sum(wi * x * y for wi, x, y in zip(w, xs, ys, strict=True)),
+    )
     slope = (s0 * r1 - s1 * r0) / (s0 * s2 - s1 * s1)
     intercept = (r0 - slope * s1) / s0
     if intercept < 0:
@@ -204,7 +207,7 @@ class Profile:
         return None
 
     @staticmethod
-    def from_dict(data: dict) -> "Profile":
+    def from_dict(data: dict) -> Profile:
         check_keys("profile", data, ("model", "entries"))
         entries = []
         for i, e in enumerate(as_list("profile.entries", data["entries"])):
@@ -242,7 +245,7 @@ class Profile:
         return {"model": self.model, "entries": entries}
 
     @staticmethod
-    def load(path) -> "Profile":
+    def load(path) -> Profile:
         return Profile.from_dict(load_document(path, "profile"))
 
     def save(self, path) -> None:

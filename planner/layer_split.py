@@ -34,8 +34,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
 
 from planner import queueing
 from planner.capacity import (
@@ -154,8 +154,8 @@ def solve_layer_split(
     units = len(bounds) - 1
     # Identical nodes are one class with integer counts: no symmetric twins to search.
     classes: dict[tuple, list[str]] = defaultdict(list)
-    for node in cluster.nodes:
-        classes[(hardware[node.name], node.num_gpus, node.nic_gb_s)].append(node.name)
+    for spec in cluster.nodes:
+        classes[(hardware[spec.name], spec.num_gpus, spec.nic_gb_s)].append(spec.name)
     prob = pulp.LpProblem("layer_split", pulp.LpMaximize)
     z, f, caps = {}, {}, {}
     cache: dict[tuple, float] = {}  # (hardware, tp, role, layers) -> capacity
@@ -164,10 +164,10 @@ def solve_layer_split(
         for r in ROLES:
             for s in range(units):
                 for e in range(s + 1, units + 1):
-                    key = (hw, tp, r, bounds[e] - bounds[s])
-                    if key not in cache:
-                        cache[key] = stage_capacity(model, hw, tp, key[3], r, latency, stats, slo, block_size)
-                    cap = min(cache[key], nic_capacity(model, stats, r, bounds[s], bounds[e], nic_gb_s))
+                    stage = (hw, tp, r, bounds[e] - bounds[s])
+                    if stage not in cache:
+                        cache[stage] = stage_capacity(model, hw, tp, stage[3], r, latency, stats, slo, block_size)
+                    cap = min(cache[stage], nic_capacity(model, stats, r, bounds[s], bounds[e], nic_gb_s))
                     if cap <= 0:
                         continue
                     caps[k, r, s, e] = (cap, tp)

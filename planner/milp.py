@@ -27,8 +27,9 @@ ordering their prefill GPU counts removes most of that symmetry from the search.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from itertools import pairwise
 
 from planner.capacity import InstanceOption
 from planner.gpus import NodeHardware
@@ -154,7 +155,7 @@ def _break_symmetry(prob, cluster, hardware, hosts, options, x) -> None:
         if node.name not in linked:
             classes[(hardware[node.name], node.num_gpus, node.nic_gb_s)].append(node.name)
     for names in classes.values():
-        for a, b in zip(names, names[1:]):
+        for a, b in pairwise(names):
             prob += pulp.lpSum(
                 options[i].num_gpus * x[a, i] for i in hosts[a] if options[i].role == "prefill"
             ) >= pulp.lpSum(options[i].num_gpus * x[b, i] for i in hosts[b] if options[i].role == "prefill")
@@ -165,11 +166,11 @@ def _drop_idle(
 ) -> dict[tuple[str, int], int]:
     """Remove instances that carry no planned traffic (the goodput objective does not
     penalise them), largest first, while each node keeps capacity for its routes."""
-    used = defaultdict(float)
+    used: defaultdict[tuple[str, str], float] = defaultdict(float)
     for (p, d), r in routes.items():
         used[p, "prefill"] += r
         used[d, "decode"] += r
-    have = defaultdict(float)
+    have: defaultdict[tuple[str, str], float] = defaultdict(float)
     for (n, i), c in counts.items():
         have[n, options[i].role] += c * options[i].capacity_rps
     out = dict(counts)

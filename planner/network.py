@@ -64,7 +64,7 @@ def traffic_limits(
         node_names=tuple(n.name for n in cluster.nodes),
         local_rps={n.name: rps(hardware[n.name].link_gb_s) for n in cluster.nodes},
         nic_rps={n.name: rps(n.nic_gb_s) for n in cluster.nodes},
-        link_rps={frozenset((l.a, l.b)): rps(l.gb_s) for l in cluster.links},
+        link_rps={frozenset((link.a, link.b)): rps(link.gb_s) for link in cluster.links},
     )
 
 
@@ -101,24 +101,25 @@ class _FlowGraph:
             if t not in level:
                 return total
             it = {u: 0 for u in self.adj}
-
-            def push(u, f):
-                if u == t:
-                    return f
-                while it[u] < len(self.adj[u]):
-                    e = self.adj[u][it[u]]
-                    v = self.to[e]
-                    if self.cap[e] > eps and level.get(v) == level[u] + 1:
-                        pushed = push(v, min(f, self.cap[e]))
-                        if pushed > eps:
-                            self.cap[e] -= pushed
-                            self.cap[e ^ 1] += pushed
-                            return pushed
-                    it[u] += 1
-                return 0.0
-
-            while (f := push(s, math.inf)) > eps:
+            while (f := self._push(s, t, math.inf, level, it, eps)) > eps:
                 total += f
+
+    def _push(self, u, t, f: float, level: dict, it: dict, eps: float) -> float:
+        """One augmenting path of the level graph from u (Dinic's blocking flow); it[u] is the
+        next edge of u to try."""
+        if u == t:
+            return f
+        while it[u] < len(self.adj[u]):
+            e = self.adj[u][it[u]]
+            v = self.to[e]
+            if self.cap[e] > eps and level.get(v) == level[u] + 1:
+                pushed = self._push(v, t, min(f, self.cap[e]), level, it, eps)
+                if pushed > eps:
+                    self.cap[e] -= pushed
+                    self.cap[e ^ 1] += pushed
+                    return pushed
+            it[u] += 1
+        return 0.0
 
 
 def max_served_rate(

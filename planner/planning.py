@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Callable
+from functools import partial
 
 import numpy as np
 
@@ -184,7 +185,8 @@ def place(
     prefill instances as its capacities assume, and the best one wins."""
     inputs = problem.inputs
     target = problem.target_rps if inputs.objective == "cost" else None
-    best = first = None
+    best: tuple[Placement, list[InstanceOption]] | None = None
+    first: tuple[Placement, list[InstanceOption]] | None = None
     pools = [k for k in POOL_SIZES if k <= inputs.cluster.num_gpus]
     for pool in pools:
         options = prune_dominated(pooled(problem.options, problem.stats, inputs.slo, pool))
@@ -208,6 +210,7 @@ def place(
             best = (placement, options)
     if best is not None:
         return best
+    assert first is not None  # POOL_SIZES starts at 1, which any cluster has
     placement, options = first
     if placement.solver.status == "no_solution" or placement.solver.status == "time_limit":
         raise ValueError(stopped_message(solve_options, "a placement that serves requests"))
@@ -374,6 +377,7 @@ def calibrate(
     for k in range(max_rounds):
         seen.add(_signature(placement, options))
         sim = simulator(problem, placement, options)
+        sample = partial(_sim_requests, problem, num_requests=num_requests, seed=seed)
         found: dict[str, RoleCalibration] = {}
         for role in ROLES:
             found[role] = calibrate_role(
@@ -382,7 +386,7 @@ def calibrate(
                 options,
                 role,
                 inputs.slo,
-                lambda rate: _sim_requests(problem, rate, num_requests, seed),
+                sample,
                 progress,
             )
             if found[role].modelled_rps > 0 and found[role].simulated_rps <= 0:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -45,11 +45,11 @@ class _Loaded:
 
 def _instance_loads(placement: Placement, options: list[InstanceOption], rate_rps: float) -> list[_Loaded]:
     scale = rate_rps / placement.rate_rps if placement.rate_rps else 0.0
-    used = defaultdict(float)
+    used: defaultdict[tuple[str, str], float] = defaultdict(float)
     for (p, d), r in placement.routes.items():
         used[p, "prefill"] += r * scale
         used[d, "decode"] += r * scale
-    have = defaultdict(float)
+    have: defaultdict[tuple[str, str], float] = defaultdict(float)
     for (n, i), c in placement.counts.items():
         have[n, options[i].role] += c * options[i].capacity_rps
     loads = []
@@ -57,7 +57,7 @@ def _instance_loads(placement: Placement, options: list[InstanceOption], rate_rp
         o = options[i]
         share = o.capacity_rps / have[n, o.role] if have[n, o.role] else 0.0
         loads.extend([_Loaded(o, used[n, o.role] * share)] * c)
-    return [l for l in loads if l.rate_rps > 0]
+    return [load for load in loads if load.rate_rps > 0]
 
 
 def num_prefill_instances(placement: Placement, options: list[InstanceOption]) -> int:
@@ -106,21 +106,21 @@ def _exceed(
 ) -> tuple[Callable[[float], float], Callable[[float], float]]:
     """P(TTFT > t) and P(TPOT > t) over all requests at rate_rps, as functions of t."""
     loads = _instance_loads(placement, options, rate_rps)
-    prefill = [l for l in loads if l.option.role == "prefill"]
-    decode = [l for l in loads if l.option.role == "decode"]
-    services = {id(l.option): prefill_service_s(l.option.coefficients, stats) for l in prefill}
+    prefill = [load for load in loads if load.option.role == "prefill"]
+    decode = [load for load in loads if load.option.role == "decode"]
+    services = {id(load.option): prefill_service_s(load.option.coefficients, stats) for load in prefill}
     pool = num_prefill_instances(placement, options)  # the router pools all their queues
-    p_total = sum(l.rate_rps for l in prefill) or 1.0
-    d_total = sum(l.rate_rps for l in decode) or 1.0
+    p_total = sum(load.rate_rps for load in prefill) or 1.0
+    d_total = sum(load.rate_rps for load in decode) or 1.0
 
     def ttft_exceed(t: float) -> float:
         return (
             sum(
-                l.rate_rps
+                load.rate_rps
                 * queueing.ttft_exceed_prob(
-                    l.model_rate_rps, services[id(l.option)], t, l.option.pp, stats.arrival_cv2, pool
+                    load.model_rate_rps, services[id(load.option)], t, load.option.pp, stats.arrival_cv2, pool
                 )
-                for l in prefill
+                for load in prefill
             )
             / p_total
         )
@@ -128,11 +128,11 @@ def _exceed(
     def tpot_exceed(t: float) -> float:
         return (
             sum(
-                l.rate_rps
+                load.rate_rps
                 * decode_tpot_exceed(
-                    l.option.coefficients, stats, l.model_rate_rps / l.option.pp, t, l.option.max_batch_size
+                    load.option.coefficients, stats, load.model_rate_rps / load.option.pp, t, load.option.max_batch_size
                 )
-                for l in decode
+                for load in decode
             )
             / d_total
         )

@@ -19,9 +19,10 @@ import itertools
 import os
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def bound_to_cores(num_cores: int | None) -> Iterator[tuple[int, ...]]:
         torch.set_num_threads(threads)
 
 
-def _timed_step(engine) -> tuple[float, object]:
+def _timed_step(engine) -> tuple[float, Any]:
     start = time.perf_counter()
     out = engine.schedule()
     engine.run(out)
@@ -205,13 +206,13 @@ def _profile(
     from engine.default_model import ensure_default_model
 
     say = progress or (lambda _msg: None)
-    model_dir = Path(model_dir or ensure_default_model())
+    path = Path(model_dir or ensure_default_model())
     # Points past the model's context window cannot run; three are the least a fit needs.
-    window = ModelConfig.from_dir(model_dir).max_position_embeddings
+    window = ModelConfig.from_dir(path).max_position_embeddings
     prefill_tokens = tuple(t for t in prefill_tokens if t < window)
     decode_contexts = tuple(c for c in decode_contexts if c + DECODE_STEPS + 2 < window)
     if len(prefill_tokens) < 3 or not decode_contexts:
-        raise ValueError(f"model {model_dir.name} has a context window of {window} tokens: too short to profile")
+        raise ValueError(f"model {path.name} has a context window of {window} tokens: too short to profile")
     max_len = min(max(max(prefill_tokens), max(decode_contexts) + DECODE_STEPS + 2) + 1, window)
     config = EngineConfig(
         dtype=dtype,
@@ -221,9 +222,9 @@ def _profile(
         max_model_len=max_len,
         enable_prefix_caching=False,
     )
-    engine = LLMEngine(model_dir, config)
+    engine = LLMEngine(path, config)
     gpu_type = gpu_type or detect_gpu_type(engine.device)
-    say(f"profiling {model_dir.name} on {engine.device} ({gpu_type}), {engine.dtype}")
+    say(f"profiling {path.name} on {engine.device} ({gpu_type}), {engine.dtype}")
     rng = np.random.default_rng(0)
     measure_prefill(engine, prefill_tokens[:1], 1, rng)  # warm-up: first-call allocations
     prefill = measure_prefill(engine, prefill_tokens, repeats, rng)
@@ -238,4 +239,4 @@ def _profile(
     coeffs = Coefficients(
         a=float(a), b=float(b), c=float(c), A=float(big_a), B=float(big_b), C=float(big_c), source="profile"
     )
-    return Profile(model=model_dir.resolve().name, entries=(ProfileEntry(gpu_type, 1, 1, coeffs),))
+    return Profile(model=path.resolve().name, entries=(ProfileEntry(gpu_type, 1, 1, coeffs),))

@@ -91,8 +91,8 @@ def ttft_exceed_prob(
         p_wait, c = min(p_wait * more, 1.0), c * more
     c, theta = min(c, 1.0), theta / burst
     slack = target_s - service_s
-    p_wait = np.where(slack < 0, 1.0, np.minimum(p_wait, c * np.exp(-theta * np.maximum(slack, 0.0))))
-    return float(p_wait.mean())
+    exceed = np.where(slack < 0, 1.0, np.minimum(p_wait, c * np.exp(-theta * np.maximum(slack, 0.0))))
+    return float(exceed.mean())
 
 
 def _halfin_whitt(beta: float) -> float:
@@ -182,4 +182,4 @@ def _poisson_pmf(mean: float, max_n: int) -> np.ndarray:
 
 def batch_quantile(pmf: np.ndarray, quantile: float) -> int:
     """Smallest n with P(N <= n) >= quantile."""
-    return int(min(np.searchsorted(np.cumsum(pmf), quantile), len(pmf) - 1))
+    return min(int(np.searchsorted(np.cumsum(pmf), quantile)), len(pmf) - 1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 
 from proto.plan import Metrics, Plan
 
@@ -17,9 +18,10 @@ def _nodes(names: tuple[str, ...]) -> str:
     return ", ".join(shown)
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    widths = [max(len(str(r[i])) for r in [header] + rows) for i in range(len(header))]
-    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header] + rows]
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    table = [header, *rows]
+    widths = [max(len(str(r[i])) for r in table) for i in range(len(header))]
+    return ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
 
 
 def _fmt(value: float | None, digits: int = 3) -> str:

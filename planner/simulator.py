@@ -105,25 +105,25 @@ class _Run:
         for inst in self.insts:
             if inst.role == "decode":
                 self.decode_by_node[inst.node].append(inst)
-        self.targets = defaultdict(dict)  # prefill node -> decode node -> planned rate
+        self.targets: defaultdict[str, dict[str, float]] = defaultdict(dict)  # prefill node -> decode node -> rate
         for (p, d), rate in sim.routes.items():
             if d in self.decode_by_node:
                 self.targets[p][d] = rate
-        self.sent = defaultdict(int)  # (prefill node, decode node) -> requests routed
+        self.sent: defaultdict[tuple[str, str], int] = defaultdict(int)  # (prefill node, decode node) -> routed
         # A prefill instance's planned share: its node's planned prefill rate split over the
         # node's prefill instances by capacity. The router weighs queued work by it, so that
         # the pooled queues (least loaded first) still give each node the load the routes plan.
-        planned = defaultdict(float)
+        planned: defaultdict[str, float] = defaultdict(float)
         for (p, _), rate in sim.routes.items():
             planned[p] += rate
-        node_capacity = defaultdict(float)
+        node_capacity: defaultdict[str, float] = defaultdict(float)
         for inst in self.prefill:
             node_capacity[inst.node] += inst.option.capacity_rps
         self.share = {
             inst.index: max(planned[inst.node] * inst.option.capacity_rps / node_capacity[inst.node], 1e-9)
             for inst in self.prefill
         }
-        self.link_free_s = defaultdict(float)  # transfer resource -> when it is free
+        self.link_free_s: defaultdict[tuple[str, ...], float] = defaultdict(float)  # resource -> when it is free
         self.events: list = []
         self.counter = itertools.count()
         self.kick_at: dict[int, float] = {}
@@ -235,7 +235,7 @@ class _Run:
         bytes first come, first served at its own bandwidth, and the data streams through
         them, so the transfer ends when its slowest resource is done with it."""
         if src == dst:
-            path = [(("local", src), self.sim.hardware[src].link_gb_s)]
+            path: list[tuple[tuple[str, ...], float]] = [(("local", src), self.sim.hardware[src].link_gb_s)]
         else:
             path = [(("out", src), self.sim.nic_gb_s[src]), (("in", dst), self.sim.nic_gb_s[dst])]
             link = self.sim.cluster.link_gb_s(src, dst)

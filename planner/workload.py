@@ -52,7 +52,7 @@ class LengthDist:
     sigma: float = 0.0  # lognormal: std of log(length)
 
     @staticmethod
-    def from_dict(where: str, data: dict) -> "LengthDist":
+    def from_dict(where: str, data: dict) -> LengthDist:
         kind = as_str(f"{where}.distribution", (data or {}).get("distribution"), DISTRIBUTIONS)
         required = ("distribution",) + DISTRIBUTIONS[kind]
         check_keys(where, data, required, ("max",) if kind == "lognormal" else ())
@@ -173,7 +173,7 @@ class WorkloadSpec:
             as_number("workload.time_scale", self.time_scale, minimum=0, exclusive=True)
 
     @staticmethod
-    def from_dict(data: dict, base_dir: Path | None = None) -> "WorkloadSpec":
+    def from_dict(data: dict, base_dir: Path | None = None) -> WorkloadSpec:
         check_keys("workload", data, (), ("rate_rps", "cv", "input_tokens", "output_tokens", "trace", "time_scale"))
         trace = data.get("trace")
         if trace is not None:
@@ -188,12 +188,13 @@ class WorkloadSpec:
         )
 
     @staticmethod
-    def load(path) -> "WorkloadSpec":
+    def load(path) -> WorkloadSpec:
         return WorkloadSpec.from_dict(load_document(path, "workload"), Path(path).parent)
 
     def base_rate_rps(self, trace: Trace | None = None) -> float:
         if self.rate_rps is not None:
             return self.rate_rps
+        assert self.trace is not None  # __post_init__: without a rate, a trace
         return (trace or load_trace(self.trace)).rate_rps / (self.time_scale or 1.0)
 
     def arrival_cv2(self, trace: Trace | None = None) -> float:
@@ -214,6 +215,7 @@ class WorkloadSpec:
         rng = np.random.default_rng(seed)
         rate = rate_rps or self.base_rate_rps(trace)
         if self.trace is None:
+            assert self.input_tokens is not None and self.output_tokens is not None  # __post_init__
             cv = self.cv or 1.0
             # Drawn at every cv, so that the lengths drawn after them are the same at any cv:
             # a bursty run replays the Poisson run's requests, only their arrivals differ.

@@ -41,9 +41,21 @@ from __future__ import annotations
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 from proto.model_spec import ModelSpec
-from proto.schema import as_int, as_number, as_str, build, check_keys, dump_document, load_document, plain
+from proto.schema import (
+    Schema,
+    as_int,
+    as_number,
+    as_str,
+    build,
+    check_keys,
+    dump_document,
+    load_document,
+    plain,
+)
 from proto.slo import SLOSpec
 
 PLAN_VERSION = 1
@@ -285,13 +297,13 @@ class Plan:
             out[s.gpu_type] += s.tp
         return dict(out)
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         out = plain(asdict(self))
         out["model"] = self.model.to_dict()
         return {"version": out.pop("version"), **out}
 
     @staticmethod
-    def from_dict(data: dict) -> "Plan":
+    def from_dict(data: dict[str, Any]) -> Plan:
         check_keys(
             "plan",
             data,
@@ -299,7 +311,7 @@ class Plan:
             ("simulated", "stages", "block_size", "warnings", "version", "calibration"),
         )
 
-        def each(key, cls):
+        def each(key: str, cls: type[Schema]) -> tuple[Schema, ...]:
             items = data.get(key) or []
             if not isinstance(items, list):
                 raise ValueError(f"plan.{key} must be a list")
@@ -323,10 +335,10 @@ class Plan:
             solver=build(SolverInfo, "plan.solver", data["solver"]),
         )
 
-    def save(self, path) -> None:
+    def save(self, path: str | Path) -> None:
         """YAML, or JSON when path ends in .json."""
         dump_document(self.to_dict(), path)
 
     @staticmethod
-    def load(path) -> "Plan":
+    def load(path: str | Path) -> Plan:
         return Plan.from_dict(load_document(path, "plan"))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from proto.schema import as_int, as_list, as_number, as_str, check_keys, load_document
 
@@ -45,23 +46,24 @@ class Point:
     where: str  # the table and row in the source
     kind: str  # a key of KINDS
     gpu: str  # a GPU type of planner/gpus.py
-    shape: dict  # the kind's shape fields
+    shape: dict[str, Any]  # the kind's shape fields (ints, and the model and dtype names)
     measure: str  # which measured_* field the source gives
     value: float | tuple[float, float, float]  # that field's value, as published
 
     @property
     def measured_ms(self) -> float:
         s = self.shape
+        if isinstance(self.value, tuple):  # measured_fit: a published fit, in the form of planner/latency.py
+            a, b, c = self.value
+            if self.kind == "prefill":
+                return a + b * s["prompt_tokens"] + c * s["prompt_tokens"] ** 2
+            return a + b * s["batch"] * s["context"] + c * s["batch"]
         if self.measure == "measured_ms":
             return self.value
         if self.measure == "measured_tflops":
             return 2 * s["m"] * s["n"] * s["k"] / (self.value * 1e12) * 1e3
-        if self.measure == "measured_out_tok_s_per_gpu":
-            return s["batch"] * s["output_tokens"] / (self.value * s["tp"]) * 1e3
-        a, b, c = self.value  # a published fit, in the form of planner/latency.py
-        if self.kind == "prefill":
-            return a + b * s["prompt_tokens"] + c * s["prompt_tokens"] ** 2
-        return a + b * s["batch"] * s["context"] + c * s["batch"]
+        assert self.measure == "measured_out_tok_s_per_gpu", self.measure  # KINDS has no other
+        return s["batch"] * s["output_tokens"] / (self.value * s["tp"]) * 1e3
 
 
 @dataclass(frozen=True)
@@ -102,7 +104,7 @@ def load_points(path: str | Path = POINTS_FILE) -> tuple[dict[str, Source], tupl
             raise ValueError(f"{where} ({kind}) must give exactly one of {', '.join(measures)}")
         check_keys(where, entry, COMMON_FIELDS + shape_fields + (given[0],))
         as_str(f"{where}.source", entry["source"], sources)
-        shape = {}
+        shape: dict[str, Any] = {}
         for field in shape_fields:
             if field == "model":
                 shape[field] = as_str(f"{where}.model", entry[field], ARCHITECTURES)
@@ -114,7 +116,8 @@ def load_points(path: str | Path = POINTS_FILE) -> tuple[dict[str, Source], tupl
             fit = as_list(f"{where}.measured_fit", entry["measured_fit"])
             if len(fit) != 3:
                 raise ValueError(f"{where}.measured_fit must be [a, b, c], got {fit!r}")
-            value = tuple(as_number(f"{where}.measured_fit[{j}]", v) for j, v in enumerate(fit))
+            a, b, c = (as_number(f"{where}.measured_fit[{j}]", v) for j, v in enumerate(fit))
+            value: float | tuple[float, float, float] = (a, b, c)
         else:
             value = as_number(f"{where}.{given[0]}", entry[given[0]], minimum=0, exclusive=True)
         points.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from itertools import pairwise
 
 import pytest
 
@@ -107,7 +108,7 @@ def test_layer_split_plans_a_model_that_fits_no_node(files, write_yaml, tmp_path
     for role in ("prefill", "decode"):
         stages = sorted((s for s in plan.stages if s.role == role), key=lambda s: s.layer_start)
         assert stages[0].layer_start == 0 and stages[-1].layer_end == 80
-        assert all(a.layer_end == b.layer_start for a, b in zip(stages, stages[1:]))
+        assert all(a.layer_end == b.layer_start for a, b in pairwise(stages))
     assert plan.predicted.goodput_rps > 0
     assert {s.latency_source for s in plan.stages} == {"roofline"}
 

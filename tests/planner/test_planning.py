@@ -61,4 +61,6 @@ def test_goodput_search_reports_every_simulation():
     assert rates[0] == pytest.approx(placement.rate_rps, abs=0.01)
     for m in steps:
         assert (m.group(3) == "meets") == (float(m.group(2)) >= problem.inputs.slo.attainment)
-    assert goodput == pytest.approx(max([0.0] + [r for r, m in zip(rates, steps) if m.group(3) == "meets"]), abs=0.01)
+    assert goodput == pytest.approx(
+        max([0.0] + [r for r, m in zip(rates, steps, strict=True) if m.group(3) == "meets"]), abs=0.01
+    )
