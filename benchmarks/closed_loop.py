@@ -52,7 +52,7 @@ KEYS = ("attainment", "p90_ttft_s", "p90_tpot_s", "goodput_rps")
 class Progress:
     """Stage-by-stage progress on stdout, each line with the time since the start."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.start = time.monotonic()
         self.stages: list[dict] = []  # what ran, for run.json
 
