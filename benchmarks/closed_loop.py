@@ -28,7 +28,6 @@ window of arrivals), so measured and simulated differ by the serving, not by the
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import os
 import time
@@ -39,7 +38,7 @@ import numpy as np
 import yaml
 
 from benchmarks.common import markdown_table
-from benchmarks.serving import Request, Result, percentile, run_load
+from benchmarks.serving import InProcessServer, Request, percentile
 
 WORKLOADS = {"poisson": 1.0, "bursty": 2.0}  # name -> CV of the arrival gaps
 PROMPT = {"distribution": "lognormal", "median": 128, "sigma": 0.6, "max": 512}
@@ -144,52 +143,30 @@ def plan_workload(model: Path, files: dict[str, Path], out: Path, args, progress
     return Plan.load(out)
 
 
-class PlannedServer:
+def serve_plan(plan_file: Path, model: Path, max_model_len: int, progress: Progress) -> InProcessServer:
     """`tandem serve --plan`: the plan's workers (a core each) behind the router, in this process."""
-
-    def __init__(self, plan_file: Path, model: Path, max_model_len: int, progress: Progress):
-        from deploy.cli import build_parser
-        from deploy.commands import start_backend
-
-        argv = [
-            "serve",
-            "--plan",
-            str(plan_file),
-            "--model",
-            str(model),
-            "--model-name",
-            "bench",
-            "--kv-backend",
-            "shm",
-            "--cpus-per-worker",
-            "1",
-            "--local-prefill-tokens",
-            "0",
-            "--max-model-len",
-            str(max_model_len),
-        ]
-        progress.stage(f"serve {plan_file.parent.name}", "tandem " + " ".join(argv))
-        self.vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-        self.backend, self.stop = start_backend(
-            build_parser().parse_args(argv), log=lambda line: progress.say("  " + line)
-        )
-
-    def load(self, requests: list[Request]) -> tuple[list[Result], float]:
-        from router.server import serve
-
-        async def main():
-            handle = await serve(self.backend, http_port=0, grpc_port=0, host="127.0.0.1")
-            try:
-                return await run_load(
-                    f"http://127.0.0.1:{handle.http_port}", "bench", requests, vocab=self.vocab, temperature=1.0
-                )
-            finally:
-                await handle.stop(grace_s=1.0)
-
-        return asyncio.run(main())
+    argv = [
+        "serve",
+        "--plan",
+        str(plan_file),
+        "--model",
+        str(model),
+        "--model-name",
+        "bench",
+        "--kv-backend",
+        "shm",
+        "--cpus-per-worker",
+        "1",
+        "--local-prefill-tokens",
+        "0",
+        "--max-model-len",
+        str(max_model_len),
+    ]
+    progress.stage(f"serve {plan_file.parent.name}", "tandem " + " ".join(argv))
+    return InProcessServer(argv, log=lambda line: progress.say("  " + line))
 
 
-def measure(server: PlannedServer, plan, spec, rate: float, num_requests: int) -> dict:
+def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int) -> dict:
     """One run at `rate`: the simulator's requests and counted window at that rate."""
     from planner.planning import run_requests, workload_stats
 
@@ -228,7 +205,7 @@ def goodput(points: list[tuple[float, float]], goal: float) -> float:
     return best
 
 
-def sweep(server: PlannedServer, plan, spec, args, progress: Progress, name: str) -> list[dict]:
+def sweep(server: InProcessServer, plan, spec, args, progress: Progress, name: str) -> list[dict]:
     """Runs at the multiples of the plan's rate, then (at most args.extra_rates) beyond the
     highest while every run meets the goal, or below the lowest while none does."""
     rate = plan.predicted.rate_rps
@@ -376,7 +353,7 @@ def run(args) -> dict:
             model, {**files, "workload": wdir / "workload.yaml"}, wdir / "plan.yaml", args, progress, name
         )
         spec = WorkloadSpec.load(wdir / "workload.yaml")
-        server = PlannedServer(wdir / "plan.yaml", model, max_model_len, progress)
+        server = serve_plan(wdir / "plan.yaml", model, max_model_len, progress)
         try:
             progress.stage(
                 f"bench {name}",

@@ -28,7 +28,6 @@ DistServe. Setups alternate within each rate.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import itertools
 import json
 import os
@@ -38,7 +37,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from benchmarks.common import DEFAULT_TRACE_DIR, markdown_table
-from benchmarks.serving import Result, measured, percentile, run_load, trace_workload
+from benchmarks.serving import InProcessServer, measured, percentile, trace_workload
 
 MODEL_NAME = "llama-100m"
 CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tandem" / "bench"
@@ -96,53 +95,25 @@ def model_dir() -> Path:
     return path
 
 
-def vocab_size(model: Path) -> int:
-    return json.loads((model / "config.json").read_text())["vocab_size"]
-
-
-class Server:
+def start_server(flags: list[str], model: Path) -> InProcessServer:
     """One setup's workers behind a router, started once for the whole sweep."""
-
-    def __init__(self, flags: list[str], model: Path):
-        self.vocab = vocab_size(model)
-        from deploy.cli import build_parser
-        from deploy.commands import start_backend
-
-        argv = [
-            "serve",
-            "--model",
-            str(model),
-            "--model-name",
-            "bench",
-            "--kv-backend",
-            "shm",
-            "--max-num-seqs",
-            "32",
-            "--max-model-len",
-            str(MAX_PROMPT + MAX_OUTPUT + 16),
-            "--cpus-per-worker",
-            "1",
-            *flags,
-        ]
-        self.args = build_parser().parse_args(argv)
-        self.backend, self._stop = start_backend(self.args, log=lambda line: print("   ", line, flush=True))
-
-    def load(self, workload) -> tuple[list[Result], float]:
-        from router.server import serve
-
-        async def main():
-            handle = await serve(self.backend, http_port=0, grpc_port=0, host="127.0.0.1")
-            try:
-                return await run_load(
-                    f"http://127.0.0.1:{handle.http_port}", "bench", workload, vocab=self.vocab, temperature=1.0
-                )
-            finally:
-                await handle.stop(grace_s=1.0)
-
-        return asyncio.run(main())
-
-    def stop(self) -> None:
-        self._stop()
+    argv = [
+        "serve",
+        "--model",
+        str(model),
+        "--model-name",
+        "bench",
+        "--kv-backend",
+        "shm",
+        "--max-num-seqs",
+        "32",
+        "--max-model-len",
+        str(MAX_PROMPT + MAX_OUTPUT + 16),
+        "--cpus-per-worker",
+        "1",
+        *flags,
+    ]
+    return InProcessServer(argv, log=lambda line: print("   ", line, flush=True))
 
 
 def workload(trace: Path, rate: float, num_requests: int, seed: int):
@@ -166,7 +137,7 @@ def goodput(points: list[tuple[float, float]]) -> float:
     return best
 
 
-def calibrate(server: Server, trace: Path) -> dict[str, float]:
+def calibrate(server: InProcessServer, trace: Path) -> dict[str, float]:
     """A lone request's TTFT with a P90 prompt and its TPOT, on one core: the unit of the SLOs.
     Five requests, each alone (spaced well apart) and each with its own prompt, so that no
     prefix cache serves them."""
@@ -201,7 +172,7 @@ def run(args) -> dict:
     try:
         for name, flags in plan.items():
             print(f"starting {name} ...", flush=True)
-            servers[name] = Server(flags, model)
+            servers[name] = start_server(flags, model)
             servers[name].load(workload(trace, 4.0, 4, seed=1))  # warm-up: first forwards pay one-time costs
         unit = calibrate(servers["colocated 2x1"], trace)
         print(

@@ -16,6 +16,7 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +133,33 @@ async def run_load(
 
         results = await asyncio.gather(*(fire(i, r) for i, r in enumerate(workload)))
         return list(results), time.monotonic() - start
+
+
+class InProcessServer:
+    """`tandem serve ARGV` run in this process (its workers on Ray) and loaded over its HTTP API
+    as the model name "bench" (ARGV passes --model-name bench), sampling with temperature 1."""
+
+    def __init__(self, argv: list[str], log: Callable[[str], None]):
+        from deploy.cli import build_parser
+        from deploy.commands import start_backend
+
+        args = build_parser().parse_args(argv)
+        self.vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
+        self.backend, self.stop = start_backend(args, log=log)
+
+    def load(self, workload: list[Request]) -> tuple[list[Result], float]:
+        from router.server import serve
+
+        async def main() -> tuple[list[Result], float]:
+            handle = await serve(self.backend, http_port=0, grpc_port=0, host="127.0.0.1")
+            try:
+                return await run_load(
+                    f"http://127.0.0.1:{handle.http_port}", "bench", workload, vocab=self.vocab, temperature=1.0
+                )
+            finally:
+                await handle.stop(grace_s=1.0)
+
+        return asyncio.run(main())
 
 
 def percentile(values: list[float], p: float) -> float:
