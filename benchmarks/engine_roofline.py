@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.common import median_time_s
 from engine import EngineConfig, SamplingParams
 from engine.llm_engine import LLMEngine
 
@@ -69,16 +70,13 @@ def synchronize(device: str) -> None:
 
 
 def timed(fn, device: str, repeats: int) -> float:
-    """Median seconds of fn() over repeats runs, after one warm-up."""
-    fn()
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    """Median seconds of fn() over repeats runs, after one warm-up, each waiting for the device."""
+
+    def run_and_wait() -> None:
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+
+    return median_time_s(run_and_wait, repeats, warmup=1)
 
 
 def bandwidth_bytes_s(device: str, num_bytes: int, repeats: int) -> float:
