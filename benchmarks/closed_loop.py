@@ -19,7 +19,7 @@ plan's simulation) and `measured`, each with `attainment` (0-1), `p90_ttft_s` an
 `p90_tpot_s` at the plan's rate, and `goodput_rps`: the highest rate whose attainment meets
 the goal (forecast: the plan's rate; simulated: the planner's bisection; measured: runs at
 multiples of the plan's rate, interpolated at the goal). Every run at rate r replays what
-the simulator runs at r (planner.planning.run_requests: the same requests, the same counted
+the simulator runs at r (planner.evaluate.run_requests: the same requests, the same counted
 window of arrivals), so measured and simulated differ by the serving, not by the sample.
 
     .venv/bin/python -m benchmarks.closed_loop [--out docs/bench/closed-loop] [--num-requests 300]
@@ -66,7 +66,7 @@ class Progress:
 def profile_core(model: Path, out: Path, args, progress: Progress):
     """`tandem profile` on one core; its (cpu, tp 1) coefficients."""
     from deploy.cli import main as tandem
-    from planner.latency import Profile
+    from planner.latency.roofline import Profile
 
     argv = [
         "profile",
@@ -108,8 +108,8 @@ def cluster_for(model: Path, num_cores: int) -> dict:
     """One node whose devices are this machine's cores. Memory per core: the model's weights
     plus the KV the engine's CPU worker holds by default, so the plan's KV is the engine's."""
     from engine.llm_engine import CPU_KV_CACHE_BYTES
-    from planner.capacity import GPU_MEMORY_UTILIZATION
-    from planner.models import resolve_model
+    from planner.latency.models import resolve_model
+    from planner.solve.capacity import GPU_MEMORY_UTILIZATION
 
     weights = resolve_model(str(model)).weight_bytes
     memory_gb = (CPU_KV_CACHE_BYTES + weights) / GPU_MEMORY_UTILIZATION / 1e9
@@ -168,7 +168,8 @@ def serve_plan(plan_file: Path, model: Path, max_model_len: int, progress: Progr
 
 def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int) -> dict:
     """One run at `rate`: the simulator's requests and counted window at that rate."""
-    from planner.planning import run_requests, workload_stats
+    from planner.evaluate import run_requests
+    from planner.problem import workload_stats
 
     sample, (start_s, end_s) = run_requests(
         spec, None, workload_stats(spec, None), plan.slo, rate, num_requests, seed=0
@@ -316,7 +317,7 @@ def plot(all_results: dict[str, dict], slo: dict, path: Path) -> None:
 
 def run(args) -> dict:
     from engine.cores import available_cores
-    from planner.workload import WorkloadSpec
+    from planner.simulate.workload import WorkloadSpec
 
     progress = Progress()
     out = args.out

@@ -20,12 +20,13 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from planner.enumeration import distserve_placement  # noqa: E402
-from planner.milp import Placement  # noqa: E402
-from planner.models import ARCHITECTURES  # noqa: E402
-from planner.planning import PlanInputs, place, prepare, simulated_goodput  # noqa: E402
-from planner.solver import SolveOptions  # noqa: E402
-from planner.workload import LengthDist, WorkloadSpec  # noqa: E402
+from planner.evaluate import simulated_goodput  # noqa: E402
+from planner.latency.models import ARCHITECTURES  # noqa: E402
+from planner.problem import PlanInputs, place, prepare  # noqa: E402
+from planner.simulate.workload import LengthDist, WorkloadSpec  # noqa: E402
+from planner.solve.enumeration import distserve_placement  # noqa: E402
+from planner.solve.milp import Placement  # noqa: E402
+from planner.solve.solver import SolveOptions  # noqa: E402
 from proto.cluster import ClusterSpec  # noqa: E402
 from proto.slo import SLOSpec  # noqa: E402
 

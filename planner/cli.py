@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from planner import latency_cli
+from planner.latency import cli as latency_cli
 
 
 def register(subparsers) -> None:
@@ -115,11 +115,11 @@ def _progress(message: str) -> None:
 
 def plan_inputs(args: argparse.Namespace):
     """Read and validate the four input files and the options into PlanInputs."""
-    from planner.gpus import GPU_TYPES
-    from planner.latency import Profile
-    from planner.models import resolve_model
-    from planner.planning import PlanInputs
-    from planner.workload import WorkloadSpec
+    from planner.latency.gpus import GPU_TYPES
+    from planner.latency.models import resolve_model
+    from planner.latency.roofline import Profile
+    from planner.problem import PlanInputs
+    from planner.simulate.workload import WorkloadSpec
     from proto.cluster import ClusterSpec
     from proto.slo import SLOSpec
 
@@ -149,7 +149,7 @@ def plan_inputs(args: argparse.Namespace):
 def run_plan(args: argparse.Namespace) -> int:
     from planner.planning import CALIBRATION_ROUNDS, make_layer_plan, make_plan
     from planner.report import format_plan
-    from planner.solver import SolveOptions
+    from planner.solve.solver import SolveOptions
 
     inputs = plan_inputs(args)
     rounds = args.calibrate_rounds
@@ -179,7 +179,7 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_profile(args: argparse.Namespace) -> int:
-    from planner.profile import profile_engine
+    from planner.latency.profile import profile_engine
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")

@@ -5,7 +5,7 @@ In YAML::
     nodes:
       - name: a100            # with count > 1 the nodes are named a100-0, a100-1, ...
         count: 2
-        gpu_type: A100-80GB   # a name from planner/gpus.py (the planner checks it)
+        gpu_type: A100-80GB   # a name from planner/latency/gpus.py (the planner checks it)
         num_gpus: 8
         gpu_memory_gb: 80     # optional: default from the GPU table
         intra_node_gb_s: 300  # optional: GPU-to-GPU bandwidth inside the node, GB/s

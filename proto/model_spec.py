@@ -1,6 +1,6 @@
 """The model a plan serves, as the planner sees it: its shape, precision and where it lives.
 
-In YAML (a named architecture from planner/models.py needs only ``name`` and optionally
+In YAML (a named architecture from planner/latency/models.py needs only ``name`` and optionally
 ``dtype`` and ``path``; any other model lists every field)::
 
     name: llama-2-7b

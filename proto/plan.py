@@ -188,7 +188,7 @@ class SolverInfo:
 
 @dataclass(frozen=True)
 class Calibration:
-    """How the capacity model was calibrated by the simulator (planner/calibration.py):
+    """How the capacity model was calibrated by the simulator (planner/simulate/calibration.py):
     every option's capacity_rps is the model's times its role's factor."""
 
     rounds: int  # calibrate-and-solve rounds

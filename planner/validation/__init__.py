@@ -1,7 +1,7 @@
 """Published measurements the roofline is checked against, and its error on each.
 
 points.yaml (beside this file) holds each measurement as its source reports it, with the
-source cited. This module computes what the roofline (planner/latency.py) predicts for each
+source cited. This module computes what the roofline (planner/latency/roofline.py) predicts for each
 and the relative error; `python -m planner.validation` prints the table of docs/planner.md
 ("Validating the roofline"), and tests/planner/test_validation.py holds the error bound.
 """
@@ -45,7 +45,7 @@ class Point:
     source: str  # a key of the file's sources
     where: str  # the table and row in the source
     kind: str  # a key of KINDS
-    gpu: str  # a GPU type of planner/gpus.py
+    gpu: str  # a GPU type of planner/latency/gpus.py
     shape: dict[str, Any]  # the kind's shape fields (ints, and the model and dtype names)
     measure: str  # which measured_* field the source gives
     value: float | tuple[float, float, float]  # that field's value, as published
@@ -53,7 +53,7 @@ class Point:
     @property
     def measured_ms(self) -> float:
         s = self.shape
-        if isinstance(self.value, tuple):  # measured_fit: a published fit, in the form of planner/latency.py
+        if isinstance(self.value, tuple):  # measured_fit: a published fit, in the form of planner/latency/roofline.py
             a, b, c = self.value
             if self.kind == "prefill":
                 return a + b * s["prompt_tokens"] + c * s["prompt_tokens"] ** 2
@@ -79,8 +79,8 @@ class Check:
 
 
 def load_points(path: str | Path = POINTS_FILE) -> tuple[dict[str, Source], tuple[Point, ...]]:
-    from planner.gpus import GPU_TYPES
-    from planner.models import ARCHITECTURES
+    from planner.latency.gpus import GPU_TYPES
+    from planner.latency.models import ARCHITECTURES
     from proto.kv import DTYPE_NAMES
 
     data = check_keys("validation points", load_document(path, "validation points"), ("sources", "points"))
@@ -141,9 +141,9 @@ def load_points(path: str | Path = POINTS_FILE) -> tuple[dict[str, Source], tupl
 def predicted_ms(point: Point) -> float:
     """What the roofline predicts for the point: an operator's time, or a whole step's (or a
     static batch's) from the coefficients the planner uses."""
-    from planner.gpus import node_hardware
-    from planner.latency import allreduce_ms, gemm_ms, roofline
-    from planner.models import ARCHITECTURES
+    from planner.latency.gpus import node_hardware
+    from planner.latency.models import ARCHITECTURES
+    from planner.latency.roofline import allreduce_ms, gemm_ms, roofline
     from proto.cluster import NodeSpec
 
     s = point.shape

@@ -17,7 +17,7 @@ FIGURES = {"attainment", "p90_ttft_s", "p90_tpot_s", "goodput_rps"}
 
 @pytest.fixture
 def made_up_profile(monkeypatch):
-    from planner import profile as profile_module
+    from planner.latency import profile as profile_module
 
     def timed_step(engine):
         out = engine.schedule()
@@ -30,7 +30,7 @@ def made_up_profile(monkeypatch):
 @pytest.mark.skipif(len(available_cores()) < 2, reason="a prefill and a decode worker need a core each")
 def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, made_up_profile, capsys):
     from benchmarks import closed_loop
-    from planner.workload import WorkloadSpec
+    from planner.simulate.workload import WorkloadSpec
     from proto.plan import Plan
 
     out = tmp_path / "loop"

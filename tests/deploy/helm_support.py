@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from planner.models import ARCHITECTURES
+from planner.latency.models import ARCHITECTURES
 from proto.plan import InstanceGroup, Metrics, Plan, PlanNode, Route, SolverInfo
 from proto.slo import SLOSpec
 

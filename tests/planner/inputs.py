@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from planner.models import ARCHITECTURES
-from planner.planning import PlanInputs
-from planner.workload import LengthDist, WorkloadSpec
+from planner.latency.models import ARCHITECTURES
+from planner.problem import PlanInputs
+from planner.simulate.workload import LengthDist, WorkloadSpec
 from proto.cluster import ClusterSpec
 from proto.slo import SLOSpec
 

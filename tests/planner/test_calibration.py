@@ -7,11 +7,12 @@ from dataclasses import replace
 
 import pytest
 
-from planner.calibration import calibrated, highest_rate
-from planner.milp import solve_placement
-from planner.planning import make_plan, place, prepare
-from planner.predict import predict
-from planner.solver import SolveOptions
+from planner.planning import make_plan
+from planner.problem import place, prepare
+from planner.simulate.calibration import calibrated, highest_rate
+from planner.solve.milp import solve_placement
+from planner.solve.predict import predict
+from planner.solve.solver import SolveOptions
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, SLO, WORKLOAD, make_inputs
 
 OPTIONS = SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S)

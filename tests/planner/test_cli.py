@@ -114,9 +114,9 @@ def test_layer_split_plans_a_model_that_fits_no_node(files, write_yaml, tmp_path
 
 
 def _profile_entry(gpu_type: str, tp: int) -> dict:
-    from planner.gpus import node_hardware
-    from planner.latency import roofline
-    from planner.models import ARCHITECTURES
+    from planner.latency.gpus import node_hardware
+    from planner.latency.models import ARCHITECTURES
+    from planner.latency.roofline import roofline
     from proto.cluster import NodeSpec
 
     c = roofline(ARCHITECTURES["llama-2-7b"], node_hardware(NodeSpec("n", "A100-80GB", 2)), tp, 1)
@@ -184,10 +184,10 @@ def _stopped(status: str):
 def test_a_solve_stopped_by_its_time_limit_says_so(
     files, write_yaml, tmp_path, capsys, monkeypatch, status, layer_split
 ):
-    import planner.layer_split
-    import planner.milp
+    import planner.solve.layer_split
+    import planner.solve.milp
 
-    monkeypatch.setattr(planner.layer_split if layer_split else planner.milp, "solve", _stopped(status))
+    monkeypatch.setattr(planner.solve.layer_split if layer_split else planner.solve.milp, "solve", _stopped(status))
     args = argv(files, "--out", str(tmp_path / "p.yaml"), "--time-limit", "7") + (["--layer-split"] * layer_split)
     assert main(args) == 2
     err = capsys.readouterr().err
@@ -199,10 +199,12 @@ def test_a_solve_stopped_by_its_time_limit_says_so(
 def test_a_plan_from_a_solve_stopped_by_its_time_limit_warns(files, tmp_path, capsys, monkeypatch):
     from dataclasses import replace
 
-    import planner.milp
-    from planner.solver import solve
+    import planner.solve.milp
+    from planner.solve.solver import solve
 
-    monkeypatch.setattr(planner.milp, "solve", lambda *a, **k: replace(solve(*a, **k), status="time_limit", gap=0.04))
+    monkeypatch.setattr(
+        planner.solve.milp, "solve", lambda *a, **k: replace(solve(*a, **k), status="time_limit", gap=0.04)
+    )
     assert main(argv(files, "--out", str(tmp_path / "p.yaml"), "--time-limit", "7")) == 0
     captured = capsys.readouterr()
     warning = (

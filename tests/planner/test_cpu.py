@@ -5,12 +5,13 @@ from __future__ import annotations
 import pytest
 
 from deploy.cli import main
-from planner.capacity import kv_capacity_tokens
-from planner.gpus import CPU_MEMORY_GB, GPU_SPECS, node_hardware
-from planner.latency import Coefficients, Profile, ProfileEntry, roofline
-from planner.planning import PlanInputs, make_plan, prepare
-from planner.solver import SolveOptions
-from planner.workload import LengthDist, WorkloadSpec
+from planner.latency.gpus import CPU_MEMORY_GB, GPU_SPECS, node_hardware
+from planner.latency.roofline import Coefficients, Profile, ProfileEntry, roofline
+from planner.planning import make_plan
+from planner.problem import PlanInputs, prepare
+from planner.simulate.workload import LengthDist, WorkloadSpec
+from planner.solve.capacity import kv_capacity_tokens
+from planner.solve.solver import SolveOptions
 from proto.cluster import ClusterSpec, NodeSpec
 from proto.model_spec import ModelSpec
 from proto.plan import Plan
@@ -99,7 +100,7 @@ def one_core_profile(tmp_path, monkeypatch):
     """`tandem profile --device cpu --cores 1` with step times made up (the engine's real
     steps run, the clock does not matter); records the cores the process computed on."""
     from engine.cores import process_cores
-    from planner import profile as profile_module
+    from planner.latency import profile as profile_module
     from tests.checkpoints import make_checkpoint
 
     seen = []

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from planner.gpus import GPU_SPECS, GPU_TYPES, NodeHardware, node_hardware
-from planner.latency import (
+from planner.latency.gpus import GPU_SPECS, GPU_TYPES, NodeHardware, node_hardware
+from planner.latency.models import ARCHITECTURES
+from planner.latency.roofline import (
     ALLREDUCE_LATENCY_MS,
     COMPUTE_EFFICIENCY,
     LAYER_OVERHEAD_MS,
@@ -21,7 +22,6 @@ from planner.latency import (
     roofline,
     step_tokens_ms,
 )
-from planner.models import ARCHITECTURES
 from proto.cluster import NodeSpec
 
 MODEL = ARCHITECTURES["llama-2-13b"]

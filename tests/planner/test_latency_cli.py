@@ -7,9 +7,9 @@ import json
 import pytest
 
 from deploy.cli import main
-from planner.gpus import node_hardware
-from planner.latency import roofline
-from planner.models import ARCHITECTURES
+from planner.latency.gpus import node_hardware
+from planner.latency.models import ARCHITECTURES
+from planner.latency.roofline import roofline
 from proto.cluster import NodeSpec
 
 MODEL = ARCHITECTURES["llama-2-13b"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from planner.layer_split import solve_layer_split
-from planner.network import BANDWIDTH_UTILIZATION
-from planner.planning import _read
-from planner.solver import SolveOptions
+from planner.problem import read_inputs
+from planner.solve.layer_split import solve_layer_split
+from planner.solve.network import BANDWIDTH_UTILIZATION
+from planner.solve.solver import SolveOptions
 from proto.slo import SLOSpec
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, make_inputs
 
@@ -38,7 +38,7 @@ def test_each_node_keeps_within_its_own_nic(nic_gb_s):
         model="llama-2-70b",
         slo=SLO,
     )
-    hardware, _, stats, latency = _read(inputs)
+    hardware, _, stats, latency = read_inputs(inputs)
     split = solve_layer_split(inputs.cluster, hardware, inputs.model, latency, stats, SLO, 16, OPTIONS)
     assert split.solver.status == "optimal" and split.goodput_rps > 0
     limit = nic_gb_s * 1e9 * BANDWIDTH_UTILIZATION

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from planner.capacity import prune_dominated
-from planner.enumeration import distserve_placement, exhaustive_placement, served_rate
-from planner.milp import solve_placement
-from planner.planning import place, prepare
-from planner.solver import SolveOptions
+from planner.problem import place, prepare
+from planner.solve.capacity import prune_dominated
+from planner.solve.enumeration import distserve_placement, exhaustive_placement, served_rate
+from planner.solve.milp import solve_placement
+from planner.solve.solver import SolveOptions
 from proto.slo import SLOSpec
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, SLO, make_inputs
 

@@ -6,10 +6,12 @@ import re
 
 import pytest
 
-from planner.planning import make_plan, place, prepare, simulated_goodput
-from planner.predict import predict
+from planner.evaluate import simulated_goodput
+from planner.planning import make_plan
+from planner.problem import place, prepare
 from planner.report import format_plan
-from planner.solver import SolveOptions
+from planner.solve.predict import predict
+from planner.solve.solver import SolveOptions
 from proto.slo import SLOSpec
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, make_inputs
 

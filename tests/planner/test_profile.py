@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from deploy.cli import main
-from planner.latency import LatencyTable, Profile
-from planner.models import resolve_model
-from planner.profile import fit_nonnegative, profile_engine
+from planner.latency.models import resolve_model
+from planner.latency.profile import fit_nonnegative, profile_engine
+from planner.latency.roofline import LatencyTable, Profile
 from tests.checkpoints import make_checkpoint
 
 
@@ -77,7 +77,7 @@ def test_profile_command_writes_a_usable_profile(wide_model, tmp_path, capsys):
 def test_profiler_times_the_right_quantities(wide_model, monkeypatch):
     """With step times made up from what each step computed, the fit returns them exactly:
     the profiler counts prompt tokens, context tokens and batch sizes as the model means."""
-    from planner import profile as profile_module
+    from planner.latency import profile as profile_module
 
     def fake_timed_step(engine):
         out = engine.schedule()

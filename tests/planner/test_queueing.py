@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner import queueing
+from planner.solve import queueing
 
 
 def test_mm1_tail_is_exact():

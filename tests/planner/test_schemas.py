@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from planner.gpus import GPU_TYPES
-from planner.models import ARCHITECTURES, resolve_model
-from planner.workload import WorkloadSpec, load_trace
+from planner.latency.gpus import GPU_TYPES
+from planner.latency.models import ARCHITECTURES, resolve_model
+from planner.simulate.workload import WorkloadSpec, load_trace
 from proto.cluster import ClusterSpec
 from proto.plan import (
     Calibration,

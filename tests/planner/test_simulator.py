@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner import queueing
-from planner.capacity import InstanceOption
-from planner.gpus import node_hardware
-from planner.latency import Coefficients
-from planner.models import ARCHITECTURES
-from planner.planning import place, prepare, simulate
-from planner.predict import predict
-from planner.simulator import Simulator
-from planner.solver import SolveOptions
-from planner.workload import Requests
+from planner.evaluate import simulate
+from planner.latency.gpus import node_hardware
+from planner.latency.models import ARCHITECTURES
+from planner.latency.roofline import Coefficients
+from planner.problem import place, prepare
+from planner.simulate.simulator import Simulator
+from planner.simulate.workload import Requests
+from planner.solve import queueing
+from planner.solve.capacity import InstanceOption
+from planner.solve.predict import predict
+from planner.solve.solver import SolveOptions
 from proto.cluster import ClusterSpec, NodeSpec
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, SLO, make_inputs
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from planner import queueing
-from planner.workload import LengthDist, WorkloadSpec, dispersion_index, load_trace
+from planner.simulate.workload import LengthDist, WorkloadSpec, dispersion_index, load_trace
+from planner.solve import queueing
 
 LENGTHS = {
     "input_tokens": {"distribution": "fixed", "value": 100},

@@ -9,7 +9,7 @@ placement::
     source --prefill capacity--> P_n --intra-node--> D_n --decode capacity--> sink
                                  P_n --NIC out--> O_n --link--> I_m --NIC in--> D_m
 
-The MILP (planner/milp.py) states this network as constraints; max_served_rate solves it
+The MILP (planner/solve/milp.py) states this network as constraints; max_served_rate solves it
 combinatorially for a fixed placement, which is how enumeration and the baseline score
 placements without the MILP.
 """
@@ -20,7 +20,7 @@ import math
 from collections import deque
 from dataclasses import dataclass
 
-from planner.gpus import NodeHardware
+from planner.latency.gpus import NodeHardware
 from proto.cluster import ClusterSpec
 
 # Transfers queue on a busy link and the wait lands in TPOT: at half load a transfer

@@ -43,9 +43,9 @@ def register(plan: argparse.ArgumentParser) -> None:
 def run_latency(args: argparse.Namespace) -> int:
     from dataclasses import asdict
 
-    from planner.gpus import gpu_spec, node_hardware
-    from planner.latency import LatencyTable, Profile
-    from planner.models import resolve_model
+    from planner.latency.gpus import gpu_spec, node_hardware
+    from planner.latency.models import resolve_model
+    from planner.latency.roofline import LatencyTable, Profile
     from proto.cluster import NodeSpec
 
     model = resolve_model(args.model, args.dtype)
@@ -106,7 +106,7 @@ def _positive(flag: str, value: int) -> None:
 
 
 def _check_parallelism(model, tp: int, pp: int) -> None:
-    """The rule planner/capacity.py plans by: tp splits the query heads and splits (or
+    """The rule planner/solve/capacity.py plans by: tp splits the query heads and splits (or
     replicates) the KV heads evenly; a stage holds at least one layer."""
     _positive("--tp", tp)
     _positive("--pp", pp)

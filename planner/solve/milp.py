@@ -19,7 +19,7 @@ Constraints::
     rate = sum_n (l[n] + s[n])
 
 Objectives: goodput maximises rate; cost minimises sum cost(o) x[n,o] with rate >= target.
-Capacities are each instance's SLO-feasible throughput (planner/capacity.py), so a load
+Capacities are each instance's SLO-feasible throughput (planner/solve/capacity.py), so a load
 split in proportion to them meets the SLO everywhere. Identical nodes are interchangeable;
 ordering their prefill GPU counts removes most of that symmetry from the search.
 """
@@ -31,10 +31,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import pairwise
 
-from planner.capacity import InstanceOption
-from planner.gpus import NodeHardware
-from planner.network import Traffic, merge_routes, split_hub_traffic
-from planner.solver import SolveOptions, solve
+from planner.latency.gpus import NodeHardware
+from planner.solve.capacity import InstanceOption
+from planner.solve.network import Traffic, merge_routes, split_hub_traffic
+from planner.solve.solver import SolveOptions, solve
 from proto.cluster import ClusterSpec
 from proto.plan import SolverInfo
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
-from planner.gpus import GPUSpec, NodeHardware
+from planner.latency.gpus import GPUSpec, NodeHardware
 from proto.kv import DTYPE_BYTES
 from proto.model_spec import ModelSpec
 from proto.schema import as_int, as_list, as_number, as_str, check_keys, dump_document, load_document

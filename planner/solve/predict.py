@@ -2,7 +2,7 @@
 
 Load is spread as the routes say, and inside a node over its instances in proportion to
 their capacities (what the router's least-loaded choice approximates). Each prefill
-instance is the queue of planner/queueing.py; each decode instance runs the batch
+instance is the queue of planner/solve/queueing.py; each decode instance runs the batch
 queueing.decode_batch_pmf gives, with TPOT the step time of that batch (G/G/1 and a wider
 batch for bursty arrivals). The router pools the prefill queues, so each prefill instance
 waits as one of a pool of as many servers as the placement has prefill instances. An
@@ -20,9 +20,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from planner import queueing
-from planner.capacity import InstanceOption, WorkloadStats, decode_tpot_exceed, prefill_service_s
-from planner.milp import Placement
+from planner.solve import queueing
+from planner.solve.capacity import InstanceOption, WorkloadStats, decode_tpot_exceed, prefill_service_s
+from planner.solve.milp import Placement
 from proto.plan import Metrics
 from proto.slo import SLOSpec
 

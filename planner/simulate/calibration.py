@@ -1,12 +1,12 @@
 """Calibrate the capacity model by the simulator: factors per role from short simulations.
 
-The queueing model (planner/capacity.py) sizes every instance in closed form: a pooled
+The queueing model (planner/solve/capacity.py) sizes every instance in closed form: a pooled
 queue of prefill servers that prefill one prompt at a time, a decode batch kept within its
 slots. The simulator runs the engine's scheduler behind the router: queued prompts share one
 step and its fixed cost, decode admits into whatever room its KV has, and a request's TTFT
 holds both its wait for prefill and its wait for decode room. This module measures, on a
 placement the MILP proposes, what each role serves in simulation when the other costs
-nothing, and scales that role's options by simulated over modelled; planning.calibrate
+nothing, and scales that role's options by simulated over modelled; evaluate.calibrate
 runs the rounds (the MILP proposes, the simulator measures, the MILP solves again):
 
     options --MILP--> placement --simulate prefill alone--> f_prefill = simulated / modelled
@@ -37,11 +37,11 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from planner.capacity import InstanceOption
-from planner.latency import Coefficients
-from planner.milp import Placement
-from planner.simulator import SimResult, Simulator
-from planner.workload import Requests
+from planner.latency.roofline import Coefficients
+from planner.simulate.simulator import SimResult, Simulator
+from planner.simulate.workload import Requests
+from planner.solve.capacity import InstanceOption
+from planner.solve.milp import Placement
 
 BRACKET_STEP = 1.25
 SEARCH_STEPS = 4  # bisection steps after the bracket: within 25% / 2^4, about 1.5%

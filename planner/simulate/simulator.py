@@ -9,7 +9,7 @@ A request's way through the simulation (the router's story, architecture.md)::
            -> KV transfer over the node's GPU link, or NIC -> NIC (each FIFO at its bandwidth)
            -> decode admits it into the running batch -> decode steps -> finished
 
-Every instance runs the engine's Scheduler (planner/sim_instance.py); a step lasts what
+Every instance runs the engine's Scheduler (planner/simulate/instance.py); a step lasts what
 the latency model says for what the scheduler put in it. TPOT of a request is the time
 from its first token to its last over the tokens after the first, so transfer and
 admission waits count against TPOT, as a client sees them.
@@ -26,10 +26,10 @@ import numpy as np
 
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
-from planner.capacity import InstanceOption
-from planner.gpus import NodeHardware
-from planner.sim_instance import SimInstance
-from planner.workload import Requests
+from planner.latency.gpus import NodeHardware
+from planner.simulate.instance import SimInstance
+from planner.simulate.workload import Requests
+from planner.solve.capacity import InstanceOption
 from proto.cluster import ClusterSpec
 from proto.model_spec import ModelSpec
 from proto.plan import Metrics

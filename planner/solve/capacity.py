@@ -4,7 +4,7 @@ An option is a (node hardware, role, tp, pp) with its latency coefficients, KV c
 and SLO-feasible throughput:
 
 - prefill: the highest Poisson rate at which the SLO's TTFT percentile holds (M/G/1 over
-  the workload's prompt lengths, planner/queueing.py);
+  the workload's prompt lengths, planner/solve/queueing.py);
 - decode: the highest rate at which the batch that the rate builds up stays within the
   TPOT target and the KV memory. The batch is random (a negative binomial, see
   queueing.decode_batch_pmf) and is taken at the SLO's TPOT percentile, because a
@@ -21,9 +21,9 @@ from typing import Any
 
 import numpy as np
 
-from planner import queueing
-from planner.gpus import NodeHardware
-from planner.latency import Coefficients, LatencyTable
+from planner.latency.gpus import NodeHardware
+from planner.latency.roofline import Coefficients, LatencyTable
+from planner.solve import queueing
 from proto.model_spec import ModelSpec
 from proto.slo import SLOSpec
 
@@ -91,7 +91,7 @@ class InstanceOption:
     # Prefill: the number of prefill instances whose pooled queue capacity_rps assumes (the
     # router sends each prompt to the least loaded one); a placement with fewer is refused.
     pool_size: int = 1
-    # Simulated over modelled capacity of the role (planner/calibration.py), already in
+    # Simulated over modelled capacity of the role (planner/simulate/calibration.py), already in
     # capacity_rps; the forecast's queue formulas see an instance's rate divided by it.
     calibration: float = 1.0
 
@@ -265,7 +265,7 @@ def enumerate_options(
     """Every (role, tp, pp <= max_pp) that fits each hardware, up to its largest node's GPU count,
     and whose step times are known (has_latency: cpu devices take the profile's (tp, pp) only).
 
-    A node hosts an option when tp x pp is at most its GPU count (planner/milp.py:
+    A node hosts an option when tp x pp is at most its GPU count (planner/solve/milp.py:
     power-of-two instances pack whenever their GPUs add up). Options with zero capacity are
     dropped.
     """

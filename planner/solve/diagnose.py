@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from planner.capacity import PARALLEL_SIZES, InstanceOption, WorkloadStats, fits, has_latency, prefill_service_s
-from planner.gpus import GPU_SPECS, NodeHardware
-from planner.latency import LatencyTable
-from planner.network import Traffic
+from planner.latency.gpus import GPU_SPECS, NodeHardware
+from planner.latency.roofline import LatencyTable
+from planner.solve.capacity import PARALLEL_SIZES, InstanceOption, WorkloadStats, fits, has_latency, prefill_service_s
+from planner.solve.network import Traffic
 from proto.cluster import ClusterSpec
 from proto.model_spec import ModelSpec
 from proto.slo import SLOSpec

@@ -27,7 +27,7 @@ branching on single ranges wanders among the many near-equal ways to chain the s
 
 A stage of k of the model's L layers gets k / L of the TTFT and TPOT targets, so a chain
 of stages meets the whole target; its capacity is the single-instance model
-(planner/capacity.py) with the latency coefficients scaled by k / L.
+(planner/solve/capacity.py) with the latency coefficients scaled by k / L.
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 
-from planner import queueing
-from planner.capacity import (
+from planner.latency.gpus import NodeHardware
+from planner.latency.roofline import Coefficients, LatencyTable
+from planner.solve import queueing
+from planner.solve.capacity import (
     WorkloadStats,
     decode_limits,
     decode_load,
@@ -48,10 +50,8 @@ from planner.capacity import (
     prefill_service_s,
     valid_parallelism,
 )
-from planner.gpus import NodeHardware
-from planner.latency import Coefficients, LatencyTable
-from planner.network import BANDWIDTH_UTILIZATION
-from planner.solver import SolveOptions, solve
+from planner.solve.network import BANDWIDTH_UTILIZATION
+from planner.solve.solver import SolveOptions, solve
 from proto.cluster import ClusterSpec
 from proto.model_spec import ModelSpec
 from proto.plan import LayerStage, Metrics, SolverInfo

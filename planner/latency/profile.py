@@ -3,11 +3,11 @@
 The engine runs one step at a time (engine.LLMEngine): a prompt of T tokens alone in a
 step times prefill(T); a batch of B sequences, each with its prompt already in the cache,
 times decode steps over K context tokens in all. Medians of a few runs are fitted by
-non-negative least squares to the form planner/latency.py uses:
+non-negative least squares to the form planner/latency/roofline.py uses:
 
     prefill ms = a + b T + c T^2          decode ms = A + B K + C batch
 
-On a CPU the device is one core (planner/gpus.py: gpu_type cpu), so the profile binds
+On a CPU the device is one core (planner/latency/gpus.py: gpu_type cpu), so the profile binds
 itself to `cores` cores (one unless told) with as many compute threads, and files the
 entry under gpu_type cpu; measured on all of a machine's cores it would describe a device
 that no cluster file counts.
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from planner.latency import Coefficients, Profile, ProfileEntry
+from planner.latency.roofline import Coefficients, Profile, ProfileEntry
 
 DECODE_STEPS = 4  # decode steps timed per (batch, context)
 # torch device name fragments -> GPU table names (more specific fragments first).

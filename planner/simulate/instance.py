@@ -19,7 +19,7 @@ from collections import deque
 from engine.block_manager import BlockManager
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import Sequence
-from planner.capacity import InstanceOption
+from planner.solve.capacity import InstanceOption
 
 
 def step_ms(option: InstanceOption, out: SchedulerOutput) -> float:

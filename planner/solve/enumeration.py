@@ -1,7 +1,7 @@
 """Placements found without the MILP: exhaustive search (small clusters) and a baseline.
 
 exhaustive_placement tries every multiset of options on every node and scores each
-combination by max-flow (planner/network.py): the ground truth the MILP is tested against.
+combination by max-flow (planner/solve/network.py): the ground truth the MILP is tested against.
 
 distserve_placement is what DistServe's placement search does on one GPU type, applied to
 each kind of node of a mixed cluster on its own: it enumerates a node-sized unit (some
@@ -17,10 +17,10 @@ import itertools
 from collections import defaultdict
 from collections.abc import Iterator
 
-from planner.capacity import InstanceOption
-from planner.gpus import NodeHardware
-from planner.milp import Placement, compatible_options
-from planner.network import Traffic, max_served_rate
+from planner.latency.gpus import NodeHardware
+from planner.solve.capacity import InstanceOption
+from planner.solve.milp import Placement, compatible_options
+from planner.solve.network import Traffic, max_served_rate
 from proto.cluster import ClusterSpec
 from proto.plan import SolverInfo
 

@@ -198,7 +198,7 @@ class WorkloadSpec:
         return (trace or load_trace(self.trace)).rate_rps / (self.time_scale or 1.0)
 
     def arrival_cv2(self, trace: Trace | None = None) -> float:
-        """Burstiness of the arrivals as the queueing model takes it (planner/queueing.py): the
+        """Burstiness of the arrivals as the queueing model takes it (planner/solve/queueing.py): the
         squared coefficient of variation of the gaps, cv^2 (1 for Poisson); for a trace, its
         index of dispersion, which a time scale or a rescaled rate leaves unchanged."""
         if self.trace is None:
