@@ -27,15 +27,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
 from engine import EngineConfig, LLMEngine
-from engine.engine_loop import MAX_TOMBSTONES, EngineLoop, RequestAborted
+from engine.engine_loop import EngineLoop, RequestAborted
 from kv_transfer import KVReceiver, Transfer, TransferState
 from proto.serving import GenerateRequest, KVHandle, TokenDelta, WorkerStats
 
@@ -71,7 +71,7 @@ def expect_part(
     """Register one rank's part with its receiver; the future resolves to its Settled."""
     settled: Future[Settled] = Future()
     transfer = receiver.expect(
-        request_id, block_ids, timeout_s, on_release=lambda _ids: settled.set_result((transfer.state, transfer.error))
+        request_id, block_ids, timeout_s, on_release=lambda: settled.set_result((transfer.state, transfer.error))
     )
 
     def on_done(t: Transfer) -> None:
@@ -91,22 +91,34 @@ def outcome(part: Future[Settled]) -> Settled:
         return TransferState.FAILED, f"tensor-parallel rank lost: {exc}"
 
 
-@dataclass
-class _Reserved:
-    """A reserved request's KV, arriving in one part per rank (rank 0's first)."""
+class DecodeState(StrEnum):
+    """Where a request is on a decode worker before it runs (its _Decode record); once admitted
+    the engine owns it and the record goes."""
 
-    transfer: Transfer  # rank 0's part
-    parts: list[Future[Settled]]  # every rank's Settled future, rank 0's included
+    WAITING = "waiting"  # queued for a batch slot and blocks (request_blocks)
+    RECEIVING = "receiving"  # blocks registered with every rank's receiver: the KV arriving
+    DROPPED = "dropped"  # will never run: every part stopped, blocks freed once all settle
+
+
+@dataclass
+class _Decode:
+    """The one record a decode worker (rank 0) keeps per request until it runs or its blocks
+    are freed; its KV arrives in one part per rank (rank 0's first)."""
+
+    state: DecodeState = DecodeState.WAITING
+    transfer: Transfer | None = None  # rank 0's part, once RECEIVING
+    parts: list[Future[Settled]] = field(default_factory=list)  # every rank's Settled, rank 0's first
     ports: list[RankPort] = field(default_factory=list)  # followers with a part to cancel
-    aborted: bool = False  # will never be admitted: free the blocks once all parts settle
     released: bool = False  # the blocks were given back to the engine
     kv_ready: Future = field(default_factory=Future)  # set once every part is DONE or one failed
 
     def settled(self) -> bool:
-        return all(p.done() for p in self.parts)
+        return bool(self.parts) and all(p.done() for p in self.parts)
 
     def failure(self) -> str | None:
         """Why some part failed (rank 0's seen at once, the others' once settled); None if none did."""
+        if self.transfer is None:
+            return None
         states = [(self.transfer.state, self.transfer.error)]
         states += [outcome(p) if p.done() else (TransferState.PENDING, None) for p in self.parts[1:]]
         for rank, (state, error) in enumerate(states):
@@ -142,8 +154,7 @@ class DecodeWorker:
         self._followers: list[RankPort] = []
         self._pool = ThreadPoolExecutor(max(1, self.tp_size - 1), thread_name_prefix="decode-rank-port")
         self._lock = threading.Lock()
-        self._reserved: dict[str, _Reserved] = {}  # reserved, not admitted yet
-        self._tombstones: OrderedDict[str, None] = OrderedDict()  # aborted before register() tracked them
+        self._requests: dict[str, _Decode] = {}  # from request_blocks() until admitted or dropped
 
     @property
     def endpoint(self) -> str:
@@ -167,22 +178,60 @@ class DecodeWorker:
         max_waiting requests wait already."""
         if len(self._followers) != self.tp_size - 1:
             raise RuntimeError(f"the worker's {self.tp_size - 1} follower ranks are not attached yet")
-        return self.loop.reserve(request.request_id, list(request.prompt_token_ids), request.params)
+        request_id = request.request_id
+        record = _Decode()
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request id {request_id!r} is already in use")
+            self._requests[request_id] = record
+        try:
+            granted = self.loop.reserve(request_id, list(request.prompt_token_ids), request.params)
+        except BaseException:
+            self._forget(request_id, record)
+            raise
+
+        def on_granted(f: Future) -> None:  # under the loop's lock: no calls back into it
+            if f.cancelled() or f.exception() is not None:
+                self._forget(request_id, record)  # no blocks, no record
+
+        granted.add_done_callback(on_granted)
+        return granted
+
+    def _forget(self, request_id: str, record: _Decode) -> None:
+        with self._lock:
+            if self._requests.get(request_id) is record:
+                del self._requests[request_id]
 
     def register(self, request_id: str, block_ids: list[int]) -> KVHandle:
         """Register granted blocks with every rank's KV receiver; returns where prefill must push."""
+        with self._lock:
+            record = self._requests.get(request_id)
+        if record is None:
+            raise TransferFailed(f"{request_id} was never given blocks here")
         transfer, settled = expect_part(self.receiver, request_id, block_ids, self.transfer_timeout_s)
-        record = _Reserved(transfer, [settled])
+        parts, ports = [settled], []
         # Every rank registers at once: a round trip per request, not one per rank.
         calls = [self._pool.submit(p.expect, request_id, block_ids, self.transfer_timeout_s) for p in self._followers]
         error = None
         for port, call in zip(self._followers, calls, strict=True):
             try:
-                record.parts.append(call.result())
-                record.ports.append(port)
+                parts.append(call.result())
+                ports.append(port)
             except BaseException as exc:  # keep collecting: the parts that did register must be cancelled
                 error = error or exc
-        if not self._track(request_id, record):
+        with self._lock:
+            record.transfer, record.parts, record.ports = transfer, parts, ports
+            aborted = record.state is DecodeState.DROPPED
+            if aborted:
+                self._requests.pop(request_id, None)
+            else:
+                record.state = DecodeState.RECEIVING
+        for part in parts:
+            part.add_done_callback(lambda _f: self._part_settled(request_id, record))
+        # Rank 0's failure is known before its blocks are let go: wake the waiters at once.
+        transfer.add_done_callback(lambda _t: self._part_settled(request_id, record))
+        if aborted:
+            self._drop(request_id, record)
             raise RequestAborted(f"{request_id} was aborted while its blocks were being registered")
         if error is not None:
             self.abort(request_id)  # the parts registered are cancelled, then the blocks freed
@@ -191,38 +240,24 @@ class DecodeWorker:
             raise TransferFailed(f"could not register {request_id}'s blocks on every rank: {error}") from error
         return KVHandle(request_id, (self.endpoint,) + tuple(p.endpoint for p in self._followers))
 
-    def _track(self, request_id: str, record: _Reserved) -> bool:
-        """Keep the record; False (and the record dropped) when the request was aborted meanwhile."""
-        with self._lock:
-            aborted = request_id in self._tombstones
-            if aborted:
-                del self._tombstones[request_id]
-            else:
-                self._reserved[request_id] = record
-        for part in record.parts:
-            part.add_done_callback(lambda _f: self._part_settled(request_id, record))
-        # Rank 0's failure is known before its blocks are let go: wake the waiters at once.
-        record.transfer.add_done_callback(lambda _t: self._part_settled(request_id, record))
-        if aborted:
-            self._drop(request_id, record)
-        return not aborted
-
-    def _part_settled(self, request_id: str, record: _Reserved) -> None:
+    def _part_settled(self, request_id: str, record: _Decode) -> None:
         """Runs on whatever thread ended or settled a part (possibly under a receiver's lock: no
         calls back). A failed request keeps its record (admit reports the failure) but gets its
         blocks freed once every part is settled."""
         with self._lock:
             if not record.kv_ready.done() and (record.settled() or record.failure()):
                 record.kv_ready.set_result(None)
-            if record.released or not record.settled() or not (record.aborted or record.failure()):
+            dropped = record.state is DecodeState.DROPPED
+            if record.released or not record.settled() or not (dropped or record.failure()):
                 return
             record.released = True
         self.loop.release_soon(request_id)
 
-    def _drop(self, request_id: str, record: _Reserved) -> None:
-        """A reserved request that will never run: stop every part, free once all settled."""
+    def _drop(self, request_id: str, record: _Decode) -> None:
+        """A registered request that will never run: stop every part, free once all settled."""
         with self._lock:
-            record.aborted = True
+            record.state = DecodeState.DROPPED
+        assert record.transfer is not None
         record.transfer.cancel("request aborted")  # no effect on a settled part
         for port in record.ports:
             port.cancel(request_id, "request aborted")
@@ -231,7 +266,9 @@ class DecodeWorker:
     def transfer_of(self, request_id: str) -> Transfer:
         """Rank 0's part of a reserved request's transfer."""
         with self._lock:
-            return self._reserved[request_id].transfer
+            transfer = self._requests[request_id].transfer
+        assert transfer is not None, f"{request_id}'s blocks are not registered yet"
+        return transfer
 
     def wait_kv(self, request_id: str, timeout_s: float | None = None) -> bool:
         """Block until every part is DONE or some part failed; False if timeout_s passed first."""
@@ -250,14 +287,18 @@ class DecodeWorker:
         if record is not None:  # shield: a cancelled waiter must not cancel kv_ready itself
             await asyncio.shield(asyncio.wrap_future(record.kv_ready))
 
-    def _record(self, request_id: str) -> _Reserved | None:
+    def _record(self, request_id: str) -> _Decode | None:
         with self._lock:
-            return self._reserved.get(request_id)
+            return self._requests.get(request_id)
 
     def admit(self, request_id: str, first_token_id: int, on_delta: Callable[[TokenDelta], None]) -> None:
         """Call once wait_kv(request_id) returned; starts streaming."""
         with self._lock:
-            record = self._reserved.pop(request_id, None)
+            record = self._requests.get(request_id)
+            if record is not None and record.state is DecodeState.RECEIVING:
+                del self._requests[request_id]
+            else:
+                record = None
         if record is None:
             raise TransferFailed(f"{request_id} was aborted before it was admitted")
         if not record.settled() or record.failure():
@@ -276,21 +317,24 @@ class DecodeWorker:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            record = self._reserved.pop(request_id, None)
-            if record is None:  # perhaps granted blocks not registered yet: register() drops them
-                self._tombstones[request_id] = None
-                while len(self._tombstones) > MAX_TOMBSTONES:
-                    self._tombstones.popitem(last=False)
+            record = self._requests.get(request_id)
+            registered = record is not None and record.state is DecodeState.RECEIVING
+            if record is not None:
+                if registered:
+                    del self._requests[request_id]
+                record.state = DecodeState.DROPPED  # WAITING: register() drops it, if granted
         self.loop.abort(request_id)
-        if record is not None:
+        if registered:
+            assert record is not None
             self._drop(request_id, record)
-        # else: running (the engine freed its blocks), finished, or unknown
+        # else: waiting (the loop fails its grant, or register() drops it), running (the
+        # engine freed its blocks), finished, or unknown
 
     def stats(self) -> WorkerStats:
         """Raises Unavailable once the engine broke: the router then stops picking this worker."""
         self.loop.check_running()
         with self._lock:
-            num_transfers = len(self._reserved)
+            num_transfers = sum(r.state is DecodeState.RECEIVING for r in self._requests.values())
         return self.loop.stats(num_transfers)
 
     def close(self) -> None:

@@ -136,7 +136,7 @@ class KVReceiver:
         transfer_id: str,
         dst_block_ids: Sequence[int],
         timeout_s: float,
-        on_release: Callable[[tuple[int, ...]], None] | None = None,
+        on_release: Callable[[], None] | None = None,
     ) -> Transfer:
         """Register blocks reserved for a request's KV; senders may write them once they Begin.
 

@@ -133,7 +133,7 @@ class KVSender:
         src_block_ids: Sequence[int],
         endpoints: Sequence[str],
         timeout_s: float,
-        on_release: Callable[[tuple[int, ...]], None] | None = None,
+        on_release: Callable[[], None] | None = None,
     ) -> Transfer:
         """Begin moving a request's KV from `src_block_ids` to the decode group at `endpoints`.
 

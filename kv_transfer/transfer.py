@@ -48,16 +48,16 @@ class Transfer:
       request (never released here). On FAILED or CANCELLED they are released once no
       sender can write them any more; until then they must stay reserved.
 
-    `on_release(block_ids)` runs once when the blocks are handed back, on a kv_transfer
-    thread (or inside start() for a transfer that fails there): keep it short, e.g. enqueue
-    the ids to the block manager's thread.
+    `on_release()` runs once when the blocks are handed back, on a kv_transfer thread (or
+    inside start() for a transfer that fails there): keep it short, e.g. enqueue the request
+    to the block manager's thread. The owner knows which blocks: it named them.
     """
 
     def __init__(
         self,
         transfer_id: str,
         block_ids: tuple[int, ...],
-        on_release: Callable[[tuple[int, ...]], None] | None,
+        on_release: Callable[[], None] | None,
         cancel: Callable[[str, str], None],
     ):
         self.transfer_id = transfer_id
@@ -168,7 +168,7 @@ class Transfer:
         assert self._state.is_terminal and not self._released
         try:
             if self._on_release is not None:
-                self._on_release(self.block_ids)
+                self._on_release()
         finally:
             with self._cond:
                 self._released = True

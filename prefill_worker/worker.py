@@ -10,7 +10,8 @@ A request's lifecycle on a prefill worker:
  5. the transfer ends (done, failed, cancelled or past its deadline) and gives the blocks
     back through on_release, which frees them on the engine thread.
 An abort before step 2 frees the blocks at once; after it, it cancels the transfer and
-the blocks come back through step 5.
+the blocks come back through step 5. The worker keeps one record per request (_Prefill,
+its state a PrefillState) from step 1 until the blocks are freed.
 
 With tensor parallelism the worker is tp processes. Rank 0 (PrefillWorker) schedules;
 the transfers that start in a step travel with it to the other ranks (PrefillFollower),
@@ -24,6 +25,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from enum import StrEnum
+from functools import partial
 from pathlib import Path
 
 from engine import EngineConfig, LLMEngine
@@ -52,7 +55,7 @@ def start_transfers(
     """Start this rank's part of each transfer; returns the per-layer push hook and the transfers."""
     transfers = {
         s.request_id: sender.start(
-            s.request_id, s.block_ids, s.endpoints, timeout_s, on_release=_released(on_release, s.request_id)
+            s.request_id, s.block_ids, s.endpoints, timeout_s, on_release=partial(on_release, s.request_id)
         )
         for s in starts
     }
@@ -65,9 +68,24 @@ def start_transfers(
     return push, transfers
 
 
-def _released(on_release: Callable[[str], None], request_id: str) -> Callable[[tuple[int, ...]], None]:
-    """A transfer's on_release that tells `on_release` which request's blocks came back."""
-    return lambda _block_ids: on_release(request_id)
+class PrefillState(StrEnum):
+    """Where a request is on a prefill worker (its _Prefill record); the record goes once its
+    blocks are freed."""
+
+    QUEUED = "queued"  # in the engine, computing its prompt; no transfer yet
+    STARTING = "starting"  # its final chunk is scheduled: the transfer is being started
+    SENDING = "sending"  # every rank's part of the transfer started, and holds the blocks
+
+
+@dataclass
+class _Prefill:
+    """The one record a prefill worker keeps per request, beside the engine's sequence."""
+
+    handle: KVHandle  # where the KV goes
+    state: PrefillState = PrefillState.QUEUED
+    transfer: Transfer | None = None  # rank 0's part, once SENDING
+    parts_left: int = 0  # ranks whose part still holds the blocks (STARTING and SENDING)
+    aborted: bool = False  # cancel the transfer as soon as it exists
 
 
 class PrefillWorker:
@@ -88,12 +106,7 @@ class PrefillWorker:
         self.transfer_timeout_s = transfer_timeout_s
         self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret)
         self._lock = threading.Lock()
-        self._pending: dict[str, KVHandle] = {}  # submitted, transfer not started yet
-        self._transfers: dict[str, Transfer] = {}  # rank 0's part started, blocks not released yet
-        self._parts_left: dict[str, int] = {}  # ranks whose part still holds the blocks
-        # Aborted while their transfer was being started (between _before_run's two critical
-        # sections): cancelled as soon as the transfer object exists.
-        self._cancel_on_start: set[str] = set()
+        self._requests: dict[str, _Prefill] = {}  # from prefill() until the blocks are freed
         self.loop = EngineLoop(self.engine, before_run=self._before_run)
 
     @property
@@ -117,62 +130,73 @@ class PrefillWorker:
                 on_done(PrefillResult(request_id, delta.token_ids[0]))
 
         with self._lock:
-            self._pending[request_id] = handle
+            self._requests[request_id] = _Prefill(handle)
         try:
             self.loop.submit(request_id, list(request.prompt_token_ids), first_only, on_delta, hold_blocks=True)
         except BaseException:
             with self._lock:
-                self._pending.pop(request_id, None)
+                self._requests.pop(request_id, None)
             raise
 
     def abort(self, request_id: str) -> None:
         with self._lock:
-            not_started = self._pending.pop(request_id, None) is not None
-            transfer = self._transfers.get(request_id)
-            if not not_started and transfer is None and request_id in self._parts_left:
-                self._cancel_on_start.add(request_id)
+            record = self._requests.get(request_id)
+            if record is not None:
+                record.aborted = True
+                if record.state is PrefillState.QUEUED:
+                    del self._requests[request_id]
         self.loop.abort(request_id)
-        if not_started:
+        if record is None:
+            return  # unknown, or its blocks are freed already
+        if record.state is PrefillState.QUEUED:
             self.loop.release_soon(request_id)  # nothing ever read the blocks
-        elif transfer is not None:
-            transfer.cancel("request aborted")  # blocks come back through on_release
+        elif record.transfer is not None:
+            record.transfer.cancel("request aborted")  # blocks come back through release_part
+        # STARTING: _before_run cancels the transfer once it exists
 
     def _before_run(self, out: SchedulerOutput) -> tuple[Callable[[int], None] | None, list[TransferStart] | None]:
         """Runs on the engine thread: start the transfers of prompts this step completes."""
         starts = []
         with self._lock:
             for item in out.scheduled:
-                handle = self._pending.pop(item.seq.request_id, None) if item.samples else None
-                if handle is not None:
-                    starts.append(TransferStart(item.seq.request_id, tuple(item.seq.block_ids), handle.endpoints))
-                    self._parts_left[item.seq.request_id] = self.tp_size
+                record = self._requests.get(item.seq.request_id) if item.samples else None
+                if record is not None and record.state is PrefillState.QUEUED:
+                    record.state, record.parts_left = PrefillState.STARTING, self.tp_size
+                    seq = item.seq
+                    starts.append(TransferStart(seq.request_id, tuple(seq.block_ids), record.handle.endpoints))
         if not starts:
             return None, None
         hook, transfers = start_transfers(self.sender, starts, self.transfer_timeout_s, self.release_part)
+        cancelled = []
         with self._lock:
-            self._transfers.update((r, t) for r, t in transfers.items() if r in self._parts_left)
-            cancelled = [transfers[r] for r in self._cancel_on_start & transfers.keys()]
-            self._cancel_on_start -= transfers.keys()
+            for request_id, transfer in transfers.items():
+                record = self._requests.get(request_id)
+                if record is None:  # every part released already (a transfer that failed at once)
+                    continue
+                record.state, record.transfer = PrefillState.SENDING, transfer
+                if record.aborted:
+                    cancelled.append(transfer)
         for transfer in cancelled:
-            transfer.cancel("request aborted")  # blocks come back through on_release
+            transfer.cancel("request aborted")  # blocks come back through release_part
         return hook, starts
 
     def release_part(self, request_id: str) -> None:
         """One rank's part of a transfer let go of the blocks; the last one frees them."""
         with self._lock:
-            left = self._parts_left.get(request_id, 0) - 1
-            if left > 0:
-                self._parts_left[request_id] = left
+            record = self._requests.get(request_id)
+            if record is None or record.parts_left <= 0:
                 return
-            self._parts_left.pop(request_id, None)
-            self._transfers.pop(request_id, None)
+            record.parts_left -= 1
+            if record.parts_left > 0:
+                return
+            del self._requests[request_id]
         self.loop.release_soon(request_id)
 
     def stats(self) -> WorkerStats:
         """Raises Unavailable once the engine broke: the router then stops picking this worker."""
         self.loop.check_running()
         with self._lock:
-            num_transfers = len(self._transfers)
+            num_transfers = sum(r.state is not PrefillState.QUEUED for r in self._requests.values())
         return self.loop.stats(num_transfers)
 
     def close(self) -> None:

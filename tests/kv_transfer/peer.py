@@ -93,7 +93,7 @@ class Node:
         self, name: str, transfer_id: str, block_ids: list[int], timeout_s: float, scribble: bool = False
     ) -> None:
         self.transfers[transfer_id] = self.ends[name].expect(
-            transfer_id, block_ids, timeout_s, self._on_release(name, transfer_id, scribble)
+            transfer_id, block_ids, timeout_s, self._on_release(name, transfer_id, tuple(block_ids), scribble)
         )
 
     def start(
@@ -106,11 +106,15 @@ class Node:
         scribble: bool = False,
     ) -> None:
         self.transfers[transfer_id] = self.ends[name].start(
-            transfer_id, block_ids, endpoints, timeout_s, self._on_release(name, transfer_id, scribble)
+            transfer_id,
+            block_ids,
+            endpoints,
+            timeout_s,
+            self._on_release(name, transfer_id, tuple(block_ids), scribble),
         )
 
-    def _on_release(self, name: str, transfer_id: str, scribble: bool):
-        def on_release(block_ids: tuple[int, ...]) -> None:
+    def _on_release(self, name: str, transfer_id: str, block_ids: tuple[int, ...], scribble: bool):
+        def on_release() -> None:
             # What the blocks held at the moment they were handed back, then (as the block
             # manager's next owner would) overwrite them.
             cache = self.caches[name]

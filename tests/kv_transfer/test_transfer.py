@@ -60,11 +60,11 @@ def test_wait_and_wait_async_see_the_terminal_state():
 
 def test_release_runs_the_callback_once_then_reports_released():
     released = []
-    transfer = make(on_release=released.append)
+    transfer = make(on_release=lambda: released.append("released"))
     transfer._finish(TransferState.CANCELLED, "bye")
     assert not transfer.blocks_released
     transfer._release()
-    assert released == [(3, 4)] and transfer.blocks_released and transfer.wait_released(0)
+    assert released == ["released"] and transfer.blocks_released and transfer.wait_released(0)
 
 
 def test_cancel_goes_to_the_owner():

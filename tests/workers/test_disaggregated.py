@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from decode_worker.worker import DecodeWorker, TransferFailed
+from decode_worker.worker import DecodeState, DecodeWorker, TransferFailed
 from engine import EngineConfig, SamplingParams
 from engine.engine_loop import RequestAborted
 from kv_transfer import TransferState
@@ -156,3 +156,45 @@ def test_an_abort_that_overtakes_reserve_frees_the_blocks_at_once(workers):
     with pytest.raises(RequestAborted):
         decode.request_blocks(GenerateRequest("early", list(range(5, 40)), params))
     assert all_blocks_free(decode)
+
+
+def test_each_worker_keeps_one_record_per_request_until_its_blocks_are_free(workers, tiny_llama_dir):
+    prefill, decode = workers
+    params = SamplingParams(temperature=0.0, max_tokens=6)
+    prompt = list(range(5, 60))
+    request = GenerateRequest("rec", prompt, params)
+    block_ids = decode.request_blocks(request).result(10)
+    assert decode._requests["rec"].state is DecodeState.WAITING  # granted, not registered
+    handle = decode.register("rec", block_ids)
+    assert decode._requests["rec"].state is DecodeState.RECEIVING
+    result = wait_for(lambda cb: prefill.prefill(request, handle, cb))
+    assert decode.wait_kv("rec", 5.0)
+    deltas, finished = [], threading.Event()
+    decode.admit("rec", result.first_token_id, lambda d: (deltas.append(d), d.finished and finished.set()))
+    assert "rec" not in decode._requests  # the engine owns it now
+    assert finished.wait(30)
+    assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, 6)
+    assert all_blocks_free(prefill, decode)
+    assert prefill._requests == {} and decode._requests == {}
+
+    # Aborted while it waits for room: the grant fails and the record goes with it.
+    hogs = [decode.request_blocks(GenerateRequest(f"hog{i}", [9] * 400, params)).result(10) for i in range(2)]
+    waiting = decode.request_blocks(GenerateRequest("waits", [9] * 300, params))  # 19 blocks; 14 are left
+    assert decode._requests["waits"].state is DecodeState.WAITING and not waiting.done()
+    decode.abort("waits")
+    with pytest.raises(RequestAborted):
+        waiting.result(10)
+    assert "waits" not in decode._requests
+    for i, block_ids in enumerate(hogs):
+        decode.register(f"hog{i}", block_ids)
+        decode.abort(f"hog{i}")
+    assert all_blocks_free(decode) and decode._requests == {}
+
+    # Aborted while queued on the prefill side: the record and the blocks go at once.
+    stuck = decode.reserve(GenerateRequest("pq", prompt, params))
+    got: list = []
+    prefill.prefill(GenerateRequest("pq", prompt, params), stuck, got.append)
+    prefill.abort("pq")
+    decode.abort("pq")
+    assert all_blocks_free(prefill, decode)
+    assert prefill._requests == {} and decode._requests == {}
