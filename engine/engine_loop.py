@@ -64,6 +64,9 @@ async def delta_stream(
 
     start(on_delta) begins the request; deltas are yielded until the final one. If the
     caller stops iterating first (client gone, cancelled), stop() aborts the request.
+    Deltas that arrived while the caller was busy are yielded joined (TokenDelta.then): a
+    caller that cannot keep up (a stream crossing Ray, whose every item is an object) gets
+    one item per turn holding every step since, not a backlog of one token each.
     """
     loop = asyncio.get_running_loop()
     queue: asyncio.Queue[TokenDelta] = asyncio.Queue()
@@ -76,6 +79,8 @@ async def delta_stream(
     try:
         while not finished:
             delta = await queue.get()
+            while not delta.finished and not queue.empty():
+                delta = delta.then(queue.get_nowait())
             finished = delta.finished
             yield delta
     finally:

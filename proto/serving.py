@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 from proto.kv import KVLayout
@@ -84,6 +84,19 @@ class TokenDelta:
     def __post_init__(self) -> None:
         if self.finish_reason is not None and not isinstance(self.finish_reason, FinishReason):
             object.__setattr__(self, "finish_reason", FinishReason(self.finish_reason))  # "stop" accepted
+
+    def then(self, later: TokenDelta) -> TokenDelta:
+        """This delta and the next one of the same request as one: their tokens and text in
+        order, the later one's end (a final delta from outside a step counts no prompt)."""
+        if later.request_id != self.request_id:
+            raise ValueError(f"cannot join deltas of {self.request_id} and {later.request_id}")
+        return replace(
+            later,
+            token_ids=self.token_ids + later.token_ids,
+            text=self.text + later.text,
+            num_prompt_tokens=later.num_prompt_tokens or self.num_prompt_tokens,
+            num_cached_tokens=later.num_cached_tokens or self.num_cached_tokens,
+        )
 
 
 def final_delta(request_id: str, reason: FinishReason, error: str | None = None, retryable: bool = True) -> TokenDelta:
