@@ -184,6 +184,8 @@ class EngineLoop:
             out = self.engine.admit(request_id, first_token_id)
             if not out.finished:
                 self._callbacks[request_id] = on_delta
+            else:  # done at its first token (max_tokens 1, a stop token): its slot is free now
+                self._grant_reservations()
             self._work.notify()
         on_delta(to_delta(out))
 
