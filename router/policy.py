@@ -28,10 +28,17 @@ class WorkerView:
     cached: OrderedDict[bytes, None] = field(default_factory=OrderedDict)
     stats: WorkerStats | None = None  # from its last stats call (None before the first)
     alive: bool = True  # False once a stats call failed (dead actor, broken engine); no stats then
+    routed: int = 0  # requests sent to it since its last stats call, which they are not in yet
 
     def update(self, stats: WorkerStats | None) -> None:
         """The outcome of a stats call: the worker's gauges, or None when it did not answer."""
-        self.stats, self.alive = stats, stats is not None
+        self.stats, self.alive, self.routed = stats, stats is not None, 0
+
+    @property
+    def load(self) -> int:
+        """Requests on it or on their way to it, as far as the router knows."""
+        s = self.stats or IDLE
+        return s.num_running + s.num_reserved + s.num_waiting + self.routed
 
     def overlap_blocks(self, hashes: list[bytes]) -> int:
         n = 0
@@ -69,21 +76,23 @@ class RoutingPolicy:
             return self._next(self.decode, "decode")
 
         def score(w: WorkerView):
-            s = w.stats or IDLE
-            return (1.0 - s.kv_usage, -(s.num_running + s.num_reserved + s.num_waiting), w.overlap_blocks(hashes))
+            # KV room first (to a tenth: stats between two calls are the same, so finer
+            # differences would send a whole burst to one worker), then the fewest requests,
+            # then the longest cached prefix.
+            room = round(1.0 - (w.stats or IDLE).kv_usage, 1)
+            return (room, -w.load, w.overlap_blocks(hashes))
 
-        return max(_alive(self.decode, "decode"), key=score)
+        return _routed(max(_alive(self.decode, "decode"), key=score))
 
     def pick_prefill(self, hashes: list[bytes]) -> WorkerView:
         if self.policy == "round_robin":
             return self._next(self.prefill, "prefill")
 
         def score(w: WorkerView):
-            s = w.stats or IDLE
             # A cached block saves a block of compute; a queued request costs about one prompt.
-            return w.overlap_blocks(hashes) - (s.num_waiting + s.num_running) * max(1, len(hashes))
+            return w.overlap_blocks(hashes) - w.load * max(1, len(hashes))
 
-        return max(_alive(self.prefill, "prefill"), key=score)
+        return _routed(max(_alive(self.prefill, "prefill"), key=score))
 
     def _next(self, views: list[WorkerView], role: str) -> WorkerView:
         alive = _alive(views, role)
@@ -101,6 +110,11 @@ IDLE = WorkerStats(
     num_blocks=0,
     num_preemptions=0,
 )
+
+
+def _routed(view: WorkerView) -> WorkerView:
+    view.routed += 1
+    return view
 
 
 def _alive(views: list[WorkerView], role: str) -> list[WorkerView]:

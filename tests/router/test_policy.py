@@ -1,0 +1,52 @@
+"""The routing policy: which worker of each role a request goes to."""
+
+import pytest
+
+from proto.errors import Unavailable
+from proto.serving import WorkerStats
+from router.policy import RoutingPolicy
+
+
+def stats(running=0, free=100, total=100, waiting=0):
+    return WorkerStats(waiting, running, 0, 0, 0, free, total, 0)
+
+
+def test_a_burst_between_two_stats_calls_is_spread_over_the_decode_workers():
+    policy = RoutingPolicy("load", 1, 3, block_size=16)
+    for view in policy.decode:
+        view.update(stats())
+    picks = [policy.pick_decode([]).index for _ in range(12)]
+    assert sorted(picks.count(i) for i in range(3)) == [4, 4, 4]
+    for view in policy.decode:  # the next stats call counts them itself
+        view.update(stats(running=4))
+    assert [v.routed for v in policy.decode] == [0, 0, 0]
+
+
+def test_kv_room_comes_first_then_load_then_the_cached_prefix():
+    policy = RoutingPolicy("load", 1, 3, block_size=16)
+    policy.decode[0].update(stats(running=1, free=20))  # little KV room left
+    policy.decode[1].update(stats(running=5, free=90))
+    policy.decode[2].update(stats(running=2, free=88))
+    assert policy.pick_decode([]).index == 2  # room alike (to a tenth): fewer requests
+    hashes = policy.hashes(list(range(64)))
+    policy.decode[1].remember(hashes)
+    policy.decode[2].update(stats(running=5, free=88))
+    assert policy.pick_decode(hashes).index == 1  # same room, same load: the cached prefix
+
+
+def test_prefill_weighs_the_requests_routed_since_the_last_stats():
+    policy = RoutingPolicy("load", 2, 1, block_size=16)
+    for view in policy.prefill:
+        view.update(stats())
+    hashes = policy.hashes(list(range(64)))
+    assert [policy.pick_prefill(hashes).index for _ in range(4)] == [0, 1, 0, 1]
+
+
+def test_dead_workers_are_skipped_and_none_up_is_unavailable():
+    policy = RoutingPolicy("load", 1, 2, block_size=16)
+    policy.decode[0].update(None)
+    policy.decode[1].update(stats())
+    assert {policy.pick_decode([]).index for _ in range(5)} == {1}
+    policy.decode[1].update(None)
+    with pytest.raises(Unavailable, match="no decode worker is up"):
+        policy.pick_decode([])
