@@ -1,12 +1,17 @@
 """The decode worker as a Ray actor: a thin async shell around DecodeWorker.
 
-Streams are async generators: over Ray the caller iterates the ObjectRefGenerator Ray
-returns (deploy/ray_clients.py); in process, DecodeActor is itself a router.clients.DecodeClient.
+In process, DecodeActor is itself a router.clients.DecodeClient: admit() and generate() are
+per-request async generators. Over Ray, a stream per request would make every token its own
+Ray object, so the Ray client (deploy/ray_clients.py) uses the worker's one delta channel
+instead: start_admit() / start_generate() start a request, and deltas() streams the deltas of
+every request so started, each turn's as one list (one Ray object per engine step, not per
+token and request).
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import Future
 
@@ -55,6 +60,10 @@ class DecodeActor:
         self.worker.attach_followers(
             [RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints, strict=True), 1)]
         )
+        # The delta channel: deltas waiting for the listener, and which listener is current.
+        self._pending: deque[TokenDelta] = deque()
+        self._ready: asyncio.Event | None = None  # created on the actor's event loop
+        self._listener = 0
 
     async def reserve(self, request: GenerateRequest) -> KVHandle:
         """Wait (queued, without a thread) for room, then register the blocks on every rank."""
@@ -85,6 +94,52 @@ class DecodeActor:
 
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self.worker.abort, request_id)  # waits for the engine lock
+
+    # ---- the delta channel (the Ray client's way) ----------------------------------------
+
+    def _channel(self) -> tuple[asyncio.Event, Callable[[TokenDelta], None]]:
+        """The channel's wake-up event and its on_delta (safe from the engine thread)."""
+        if self._ready is None:
+            self._ready = asyncio.Event()
+        ready, loop = self._ready, asyncio.get_running_loop()
+
+        def push(delta: TokenDelta) -> None:
+            self._pending.append(delta)
+            ready.set()
+
+        def on_delta(delta: TokenDelta) -> None:  # the engine thread
+            loop.call_soon_threadsafe(push, delta)
+
+        return ready, on_delta
+
+    async def start_admit(self, request_id: str, first_token_id: int) -> None:
+        """admit(), its deltas sent on deltas() (returns once the request runs)."""
+        _, on_delta = self._channel()
+        await self.worker.wait_kv_async(request_id)
+        await asyncio.to_thread(self.worker.admit, request_id, first_token_id, on_delta)
+
+    async def start_generate(self, request: GenerateRequest) -> None:
+        """generate(), its deltas sent on deltas() (returns once the request is queued)."""
+        await asyncio.to_thread(self.worker.generate, request, self._channel()[1])
+
+    async def deltas(self) -> AsyncGenerator[list[TokenDelta], None]:
+        """The deltas of every request started with start_admit() or start_generate(), all
+        that arrived since the last item as one list, for as long as the caller listens. One
+        listener at a time: a new call ends the previous one (a router whose event loop went
+        away), which takes nothing more."""
+        ready, _ = self._channel()
+        self._listener += 1
+        me = self._listener
+        ready.set()  # wake the previous listener, which sees it is replaced
+        while True:
+            await ready.wait()
+            if self._listener != me:
+                return
+            ready.clear()
+            if self._pending:
+                batch = list(self._pending)
+                self._pending.clear()
+                yield batch
 
     async def stats(self) -> WorkerStats:
         return self.worker.stats()

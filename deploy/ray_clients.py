@@ -8,9 +8,10 @@ it raised as a RuntimeError naming the cause.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator
 
-from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from proto.errors import Overloaded, Unavailable, WorkerLost
 from proto.serving import GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
@@ -19,7 +20,7 @@ _PASSED_THROUGH = (ValueError, Overloaded, Unavailable)
 
 
 def _translate(exc: Exception, what: str) -> Exception:
-    if isinstance(exc, RayActorError):
+    if isinstance(exc, RayActorError | ObjectLostError):  # dead, restarting, or its results lost with it
         return WorkerLost(f"{what} died: {type(exc).__name__}")
     if isinstance(exc, GetTimeoutError):
         return WorkerLost(f"{what} did not answer: {exc}")
@@ -32,15 +33,7 @@ def _translate(exc: Exception, what: str) -> Exception:
 async def _call(ref, what: str):
     try:
         return await ref
-    except (RayActorError, GetTimeoutError, RayTaskError) as exc:
-        raise _translate(exc, what) from None
-
-
-async def _stream(generator, what: str) -> AsyncGenerator[TokenDelta, None]:
-    try:
-        async for ref in generator:
-            yield await ref
-    except (RayActorError, GetTimeoutError, RayTaskError) as exc:
+    except (RayActorError, ObjectLostError, GetTimeoutError, RayTaskError) as exc:
         raise _translate(exc, what) from None
 
 
@@ -62,20 +55,59 @@ class RayPrefillClient:
 
 
 class RayDecodeClient:
-    """router.clients.DecodeClient over a DecodeActor."""
+    """router.clients.DecodeClient over a DecodeActor.
+
+    Deltas come over the worker's one channel (DecodeActor.deltas: a list per engine step for
+    all of this router's requests there), which one task per worker reads and hands out to
+    each request's stream; a request is started with one call. A lost worker ends every
+    stream waiting on it with WorkerLost; the next request opens the channel again (to the
+    restarted worker)."""
 
     def __init__(self, actor, name: str):
         self.actor = actor
         self.name = name
+        self._streams: dict[str, asyncio.Queue[TokenDelta | Exception]] = {}
+        self._reader: asyncio.Task | None = None
 
     async def reserve(self, request: GenerateRequest) -> KVHandle:
         return await _call(self.actor.reserve.remote(request), self.name)
 
     def admit(self, request_id: str, first_token_id: int) -> AsyncGenerator[TokenDelta, None]:
-        return _stream(self.actor.admit.remote(request_id, first_token_id), self.name)
+        return self._stream(request_id, lambda: self.actor.start_admit.remote(request_id, first_token_id))
 
     def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
-        return _stream(self.actor.generate.remote(request), self.name)
+        return self._stream(request.request_id, lambda: self.actor.start_generate.remote(request))
+
+    async def _stream(self, request_id: str, start) -> AsyncGenerator[TokenDelta, None]:
+        queue: asyncio.Queue[TokenDelta | Exception] = asyncio.Queue()
+        self._streams[request_id] = queue  # before the start: its first delta may come at once
+        try:
+            if self._reader is None or self._reader.done():
+                self._reader = asyncio.create_task(self._read())
+            await _call(start(), self.name)
+            while True:
+                item = await queue.get()
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+                if item.finished:
+                    return
+        finally:
+            if self._streams.get(request_id) is queue:
+                del self._streams[request_id]
+
+    async def _read(self) -> None:
+        """Hand each delta of the worker's channel to its request's stream, until the worker is lost."""
+        try:
+            async for ref in self.actor.deltas.remote():
+                for delta in await ref:
+                    queue = self._streams.get(delta.request_id)
+                    if queue is not None:  # else: a request this router gave up on
+                        queue.put_nowait(delta)
+        except (RayActorError, ObjectLostError, GetTimeoutError, RayTaskError) as exc:
+            lost = _translate(exc, self.name)
+            for queue in list(self._streams.values()):
+                queue.put_nowait(lost)
 
     async def abort(self, request_id: str) -> None:
         self.actor.abort.remote(request_id)
