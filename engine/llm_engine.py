@@ -259,7 +259,6 @@ class LLMEngine:
         req = self.requests.pop(request_id, None)
         if req is not None:
             self.scheduler.finish(req.seq, FinishReason.ABORT)
-            self.sampler.forget(request_id)
 
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
@@ -308,7 +307,12 @@ class LLMEngine:
             return []
         logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload)
         sampling = [s.seq for s in out.scheduled if s.samples]
-        tokens, failures = self.sampler.sample(logits, [s.request_id for s in sampling], [s.params for s in sampling])
+        tokens, failures = self.sampler.sample(
+            logits,
+            [s.request_id for s in sampling],
+            [s.params for s in sampling],
+            [s.num_output_tokens for s in sampling],
+        )
         sampled = {seq.request_id: tok for seq, tok in zip(sampling, tokens, strict=True) if tok is not None}
         self.scheduler.update(out, sampled)
         now = time.monotonic()
@@ -342,7 +346,6 @@ class LLMEngine:
         return self._output(req, [], now)
 
     def _forget(self, request_id: str) -> None:
-        self.sampler.forget(request_id)
         del self.requests[request_id]
 
     def _output(self, req: _Request, new_token_ids: list[int], now: float) -> RequestOutput:

@@ -40,15 +40,17 @@ def apply_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.T
 
 
 class Sampler:
-    """Greedy rows are decided in one argmax; sampled rows use a per-request generator."""
+    """Greedy rows are decided in one argmax; sampled rows draw on the CPU.
 
-    def __init__(self) -> None:
-        self.generators: dict[str, torch.Generator] = {}
+    A seeded request's draw for its n-th generated token depends only on (seed, n): the
+    same seed gives the same tokens however the request was batched, preempted, or resumed
+    on another worker after its own was lost (the sampler keeps no per-request state)."""
 
     def sample(
-        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams]
+        self, logits: torch.Tensor, request_ids: list[str], params: list[SamplingParams], positions: list[int]
     ) -> tuple[list[int | None], dict[str, str]]:
-        """logits: [B, V] for B sequences, in the order of request_ids.
+        """logits: [B, V] for B sequences, in the order of request_ids; positions: how many
+        tokens each has generated before this one.
 
         Returns a token per row (None for a row that failed) and, by request id, why each
         failed row failed.
@@ -56,31 +58,28 @@ class Sampler:
         logits = logits.float()
         tokens: list[int | None] = logits.argmax(dim=-1).tolist()
         failures: dict[str, str] = {}
-        for row, (request_id, p) in enumerate(zip(request_ids, params, strict=True)):
+        for row, (request_id, p, n) in enumerate(zip(request_ids, params, positions, strict=True)):
             if p.greedy:
                 continue
             try:
-                tokens[row] = self._sample_row(logits[row], request_id, p)
+                tokens[row] = self._sample_row(logits[row], p, n)
             except (RuntimeError, ValueError) as exc:  # this request's settings or state, not the batch's
                 tokens[row] = None
                 failures[request_id] = f"sampling failed: {exc}"
         return tokens, failures
 
-    def _sample_row(self, logits: torch.Tensor, request_id: str, p: SamplingParams) -> int:
-        # Sampled rows go to the CPU, where the per-request generators live.
+    def _sample_row(self, logits: torch.Tensor, p: SamplingParams, position: int) -> int:
+        # Sampled rows go to the CPU, where the generators live.
         row_logits = apply_top_k_top_p(scale_logits(logits.cpu(), p.temperature), p.top_k, p.top_p)
         probs = torch.softmax(row_logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self._generator(request_id, p)))
+        return int(torch.multinomial(probs, 1, generator=_generator(p.seed, position)))
 
-    def _generator(self, request_id: str, p: SamplingParams) -> torch.Generator | None:
-        if p.seed is None:
-            return None
-        gen = self.generators.get(request_id)
-        if gen is None:
-            gen = torch.Generator(device="cpu").manual_seed(p.seed)
-            self.generators[request_id] = gen
-        return gen
 
-    def forget(self, request_id: str) -> None:
-        """Drop a finished request's generator."""
-        self.generators.pop(request_id, None)
+_GOLDEN = 0x9E3779B97F4A7C15  # 2**64 / the golden ratio: spreads consecutive positions apart
+
+
+def _generator(seed: int | None, position: int) -> torch.Generator | None:
+    """The draw for a seeded request's token at `position`: its own stream, from (seed, position)."""
+    if seed is None:
+        return None
+    return torch.Generator(device="cpu").manual_seed((seed + (position + 1) * _GOLDEN) % 2**64)

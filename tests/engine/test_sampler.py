@@ -10,7 +10,7 @@ from engine.sampling_params import SamplingParams
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 2.0], [5.0, 1.0, 0.0]])
     params = [SamplingParams(temperature=0.0)] * 2
-    assert Sampler().sample(logits, ["a", "b"], params) == ([1, 0], {})
+    assert Sampler().sample(logits, ["a", "b"], params, [0, 3]) == ([1, 0], {})
 
 
 def test_top_k_keeps_exactly_k():
@@ -36,7 +36,7 @@ def test_seeded_sampling_is_reproducible_and_seed_dependent():
     def draw(seed, n=20):
         sampler = Sampler()
         p = SamplingParams(temperature=1.0, seed=seed)
-        return [sampler.sample(logits, ["r"], [p])[0][0] for _ in range(n)]
+        return [sampler.sample(logits, ["r"], [p], [i])[0][0] for i in range(n)]
 
     assert draw(1) == draw(1)
     assert draw(1) != draw(2)
@@ -47,7 +47,7 @@ def test_sampling_never_picks_masked_tokens():
     p = SamplingParams(temperature=1.0, top_k=3, seed=0)
     logits[0, [2, 5, 7]] = 1.0
     sampler = Sampler()
-    picks = {sampler.sample(logits, ["r"], [p])[0][0] for _ in range(50)}
+    picks = {sampler.sample(logits, ["r"], [p], [i])[0][0] for i in range(50)}
     assert picks <= {2, 5, 7} and len(picks) > 1
 
 
@@ -56,7 +56,7 @@ def test_extreme_temperatures_sample_from_a_distribution(temperature):
     # 1e-300 is 0 in float32: dividing by it naively gives NaN at the maximum and inf elsewhere.
     logits = torch.tensor([[0.5, 3.0, -1.0, 3.0 - 1e-3]])
     p = SamplingParams(temperature=temperature, seed=7)
-    tokens, failures = Sampler().sample(logits, ["r"], [p])
+    tokens, failures = Sampler().sample(logits, ["r"], [p], [0])
     assert failures == {} and 0 <= tokens[0] < 4
     if temperature < 1e-6:
         assert tokens[0] == 1  # the limit of a vanishing temperature is the argmax
@@ -65,7 +65,7 @@ def test_extreme_temperatures_sample_from_a_distribution(temperature):
 def test_a_tiny_top_p_keeps_the_argmax_even_when_it_is_zero_in_float32():
     logits = torch.tensor([[0.1, 2.0, 1.0]])
     for top_p in (1e-300, 1e-45, 1e-30):
-        tokens, failures = Sampler().sample(logits, ["r"], [SamplingParams(top_p=top_p, seed=0)])
+        tokens, failures = Sampler().sample(logits, ["r"], [SamplingParams(top_p=top_p, seed=0)], [0])
         assert (tokens, failures) == ([1], {})
 
 
@@ -76,7 +76,7 @@ def test_a_row_that_cannot_be_sampled_fails_alone():
         SamplingParams(temperature=1.0, seed=2),
         SamplingParams(temperature=0.0),
     ]
-    tokens, failures = Sampler().sample(logits, ["a", "bad", "c"], params)
+    tokens, failures = Sampler().sample(logits, ["a", "bad", "c"], params, [0, 0, 0])
     assert tokens[1] is None and set(failures) == {"bad"} and "sampling failed" in failures["bad"]
     assert tokens[0] in (0, 1, 2) and tokens[2] == 0
 
@@ -102,5 +102,5 @@ def test_values_the_sampler_cannot_use_are_refused(field, value, message):
 
 
 def test_the_largest_seed_is_usable():
-    tokens, failures = Sampler().sample(torch.zeros(1, 5), ["r"], [SamplingParams(seed=2**64 - 1)])
+    tokens, failures = Sampler().sample(torch.zeros(1, 5), ["r"], [SamplingParams(seed=2**64 - 1)], [7])
     assert failures == {} and 0 <= tokens[0] < 5
