@@ -312,8 +312,11 @@ class DecodeWorker:
             raise TransferFailed(f"{request_id} was aborted before it was admitted") from None
 
     def generate(self, request: GenerateRequest, on_delta: Callable[[TokenDelta], None]) -> None:
-        """Prefill here and decode (short prompts: conditional disaggregation)."""
-        self.loop.submit(request.request_id, list(request.prompt_token_ids), request.params, on_delta)
+        """Prefill here and decode (short prompts: conditional disaggregation; a request resumed
+        after its worker was lost)."""
+        self.loop.submit(
+            request.request_id, list(request.prompt_token_ids), request.params, on_delta, resume=request.resume
+        )
 
     def abort(self, request_id: str) -> None:
         with self._lock:

@@ -23,6 +23,10 @@ from proto.plan import ray_resource_name
 from proto.serving import Role
 from router.orchestrator import DisaggregatedBackend
 
+# Times Ray restarts a dead worker (of one rank) over the deployment's life; each restart
+# reloads the model. Bounded, so that a worker that dies at every start is given up on.
+WORKER_MAX_RESTARTS = 10
+
 
 @dataclass(frozen=True)
 class WorkerGroup:
@@ -106,6 +110,7 @@ def deploy(
     ready_timeout_s: float = 300.0,
     kv_secret: bytes | None = None,
     pin_cores: bool | None = None,
+    max_restarts: int = WORKER_MAX_RESTARTS,
 ) -> Deployment:
     """Reserve every worker's resources in one placement group, start the actors, wait until ready.
 
@@ -113,7 +118,9 @@ def deploy(
     and on their node's IP otherwise (prefill workers may be elsewhere). Every worker gets the
     deployment's KV secret (kv_secret, else $TANDEM_KV_SECRET, else a new one): KV moves only
     between workers that hold it. CPU workers get cores of their own (deploy/cores.py: pin_cores
-    True insists, None pins when the nodes have the cores, False never pins).
+    True insists, None pins when the nodes have the cores, False never pins). A worker of one
+    rank whose process dies is restarted by Ray up to max_restarts times (-1: always); the
+    router runs its requests again elsewhere meanwhile (router/orchestrator.py).
     """
     kv_secret = kv_secret or deployment_secret()
     single_node = sum(1 for n in ray.nodes() if n["Alive"]) == 1
@@ -144,7 +151,7 @@ def deploy(
         raise
     prefill_actors, decode_actors, followers = [], [], []
     for group, pg, rank_cores in zip(workers, pgs, cores.ranks, strict=True):
-        options = [_rank_options(group, pg, rank, rank_cores[rank], env_vars) for rank in range(group.tp)]
+        options = [_rank_options(group, pg, rank, rank_cores[rank], env_vars, max_restarts) for rank in range(group.tp)]
         pinned = [c.cores if c is not None else None for c in rank_cores]
         config = group.engine_config(engine_config)
         dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
@@ -247,13 +254,22 @@ def _fmt(resources) -> str:
 
 
 def _rank_options(
-    group: WorkerGroup, pg: PlacementGroup, rank: int, cores: RankCores | None, env_vars: dict[str, str]
+    group: WorkerGroup,
+    pg: PlacementGroup,
+    rank: int,
+    cores: RankCores | None,
+    env_vars: dict[str, str],
+    max_restarts: int,
 ) -> dict[str, Any]:
     """Ray actor options for one rank of a worker: its bundle of the worker's placement group,
-    and its thread count when it runs on CPU cores of its own."""
+    its thread count when it runs on CPU cores of its own, and how often Ray restarts it when
+    its process dies. Only a worker of one rank restarts: the ranks of a tensor-parallel
+    worker share a process group, which one rank cannot rejoin alone."""
     bundle = group.bundles()[rank]
     threads = cores.env() if cores is not None else {}
     return dict(
+        max_restarts=max_restarts if group.tp == 1 else 0,
+        max_task_retries=0,  # a call to a lost worker fails: the router runs the request again
         num_cpus=bundle["CPU"],
         num_gpus=bundle.get("GPU", 0),
         resources={k: v for k, v in bundle.items() if k.startswith("GPU_")},

@@ -53,6 +53,18 @@ class Detokenizer:
                 self.stopped = True
         return self.stopped
 
+    def resume(self, token_ids: tuple[int, ...], emitted_text: str) -> None:
+        """Continue a request another worker started: its generated tokens, of which the client
+        has emitted_text. Afterwards the text is as if this detokenizer had seen them all."""
+        for token_id in token_ids:
+            if self.append(token_id):
+                raise ValueError("the resumed tokens contain a stop string already: the request had finished")
+        if not self.text.startswith(emitted_text):
+            raise ValueError(
+                f"resume.text is not the text of resume.token_ids: {emitted_text[-40:]!r} against {self.text[-40:]!r}"
+            )
+        self.num_emitted_chars = len(emitted_text)
+
     def delta(self, finished: bool) -> str:
         """Text not yet emitted; while running, the tail that might start a stop string waits."""
         end = len(self.text) if finished or not self.stop else max(0, len(self.text) - self.holdback)

@@ -29,7 +29,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from proto.errors import Overloaded, RequestAborted, Unavailable
-from proto.serving import FinishReason, TokenDelta, WorkerStats, final_delta
+from proto.serving import FinishReason, Resume, TokenDelta, WorkerStats, final_delta
 
 if TYPE_CHECKING:  # the loop only drives an engine: importing it would load torch
     from engine.llm_engine import LLMEngine, RequestOutput
@@ -136,13 +136,15 @@ class EngineLoop:
         params: SamplingParams,
         on_delta: Callable[[TokenDelta], None],
         hold_blocks: bool = False,
+        resume: Resume | None = None,
     ) -> None:
-        """Queue a request. Bad input raises ValueError here, before anything is queued."""
+        """Queue a request (resume: continue one a lost worker started, LLMEngine.add_request).
+        Bad input raises ValueError here, before anything is queued."""
         with self._lock:
             self._check_admissible(request_id)
             if request_id in self._reservations:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self.engine.add_request(request_id, prompt, params, hold_blocks=hold_blocks)
+            self.engine.add_request(request_id, prompt, params, hold_blocks=hold_blocks, resume=resume)
             self._callbacks[request_id] = on_delta
             self._work.notify()
 

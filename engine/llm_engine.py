@@ -26,6 +26,7 @@ from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from engine.sequence import FinishReason, Sequence
 from engine.tokenizer import load_tokenizer
 from proto.kv import KVLayout
+from proto.serving import Resume
 
 CPU_KV_CACHE_BYTES = 1 << 30
 GPU_MEMORY_FRACTION = 0.9
@@ -177,13 +178,43 @@ class LLMEngine:
         return list(prompt)
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams, hold_blocks: bool = False
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams,
+        hold_blocks: bool = False,
+        resume: Resume | None = None,
     ) -> None:
         """Queue a request. hold_blocks: keep its KV blocks after it finishes, until
-        release() (a prefill worker sending the KV elsewhere)."""
+        release() (a prefill worker sending the KV elsewhere). resume: what the request had
+        generated on a worker that was lost; it is recomputed (as after a preemption) and
+        the request goes on after it."""
         seq = self._new_sequence(request_id, prompt, params, hold_blocks)
+        detokenizer = self._detokenizer(seq)
+        if resume is not None:
+            self._resume(seq, detokenizer, resume)
         self.scheduler.add(seq)
-        self._track(seq)
+        self.requests[seq.request_id] = _Request(seq, detokenizer)
+
+    def _resume(self, seq: Sequence, detokenizer: Detokenizer | None, resume: Resume) -> None:
+        """ValueError (naming the field) when `resume` cannot continue this request."""
+        if seq.hold_blocks:
+            raise ValueError("resume: a resumed request is prefilled where it decodes, not sent elsewhere")
+        if len(resume.token_ids) >= seq.params.max_tokens:
+            raise ValueError(
+                f"resume.token_ids holds {len(resume.token_ids)} tokens, max_tokens is {seq.params.max_tokens}: "
+                f"the request had finished"
+            )
+        bad = [t for t in resume.token_ids if not 0 <= t < self.model_config.vocab_size]
+        if bad:
+            vocab = self.model_config.vocab_size
+            raise ValueError(f"resume.token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        for token_id in resume.token_ids:
+            seq.append_token(token_id)
+            if self.scheduler.stop_reason(seq, token_id) is not None:
+                raise ValueError(f"resume.token_ids: token {token_id} had ended the request")
+        if detokenizer is not None:
+            detokenizer.resume(resume.token_ids, resume.text)
 
     def reserve(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
         """Decode side: allocate blocks for a prompt whose KV another worker computes.
@@ -250,9 +281,11 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
         return Sequence(request_id, token_ids, params, arrival_s=time.monotonic(), hold_blocks=hold_blocks)
 
+    def _detokenizer(self, seq: Sequence) -> Detokenizer | None:
+        return Detokenizer(self.tokenizer, seq.params.stop) if self.tokenizer is not None else None
+
     def _track(self, seq: Sequence) -> None:
-        detokenizer = Detokenizer(self.tokenizer, seq.params.stop) if self.tokenizer is not None else None
-        self.requests[seq.request_id] = _Request(seq, detokenizer)
+        self.requests[seq.request_id] = _Request(seq, self._detokenizer(seq))
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is; its blocks are freed at once. Unknown ids are ignored."""

@@ -151,7 +151,7 @@ class Scheduler:
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
         seq.append_token(first_token_id)
-        reason = self._stop_reason(seq, first_token_id)
+        reason = self.stop_reason(seq, first_token_id)
         if reason is not None:
             self.finish(seq, reason)
         return seq
@@ -193,8 +193,8 @@ class Scheduler:
                 break
             self.waiting.popleft()
             bm.take_cached(seq, cached_ids)
-            if seq.num_preemptions == 0:
-                seq.num_cached_prompt_tokens = seq.num_computed_tokens
+            if seq.num_preemptions == 0:  # a resumed request's outputs may be cached too
+                seq.num_cached_prompt_tokens = min(seq.num_computed_tokens, seq.num_prompt_tokens)
             bm.allocate(seq, num_new)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -230,13 +230,13 @@ class Scheduler:
                 continue
             token_id = sampled[seq.request_id]
             seq.append_token(token_id)
-            reason = self._stop_reason(seq, token_id)
+            reason = self.stop_reason(seq, token_id)
             if reason is not None:
                 self.finish(seq, reason)
                 finished.append(seq)
         return finished
 
-    def _stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
+    def stop_reason(self, seq: Sequence, token_id: int) -> FinishReason | None:
         params = seq.params
         if token_id in params.stop_token_ids:
             return FinishReason.STOP

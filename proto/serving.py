@@ -52,6 +52,19 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
+class Resume:
+    """What a request had streamed to its client when its worker was lost: a worker given it
+    prefills prompt + token_ids and continues after them as if it had generated them (the
+    same max_tokens, stop conditions and seeded randomness), streaming only what is new."""
+
+    token_ids: tuple[int, ...]  # generated tokens the client has
+    text: str  # the text the client has: those tokens' text, less any held back for a stop string
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token_ids", tuple(self.token_ids))
+
+
+@dataclass(frozen=True)
 class GenerateRequest:
     """One request, validated, as it travels from a frontend to the workers: the only argument
     a worker needs to start it (reserve, prefill, or generate here)."""
@@ -59,6 +72,7 @@ class GenerateRequest:
     request_id: str  # unique in the router; the id every worker knows it by
     prompt_token_ids: tuple[int, ...]  # the whole prompt, special tokens included
     params: SamplingParams
+    resume: Resume | None = None  # recovery: continue after what was streamed (generate only)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt_token_ids", tuple(self.prompt_token_ids))  # lists accepted, frozen

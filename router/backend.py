@@ -46,7 +46,7 @@ class Backend(Protocol):
         """Stop a request wherever it is; unknown ids are ignored."""
 
     def is_ready(self) -> bool:
-        """Whether every worker is up and requests can be served."""
+        """Whether requests can be served (perhaps with some workers down: workers() says which)."""
 
     def stats(self) -> dict[str, float]:
         """Gauges for /metrics: queue lengths, KV block usage, transfer counters (sums over

@@ -124,9 +124,21 @@ class HTTPFrontend:
             return web.json_response(error.body, status=error.status, headers=headers)
 
     async def health(self, request: web.Request) -> web.Response:
+        """200 while requests are served: "ok" with every worker up, "degraded" with some down
+        (which, and how many of each role are up); 503 when nothing can serve."""
+        workers = self.backend.workers()
+        down = [f"{w.role.value} worker {w.index}" for w in workers if not w.up]
         if not self.backend.is_ready():
-            raise HTTPError(503, "unavailable_error", "the backend is not ready: a worker is down or broken")
-        return web.json_response({"status": "ok"})
+            why = f"{', '.join(down)} down" if down else "a worker is down or broken"
+            raise HTTPError(503, "unavailable_error", f"the backend cannot serve requests: {why}")
+        if not down:
+            return web.json_response({"status": "ok"})
+        up: dict[str, dict[str, int]] = {}
+        for w in workers:
+            counts = up.setdefault(w.role.value, {"up": 0, "total": 0})
+            counts["up"] += w.up
+            counts["total"] += 1
+        return web.json_response({"status": "degraded", "down": down, "workers": up})
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         # The disaggregated backend caches its workers' stats between requests: fetch them

@@ -10,6 +10,13 @@
       3. stream decode's deltas to the caller
       a cancel, disconnect or failure at any step -> abort on both workers (blocks freed)
 
+    A worker lost on the way (dead, broken, a KV transfer that failed) does not end the
+    request: it runs again on workers that are up, resumed after the tokens the caller has
+    (proto.serving.Resume: a decode worker prefills prompt + those tokens and goes on), so
+    the caller sees one stream with no gap and no repeat. With no prefill worker up, decode
+    workers prefill every prompt themselves (degraded); with no decode worker up, a request
+    waits up to recovery_wait_s for one to come back (Ray restarts dead workers).
+
 Workers are reached through typed clients (router/clients.py); this module knows nothing of
 what carries the calls.
 """
@@ -17,15 +24,17 @@ what carries the calls.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.tokenizer import load_tokenizer
 from proto.errors import Overloaded, Unavailable
-from proto.serving import FinishReason, GenerateRequest, Role, TokenDelta, WorkerStats, final_delta
+from proto.serving import FinishReason, GenerateRequest, Resume, Role, TokenDelta, WorkerStats, final_delta
 from router.backend import STATS_INTERVAL_S, WorkerStatus
 from router.clients import DecodeClient, PrefillClient
 from router.policy import RoutingPolicy, WorkerView
@@ -35,6 +44,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 WORKER_STATS_TIMEOUT_S = 2.0
+RECOVERIES = 3  # times a request is run again after losing a worker, at most
+RECOVERY_WAIT_S = 60.0  # how long a request waits for a decode worker to be up again
+RECOVERY_POLL_S = 0.5
 # Sums the backend reports per role (over the workers that are up).
 SUMMED = (
     "num_waiting",
@@ -61,6 +73,7 @@ class DisaggregatedBackend:
         kv_bytes_per_token: int,
         policy: str = "load",
         local_prefill_tokens: int = 32,
+        recovery_wait_s: float = RECOVERY_WAIT_S,
     ):
         if not decode:
             raise ValueError("at least one decode worker is needed")
@@ -68,6 +81,8 @@ class DisaggregatedBackend:
         self.max_model_len = max_model_len
         self.kv_bytes_per_token = kv_bytes_per_token
         self.local_prefill_tokens = local_prefill_tokens
+        self.recovery_wait_s = recovery_wait_s
+        self._attempts: dict[str, str] = {}  # request id -> the id of its current run again
         self._tokenizer = load_tokenizer(model_dir)
         self.prefill = list(prefill)
         self.decode = list(decode)
@@ -79,6 +94,9 @@ class DisaggregatedBackend:
             "kv_transfer_bytes_total": 0,
             "kv_transfer_seconds_total": 0.0,
             "local_prefills_total": 0,
+            "degraded_prefills_total": 0,  # prefilled on a decode worker because no prefill worker was up
+            "recoveries_total": 0,  # runs again after a lost worker
+            "recovery_failures_total": 0,  # requests that ended with an error after every recovery
         }
 
     @property
@@ -86,18 +104,73 @@ class DisaggregatedBackend:
         return self._tokenizer
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
+        try:
+            async for delta in self._recovering(request):
+                yield delta
+        finally:
+            self._attempts.pop(request.request_id, None)
+
+    async def _recovering(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
+        """generate(): runs of the request until one ends it, each after the last one's tokens.
+        A run again has an id of its own on the workers (`<id>#<k>`): what a lost run left
+        there, or an abort of it still on its way, can never meet it."""
+        token_ids: list[int] = []  # what the caller has: the resume point if a worker is lost
+        text: list[str] = []
+        for recovery in range(RECOVERIES + 1):
+            attempt = request
+            if recovery:
+                resume = Resume(tuple(token_ids), "".join(text)) if token_ids else None
+                attempt = replace(request, request_id=f"{request.request_id}#{recovery}", resume=resume)
+                self._attempts[request.request_id] = attempt.request_id
+            try:
+                async with contextlib.aclosing(self._run(attempt, wait=recovery > 0)) as run:
+                    async for delta in run:
+                        token_ids.extend(delta.token_ids)
+                        text.append(delta.text)
+                        yield delta if not recovery else replace(delta, request_id=request.request_id)
+                return
+            except (ValueError, Overloaded, Unavailable) as exc:
+                if recovery == 0:
+                    raise  # nothing streamed yet: the frontends answer 400, 429 or 503
+                # A run again that no worker takes: the stream has started, so it ends here.
+                self.counters["recovery_failures_total"] += 1
+                why, retryable = f"lost its worker, and could not run again: {exc}", not isinstance(exc, ValueError)
+                yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=retryable)
+                return
+            except _Lost as lost:
+                # The workers' health is looked at now, not at the next interval.
+                self._stats_at = 0.0
+                if recovery == RECOVERIES:
+                    self.counters["recovery_failures_total"] += 1
+                    why = f"{lost} (after {RECOVERIES} recoveries)" if RECOVERIES else str(lost)
+                    yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=True)
+                    return
+                self.counters["recoveries_total"] += 1
+                log.warning(
+                    "request %s lost its worker after %d tokens (%s): running it again",
+                    request.request_id,
+                    len(token_ids),
+                    lost,
+                )
+
+    async def _run(self, request: GenerateRequest, wait: bool) -> AsyncGenerator[TokenDelta, None]:
+        """One run of a request on the workers; _Lost when a worker failed it (blocks freed).
+        wait: a recovery, which waits up to recovery_wait_s for a decode worker to be up."""
         request_id, token_ids = request.request_id, list(request.prompt_token_ids)
-        await self._refresh_stats()
         hashes = self.policy.hashes(token_ids)
-        decode_view = self.policy.pick_decode(hashes)  # Unavailable when no decode worker is up
+        decode_view = await self._pick_decode(hashes, wait)
         decode = self.decode[decode_view.index]
         prefill = None
         transfer_start: float | None = None  # set while the first delta after a transfer is awaited
+        streaming = False  # a delta came: a transfer, if any, is done
         finished = False  # the request ended on the workers: nothing left to abort
         try:
             uncached = len(token_ids) - decode_view.overlap_blocks(hashes) * self.policy.block_size
-            if not self.prefill or uncached <= self.local_prefill_tokens:
+            prefill_up = any(v.alive for v in self.policy.prefill)
+            if request.resume is not None or not prefill_up or uncached <= self.local_prefill_tokens:
                 self.counters["local_prefills_total"] += 1
+                if self.prefill and not prefill_up and request.resume is None:
+                    self.counters["degraded_prefills_total"] += 1
                 stream = decode.generate(request)
             else:
                 prefill_view = self.policy.pick_prefill(hashes)
@@ -110,25 +183,39 @@ class DisaggregatedBackend:
                 transfer_start = time.monotonic()
             decode_view.remember(hashes)
             async for delta in stream:
+                streaming = True
                 if transfer_start is not None:
                     self._count_transfer(len(token_ids), time.monotonic() - transfer_start)
                     transfer_start = None
+                if delta.finish_reason is FinishReason.ERROR and delta.retryable:
+                    raise _Lost(delta.error or "the worker failed the request")  # a broken engine
                 finished = delta.finished
                 yield delta
         except (ValueError, Overloaded):
             raise  # the caller's fault or admission control: the frontends map these
         except (Unavailable, RuntimeError) as exc:
-            # A worker failed, broke or died: the request may succeed elsewhere (retryable).
-            # The workers' health is looked at now, not at the next interval.
-            if prefill is not None:
+            # A worker failed, broke or died: the request may succeed elsewhere.
+            if prefill is not None and not streaming:
                 self.counters["kv_transfer_failures_total"] += 1
-            self._stats_at = 0.0
-            yield final_delta(request_id, FinishReason.ERROR, str(exc), retryable=True)
+            raise _Lost(str(exc)) from exc
         finally:
             if not finished:  # failed or cancelled anywhere: free what either worker holds
                 await decode.abort(request_id)
                 if prefill is not None:
                     await prefill.abort(request_id)
+
+    async def _pick_decode(self, hashes: list[bytes], wait: bool) -> WorkerView:
+        """The decode worker for a run; with wait, polls up to recovery_wait_s for one to be up."""
+        deadline = time.monotonic() + (self.recovery_wait_s if wait else 0.0)
+        while True:
+            await self._refresh_stats()
+            try:
+                return self.policy.pick_decode(hashes)  # Unavailable when no decode worker is up
+            except Unavailable:
+                if time.monotonic() >= deadline:
+                    raise
+            await asyncio.sleep(RECOVERY_POLL_S)
+            self._stats_at = 0.0
 
     def _count_transfer(self, num_tokens: int, seconds: float) -> None:
         self.counters["kv_transfers_total"] += 1
@@ -137,7 +224,8 @@ class DisaggregatedBackend:
 
     async def abort(self, request_id: str) -> None:
         workers: list[PrefillClient | DecodeClient] = [*self.prefill, *self.decode]
-        await asyncio.gather(*(worker.abort(request_id) for worker in workers))
+        ids = {request_id, self._attempts.get(request_id, request_id)}  # and its run again, if any
+        await asyncio.gather(*(worker.abort(i) for worker in workers for i in ids))
 
     def _views(self) -> list[tuple[Role, WorkerView, PrefillClient | DecodeClient]]:
         return [
@@ -161,8 +249,9 @@ class DisaggregatedBackend:
             view.update(result if isinstance(result, WorkerStats) else None)
 
     def is_ready(self) -> bool:
-        """Every worker answered its last stats call (at most STATS_INTERVAL_S ago while served)."""
-        return all(view.alive for _, view, _ in self._views())
+        """A decode worker answered its last stats call (at most STATS_INTERVAL_S ago while
+        served): requests are served, prefilled on the decode workers if no prefill worker is up."""
+        return any(view.alive for view in self.policy.decode)
 
     def workers(self) -> list[WorkerStatus]:
         return [WorkerStatus(role, view.index, view.alive, view.stats) for role, view, _ in self._views()]
@@ -187,3 +276,7 @@ class DisaggregatedBackend:
         """Fetch every worker's stats now (tests and /metrics scrapes)."""
         self._stats_at = 0.0
         await self._refresh_stats()
+
+
+class _Lost(Exception):
+    """A run of a request failed because of a worker (not the request): run it again."""

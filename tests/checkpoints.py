@@ -70,14 +70,27 @@ def hf_greedy(model_dir: Path, prompt_ids: list[int], max_new_tokens: int, ignor
     model = _hf_models.get(model_dir)
     if model is None:
         model = _hf_models[model_dir] = AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
+    if ignore_eos:  # generate() stops at EOS whatever the config says: step the model by hand
+        return _greedy_past_eos(model, prompt_ids, max_new_tokens)
     gen_config = copy.deepcopy(model.generation_config)
     gen_config.update(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
-    if ignore_eos:
-        gen_config.eos_token_id = None
     ids = torch.tensor([prompt_ids])
     with torch.no_grad():
         out = model.generate(ids, attention_mask=torch.ones_like(ids), generation_config=gen_config)
     return out[0, len(prompt_ids) :].tolist()
+
+
+def _greedy_past_eos(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """Greedy decoding that goes on through EOS (the engine's ignore_eos), with the HF cache."""
+    out: list[int] = []
+    ids, past = torch.tensor([prompt_ids]), None
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            result = model(input_ids=ids, past_key_values=past, use_cache=True)
+            past = result.past_key_values
+            out.append(int(result.logits[0, -1].argmax()))
+            ids = torch.tensor([[out[-1]]])
+    return out
 
 
 _hf_models: dict = {}
