@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.tokenizer import load_tokenizer
-from proto.errors import Overloaded, Unavailable
+from proto.errors import Overloaded, Unavailable, WorkerLost
 from proto.serving import FinishReason, GenerateRequest, Resume, Role, TokenDelta, WorkerStats, final_delta
 from router.backend import STATS_INTERVAL_S, WorkerStatus
 from router.clients import DecodeClient, PrefillClient
@@ -88,6 +88,8 @@ class DisaggregatedBackend:
         self.decode = list(decode)
         self.policy = RoutingPolicy(policy, len(self.prefill), len(self.decode), block_size)
         self._stats_at = 0.0
+        self._fetching: asyncio.Future[None] | None = None  # the stats fetch in flight
+        self._fetched = False  # some fetch has ended: the policy has stats to go by
         self.counters = {
             "kv_transfers_total": 0,
             "kv_transfer_failures_total": 0,
@@ -161,6 +163,7 @@ class DisaggregatedBackend:
         decode_view = await self._pick_decode(hashes, wait)
         decode = self.decode[decode_view.index]
         prefill = None
+        current = decode_view  # the worker the call in flight goes to
         transfer_start: float | None = None  # set while the first delta after a transfer is awaited
         streaming = False  # a delta came: a transfer, if any, is done
         finished = False  # the request ended on the workers: nothing left to abort
@@ -177,7 +180,9 @@ class DisaggregatedBackend:
                 prefill = self.prefill[prefill_view.index]
                 # Waits in the decode worker's queue until it has a batch slot and blocks.
                 handle = await decode.reserve(request)
+                current = prefill_view
                 result = await prefill.prefill(request, handle)
+                current = decode_view
                 prefill_view.remember(hashes)
                 stream = decode.admit(request_id, result.first_token_id)
                 transfer_start = time.monotonic()
@@ -197,6 +202,8 @@ class DisaggregatedBackend:
             # A worker failed, broke or died: the request may succeed elsewhere.
             if prefill is not None and not streaming:
                 self.counters["kv_transfer_failures_total"] += 1
+            if isinstance(exc, WorkerLost):  # no request goes there until it answers again
+                current.lost(time.monotonic())
             raise _Lost(str(exc)) from exc
         finally:
             if not finished:  # failed or cancelled anywhere: free what either worker holds
@@ -234,9 +241,18 @@ class DisaggregatedBackend:
         ]
 
     async def _refresh_stats(self) -> None:
-        if time.monotonic() - self._stats_at < STATS_INTERVAL_S:
-            return
-        self._stats_at = time.monotonic()
+        """On a request's way: when the workers' stats are older than STATS_INTERVAL_S, fetch
+        them in the background (a worker that hangs must not hold every request up for its
+        stats timeout); only the first fetch, which the policy needs, is waited for."""
+        if self._fetching is None or self._fetching.done():
+            if time.monotonic() - self._stats_at < STATS_INTERVAL_S:
+                return
+            self._fetching = asyncio.ensure_future(self._fetch_stats())
+        if not self._fetched:
+            await asyncio.shield(self._fetching)
+
+    async def _fetch_stats(self) -> None:
+        self._stats_at = asked_at = time.monotonic()
         views = self._views()
         # A worker that does not answer within WORKER_STATS_TIMEOUT_S is as good as down.
         results = await asyncio.gather(
@@ -246,7 +262,8 @@ class DisaggregatedBackend:
         for (_, view, _), result in zip(views, results, strict=True):
             # A worker that does not answer (dead) or whose engine broke (its stats() raises)
             # is down: no stats are made up for it.
-            view.update(result if isinstance(result, WorkerStats) else None)
+            view.update(result if isinstance(result, WorkerStats) else None, asked_at)
+        self._fetched = True
 
     def is_ready(self) -> bool:
         """A decode worker answered its last stats call (at most STATS_INTERVAL_S ago while
@@ -273,9 +290,12 @@ class DisaggregatedBackend:
         return out
 
     async def refresh(self) -> None:
-        """Fetch every worker's stats now (tests and /metrics scrapes)."""
-        self._stats_at = 0.0
-        await self._refresh_stats()
+        """Fetch every worker's stats now, and wait for them (tests, /metrics scrapes, the
+        server's watcher)."""
+        if self._fetching is not None and not self._fetching.done():
+            await asyncio.shield(self._fetching)  # asked before now: fetch again
+        self._fetching = asyncio.ensure_future(self._fetch_stats())
+        await asyncio.shield(self._fetching)
 
 
 class _Lost(Exception):

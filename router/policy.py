@@ -29,10 +29,18 @@ class WorkerView:
     stats: WorkerStats | None = None  # from its last stats call (None before the first)
     alive: bool = True  # False once a stats call failed (dead actor, broken engine); no stats then
     routed: int = 0  # requests sent to it since its last stats call, which they are not in yet
+    lost_at: float = float("-inf")  # when a request last found it gone (time.monotonic())
 
-    def update(self, stats: WorkerStats | None) -> None:
-        """The outcome of a stats call: the worker's gauges, or None when it did not answer."""
+    def update(self, stats: WorkerStats | None, asked_at: float = float("inf")) -> None:
+        """The outcome of a stats call asked at asked_at: the worker's gauges, or None when it
+        did not answer. An answer to a call asked before the worker was lost is stale."""
+        if stats is not None and asked_at < self.lost_at:
+            return
         self.stats, self.alive, self.routed = stats, stats is not None, 0
+
+    def lost(self, now: float) -> None:
+        """A request found the worker gone: down until a stats call asked from now on answers."""
+        self.stats, self.alive, self.lost_at = None, False, now
 
     @property
     def load(self) -> int:
