@@ -254,7 +254,7 @@ class DisaggregatedBackend:
     async def _fetch_stats(self) -> None:
         self._stats_at = asked_at = time.monotonic()
         views = self._views()
-        # A worker that does not answer within WORKER_STATS_TIMEOUT_S is as good as down.
+        # A worker that misses WORKER_STATS_TIMEOUT_S MISSES_BEFORE_DOWN times in a row is as good as down.
         results = await asyncio.gather(
             *(asyncio.wait_for(client.stats(), WORKER_STATS_TIMEOUT_S) for _, _, client in views),
             return_exceptions=True,
@@ -262,7 +262,10 @@ class DisaggregatedBackend:
         for (_, view, _), result in zip(views, results, strict=True):
             # A worker that does not answer (dead) or whose engine broke (its stats() raises)
             # is down: no stats are made up for it.
-            view.update(result if isinstance(result, WorkerStats) else None, asked_at)
+            if isinstance(result, TimeoutError):
+                view.timed_out()
+            else:
+                view.update(result if isinstance(result, WorkerStats) else None, asked_at)
         self._fetched = True
 
     def is_ready(self) -> bool:

@@ -18,6 +18,7 @@ from proto.serving import WorkerStats
 
 POLICIES = ("load", "round_robin")
 MAX_TRACKED_BLOCKS = 200_000  # per worker; the oldest hashes are forgotten first
+MISSES_BEFORE_DOWN = 2  # stats calls in a row without an answer in time before a worker is down
 
 
 @dataclass
@@ -30,13 +31,22 @@ class WorkerView:
     alive: bool = True  # False once a stats call failed (dead actor, broken engine); no stats then
     routed: int = 0  # requests sent to it since its last stats call, which they are not in yet
     lost_at: float = float("-inf")  # when a request last found it gone (time.monotonic())
+    missed: int = 0  # stats calls in a row that timed out
+
+    def timed_out(self) -> None:
+        """A stats call got no answer in time: down only after MISSES_BEFORE_DOWN in a row (a
+        worker busy on a loaded machine answers late; a dead one raises instead, and a
+        request that finds it gone marks it down at once)."""
+        self.missed += 1
+        if self.missed >= MISSES_BEFORE_DOWN:
+            self.stats, self.alive = None, False
 
     def update(self, stats: WorkerStats | None, asked_at: float = float("inf")) -> None:
         """The outcome of a stats call asked at asked_at: the worker's gauges, or None when it
         did not answer. An answer to a call asked before the worker was lost is stale."""
         if stats is not None and asked_at < self.lost_at:
             return
-        self.stats, self.alive, self.routed = stats, stats is not None, 0
+        self.stats, self.alive, self.routed, self.missed = stats, stats is not None, 0, 0
 
     def lost(self, now: float) -> None:
         """A request found the worker gone: down until a stats call asked from now on answers."""

@@ -50,3 +50,26 @@ def test_dead_workers_are_skipped_and_none_up_is_unavailable():
     policy.decode[1].update(None)
     with pytest.raises(Unavailable, match="no decode worker is up"):
         policy.pick_decode([])
+
+
+def test_a_worker_is_down_after_two_stats_calls_in_a_row_get_no_answer_in_time():
+    policy = RoutingPolicy("load", 1, 1, block_size=16)
+    view = policy.decode[0]
+    view.update(stats())
+    view.timed_out()  # busy on a loaded machine: still up, on its last stats
+    assert view.alive and view.stats is not None
+    view.update(stats(running=3))
+    view.timed_out()
+    assert view.alive  # the answer in between started the count again
+    view.timed_out()
+    assert not view.alive and view.stats is None
+
+
+def test_a_worker_a_request_found_gone_stays_down_until_a_later_stats_call_answers():
+    policy = RoutingPolicy("load", 1, 1, block_size=16)
+    view = policy.decode[0]
+    view.lost(now=10.0)
+    view.update(stats(), asked_at=9.5)  # asked before it was lost: stale
+    assert not view.alive
+    view.update(stats(), asked_at=10.5)
+    assert view.alive

@@ -78,7 +78,8 @@ async def settled(backend) -> dict:
             if stats[f"{role}_{g}"]
         }
         free = {r: stats[f"{r}_num_free_blocks"] == stats[f"{r}_num_blocks"] for r in ("prefill", "decode")}
-        if not busy and all(free.values()):
+        up = all(w.up for w in backend.workers())  # a down worker's gauges are not in the sums
+        if not busy and all(free.values()) and up:
             return stats
         if time.monotonic() > deadline:
             raise AssertionError(f"still held after {SETTLE_S} s: {busy}, blocks free: {free}")
