@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -32,3 +33,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_results(out: str | Path | None, results: dict, table: str) -> None:
+    """results.json and table.md into out (created), when a benchmark was given --out."""
+    if not out:
+        return
+    path = Path(out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    (path / "table.md").write_text(table + "\n")

@@ -17,16 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import json
 import os
 import random
 import signal
 import statistics
 import sys
 import time
-from pathlib import Path
 
-from benchmarks.common import markdown_table
+from benchmarks.common import markdown_table, write_results
 
 NUM_STREAMS = 20
 MAX_TOKENS = 64
@@ -199,11 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     text = table(rows, load)
     print(text)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"rows": rows, "loadavg": load}, indent=2) + "\n")
-        (out / "table.md").write_text(text + "\n")
+    write_results(args.out, {"rows": rows, "loadavg": load}, text)
     return 0
 
 

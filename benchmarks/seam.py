@@ -34,6 +34,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from benchmarks.common import write_results
 from engine.cores import thread_env
 
 PROMPT = [5, 9, 12, 7, 30, 41, 8, 3]  # 8 tokens of the embedded model's vocabulary
@@ -330,11 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()
     table = _table(rows, load)
     print(table)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "results.json").write_text(json.dumps({"rows": rows, "loadavg": load}, indent=2) + "\n")
-        (out / "table.md").write_text(table + "\n")
+    write_results(args.out, {"rows": rows, "loadavg": load}, table)
     return 0
 
 

@@ -106,6 +106,9 @@ class DisaggregatedBackend:
         return self._tokenizer
 
     async def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
+        """Runs of the request until one ends it, each after the last one's tokens. A run again
+        has an id of its own on the workers (`<id>#<k>`): what a lost run left there, or an
+        abort of it still on its way, can never meet it."""
         try:
             async for delta in self._recovering(request):
                 yield delta
@@ -113,9 +116,6 @@ class DisaggregatedBackend:
             self._attempts.pop(request.request_id, None)
 
     async def _recovering(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
-        """generate(): runs of the request until one ends it, each after the last one's tokens.
-        A run again has an id of its own on the workers (`<id>#<k>`): what a lost run left
-        there, or an abort of it still on its way, can never meet it."""
         token_ids: list[int] = []  # what the caller has: the resume point if a worker is lost
         text: list[str] = []
         for recovery in range(RECOVERIES + 1):
@@ -144,7 +144,7 @@ class DisaggregatedBackend:
                 self._stats_at = 0.0
                 if recovery == RECOVERIES:
                     self.counters["recovery_failures_total"] += 1
-                    why = f"{lost} (after {RECOVERIES} recoveries)" if RECOVERIES else str(lost)
+                    why = f"{lost} (after {RECOVERIES} recoveries)"
                     yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=True)
                     return
                 self.counters["recoveries_total"] += 1

@@ -24,6 +24,7 @@ from engine import EngineConfig, SamplingParams  # noqa: E402
 from proto.serving import GenerateRequest  # noqa: E402
 from router.server import serve  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
+from tests.workers.local_ray import start_local_ray  # noqa: E402
 
 DEADLINE_S = 60.0  # transfer deadline: far beyond every wait below
 SETTLE_S = 20.0  # how long the tests wait for gauges to come back (far below DEADLINE_S)
@@ -32,12 +33,7 @@ GAUGES = ("num_waiting", "num_running", "num_reserved", "num_held", "num_transfe
 
 @pytest.fixture(scope="module")
 def deployment(tiny_llama_dir):
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
-    )
+    start_local_ray(4)
     # Few decode slots, so that concurrent long prompts must queue for them.
     groups = [WorkerGroup("prefill", 1), WorkerGroup("decode", 1, max_num_seqs=4)]
     dep = deploy(

@@ -13,6 +13,7 @@ from deploy.cluster import WorkerGroup, deploy  # noqa: E402
 from engine import EngineConfig, SamplingParams  # noqa: E402
 from proto.serving import GenerateRequest  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
+from tests.workers.local_ray import start_local_ray  # noqa: E402
 from tests.workers.test_ray_serving import all_free  # noqa: E402
 
 
@@ -25,12 +26,7 @@ from tests.workers.test_ray_serving import all_free  # noqa: E402
     ids=["prefill-tp2-decode-tp1", "prefill-tp1-and-tp2-decode-tp2"],
 )
 def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, groups, num_followers):
-    ray.init(
-        num_cpus=6,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
-    )
+    start_local_ray(6)
     dep = None
     try:
         dep = deploy(
@@ -101,12 +97,7 @@ def test_workers_the_cluster_cannot_hold_are_refused_naming_the_resource(tiny_ll
 def test_lost_decode_rank_fails_its_worker_and_the_rest_are_served(tiny_llama_dir):
     """A decode worker whose rank 1 died fails its request with an error naming it; the router
     runs that request again on the other decode worker, stops picking the broken one, and serves on."""
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
-    )
+    start_local_ray(4)
     dep = None
     try:
         dep = deploy(

@@ -18,6 +18,7 @@ from deploy.cluster import WorkerGroup, deploy  # noqa: E402
 from engine import EngineConfig, SamplingParams  # noqa: E402
 from proto.serving import GenerateRequest  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
+from tests.workers.local_ray import start_local_ray  # noqa: E402
 
 NUM_STREAMS = 12
 MAX_TOKENS = 120  # long enough that every stream is mid-way when the worker dies
@@ -26,12 +27,7 @@ RESTART_S = 180.0  # a restarted worker loads the model again: generous for a lo
 
 @pytest.fixture(scope="module")
 def deployment(tiny_llama_dir):
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
-    )
+    start_local_ray(4)
     dep = deploy(
         tiny_llama_dir,
         [WorkerGroup("prefill", 1), WorkerGroup("decode", 2)],
