@@ -13,9 +13,8 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
-from concurrent.futures import Future
 
-from decode_worker.worker import DecodeFollower, DecodeWorker, RankLost, Settled
+from decode_worker.worker import DecodeFollower, DecodeWorker
 from engine import EngineConfig
 from engine.cores import bind_cores, process_cores
 from engine.engine_loop import delta_stream
@@ -34,18 +33,15 @@ class DecodeActor:
         transfer_timeout_s: float = 30.0,
         max_waiting: int = 256,
         dist_init: str | None = None,
-        followers: Sequence = (),
         *,
         kv_secret: bytes,
         cores: Sequence[int] | None = None,
     ):
-        """With tensor parallelism: dist_init, and the DecodeFollowerActor handles of ranks 1..tp-1
-        (created first: their constructors and this one meet in the process group). cores: the
-        CPU cores this rank owns (engine/cores.py), bound before the model loads."""
+        """With tensor parallelism: dist_init, where this rank and the DecodeFollowerActors of
+        ranks 1..tp-1 meet (their constructors run together). cores: the CPU cores this rank
+        owns (engine/cores.py), bound before the model loads."""
         if cores:
             bind_cores(cores)
-        import ray
-
         self.worker = DecodeWorker(
             model_dir,
             engine_config,
@@ -55,10 +51,6 @@ class DecodeActor:
             max_waiting,
             dist_init,
             kv_secret=kv_secret,
-        )
-        endpoints = ray.get([f.endpoint.remote() for f in followers])
-        self.worker.attach_followers(
-            [RemoteRank(f, e, rank) for rank, (f, e) in enumerate(zip(followers, endpoints, strict=True), 1)]
         )
         # The delta channel: deltas waiting for the listener, and which listener is current.
         self._pending: deque[TokenDelta] = deque()
@@ -158,29 +150,9 @@ def _node_ip() -> str:
     return ray.util.get_node_ip_address()
 
 
-class RemoteRank:
-    """A RankPort over Ray: rank 0's line to a DecodeFollowerActor."""
-
-    def __init__(self, actor, endpoint: str, rank: int):
-        self.actor = actor
-        self.endpoint = endpoint
-        self.rank = rank
-
-    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future:
-        import ray
-
-        try:
-            ray.get(self.actor.expect.remote(request_id, list(block_ids), timeout_s))  # registered there
-        except ray.exceptions.RayActorError as exc:
-            raise RankLost(f"tensor-parallel rank {self.rank} of this decode worker is gone: {exc}") from None
-        return self.actor.settled.remote(request_id).future()
-
-    def cancel(self, request_id: str, reason: str) -> None:
-        self.actor.cancel.remote(request_id, reason)
-
-
 class DecodeFollowerActor:
-    """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps, receives its KV heads."""
+    """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps, receives its KV heads
+    (rank 0 talks to it over their process group)."""
 
     def __init__(
         self,
@@ -199,21 +171,9 @@ class DecodeFollowerActor:
         self.follower = DecodeFollower(
             model_dir, engine_config, kv_backend, host or _node_ip(), tp_rank, dist_init, kv_secret=kv_secret
         )
-        self._parts: dict[str, Future] = {}  # expected, settled() not asked yet
 
     def endpoint(self) -> str:
         return self.follower.endpoint
-
-    def expect(self, request_id: str, block_ids: list[int], timeout_s: float) -> None:
-        self._parts[request_id] = self.follower.expect(request_id, block_ids, timeout_s)
-
-    async def settled(self, request_id: str) -> Settled:
-        """Returns once this rank's part is settled (see decode_worker.worker)."""
-        # shield: a cancelled call must not cancel the part's future, which the receiver sets
-        return await asyncio.shield(asyncio.wrap_future(self._parts.pop(request_id)))
-
-    def cancel(self, request_id: str, reason: str) -> None:
-        self.follower.cancel(request_id, reason)
 
     def num_transfers(self) -> int:
         """This rank's parts not settled yet."""

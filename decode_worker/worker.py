@@ -16,11 +16,17 @@ An abort at any step frees everything the request holds, never blocks a sender m
 
 Tensor parallelism: the worker is tp processes. Rank 0 (DecodeWorker) owns the scheduler
 and the block ids; every rank r > 0 (DecodeFollower) runs rank 0's steps and has its own
-KV receiver on its own cache, which holds the same block ids. Rank 0 reaches a follower
-through a RankPort: expect() registers the blocks there and returns a future that resolves
-once that rank's part is *settled*, i.e. no sender can write its blocks any more (the KV is
-in, or the part failed and its blocks were let go). Rank 0 frees the blocks of a request
-that will not run only when every rank's part is settled.
+KV receiver on its own cache, which holds the same block ids. Rank 0 talks to the followers
+over the control group the ranks already share, at the loop's turns (engine/parallel.py):
+the turn's payload carries its Orders (blocks to register, parts to cancel), and each
+follower answers with a RankReport (registrations it refused, parts that *settled*: no
+sender can write their blocks any more, because the KV is in or the part failed and let
+them go). register() returns once every rank has registered (a turn: at most one step's
+wait, at once when idle); rank 0 asks for reports at every step while some follower part
+is open, and every REPORT_POLL_S when idle. The request runs only if every rank's part is
+DONE; any failure wins. Rank 0 frees the blocks of a request that will not run only when
+every rank's part is settled. No Ray call or future per follower and request: one small
+collective per step while transfers are open, none otherwise.
 """
 
 from __future__ import annotations
@@ -28,14 +34,15 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
-from typing import Protocol
 
 from engine import EngineConfig, LLMEngine
-from engine.engine_loop import EngineLoop, RequestAborted
+from engine.engine_loop import REPORT_POLL_S, EngineLoop, RequestAborted, Turn
+from engine.scheduler import SchedulerOutput
 from kv_transfer import KVReceiver, Transfer, TransferState
 from proto.serving import GenerateRequest, KVHandle, TokenDelta, WorkerStats
 
@@ -44,51 +51,50 @@ Settled = tuple[TransferState, str | None]
 
 
 class TransferFailed(RuntimeError):
-    """The request's KV never arrived (deadline, lost prefill worker, cancel)."""
+    """The request's KV never arrived (deadline, lost prefill worker, lost rank, cancel)."""
 
 
-class RankLost(RuntimeError):
-    """A follower rank is gone: the worker cannot run its tensor-parallel engine any more."""
+@dataclass(frozen=True)
+class Orders:
+    """What rank 0 tells its followers at a turn."""
+
+    register: tuple[tuple[str, tuple[int, ...], float], ...] = ()  # (request id, block ids, timeout_s)
+    cancel: tuple[tuple[str, str], ...] = ()  # (request id, reason)
 
 
-class RankPort(Protocol):
-    """Rank 0's line to a follower rank of a tensor-parallel decode worker."""
+@dataclass(frozen=True)
+class RankReport:
+    """What a follower tells rank 0 when asked: what happened since its last report."""
 
-    endpoint: str  # the follower's KV receiver
-
-    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future[Settled]:
-        """Register the blocks with the rank's receiver before returning (RankLost if the rank
-        is gone); the future gets its Settled (or raises if the rank dies, which can no longer
-        write either)."""
-
-    def cancel(self, request_id: str, reason: str) -> None:
-        """Stop the rank's part; its future settles once its blocks are let go."""
+    refused: tuple[tuple[str, str], ...] = ()  # registrations it could not make: (request id, why)
+    settled: tuple[tuple[str, TransferState, str | None], ...] = ()  # (request id, state, error)
 
 
 def expect_part(
-    receiver: KVReceiver, request_id: str, block_ids: Sequence[int], timeout_s: float
-) -> tuple[Transfer, Future[Settled]]:
-    """Register one rank's part with its receiver; the future resolves to its Settled."""
-    settled: Future[Settled] = Future()
+    receiver: KVReceiver,
+    request_id: str,
+    block_ids: Sequence[int],
+    timeout_s: float,
+    on_settled: Callable[[Settled], None],
+) -> Transfer:
+    """Register one rank's part with its receiver; on_settled gets its Settled, once."""
+    once = threading.Lock()
+
+    def settle(state: TransferState, error: str | None) -> None:
+        if once.acquire(blocking=False):
+            on_settled((state, error))
+
     transfer = receiver.expect(
-        request_id, block_ids, timeout_s, on_release=lambda: settled.set_result((transfer.state, transfer.error))
+        request_id, block_ids, timeout_s, on_release=lambda: settle(transfer.state, transfer.error)
     )
 
     def on_done(t: Transfer) -> None:
         # DONE releases nothing (the blocks stay with the request) and no sender writes after it.
         if t.state is TransferState.DONE:
-            settled.set_result((t.state, None))
+            settle(t.state, None)
 
     transfer.add_done_callback(on_done)
-    return transfer, settled
-
-
-def outcome(part: Future[Settled]) -> Settled:
-    """A settled part's Settled; a rank that died settles as FAILED."""
-    try:
-        return part.result(timeout=0)
-    except Exception as exc:  # the follower's actor or process is gone
-        return TransferState.FAILED, f"tensor-parallel rank lost: {exc}"
+    return transfer
 
 
 class DecodeState(StrEnum):
@@ -106,21 +112,21 @@ class _Decode:
     are freed; its KV arrives in one part per rank (rank 0's first)."""
 
     state: DecodeState = DecodeState.WAITING
-    transfer: Transfer | None = None  # rank 0's part, once RECEIVING
-    parts: list[Future[Settled]] = field(default_factory=list)  # every rank's Settled, rank 0's first
-    ports: list[RankPort] = field(default_factory=list)  # followers with a part to cancel
+    transfer: Transfer | None = None  # rank 0's part, once registered
+    parts: list[Settled | None] = field(default_factory=list)  # how each rank's part settled; None: not yet
+    registered: Future[None] = field(default_factory=Future)  # every follower answered the registration
     released: bool = False  # the blocks were given back to the engine
     kv_ready: Future = field(default_factory=Future)  # set once every part is DONE or one failed
 
     def settled(self) -> bool:
-        return bool(self.parts) and all(p.done() for p in self.parts)
+        return bool(self.parts) and all(p is not None for p in self.parts)
 
     def failure(self) -> str | None:
         """Why some part failed (rank 0's seen at once, the others' once settled); None if none did."""
         if self.transfer is None:
             return None
         states = [(self.transfer.state, self.transfer.error)]
-        states += [outcome(p) if p.done() else (TransferState.PENDING, None) for p in self.parts[1:]]
+        states += [p or (TransferState.PENDING, None) for p in self.parts[1:]]
         for rank, (state, error) in enumerate(states):
             if state.is_terminal and state is not TransferState.DONE:
                 why = error or state.value
@@ -141,32 +147,31 @@ class DecodeWorker:
         *,
         kv_secret: bytes,
     ):
-        """dist_init: with tensor_parallel_size > 1, the process group address all ranks join;
-        then attach_followers() before the first reserve(). kv_secret: the deployment's
-        (kv_transfer/auth.py); only prefill workers holding it may send KV here."""
+        """dist_init: with tensor_parallel_size > 1, the process group address all ranks join
+        (each follower's DecodeFollower is built at the same time, in its own process).
+        kv_secret: the deployment's (kv_transfer/auth.py); only prefill workers holding it may
+        send KV here."""
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
         self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
         self.receiver = KVReceiver(
             kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret, host=host
         )
-        self.loop = EngineLoop(self.engine, max_waiting=max_waiting)
-        self._followers: list[RankPort] = []
-        self._pool = ThreadPoolExecutor(max(1, self.tp_size - 1), thread_name_prefix="decode-rank-port")
+        # Every rank's receiver, in rank order: the followers tell theirs as they start.
+        group = self.engine.tp_group
+        self.endpoints = tuple(str(e) for e in group.gather(self.endpoint)) if group else (self.endpoint,)
         self._lock = threading.Lock()
         self._requests: dict[str, _Decode] = {}  # from request_blocks() until admitted or dropped
+        # tp > 1: what the next turn tells the followers, and the records with parts still open there.
+        self._registering: dict[str, tuple[_Decode, tuple[int, ...]]] = {}
+        self._cancels: list[tuple[str, str]] = []
+        self._open: dict[str, _Decode] = {}
+        self._stopped: BaseException | None = None
+        self.loop = EngineLoop(self.engine, max_waiting=max_waiting, turns=self)
 
     @property
     def endpoint(self) -> str:
         return self.receiver.endpoint
-
-    def attach_followers(self, ports: Sequence[RankPort]) -> None:
-        """Ranks 1..tp-1, in rank order (each reports its receiver's endpoint)."""
-        if len(ports) != self.tp_size - 1:
-            raise ValueError(
-                f"a tensor_parallel_size={self.tp_size} worker has {self.tp_size - 1} follower ranks, got {len(ports)}"
-            )
-        self._followers = list(ports)
 
     def reserve(self, request: GenerateRequest, timeout_s: float | None = None) -> KVHandle:
         """request_blocks() then register(), blocking up to timeout_s for room (TimeoutError)."""
@@ -176,8 +181,6 @@ class DecodeWorker:
         """Queue the request for blocks; the future gets them once the batch and the cache have
         room (or RequestAborted). Raises ValueError for a bad prompt and Overloaded when
         max_waiting requests wait already."""
-        if len(self._followers) != self.tp_size - 1:
-            raise RuntimeError(f"the worker's {self.tp_size - 1} follower ranks are not attached yet")
         request_id = request.request_id
         record = _Decode()
         with self._lock:
@@ -206,44 +209,65 @@ class DecodeWorker:
         """Register granted blocks with every rank's KV receiver; returns where prefill must push."""
         with self._lock:
             record = self._requests.get(request_id)
+            if record is not None and request_id in self._open:  # a dropped namesake still settling
+                raise TransferFailed(f"request id {request_id!r} is still settling from an earlier use; retry")
         if record is None:
             raise TransferFailed(f"{request_id} was never given blocks here")
-        transfer, settled = expect_part(self.receiver, request_id, block_ids, self.transfer_timeout_s)
-        parts, ports = [settled], []
-        # Every rank registers at once: a round trip per request, not one per rank.
-        calls = [self._pool.submit(p.expect, request_id, block_ids, self.transfer_timeout_s) for p in self._followers]
-        error = None
-        for port, call in zip(self._followers, calls, strict=True):
-            try:
-                parts.append(call.result())
-                ports.append(port)
-            except BaseException as exc:  # keep collecting: the parts that did register must be cancelled
-                error = error or exc
+        record.parts = [None] * self.tp_size
+        record.transfer = expect_part(
+            self.receiver,
+            request_id,
+            block_ids,
+            self.transfer_timeout_s,
+            lambda settled: self._settle(request_id, record, 0, settled),
+        )
+        # Rank 0's failure is known before its blocks are let go: wake the waiters at once.
+        record.transfer.add_done_callback(lambda _t: self._part_settled(request_id, record))
+        if self.tp_size > 1:
+            with self._lock:
+                stopped = self._stopped
+                if stopped is None:
+                    self._registering[request_id] = (record, tuple(block_ids))
+                    self._open[request_id] = record
+            if stopped is None:
+                self.loop.wake()  # the next turn carries the registration to every follower
+            else:
+                record.registered.set_exception(TransferFailed(f"the engine loop stopped: {stopped}"))
+        else:
+            record.registered.set_result(None)
+        error: BaseException | None = None
+        try:
+            record.registered.result()
+        except BaseException as exc:  # the loop stopped: no turn will carry it
+            error = exc
         with self._lock:
-            record.transfer, record.parts, record.ports = transfer, parts, ports
             aborted = record.state is DecodeState.DROPPED
             if aborted:
                 self._requests.pop(request_id, None)
             else:
                 record.state = DecodeState.RECEIVING
-        for part in parts:
-            part.add_done_callback(lambda _f: self._part_settled(request_id, record))
-        # Rank 0's failure is known before its blocks are let go: wake the waiters at once.
-        transfer.add_done_callback(lambda _t: self._part_settled(request_id, record))
         if aborted:
             self._drop(request_id, record)
             raise RequestAborted(f"{request_id} was aborted while its blocks were being registered")
-        if error is not None:
+        refused = error or record.failure()
+        if refused is not None:
             self.abort(request_id)  # the parts registered are cancelled, then the blocks freed
-            if isinstance(error, RankLost):
-                self.loop.fail(error)  # every request ends with this error; stats() now raises
-            raise TransferFailed(f"could not register {request_id}'s blocks on every rank: {error}") from error
-        return KVHandle(request_id, (self.endpoint,) + tuple(p.endpoint for p in self._followers))
+            raise TransferFailed(f"could not register {request_id}'s blocks on every rank: {refused}")
+        return KVHandle(request_id, self.endpoints)
+
+    def _settle(self, request_id: str, record: _Decode, rank: int, settled: Settled) -> None:
+        """Rank `rank`'s part settled (rank 0's on a receiver thread, the others' on the loop's)."""
+        with self._lock:
+            if record.parts[rank] is None:
+                record.parts[rank] = settled
+            if record.settled() and self._open.get(request_id) is record:
+                del self._open[request_id]
+        self._part_settled(request_id, record)
 
     def _part_settled(self, request_id: str, record: _Decode) -> None:
-        """Runs on whatever thread ended or settled a part (possibly under a receiver's lock: no
-        calls back). A failed request keeps its record (admit reports the failure) but gets its
-        blocks freed once every part is settled."""
+        """Runs on whatever thread ended or settled a part (possibly under a receiver's or the
+        loop's lock: no calls back). A failed request keeps its record (admit reports the
+        failure) but gets its blocks freed once every part is settled."""
         with self._lock:
             if not record.kv_ready.done() and (record.settled() or record.failure()):
                 record.kv_ready.set_result(None)
@@ -257,11 +281,69 @@ class DecodeWorker:
         """A registered request that will never run: stop every part, free once all settled."""
         with self._lock:
             record.state = DecodeState.DROPPED
+            tell_followers = self._open.get(request_id) is record
+            if tell_followers:
+                self._cancels.append((request_id, "request aborted"))
         assert record.transfer is not None
         record.transfer.cancel("request aborted")  # no effect on a settled part
-        for port in record.ports:
-            port.cancel(request_id, "request aborted")
+        if tell_followers:
+            self.loop.wake()
         self._part_settled(request_id, record)  # frees now if every part had settled already
+
+    # ---- the loop's Turns: the followers' orders and reports (tensor parallelism) ----------
+
+    def before_run(self, out: SchedulerOutput) -> Turn:
+        """On the engine thread: carry the registrations and cancels since the last turn, and
+        hear the followers while they have news to give."""
+        with self._lock:
+            if not self._open and not self._cancels:
+                return Turn()
+            registering = dict(self._registering)  # left there until answered: stopped() fails them
+            cancels, self._cancels = self._cancels, []
+        orders = Orders(tuple((r, ids, self.transfer_timeout_s) for r, (_, ids) in registering.items()), tuple(cancels))
+
+        def on_reports(reports: list[object]) -> None:
+            self._on_reports(reports)
+            with self._lock:
+                for request_id in registering:
+                    del self._registering[request_id]
+            for record, _ in registering.values():  # every rank took its registration, or refused it
+                record.registered.set_result(None)
+
+        return Turn(payload=orders, on_reports=on_reports)
+
+    def _on_reports(self, reports: list[object]) -> None:
+        for rank, report in enumerate(reports, 1):
+            assert isinstance(report, RankReport)
+            news: list[tuple[str, Settled]] = [
+                (r, (TransferState.FAILED, f"refused: {why}")) for r, why in report.refused
+            ]
+            news += [(r, (state, error)) for r, state, error in report.settled]
+            for request_id, settled in news:
+                with self._lock:
+                    record = self._open.get(request_id)
+                if record is not None:
+                    self._settle(request_id, record, rank, settled)
+
+    def idle_wait(self) -> float | None:
+        with self._lock:
+            if self._registering or self._cancels:
+                return 0.0
+            return REPORT_POLL_S if self._open else None
+
+    def stopped(self, reason: BaseException) -> None:
+        """The loop stopped (e.g. a rank was lost): no follower will report again, so every
+        open part settles as failed and every registration waiting for a turn fails."""
+        with self._lock:
+            self._stopped = reason
+            registering, self._registering = self._registering, {}
+            open_records = list(self._open.items())
+        for record, _ in registering.values():
+            if not record.registered.done():
+                record.registered.set_exception(TransferFailed(f"the engine loop stopped: {reason}"))
+        for request_id, record in open_records:
+            for rank in range(1, self.tp_size):
+                self._settle(request_id, record, rank, (TransferState.FAILED, f"tensor-parallel rank lost: {reason}"))
 
     def transfer_of(self, request_id: str) -> Transfer:
         """Rank 0's part of a reserved request's transfer."""
@@ -344,12 +426,11 @@ class DecodeWorker:
         self.loop.close()
         self.engine.close()  # with tensor parallelism: stops the followers
         self.receiver.close()
-        self._pool.shutdown()
 
 
 class DecodeFollower:
-    """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps and receives its
-    KV heads into the blocks rank 0 reserved. A RankPort in process."""
+    """Rank r > 0 of a tensor-parallel decode worker: runs rank 0's steps, registers the blocks
+    rank 0 orders and receives its KV heads into them, and reports how its parts settle."""
 
     def __init__(
         self,
@@ -366,34 +447,56 @@ class DecodeFollower:
         self.receiver = KVReceiver(
             kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret, host=host
         )
+        assert self.engine.tp_group is not None
+        self.engine.tp_group.gather(self.endpoint)  # rank 0 learns where this rank receives
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}  # parts not settled yet
-        self._thread = threading.Thread(target=self.engine.follow, name=f"decode-rank-{tp_rank}", daemon=True)
+        self._refused: list[tuple[str, str]] = []  # since the last report
+        self._settled: list[tuple[str, TransferState, str | None]] = []  # since the last report
+        self._thread = threading.Thread(
+            target=self.engine.follow, args=(self._on_step, self._report), name=f"decode-rank-{tp_rank}", daemon=True
+        )
         self._thread.start()
 
     @property
     def endpoint(self) -> str:
         return self.receiver.endpoint
 
-    def expect(self, request_id: str, block_ids: Sequence[int], timeout_s: float) -> Future[Settled]:
-        transfer, settled = expect_part(self.receiver, request_id, block_ids, timeout_s)
-        with self._lock:
-            self._transfers[request_id] = transfer
-        settled.add_done_callback(lambda _f: self._forget(request_id, transfer))
-        return settled
+    def _on_step(self, orders: Orders | None) -> None:
+        """The follow loop's thread: carry out rank 0's orders (no per-layer hook: we receive)."""
+        if orders is None:
+            return
+        for request_id, block_ids, timeout_s in orders.register:
+            try:
+                transfer = expect_part(
+                    self.receiver, request_id, block_ids, timeout_s, partial(self._on_settled, request_id)
+                )
+            except Exception as exc:  # e.g. the id is still in use here: rank 0 fails the request
+                with self._lock:
+                    self._refused.append((request_id, str(exc)))
+                continue
+            with self._lock:  # unless it settled already (reports run on this thread: not yet sent)
+                if all(r != request_id for r, _, _ in self._settled):
+                    self._transfers[request_id] = transfer
+        for request_id, reason in orders.cancel:
+            with self._lock:
+                part = self._transfers.get(request_id)
+            if part is not None:
+                part.cancel(reason)
 
-    def _forget(self, request_id: str, transfer: Transfer) -> None:
+    def _on_settled(self, request_id: str, settled: Settled) -> None:
         with self._lock:
-            if self._transfers.get(request_id) is transfer:
-                del self._transfers[request_id]
+            self._transfers.pop(request_id, None)
+            self._settled.append((request_id, *settled))
 
-    def cancel(self, request_id: str, reason: str) -> None:
+    def _report(self) -> RankReport:
         with self._lock:
-            transfer = self._transfers.get(request_id)
-        if transfer is not None:
-            transfer.cancel(reason)
+            report = RankReport(tuple(self._refused), tuple(self._settled))
+            self._refused, self._settled = [], []
+        return report
 
     def num_transfers(self) -> int:
+        """This rank's parts not settled yet."""
         with self._lock:
             return len(self._transfers)
 

@@ -175,13 +175,12 @@ def deploy(
                     transfer_timeout_s,
                     rank,
                     dist_init,
-                    driver,
                     kv_secret=kv_secret,
                     cores=pinned[rank],
                 )
                 for rank in ranks
             ]
-        else:  # followers first: rank 0 asks them for their KV receivers' endpoints
+        else:
             decode_followers = [
                 ray.remote(DecodeFollowerActor)
                 .options(**options[rank])
@@ -198,7 +197,6 @@ def deploy(
                     host,
                     transfer_timeout_s,
                     dist_init=dist_init,
-                    followers=decode_followers,
                     kv_secret=kv_secret,
                     cores=pinned[0],
                 )

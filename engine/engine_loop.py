@@ -11,6 +11,10 @@ when max_waiting requests already wait is a new one refused (Overloaded). An abo
 arrives before its request (the caller gave up while its submit or reserve was on the way)
 is remembered, so that the request is refused when it arrives instead of holding blocks.
 
+A worker with tensor-parallel ranks talks to them at the loop's turns (engine/parallel.py):
+its Turns say what each turn carries to them and asks of them, and when a turn is needed
+although there is nothing to run (something to register on every rank, a part to settle).
+
 A step that raises cannot be blamed on one request (those that can fail alone, in sampling
 or post-processing, are failed by the engine itself): the loop then stops for good, every
 request ends with a retryable error, and `healthy` turns False at once.
@@ -20,10 +24,12 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
@@ -34,11 +40,49 @@ from proto.serving import FinishReason, Resume, TokenDelta, WorkerStats, final_d
 if TYPE_CHECKING:  # the loop only drives an engine: importing it would load torch
     from engine.llm_engine import LLMEngine, RequestOutput
 
-__all__ = ["EngineLoop", "Overloaded", "RequestAborted", "Unavailable", "delta_stream", "final_delta", "to_delta"]
+__all__ = [
+    "REPORT_POLL_S",
+    "EngineLoop",
+    "Overloaded",
+    "RequestAborted",
+    "Turn",
+    "Turns",
+    "Unavailable",
+    "delta_stream",
+    "final_delta",
+    "to_delta",
+]
 
-# Called with a step's schedule before it runs; returns the per-layer hook for that step
-# and the payload that tensor-parallel followers receive with it (see engine/parallel.py).
-BeforeRun = Callable[[SchedulerOutput], tuple[Callable[[int], None] | None, object]]
+IDLE_WAIT_S = 0.05  # how often an idle loop looks for work it was not woken for
+# How often a worker with nothing to run asks its tensor-parallel followers about the KV
+# transfer parts they still hold (Turns.idle_wait); while it runs, it asks at every step.
+REPORT_POLL_S = 0.005
+
+
+@dataclass(frozen=True)
+class Turn:
+    """What goes with one turn of the loop besides its batch (see engine/parallel.py)."""
+
+    hook: Callable[[int], None] | None = None  # rank 0's per-layer hook for this step
+    payload: object = None  # picklable, to every tensor-parallel follower's on_step
+    on_reports: Callable[[list[object]], None] | None = None  # if set, gets the followers' reports
+
+
+class Turns(Protocol):
+    """The worker around the loop: what each turn carries, and when one is needed without work."""
+
+    def before_run(self, out: SchedulerOutput) -> Turn:
+        """Under the loop's lock, with the turn's schedule (empty on a turn without work)."""
+        ...
+
+    def idle_wait(self) -> float | None:
+        """Under the loop's lock: how long after the last turn an idle loop must take another
+        (0: at once), or None when only work needs one."""
+        ...
+
+    def stopped(self, reason: BaseException) -> None:
+        """The loop stopped for good (after its last turn): settle whatever waited for a turn."""
+        ...
 
 
 MAX_TOMBSTONES = 4096  # aborts remembered for requests not seen yet; request ids are unique
@@ -89,10 +133,11 @@ async def delta_stream(
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_waiting: int = 256, before_run: BeforeRun | None = None):
+    def __init__(self, engine: LLMEngine, max_waiting: int = 256, turns: Turns | None = None):
         self.engine = engine
         self.max_waiting = max_waiting
-        self.before_run = before_run
+        self.turns = turns
+        self._last_turn = time.monotonic()
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)
         self._callbacks: dict[str, Callable[[TokenDelta], None]] = {}
@@ -218,6 +263,11 @@ class EngineLoop:
             finally:
                 self._lock.release()
 
+    def wake(self) -> None:
+        """Look at Turns.idle_wait() again now (waits for a step that is running to end)."""
+        with self._lock:
+            self._work.notify()
+
     def stats(self, num_transfers: int = 0) -> WorkerStats:
         """The engine's gauges (num_transfers: what the caller counts of its own)."""
         # Gauges read with len() only, so no lock: a caller polling them (the router, every
@@ -262,14 +312,15 @@ class EngineLoop:
             while True:
                 with self._lock:
                     self._drain_releases()
-                    while not self._stopping and not self.engine.has_unfinished() and not self._releases:
-                        self._work.wait(timeout=0.05)
+                    while (timeout := self._idle_timeout()) is not None:
+                        self._work.wait(timeout)
                     if self._stopping:
                         break
                     self._drain_releases()
                     out = self.engine.schedule()
-                    hook, payload = self.before_run(out) if self.before_run is not None else (None, None)
-                    outputs = self.engine.run(out, hook, step_payload=payload)
+                    turn = self.turns.before_run(out) if self.turns is not None else Turn()
+                    outputs = self.engine.run(out, turn.hook, turn.payload, turn.on_reports)
+                    self._last_turn = time.monotonic()
                     deliveries = [(self._callbacks.get(o.request_id), o) for o in outputs]
                     for o in outputs:
                         if o.finished:
@@ -282,7 +333,19 @@ class EngineLoop:
             self._error = exc
         self._fail_all(self._error or RuntimeError("engine loop stopped"))
 
+    def _idle_timeout(self) -> float | None:
+        """Under the lock: None if a turn is due now, else how long to wait for work."""
+        if self._stopping or self.engine.has_unfinished() or self._releases:
+            return None
+        wait = self.turns.idle_wait() if self.turns is not None else None
+        if wait is None:
+            return IDLE_WAIT_S
+        left = self._last_turn + wait - time.monotonic()
+        return min(left, IDLE_WAIT_S) if left > 0 else None
+
     def _fail_all(self, reason: BaseException) -> None:
+        if self.turns is not None:
+            self.turns.stopped(reason)
         with self._lock:
             self._stopping = True
             callbacks, self._callbacks = self._callbacks, {}

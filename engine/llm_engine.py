@@ -19,7 +19,7 @@ from engine.detokenizer import Detokenizer
 from engine.kv_cache import TORCH_DTYPES, KVCache
 from engine.loader import load_model, random_model
 from engine.model_runner import ModelRunner
-from engine.parallel import OnStep, TPGroup, TPModelRunner, check_tp_size, rank_device, shard_model
+from engine.parallel import OnReports, OnStep, Report, TPGroup, TPModelRunner, check_tp_size, rank_device, shard_model
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -298,13 +298,14 @@ class LLMEngine:
 
     # ---- tensor parallelism ---------------------------------------------------------------
 
-    def follow(self, on_step: OnStep | None = None) -> None:
-        """Ranks > 0: run rank 0's steps until rank 0 calls close(). on_step(payload), if
-        given, runs as each step arrives and returns that step's per-layer hook (or None)."""
+    def follow(self, on_step: OnStep | None = None, report: Report | None = None) -> None:
+        """Ranks > 0: run rank 0's turns until rank 0 calls close(). on_step(payload), if
+        given, runs as each turn arrives and returns that step's per-layer hook (or None);
+        report(), when rank 0 asks, returns what this rank tells it (run()'s on_reports)."""
         if self.tp_group is None:
             raise RuntimeError("follow() is for ranks > 0 of a tensor-parallel engine; this one runs alone")
         assert isinstance(self.runner, TPModelRunner)
-        self.runner.follow(on_step)
+        self.runner.follow(on_step, report)
 
     def close(self) -> None:
         """Leave the tensor-parallel group; rank 0 first ends its followers' follow().
@@ -332,13 +333,21 @@ class LLMEngine:
         return self.scheduler.schedule()
 
     def run(
-        self, out: SchedulerOutput, on_layer_stored: Callable[[int], None] | None = None, step_payload: object = None
+        self,
+        out: SchedulerOutput,
+        on_layer_stored: Callable[[int], None] | None = None,
+        step_payload: object = None,
+        on_reports: OnReports | None = None,
     ) -> list[RequestOutput]:
-        """step_payload: with tensor parallelism, picklable data that every follower's
-        on_step receives with this step (e.g. the KV transfers that start in it)."""
+        """With tensor parallelism: step_payload is picklable data that every follower's
+        on_step receives with this step (e.g. the KV transfers that start in it), and
+        on_reports, if given, gets the followers' reports (see follow()) before the forward.
+        Both travel even when `out` has nothing to run."""
         if out.is_empty:
+            if isinstance(self.runner, TPModelRunner) and (step_payload is not None or on_reports is not None):
+                self.runner.exchange(step_payload, on_reports)
             return []
-        logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload)
+        logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload, on_reports)
         sampling = [s.seq for s in out.scheduled if s.samples]
         tokens, failures = self.sampler.sample(
             logits,

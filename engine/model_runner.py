@@ -101,8 +101,10 @@ class ModelRunner:
         scheduled: list[ScheduledSeq],
         on_layer_stored: Callable[[int], None] | None = None,
         step_payload: object = None,
+        on_reports: Callable[[list[object]], None] | None = None,
     ) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampling_seqs, vocab] in step order.
 
-        step_payload goes to tensor-parallel followers (TPModelRunner); alone, there are none."""
+        step_payload and on_reports are for tensor-parallel followers (TPModelRunner); alone,
+        there are none."""
         return self.model.compute_logits(self.forward(self.plan(scheduled), on_layer_stored))

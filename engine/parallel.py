@@ -32,6 +32,14 @@ returns the per-layer hook that pushes each layer once it is stored, exactly as 
 driver's on_layer_stored does on rank 0. Each rank's engine.kv_cache (tensor and layout) is
 what that rank's KV sender or receiver is built on.
 
+Rank 0 also talks to the other ranks at these turns, for the worker around the engine (a
+tensor-parallel worker's ranks share no other line): when it asks, each follower answers the
+step with a report (report(), e.g. the KV transfer parts it settled since the last one),
+gathered on rank 0 before the forward; and when rank 0 has nothing to run but something to
+tell or to hear (a decode worker registering blocks, or waiting for a part to settle), it
+sends a turn without a batch (exchange()). So a worker's control traffic costs one small
+collective per step, and none while it has none.
+
 Failure and shutdown: the driver's close() tells the followers to stop, and their follow()
 returns. The followers wait for the next step for as long as the server is idle (the
 control group has no practical timeout); a rank whose process dies closes its sockets, so
@@ -61,6 +69,10 @@ CONTROL_TIMEOUT = timedelta(days=365)
 
 # Runs on every follower when a step arrives: payload in, per-layer hook (or None) out.
 OnStep = Callable[[object], Callable[[int], None] | None]
+# Runs on every follower when rank 0 asks for reports: what this rank has to tell it.
+Report = Callable[[], object]
+# Runs on rank 0 with the followers' reports (ranks 1..tp-1, in order).
+OnReports = Callable[[list[object]], None]
 
 
 def check_tp_size(config: ModelConfig, tp_size: int) -> None:
@@ -128,6 +140,12 @@ class TPGroup:
         received = box[0]
         assert received is not None, "the driver always sends a message"
         return received
+
+    def gather(self, report: object) -> list[object]:
+        """Every rank's report, in rank order, on the driver ([] on the other ranks)."""
+        box: list[object] | None = [None] * self.world_size if self.is_driver else None
+        dist.gather_object(report, box, dst=0, group=self.control)
+        return box or []
 
     def barrier(self) -> None:
         dist.barrier(group=self.control)
@@ -209,10 +227,12 @@ def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
 
 @dataclass(frozen=True)
 class StepMessage:
-    """What the driver broadcasts before each forward."""
+    """What the driver broadcasts at each turn, before its forward."""
 
-    step: StepInputs | None  # the batch to run; None tells the followers to stop
+    step: StepInputs | None  # the batch to run; None: no forward this turn
     payload: object = None  # picklable data for the followers' on_step (e.g. transfers starting)
+    gather: bool = False  # every follower answers with its report() before the forward
+    stop: bool = False  # the followers leave follow()
 
 
 class TPModelRunner(ModelRunner):
@@ -229,22 +249,36 @@ class TPModelRunner(ModelRunner):
         scheduled: list[ScheduledSeq],
         on_layer_stored: Callable[[int], None] | None = None,
         step_payload: object = None,
+        on_reports: OnReports | None = None,
     ) -> torch.Tensor:
-        """Driver: run one step on every rank; returns the logits, as ModelRunner.execute."""
-        if not self.group.is_driver:
-            raise RuntimeError(f"rank {self.group.rank} follows rank 0: call follow(), not step()")
+        """Driver: run one step on every rank; returns the logits, as ModelRunner.execute.
+        on_reports: gather the followers' reports first and hand them to it."""
         step = self.plan(scheduled)
-        self.group.broadcast(StepMessage(step, step_payload))
+        self._turn(step, step_payload, on_reports)
         return self.model.compute_logits(self.forward(step, on_layer_stored))
 
-    def follow(self, on_step: OnStep | None = None) -> None:
-        """Follower: run the driver's steps until it stops the group."""
+    def exchange(self, payload: object = None, on_reports: OnReports | None = None) -> None:
+        """Driver: a turn without a batch, to send a payload or to hear the followers' reports."""
+        self._turn(None, payload, on_reports)
+
+    def _turn(self, step: StepInputs | None, payload: object, on_reports: OnReports | None) -> None:
+        if not self.group.is_driver:
+            raise RuntimeError(f"rank {self.group.rank} follows rank 0: call follow(), not step()")
+        self.group.broadcast(StepMessage(step, payload, gather=on_reports is not None))
+        if on_reports is not None:
+            on_reports(self.group.gather(None)[1:])
+
+    def follow(self, on_step: OnStep | None = None, report: Report | None = None) -> None:
+        """Follower: run the driver's turns until it stops the group."""
         if self.group.is_driver:
             raise RuntimeError("rank 0 drives the group: it steps, it does not follow")
         try:
-            while (msg := self.group.broadcast(None)).step is not None:
+            while not (msg := self.group.broadcast(None)).stop:
                 hook = on_step(msg.payload) if on_step is not None else None
-                self.forward(msg.step, hook)
+                if msg.gather:
+                    self.group.gather(report() if report is not None else None)
+                if msg.step is not None:
+                    self.forward(msg.step, hook)
             self.group.barrier()
         except BaseException:
             self.group.close()  # the driver's pending all-reduce fails now, not at a timeout
@@ -252,5 +286,5 @@ class TPModelRunner(ModelRunner):
 
     def stop_followers(self) -> None:
         """Driver: end every follower's follow()."""
-        self.group.broadcast(StepMessage(None))
+        self.group.broadcast(StepMessage(None, stop=True))
         self.group.barrier()

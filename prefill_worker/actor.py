@@ -55,10 +55,6 @@ class PrefillActor:
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self.worker.abort, request_id)  # waits for the engine lock
 
-    def release_part(self, request_id: str) -> None:
-        """A follower rank's part of a transfer released the blocks."""
-        self.worker.release_part(request_id)
-
     async def stats(self) -> WorkerStats:
         return self.worker.stats()
 
@@ -70,7 +66,7 @@ class PrefillActor:
 
 
 class PrefillFollowerActor:
-    """Rank r > 0 of a tensor-parallel prefill worker; reports its releases to rank 0's actor."""
+    """Rank r > 0 of a tensor-parallel prefill worker (it reports to rank 0 over their process group)."""
 
     def __init__(
         self,
@@ -80,7 +76,6 @@ class PrefillFollowerActor:
         transfer_timeout_s: float,
         tp_rank: int,
         dist_init: str,
-        driver,
         *,
         kv_secret: bytes,
         cores: Sequence[int] | None = None,
@@ -94,7 +89,6 @@ class PrefillFollowerActor:
             transfer_timeout_s,
             tp_rank,
             dist_init,
-            on_released=lambda r: driver.release_part.remote(r),
             kv_secret=kv_secret,
         )
 

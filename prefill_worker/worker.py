@@ -17,7 +17,8 @@ With tensor parallelism the worker is tp processes. Rank 0 (PrefillWorker) sched
 the transfers that start in a step travel with it to the other ranks (PrefillFollower),
 each of which starts its own part (its KV heads) of the same transfers and pushes its
 layers. Rank 0 frees a request's blocks only once every rank's part has released them
-(release_part); a follower reports its releases to rank 0 through on_released.
+(release_part). The followers report their releases over the ranks' control group: while
+some part is out, rank 0 asks for reports at every step, and every REPORT_POLL_S when idle.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from functools import partial
 from pathlib import Path
 
 from engine import EngineConfig, LLMEngine
-from engine.engine_loop import EngineLoop
+from engine.engine_loop import REPORT_POLL_S, EngineLoop, Turn
 from engine.scheduler import SchedulerOutput
 from kv_transfer import KVSender, Transfer
 from proto.serving import FinishReason, GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
@@ -107,7 +108,7 @@ class PrefillWorker:
         self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret)
         self._lock = threading.Lock()
         self._requests: dict[str, _Prefill] = {}  # from prefill() until the blocks are freed
-        self.loop = EngineLoop(self.engine, before_run=self._before_run)
+        self.loop = EngineLoop(self.engine, turns=self)
 
     @property
     def layout(self):
@@ -152,10 +153,13 @@ class PrefillWorker:
             self.loop.release_soon(request_id)  # nothing ever read the blocks
         elif record.transfer is not None:
             record.transfer.cancel("request aborted")  # blocks come back through release_part
-        # STARTING: _before_run cancels the transfer once it exists
+        # STARTING: before_run cancels the transfer once it exists
 
-    def _before_run(self, out: SchedulerOutput) -> tuple[Callable[[int], None] | None, list[TransferStart] | None]:
-        """Runs on the engine thread: start the transfers of prompts this step completes."""
+    # ---- the loop's Turns ----------------------------------------------------------------
+
+    def before_run(self, out: SchedulerOutput) -> Turn:
+        """On the engine thread: start the transfers of prompts this step completes (every
+        rank starts its part with the step), and hear the followers while their parts are out."""
         starts = []
         with self._lock:
             for item in out.scheduled:
@@ -164,8 +168,9 @@ class PrefillWorker:
                     record.state, record.parts_left = PrefillState.STARTING, self.tp_size
                     seq = item.seq
                     starts.append(TransferStart(seq.request_id, tuple(seq.block_ids), record.handle.endpoints))
+            on_reports = self._on_reports if self._followers_hold_parts() else None
         if not starts:
-            return None, None
+            return Turn(on_reports=on_reports)
         hook, transfers = start_transfers(self.sender, starts, self.transfer_timeout_s, self.release_part)
         cancelled = []
         with self._lock:
@@ -178,7 +183,25 @@ class PrefillWorker:
                     cancelled.append(transfer)
         for transfer in cancelled:
             transfer.cancel("request aborted")  # blocks come back through release_part
-        return hook, starts
+        return Turn(hook, starts, self._on_reports if self.tp_size > 1 else None)
+
+    def _followers_hold_parts(self) -> bool:
+        """Under the lock: some follower rank may still hold a part of a transfer."""
+        return self.tp_size > 1 and any(r.state is not PrefillState.QUEUED for r in self._requests.values())
+
+    def idle_wait(self) -> float | None:
+        with self._lock:
+            return REPORT_POLL_S if self._followers_hold_parts() else None
+
+    def stopped(self, reason: BaseException) -> None:
+        pass  # every caller hears of it through its request's error delta
+
+    def _on_reports(self, reports: list[object]) -> None:
+        """Each follower's report: the requests whose part released the blocks there."""
+        for released in reports:
+            assert isinstance(released, list)
+            for request_id in released:
+                self.release_part(request_id)
 
     def release_part(self, request_id: str) -> None:
         """One rank's part of a transfer let go of the blocks; the last one frees them."""
@@ -216,24 +239,33 @@ class PrefillFollower:
         transfer_timeout_s: float,
         tp_rank: int,
         dist_init: str,
-        on_released: Callable[[str], None],
         *,
         kv_secret: bytes,
     ):
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
         self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret)
         self.transfer_timeout_s = transfer_timeout_s
-        self.on_released = on_released
+        self._lock = threading.Lock()
+        self._released: list[str] = []  # parts that let go of their blocks, not reported yet
         self._thread = threading.Thread(
-            target=self.engine.follow, args=(self._on_step,), name=f"prefill-rank-{tp_rank}", daemon=True
+            target=self.engine.follow, args=(self._on_step, self._report), name=f"prefill-rank-{tp_rank}", daemon=True
         )
         self._thread.start()
 
     def _on_step(self, starts: list[TransferStart] | None) -> Callable[[int], None] | None:
         if not starts:
             return None
-        hook, _ = start_transfers(self.sender, starts, self.transfer_timeout_s, self.on_released)
+        hook, _ = start_transfers(self.sender, starts, self.transfer_timeout_s, self._on_released)
         return hook
+
+    def _on_released(self, request_id: str) -> None:  # a KV transfer thread
+        with self._lock:
+            self._released.append(request_id)
+
+    def _report(self) -> list[str]:
+        with self._lock:
+            released, self._released = self._released, []
+        return released
 
     def close(self) -> None:
         """After rank 0's close(): wait for the follow loop to end, then free everything."""

@@ -1,14 +1,13 @@
 """A tensor-parallel prefill worker (TP=2, two processes) feeding a TP=1 decode worker.
 
-Each prefill rank sends its own KV heads; the decode worker's receiver assembles them.
+Each prefill rank sends its own KV heads; the decode worker's receiver assembles them. Rank 1
+reports its parts' releases to rank 0 over the ranks' process group only.
 The tokens must equal transformers', and every block on every side must come back.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
-import threading
 from dataclasses import replace
 
 import pytest
@@ -25,7 +24,7 @@ BACKEND = "shm"
 CONFIG = EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64, max_model_len=256)
 
 
-def follower_main(model_dir, dist_init, released: mp.Queue, ready: mp.Event) -> None:
+def follower_main(model_dir, dist_init, ready: mp.Event) -> None:
     follower = PrefillFollower(
         model_dir,
         replace(CONFIG, tensor_parallel_size=2),
@@ -33,7 +32,6 @@ def follower_main(model_dir, dist_init, released: mp.Queue, ready: mp.Event) -> 
         10.0,
         1,
         dist_init,
-        on_released=released.put,
         kv_secret=TEST_SECRET,
     )
     ready.set()
@@ -43,9 +41,9 @@ def follower_main(model_dir, dist_init, released: mp.Queue, ready: mp.Event) -> 
 @pytest.fixture(scope="module")
 def tp_prefill(tiny_llama_dir):
     ctx = mp.get_context("spawn")
-    released, ready = ctx.Queue(), ctx.Event()
+    ready = ctx.Event()
     dist_init = f"tcp://127.0.0.1:{free_port()}"
-    proc = ctx.Process(target=follower_main, args=(str(tiny_llama_dir), dist_init, released, ready), daemon=True)
+    proc = ctx.Process(target=follower_main, args=(str(tiny_llama_dir), dist_init, ready), daemon=True)
     proc.start()
     prefill = PrefillWorker(
         tiny_llama_dir,
@@ -56,24 +54,11 @@ def tp_prefill(tiny_llama_dir):
         kv_secret=TEST_SECRET,
     )
     assert ready.wait(120), "rank 1 did not start"
-    stop = threading.Event()
-
-    def forward_releases():  # rank 1's releases reach rank 0, as an actor call would carry them
-        while not stop.is_set():
-            try:
-                prefill.release_part(released.get(timeout=0.1))
-            except queue.Empty:
-                pass
-
-    relay = threading.Thread(target=forward_releases, daemon=True)
-    relay.start()
     decode = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=10.0, kv_secret=TEST_SECRET)
     yield prefill, decode
     decode.close()
     prefill.close()
     proc.join(60)
-    stop.set()
-    relay.join()
 
 
 def test_prefill_tp2_to_decode_tp1_matches_transformers(tp_prefill, tiny_llama_dir):
