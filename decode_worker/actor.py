@@ -116,13 +116,15 @@ class DecodeActor:
 
     async def deltas(self) -> AsyncGenerator[list[TokenDelta], None]:
         """The deltas of every request started with start_admit() or start_generate(), all
-        that arrived since the last item as one list, for as long as the caller listens. One
-        listener at a time: a new call ends the previous one (a router whose event loop went
-        away), which takes nothing more."""
+        that arrived since the last item as one list, for as long as the caller listens; the
+        first item is empty, once this listener is the channel's. One listener at a time: a new
+        call ends the previous one (a router whose event loop went away), which takes nothing
+        more."""
         ready, _ = self._channel()
         self._listener += 1
         me = self._listener
         ready.set()  # wake the previous listener, which sees it is replaced
+        yield []  # this listener is the channel's: the caller may start requests
         while True:
             await ready.wait()
             if self._listener != me:

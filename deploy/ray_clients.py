@@ -61,13 +61,16 @@ class RayDecodeClient:
     all of this router's requests there), which one task per worker reads and hands out to
     each request's stream; a request is started with one call. A lost worker ends every
     stream waiting on it with WorkerLost; the next request opens the channel again (to the
-    restarted worker)."""
+    restarted worker). A request starts only once the worker has taken the channel's
+    listener: before that, a previous listener (this router's on an event loop gone, a
+    reader that failed) could still take its first deltas."""
 
     def __init__(self, actor, name: str):
         self.actor = actor
         self.name = name
         self._streams: dict[str, asyncio.Queue[TokenDelta | Exception]] = {}
         self._reader: asyncio.Task | None = None
+        self._listening = asyncio.Event()  # the current reader's listener is the worker's
 
     async def reserve(self, request: GenerateRequest) -> KVHandle:
         return await _call(self.actor.reserve.remote(request), self.name)
@@ -83,7 +86,10 @@ class RayDecodeClient:
         self._streams[request_id] = queue  # before the start: its first delta may come at once
         try:
             if self._reader is None or self._reader.done():
-                self._reader = asyncio.create_task(self._read())
+                self._listening = asyncio.Event()
+                self._reader = asyncio.create_task(self._read(self._listening))
+            if not self._listening.is_set():
+                await self._until_listening(queue)
             await _call(start(), self.name)
             while True:
                 item = await queue.get()
@@ -96,11 +102,26 @@ class RayDecodeClient:
             if self._streams.get(request_id) is queue:
                 del self._streams[request_id]
 
-    async def _read(self) -> None:
-        """Hand each delta of the worker's channel to its request's stream, until the worker is lost."""
+    async def _until_listening(self, queue: asyncio.Queue[TokenDelta | Exception]) -> None:
+        """Wait until the worker took the current reader's listener; if the reader ends first,
+        raise what it put in the stream's queue (the worker's loss)."""
+        assert self._reader is not None
+        reader, listening = self._reader, asyncio.ensure_future(self._listening.wait())
+        await asyncio.wait([listening, reader], return_when=asyncio.FIRST_COMPLETED)
+        listening.cancel()
+        if not self._listening.is_set():
+            reader.result()  # re-raises what ended it, if not the worker's loss
+            item = None if queue.empty() else queue.get_nowait()
+            raise item if isinstance(item, Exception) else Unavailable(f"{self.name}: its delta channel closed")
+
+    async def _read(self, listening: asyncio.Event) -> None:
+        """Hand each delta of the worker's channel to its request's stream, until the worker is
+        lost. The channel's first item, empty, says the worker has taken this listener."""
         try:
             async for ref in self.actor.deltas.remote():
-                for delta in await ref:
+                batch = await ref
+                listening.set()
+                for delta in batch:
                     queue = self._streams.get(delta.request_id)
                     if queue is not None:  # else: a request this router gave up on
                         queue.put_nowait(delta)
