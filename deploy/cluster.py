@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
+import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -26,6 +28,7 @@ from router.orchestrator import DisaggregatedBackend
 # Times Ray restarts a dead worker (of one rank) over the deployment's life; each restart
 # reloads the model. Bounded, so that a worker that dies at every start is given up on.
 WORKER_MAX_RESTARTS = 10
+RESTART_TIMEOUT_S = 300.0  # a restarted worker loads its model again
 
 
 @dataclass(frozen=True)
@@ -95,6 +98,39 @@ class Deployment:
             ray.kill(actor)
         for pg in self.placement_groups:
             remove_placement_group(pg)
+
+    async def restart_worker(self, role: Role | str, index: int, timeout_s: float = RESTART_TIMEOUT_S) -> int:
+        """One step of a rolling restart, losing no request: drain the worker (its requests
+        move to the others), restart its process (Ray restarts it: a worker of one rank, with
+        max_restarts left), wait until it serves again and route to it again. Returns how many
+        requests moved. Call on the router's event loop."""
+        role = Role(role)
+        actors = self.prefill_actors if role is Role.PREFILL else self.decode_actors
+        if not 0 <= index < len(actors):
+            raise ValueError(f"there is no {role.value} worker {index}: indices 0..{len(actors) - 1}")
+        info = self.infos[index if role is Role.PREFILL else len(self.prefill_actors) + index]
+        if info.layout.tp_size > 1:
+            raise ValueError(
+                f"{role.value} worker {index} has {info.layout.tp_size} tensor-parallel ranks, which Ray "
+                f"does not restart alone; replace the worker instead"
+            )
+        moved = await self.backend.drain(role, index)
+        actor = actors[index]
+        ray.kill(actor, no_restart=False)
+        deadline = time.monotonic() + timeout_s
+        while True:  # calls fail until the process is replaced, then wait for its model to load
+            try:
+                await asyncio.wait_for(actor.info.remote(), max(1.0, deadline - time.monotonic()))
+                break
+            except ray.exceptions.RayActorError:
+                if time.monotonic() >= deadline:
+                    raise TimeoutError(
+                        f"{role.value} worker {index} did not come back within {timeout_s:g} s"
+                    ) from None
+                await asyncio.sleep(0.5)
+        await self.backend.wait_up(role, index, max(1.0, deadline - time.monotonic()))
+        self.backend.undrain(role, index)
+        return moved
 
 
 def deploy(

@@ -18,11 +18,12 @@ from proto.serving import GenerateRequest, Role, TokenDelta, WorkerStats
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-__all__ = ["STATS_INTERVAL_S", "Backend", "Overloaded", "Unavailable", "WorkerStatus"]
+__all__ = ["DRAIN_TIMEOUT_S", "STATS_INTERVAL_S", "Backend", "Overloaded", "Unavailable", "WorkerStatus"]
 
 # While served, a backend's health and worker stats are at most this old (router/server.py
 # refreshes them on this interval).
 STATS_INTERVAL_S = 0.2
+DRAIN_TIMEOUT_S = 120.0  # how long a drain waits, by default, for the requests on a worker to leave it
 
 
 class Backend(Protocol):
@@ -58,6 +59,13 @@ class Backend(Protocol):
     async def refresh(self) -> None:
         """Bring stats() up to date (a /metrics scrape calls it)."""
 
+    async def drain(self, role: str, index: int, timeout_s: float) -> int:
+        """Stop routing to a worker and move its requests to the others (ValueError naming what
+        is wrong: no such worker, or nothing would serve); returns how many moved."""
+
+    def undrain(self, role: str, index: int) -> None:
+        """Route to a drained worker again."""
+
 
 @dataclass(frozen=True)
 class WorkerStatus:
@@ -67,3 +75,4 @@ class WorkerStatus:
     index: int  # within its role
     up: bool  # answered its last stats call and its engine runs
     stats: WorkerStats | None  # its gauges; None when it is down
+    draining: bool = False  # taken out of routing (Backend.drain)

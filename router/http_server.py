@@ -19,6 +19,7 @@ import time
 from aiohttp import web
 
 from proto.errors import Overloaded, Unavailable
+from router.backend import DRAIN_TIMEOUT_S
 from router.metrics import CONTENT_TYPE
 from router.openai_protocol import (
     OpenAIRequest,
@@ -103,6 +104,8 @@ class HTTPFrontend:
         app.router.add_get("/v1/models/{model}", self.model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat_completions)
+        app.router.add_post("/admin/drain", self.drain)
+        app.router.add_post("/admin/undrain", self.undrain)
         return app
 
     def _needs_key(self, path: str) -> bool:
@@ -128,17 +131,58 @@ class HTTPFrontend:
         (which, and how many of each role are up); 503 when nothing can serve."""
         workers = self.backend.workers()
         down = [f"{w.role.value} worker {w.index}" for w in workers if not w.up]
+        draining = [f"{w.role.value} worker {w.index}" for w in workers if w.draining]
         if not self.backend.is_ready():
-            why = f"{', '.join(down)} down" if down else "a worker is down or broken"
+            why = f"{', '.join(down)} down" if down else "a worker is down, broken or draining"
             raise HTTPError(503, "unavailable_error", f"the backend cannot serve requests: {why}")
-        if not down:
+        if not down and not draining:
             return web.json_response({"status": "ok"})
         up: dict[str, dict[str, int]] = {}
         for w in workers:
             counts = up.setdefault(w.role.value, {"up": 0, "total": 0})
             counts["up"] += w.up
             counts["total"] += 1
-        return web.json_response({"status": "degraded", "down": down, "workers": up})
+        body = {"status": "degraded", "down": down, "workers": up} if down else {"status": "ok"}
+        return web.json_response(body | ({"draining": draining} if draining else {}))
+
+    async def drain(self, request: web.Request) -> web.Response:
+        """POST {"role": "prefill"|"decode", "index": N, "timeout_s": S?}: take the worker out of
+        routing and move its requests to the others; answers once none is left on it."""
+        role, index, body = await self._admin_target(request)
+        timeout_s = body.get("timeout_s", DRAIN_TIMEOUT_S)
+        if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or timeout_s <= 0:
+            raise BadRequest(f"timeout_s must be a positive number of seconds, got {timeout_s!r}", "timeout_s")
+        try:
+            moved = await self.backend.drain(role, index, float(timeout_s))
+        except ValueError as exc:
+            raise BadRequest(str(exc), "index") from None
+        except TimeoutError as exc:
+            raise HTTPError(504, "timeout_error", f"{exc}; it stays out of routing (POST /admin/undrain)") from None
+        return web.json_response({"role": role, "index": index, "draining": True, "moved": moved})
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        """POST {"role": ..., "index": N}: route to a drained worker again."""
+        role, index, _ = await self._admin_target(request)
+        try:
+            self.backend.undrain(role, index)
+        except ValueError as exc:
+            raise BadRequest(str(exc), "index") from None
+        return web.json_response({"role": role, "index": index, "draining": False})
+
+    async def _admin_target(self, request: web.Request) -> tuple[str, int, dict]:
+        """An admin call's body and the worker it names. Admin calls need API keys to be set:
+        on an open server, anyone could take every worker out of routing."""
+        if not self.serving.security.api_keys:
+            raise HTTPError(403, "permission_error", "admin endpoints need API keys: start the server with --api-key")
+        body = parse_json(await request.read())
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        role, index = body.get("role"), body.get("index")
+        if role not in ("prefill", "decode"):
+            raise BadRequest(f"role must be 'prefill' or 'decode', got {role!r}", "role")
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise BadRequest(f"index must be a worker's index (an integer >= 0), got {index!r}", "index")
+        return role, index, body
 
     async def metrics_text(self, request: web.Request) -> web.Response:
         # The disaggregated backend caches its workers' stats between requests: fetch them

@@ -60,5 +60,11 @@ class LocalBackend:
     async def refresh(self) -> None:
         """stats() is read live from the engine: nothing to fetch."""
 
+    async def drain(self, role: str, index: int, timeout_s: float) -> int:
+        raise ValueError("a colocated server has one engine and no workers to drain")
+
+    def undrain(self, role: str, index: int) -> None:
+        raise ValueError("a colocated server has one engine and no workers to drain")
+
     def close(self) -> None:
         self._loop.close()

@@ -17,6 +17,11 @@
     workers prefill every prompt themselves (degraded); with no decode worker up, a request
     waits up to recovery_wait_s for one to come back (Ray restarts dead workers).
 
+    drain(role, index) takes a worker out of routing and moves every request off it the same
+    way (each run on a draining decode worker is stopped there and resumed on another, after
+    the tokens the caller has), then returns once nothing is left on it: for scale-down,
+    role changes and rolling restarts (deploy/cluster.py restart_worker). undrain() puts it back.
+
 Workers are reached through typed clients (router/clients.py); this module knows nothing of
 what carries the calls.
 """
@@ -25,17 +30,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from engine.tokenizer import load_tokenizer
 from proto.errors import Overloaded, Unavailable, WorkerLost
 from proto.serving import FinishReason, GenerateRequest, Resume, Role, TokenDelta, WorkerStats, final_delta
-from router.backend import STATS_INTERVAL_S, WorkerStatus
+from router.backend import DRAIN_TIMEOUT_S, STATS_INTERVAL_S, WorkerStatus
 from router.clients import DecodeClient, PrefillClient
 from router.policy import RoutingPolicy, WorkerView
 
@@ -47,6 +53,7 @@ WORKER_STATS_TIMEOUT_S = 2.0
 RECOVERIES = 3  # times a request is run again after losing a worker, at most
 RECOVERY_WAIT_S = 60.0  # how long a request waits for a decode worker to be up again
 RECOVERY_POLL_S = 0.5
+DRAIN_POLL_S = 0.05
 # Sums the backend reports per role (over the workers that are up).
 SUMMED = (
     "num_waiting",
@@ -83,6 +90,8 @@ class DisaggregatedBackend:
         self.local_prefill_tokens = local_prefill_tokens
         self.recovery_wait_s = recovery_wait_s
         self._attempts: dict[str, str] = {}  # request id -> the id of its current run again
+        self._runs: dict[str, _Run] = {}  # run id -> the workers it is on
+        self._moving: set[str] = set()  # runs drain() stopped, to be resumed elsewhere
         self._tokenizer = load_tokenizer(model_dir)
         self.prefill = list(prefill)
         self.decode = list(decode)
@@ -99,6 +108,7 @@ class DisaggregatedBackend:
             "degraded_prefills_total": 0,  # prefilled on a decode worker because no prefill worker was up
             "recoveries_total": 0,  # runs again after a lost worker
             "recovery_failures_total": 0,  # requests that ended with an error after every recovery
+            "moves_total": 0,  # runs moved off a draining worker (resumed on another)
         }
 
     @property
@@ -116,37 +126,41 @@ class DisaggregatedBackend:
             self._attempts.pop(request.request_id, None)
 
     async def _recovering(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
-        token_ids: list[int] = []  # what the caller has: the resume point if a worker is lost
+        token_ids: list[int] = []  # what the caller has: the resume point if a run stops
         text: list[str] = []
-        for recovery in range(RECOVERIES + 1):
+        recoveries = 0
+        for again in itertools.count():
             attempt = request
-            if recovery:
+            if again:
                 resume = Resume(tuple(token_ids), "".join(text)) if token_ids else None
-                attempt = replace(request, request_id=f"{request.request_id}#{recovery}", resume=resume)
+                attempt = replace(request, request_id=f"{request.request_id}#{again}", resume=resume)
                 self._attempts[request.request_id] = attempt.request_id
             try:
-                async with contextlib.aclosing(self._run(attempt, wait=recovery > 0)) as run:
+                async with contextlib.aclosing(self._run(attempt, wait=again > 0)) as run:
                     async for delta in run:
                         token_ids.extend(delta.token_ids)
                         text.append(delta.text)
-                        yield delta if not recovery else replace(delta, request_id=request.request_id)
+                        yield delta if not again else replace(delta, request_id=request.request_id)
                 return
             except (ValueError, Overloaded, Unavailable) as exc:
-                if recovery == 0:
+                if again == 0:
                     raise  # nothing streamed yet: the frontends answer 400, 429 or 503
                 # A run again that no worker takes: the stream has started, so it ends here.
                 self.counters["recovery_failures_total"] += 1
                 why, retryable = f"lost its worker, and could not run again: {exc}", not isinstance(exc, ValueError)
                 yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=retryable)
                 return
+            except _Moved:
+                self.counters["moves_total"] += 1
             except _Lost as lost:
                 # The workers' health is looked at now, not at the next interval.
                 self._stats_at = 0.0
-                if recovery == RECOVERIES:
+                if recoveries == RECOVERIES:
                     self.counters["recovery_failures_total"] += 1
                     why = f"{lost} (after {RECOVERIES} recoveries)"
                     yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=True)
                     return
+                recoveries += 1
                 self.counters["recoveries_total"] += 1
                 log.warning(
                     "request %s lost its worker after %d tokens (%s): running it again",
@@ -162,6 +176,7 @@ class DisaggregatedBackend:
         hashes = self.policy.hashes(token_ids)
         decode_view = await self._pick_decode(hashes, wait)
         decode = self.decode[decode_view.index]
+        run = self._runs[request_id] = _Run(decode_view.index)  # at once: drain() must see it
         prefill = None
         current = decode_view  # the worker the call in flight goes to
         transfer_start: float | None = None  # set while the first delta after a transfer is awaited
@@ -169,7 +184,7 @@ class DisaggregatedBackend:
         finished = False  # the request ended on the workers: nothing left to abort
         try:
             uncached = len(token_ids) - decode_view.overlap_blocks(hashes) * self.policy.block_size
-            prefill_up = any(v.alive for v in self.policy.prefill)
+            prefill_up = any(v.serving for v in self.policy.prefill)
             if request.resume is not None or not prefill_up or uncached <= self.local_prefill_tokens:
                 self.counters["local_prefills_total"] += 1
                 if self.prefill and not prefill_up and request.resume is None:
@@ -178,10 +193,12 @@ class DisaggregatedBackend:
             else:
                 prefill_view = self.policy.pick_prefill(hashes)
                 prefill = self.prefill[prefill_view.index]
+                run.prefill = prefill_view.index
                 # Waits in the decode worker's queue until it has a batch slot and blocks.
                 handle = await decode.reserve(request)
                 current = prefill_view
                 result = await prefill.prefill(request, handle)
+                run.prefill = None
                 current = decode_view
                 prefill_view.remember(hashes)
                 stream = decode.admit(request_id, result.first_token_id)
@@ -192,6 +209,8 @@ class DisaggregatedBackend:
                 if transfer_start is not None:
                     self._count_transfer(len(token_ids), time.monotonic() - transfer_start)
                     transfer_start = None
+                if delta.finish_reason is FinishReason.ABORT and request_id in self._moving:
+                    raise _Moved()  # drain() stopped it there
                 if delta.finish_reason is FinishReason.ERROR and delta.retryable:
                     raise _Lost(delta.error or "the worker failed the request")  # a broken engine
                 finished = delta.finished
@@ -199,6 +218,8 @@ class DisaggregatedBackend:
         except (ValueError, Overloaded):
             raise  # the caller's fault or admission control: the frontends map these
         except (Unavailable, RuntimeError) as exc:
+            if request_id in self._moving:
+                raise _Moved() from exc  # drain() stopped it before it streamed
             # A worker failed, broke or died: the request may succeed elsewhere.
             if prefill is not None and not streaming:
                 self.counters["kv_transfer_failures_total"] += 1
@@ -206,10 +227,14 @@ class DisaggregatedBackend:
                 current.lost(time.monotonic())
             raise _Lost(str(exc)) from exc
         finally:
-            if not finished:  # failed or cancelled anywhere: free what either worker holds
-                await decode.abort(request_id)
-                if prefill is not None:
-                    await prefill.abort(request_id)
+            try:
+                if not finished:  # failed or cancelled anywhere: free what either worker holds
+                    await decode.abort(request_id)
+                    if prefill is not None:
+                        await prefill.abort(request_id)
+            finally:  # after the aborts (drain() returns once they are sent), whatever they raise
+                del self._runs[request_id]
+                self._moving.discard(request_id)
 
     async def _pick_decode(self, hashes: list[bytes], wait: bool) -> WorkerView:
         """The decode worker for a run; with wait, polls up to recovery_wait_s for one to be up."""
@@ -223,6 +248,57 @@ class DisaggregatedBackend:
                     raise
             await asyncio.sleep(RECOVERY_POLL_S)
             self._stats_at = 0.0
+
+    async def drain(self, role: Role | str, index: int, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
+        """Take a worker out of routing and move every request off it; returns how many runs
+        moved once none is left on it (TimeoutError after timeout_s, still draining). Runs on a
+        decode worker are stopped there and resumed on another decode worker after the tokens
+        their callers have (no loss, no repeat); a prefill worker's are left to finish (a
+        prefill is short). The last decode worker that takes requests cannot be drained."""
+        role, view = self._view(role, index)
+        if role is Role.DECODE and not any(v.serving for v in self.policy.decode if v is not view):
+            raise ValueError(f"draining decode worker {index} would leave no decode worker taking requests")
+        view.draining = True
+        client = self.decode[index] if role is Role.DECODE else None
+        moved = 0
+        deadline = time.monotonic() + timeout_s
+        while on_it := [rid for rid, run in self._runs.items() if run.on(role, index)]:
+            if client is not None:
+                to_move = [rid for rid in on_it if rid not in self._moving]
+                self._moving.update(to_move)
+                moved += len(to_move)
+                await asyncio.gather(*(client.abort(rid) for rid in to_move))
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{role.value} worker {index} still has {len(on_it)} requests after {timeout_s:g} s")
+            await asyncio.sleep(DRAIN_POLL_S)
+        log.info("%s worker %d drained: %d requests moved", role.value, index, moved)
+        return moved
+
+    async def wait_up(self, role: Role | str, index: int, timeout_s: float) -> None:
+        """Wait until a worker answers its stats (e.g. after a restart); TimeoutError after timeout_s."""
+        view = self._view(role, index)[1]
+        deadline = time.monotonic() + timeout_s
+        while True:
+            await self.refresh()
+            if view.alive:
+                return
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"{role} worker {index} is not up after {timeout_s:g} s")
+            await asyncio.sleep(RECOVERY_POLL_S)
+
+    def undrain(self, role: Role | str, index: int) -> None:
+        """Route requests to a drained worker again."""
+        self._view(role, index)[1].draining = False
+
+    def _view(self, role: Role | str, index: int) -> tuple[Role, WorkerView]:
+        """A worker's view by role and index, or ValueError naming what exists."""
+        roles = {r.value: r for r in (Role.PREFILL, Role.DECODE)}
+        if str(role) not in roles:
+            raise ValueError(f"role must be one of {sorted(roles)}, got {role!r}")
+        views = self.policy.prefill if roles[str(role)] is Role.PREFILL else self.policy.decode
+        if not 0 <= index < len(views):
+            raise ValueError(f"there is no {role} worker {index}: indices 0..{len(views) - 1}")
+        return roles[str(role)], views[index]
 
     def _count_transfer(self, num_tokens: int, seconds: float) -> None:
         self.counters["kv_transfers_total"] += 1
@@ -271,10 +347,12 @@ class DisaggregatedBackend:
     def is_ready(self) -> bool:
         """A decode worker answered its last stats call (at most STATS_INTERVAL_S ago while
         served): requests are served, prefilled on the decode workers if no prefill worker is up."""
-        return any(view.alive for view in self.policy.decode)
+        return any(view.serving for view in self.policy.decode)
 
     def workers(self) -> list[WorkerStatus]:
-        return [WorkerStatus(role, view.index, view.alive, view.stats) for role, view, _ in self._views()]
+        return [
+            WorkerStatus(role, view.index, view.alive, view.stats, view.draining) for role, view, _ in self._views()
+        ]
 
     def stats(self) -> dict[str, float]:
         """Sums over the workers that are up (prefill_* and decode_*), KV usage of the live
@@ -299,6 +377,21 @@ class DisaggregatedBackend:
             await asyncio.shield(self._fetching)  # asked before now: fetch again
         self._fetching = asyncio.ensure_future(self._fetch_stats())
         await asyncio.shield(self._fetching)
+
+
+@dataclass
+class _Run:
+    """A run in flight, and the workers it is on (drain() looks for them)."""
+
+    decode: int
+    prefill: int | None = None  # while its prompt is being prefilled there
+
+    def on(self, role: Role, index: int) -> bool:
+        return (self.decode if role is Role.DECODE else self.prefill) == index
+
+
+class _Moved(Exception):
+    """drain() stopped a run on its worker: resume it elsewhere (not a failure)."""
 
 
 class _Lost(Exception):

@@ -32,6 +32,12 @@ class WorkerView:
     routed: int = 0  # requests sent to it since its last stats call, which they are not in yet
     lost_at: float = float("-inf")  # when a request last found it gone (time.monotonic())
     missed: int = 0  # stats calls in a row that timed out
+    draining: bool = False  # being drained (DisaggregatedBackend.drain): no new request goes to it
+
+    @property
+    def serving(self) -> bool:
+        """Up and taking new requests."""
+        return self.alive and not self.draining
 
     def timed_out(self) -> None:
         """A stats call got no answer in time: down only after MISSES_BEFORE_DOWN in a row (a
@@ -136,8 +142,9 @@ def _routed(view: WorkerView) -> WorkerView:
 
 
 def _alive(views: list[WorkerView], role: str) -> list[WorkerView]:
-    """The live workers; Unavailable when none is."""
-    alive = [v for v in views if v.alive]
+    """The workers that take new requests; Unavailable when none does."""
+    alive = [v for v in views if v.serving]
     if not alive:
-        raise Unavailable(f"no {role} worker is up (of {len(views)})")
+        draining = sum(v.draining for v in views)
+        raise Unavailable(f"no {role} worker is up (of {len(views)}" + (f", {draining} draining)" if draining else ")"))
     return alive

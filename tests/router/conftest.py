@@ -91,6 +91,12 @@ class ControlledBackend:
     def workers(self):
         return self.inner.workers()
 
+    async def drain(self, role, index, timeout_s):
+        return await self.inner.drain(role, index, timeout_s)
+
+    def undrain(self, role, index):
+        self.inner.undrain(role, index)
+
 
 @dataclass
 class Served:

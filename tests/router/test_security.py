@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import json
 import queue
 import ssl
 import urllib.error
@@ -139,6 +140,37 @@ def test_http_needs_a_key_except_for_health(start):
 def test_metrics_may_be_public(start):
     handle = start(Security(api_keys=(KEY,), public_metrics=True))
     assert http_status(f"http://127.0.0.1:{handle.http_port}/metrics") == 200
+
+
+def admin(url: str, body: dict, key: str | None = None) -> tuple[int, dict]:
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {key}"} if key else {})
+    request = urllib.request.Request(url, json.dumps(body).encode(), headers, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_admin_endpoints_need_keys_to_be_set_and_name_bad_fields(start):
+    """On an open server nobody may drain workers; with keys, only a caller holding one, and a
+    bad target is a 400 naming the field (a colocated server has no workers to drain)."""
+    open_server = start(Security())
+    status, body = admin(f"http://127.0.0.1:{open_server.http_port}/admin/drain", {"role": "decode", "index": 0})
+    assert status == 403 and "--api-key" in body["error"]["message"]
+    url = f"http://127.0.0.1:{start(Security(api_keys=(KEY,))).http_port}/admin"
+    assert admin(f"{url}/drain", {"role": "decode", "index": 0})[0] == 401
+    for body, param, message in [
+        ({"role": "colocated", "index": 0}, "role", "role must be 'prefill' or 'decode', got 'colocated'"),
+        ({"role": "decode", "index": -1}, "index", "index must be a worker's index"),
+        ({"role": "decode", "index": "0"}, "index", "index must be a worker's index"),
+        ({"role": "decode", "index": 0, "timeout_s": 0}, "timeout_s", "timeout_s must be a positive number"),
+        ({"role": "decode", "index": 0}, "index", "a colocated server has one engine and no workers to drain"),
+    ]:
+        status, error = admin(f"{url}/drain", body, KEY)
+        assert status == 400 and error["error"]["param"] == param and message in error["error"]["message"], error
+    status, error = admin(f"{url}/undrain", {"role": "prefill", "index": 0}, KEY)
+    assert status == 400 and "no workers to drain" in error["error"]["message"]
 
 
 def test_grpc_needs_a_key_except_for_probes(start):
