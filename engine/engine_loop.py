@@ -56,7 +56,7 @@ __all__ = [
 IDLE_WAIT_S = 0.05  # how often an idle loop looks for work it was not woken for
 # How often a worker with nothing to run asks its tensor-parallel followers about the KV
 # transfer parts they still hold (Turns.idle_wait); while it runs, it asks at every step.
-REPORT_POLL_S = 0.005
+REPORT_POLL_S = 0.001
 
 
 @dataclass(frozen=True)
