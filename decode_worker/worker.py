@@ -23,10 +23,12 @@ follower answers with a RankReport (registrations it refused, parts that *settle
 sender can write their blocks any more, because the KV is in or the part failed and let
 them go). register() returns once every rank has registered (a turn: at most one step's
 wait, at once when idle); rank 0 asks for reports at every step while some follower part
-is open, and every REPORT_POLL_S when idle. The request runs only if every rank's part is
-DONE; any failure wins. Rank 0 frees the blocks of a request that will not run only when
-every rank's part is settled. No Ray call or future per follower and request: one small
-collective per step while transfers are open, none otherwise.
+is open; when idle, every REPORT_POLL_S while some request's KV is in on rank 0 but not yet
+known to be on every rank, and every SLOW_REPORT_POLL_S while parts are open otherwise.
+The request runs only if every rank's part is DONE; any failure wins. Rank 0 frees the
+blocks of a request that will not run only when every rank's part is settled. No Ray call
+or future per follower and request: one small collective per step while transfers are
+open, none otherwise.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from functools import partial
 from pathlib import Path
 
 from engine import EngineConfig, LLMEngine
-from engine.engine_loop import REPORT_POLL_S, EngineLoop, RequestAborted, Turn
+from engine.engine_loop import REPORT_POLL_S, SLOW_REPORT_POLL_S, EngineLoop, RequestAborted, Turn
 from engine.scheduler import SchedulerOutput
 from kv_transfer import KVReceiver, Transfer, TransferState
 from proto.serving import GenerateRequest, KVHandle, TokenDelta, WorkerStats
@@ -262,6 +264,9 @@ class DecodeWorker:
                 record.parts[rank] = settled
             if record.settled() and self._open.get(request_id) is record:
                 del self._open[request_id]
+            followers_due = rank == 0 and request_id in self._open
+        if followers_due:
+            self.loop.poke()  # idle: ask the followers for theirs soon (idle_wait)
         self._part_settled(request_id, record)
 
     def _part_settled(self, request_id: str, record: _Decode) -> None:
@@ -329,7 +334,10 @@ class DecodeWorker:
         with self._lock:
             if self._registering or self._cancels:
                 return 0.0
-            return REPORT_POLL_S if self._open else None
+            if not self._open:
+                return None
+            due = any(r.parts[0] is not None for r in self._open.values())
+            return REPORT_POLL_S if due else SLOW_REPORT_POLL_S
 
     def stopped(self, reason: BaseException) -> None:
         """The loop stopped (e.g. a rank was lost): no follower will report again, so every

@@ -42,6 +42,7 @@ if TYPE_CHECKING:  # the loop only drives an engine: importing it would load tor
 
 __all__ = [
     "REPORT_POLL_S",
+    "SLOW_REPORT_POLL_S",
     "EngineLoop",
     "Overloaded",
     "RequestAborted",
@@ -56,7 +57,10 @@ __all__ = [
 IDLE_WAIT_S = 0.05  # how often an idle loop looks for work it was not woken for
 # How often a worker with nothing to run asks its tensor-parallel followers about the KV
 # transfer parts they still hold (Turns.idle_wait); while it runs, it asks at every step.
+# Fast while a request waits only for them (rank 0's part is in: theirs is due), slow
+# otherwise: on shared cores, a poll takes time from the prefill that fills those parts.
 REPORT_POLL_S = 0.001
+SLOW_REPORT_POLL_S = 0.02
 
 
 @dataclass(frozen=True)
@@ -257,6 +261,11 @@ class EngineLoop:
         """Free a held request's blocks at the loop's next turn. Safe from any thread, never blocks long."""
         with self._releases_lock:
             self._releases.append(request_id)
+        self.poke()
+
+    def poke(self) -> None:
+        """wake(), unless a turn is under way (it looks at idle_wait() again after it). Safe
+        from any thread, never blocks long."""
         if self._lock.acquire(blocking=False):
             try:
                 self._work.notify()

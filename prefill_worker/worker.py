@@ -18,7 +18,8 @@ the transfers that start in a step travel with it to the other ranks (PrefillFol
 each of which starts its own part (its KV heads) of the same transfers and pushes its
 layers. Rank 0 frees a request's blocks only once every rank's part has released them
 (release_part). The followers report their releases over the ranks' control group: while
-some part is out, rank 0 asks for reports at every step, and every REPORT_POLL_S when idle.
+some part is out, rank 0 asks for reports at every step, and every SLOW_REPORT_POLL_S when
+idle (a release only frees blocks: nobody waits for it).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from functools import partial
 from pathlib import Path
 
 from engine import EngineConfig, LLMEngine
-from engine.engine_loop import REPORT_POLL_S, EngineLoop, Turn
+from engine.engine_loop import SLOW_REPORT_POLL_S, EngineLoop, Turn
 from engine.scheduler import SchedulerOutput
 from kv_transfer import KVSender, Transfer
 from proto.serving import FinishReason, GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
@@ -191,7 +192,7 @@ class PrefillWorker:
 
     def idle_wait(self) -> float | None:
         with self._lock:
-            return REPORT_POLL_S if self._followers_hold_parts() else None
+            return SLOW_REPORT_POLL_S if self._followers_hold_parts() else None
 
     def stopped(self, reason: BaseException) -> None:
         pass  # every caller hears of it through its request's error delta
