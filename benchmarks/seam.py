@@ -10,7 +10,9 @@ Each server runs in its own process on core 0 (affinity and one thread); the loa
   orchestration, per-token streaming);
 - colocated: `tandem serve --colocated` (router and engine in one process);
 - disaggregated: `tandem serve` on Ray (router, a prefill and a decode worker: on two cores
-  they share them with the load generator, which the table says).
+  they share them with the load generator, which the table says);
+- disaggregated decode-tp2: the same with a decode worker of two tensor-parallel ranks
+  (what the ranks' control traffic costs: registrations, settlements).
 Figures: requests per second with max_tokens 1 (dispatch) at each concurrency, the median
 request latency, and with max_tokens 64 the tokens streamed per second and the median gap
 between a stream's tokens. The router's added latency per request is router-alone's p50 at
@@ -245,6 +247,23 @@ SETUPS = {
             "0",
             "--local-prefill-tokens",
             "0",
+        ],
+        False,
+    ),
+    "disaggregated decode-tp2": (
+        lambda port: [
+            sys.executable,
+            "-m",
+            "deploy.cli",
+            "serve",
+            "--http-port",
+            str(port),
+            "--grpc-port",
+            "0",
+            "--local-prefill-tokens",
+            "0",
+            "--decode-tp",
+            "2",
         ],
         False,
     ),
