@@ -1,15 +1,18 @@
-"""Recovery from a dead decode worker: kill -9 it while streams run, and count what is lost.
+"""Recovery from a dead decode worker, and draining one: what is lost, what it costs.
 
-    python -m benchmarks.recovery --out docs/bench/recovery
+    python -m benchmarks.recovery --out docs/bench/recovery [--events kill,drain]
 
 One prefill and two decode workers on Ray serve NUM_STREAMS concurrent greedy streams of the
 embedded model through the router (router/orchestrator.py, in this process). Rounds alternate:
-a baseline round, then a round in which decode worker 0's process gets SIGKILL once every
-stream has its first token; its streams are resumed on decode worker 1 (re-prefilling prompt
-plus the tokens they had) and Ray restarts the dead worker, which rejoins before the next
-round. Per round: requests lost (ended with an error), streams whose tokens differ from the
-baseline's (greedy: they must not), recoveries, end-to-end latency, the longest pause between
-two deltas of a stream, and how long the killed worker took to be back.
+a baseline round, then for each event a round in which, once every stream has its first
+token, decode worker 0 is
+- kill: sent SIGKILL; its streams are resumed on decode worker 1 (re-prefilling prompt plus
+  the tokens they had) and Ray restarts the dead worker, which rejoins before the next round;
+- drain: drained (DisaggregatedBackend.drain); its streams are moved the same way, and it is
+  undrained after the round.
+Per round: requests lost (ended with an error), streams whose tokens differ from the
+baseline's (greedy: they must not), streams recovered or moved, end-to-end latency, the
+longest pause between two deltas of a stream, and how long the killed worker took to be back.
 """
 
 from __future__ import annotations
@@ -40,8 +43,11 @@ def prompts(num: int, vocab: int, seed: int = 0) -> dict[str, list[int]]:
     return {f"r{i}": [rng.randrange(3, vocab) for _ in range(rng.randrange(32, 97))] for i in range(num)}
 
 
-async def run_round(backend, requests: dict[str, list[int]], tag: str, kill_pid: int | None) -> dict:
-    """Every stream's tokens, end-to-end time and longest gap; kills kill_pid once all have started."""
+async def run_round(
+    backend, requests: dict[str, list[int]], tag: str, kill_pid: int | None, drain: bool = False
+) -> dict:
+    """Every stream's tokens, end-to-end time and longest gap; once all have started, kills
+    kill_pid, or drains decode worker 0 (undrained after the round)."""
     from engine import SamplingParams
     from proto.serving import GenerateRequest
 
@@ -68,11 +74,16 @@ async def run_round(backend, requests: dict[str, list[int]], tag: str, kill_pid:
     before = dict(backend.counters)
     tasks = {rid: asyncio.create_task(stream(rid, p)) for rid, p in requests.items()}
     killed_at = None
-    if kill_pid is not None:
+    if kill_pid is not None or drain:
         await asyncio.gather(*(e.wait() for e in started.values()))
+    if kill_pid is not None:
         os.kill(kill_pid, signal.SIGKILL)
         killed_at = time.monotonic()
+    if drain:
+        await backend.drain("decode", 0)
     results = dict(zip(tasks, await asyncio.gather(*tasks.values()), strict=True))
+    if drain:
+        backend.undrain("decode", 0)
     rejoin_s = None
     if killed_at is not None:
         deadline = time.monotonic() + REJOIN_TIMEOUT_S
@@ -87,6 +98,7 @@ async def run_round(backend, requests: dict[str, list[int]], tag: str, kill_pid:
     return {
         "results": results,
         "recoveries": backend.counters["recoveries_total"] - before["recoveries_total"],
+        "moves": backend.counters["moves_total"] - before["moves_total"],
         "rejoin_s": rejoin_s,
     }
 
@@ -99,6 +111,7 @@ def summary(kind: str, round_: dict, baseline_tokens: dict[str, list[int]]) -> d
         "lost": sum(1 for r in res.values() if r["error"] is not None),
         "differ": sum(1 for rid, r in res.items() if r["tokens"] != baseline_tokens[rid]),
         "recoveries": round_["recoveries"],
+        "moves": round_["moves"],
         "p50_e2e_s": statistics.median(r["e2e_s"] for r in res.values()),
         "max_e2e_s": max(r["e2e_s"] for r in res.values()),
         "p50_max_gap_s": statistics.median(r["max_gap_s"] for r in res.values()),
@@ -117,7 +130,7 @@ def table(rows: list[dict], load: tuple[float, float, float]) -> str:
             r["streams"],
             r["lost"],
             r["differ"],
-            r["recoveries"],
+            r["recoveries"] + r["moves"],
             f(r["p50_e2e_s"]),
             f(r["max_e2e_s"]),
             f(r["p50_max_gap_s"], ".3f"),
@@ -131,7 +144,7 @@ def table(rows: list[dict], load: tuple[float, float, float]) -> str:
         "streams",
         "lost",
         "tokens differ",
-        "recovered",
+        "recovered or moved",
         "p50 e2e s",
         "max e2e s",
         "p50 longest pause s",
@@ -146,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3, help="baseline/kill pairs (default 3)")
     parser.add_argument("--streams", type=int, default=NUM_STREAMS)
     parser.add_argument("--kv-backend", default="shm")
+    parser.add_argument("--events", default="kill", help="comma-separated, each after a baseline: kill, drain")
     parser.add_argument("--out", help="directory for results.json and table.md")
     args = parser.parse_args(argv)
 
@@ -180,15 +194,22 @@ def main(argv: list[str] | None = None) -> int:
             log("warm-up round")
             warm = await run_round(dep.backend, requests, "warm", None)
             baseline_tokens = {rid: r["tokens"] for rid, r in warm["results"].items()}
+            kinds = {"kill": "kill -9 decode 0", "drain": "drain decode 0"}
+            events = args.events.split(",")
+            if not set(events) <= set(kinds):
+                raise SystemExit(f"--events: each must be one of {sorted(kinds)}, got {args.events!r}")
             for k in range(args.rounds):
-                for kind in ("baseline", "kill -9 decode 0"):
-                    pid = None
-                    if kind != "baseline":
-                        pid = ray.get(victim.__ray_call__.remote(lambda _self: os.getpid()))
-                    log(f"round {k + 1}: {kind}")
-                    round_ = await run_round(dep.backend, requests, f"{k}-{len(rows)}", pid)
-                    rows.append(summary(kind, round_, baseline_tokens))
-                    log(f"  {rows[-1]}")
+                for event in events:
+                    for kind in ("baseline", kinds[event]):
+                        pid = None
+                        if kind.startswith("kill"):
+                            pid = ray.get(victim.__ray_call__.remote(lambda _self: os.getpid()))
+                        log(f"round {k + 1}: {kind}")
+                        round_ = await run_round(
+                            dep.backend, requests, f"{k}-{len(rows)}", pid, drain=kind.startswith("drain")
+                        )
+                        rows.append(summary(kind, round_, baseline_tokens))
+                        log(f"  {rows[-1]}")
 
         asyncio.run(go())
     finally:
