@@ -1,0 +1,120 @@
+"""Serving across several Ray nodes, and losing a whole node, on a cluster built on this machine.
+
+ray.cluster_utils.Cluster starts a raylet per node (one logical CPU each, so that every worker
+lands on a node of its own). The workers are placed across nodes and their KV receivers listen
+on the node's address, not on loopback. Removing the node of decode worker 0 while streams run
+kills everything on it; every stream goes on on decode worker 1, token-exact, and once a node
+with room joins, Ray restarts the lost worker there and it rejoins routing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import pytest
+
+ray = pytest.importorskip("ray", reason="ray is not installed")
+
+from ray.cluster_utils import Cluster  # noqa: E402
+
+from deploy.cluster import WorkerGroup, deploy  # noqa: E402
+from engine import EngineConfig, SamplingParams  # noqa: E402
+from proto.serving import GenerateRequest  # noqa: E402
+from tests.checkpoints import hf_greedy  # noqa: E402
+
+NUM_STREAMS = 8
+MAX_TOKENS = 80
+REJOIN_S = 240.0
+ENV = {"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}}
+
+
+def node_of(actor) -> str:
+    return ray.get(actor.__ray_call__.remote(lambda _self: ray.get_runtime_context().get_node_id()), timeout=120)
+
+
+def kv_host(actor) -> str:
+    return ray.get(actor.__ray_call__.remote(lambda self: self.worker.endpoint), timeout=120)
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # The driver's node holds no workers. A loaded machine may delay a raylet's heartbeats:
+    # twice Ray's default misses before a node counts as dead.
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "_system_config": {"health_check_failure_threshold": 10}},
+    )
+    nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
+    ray.init(address=cluster.address, log_to_driver=False, runtime_env=ENV)
+    cluster.wait_for_nodes()
+    yield cluster, nodes
+    ray.shutdown()
+    cluster.shutdown()
+
+
+def test_workers_on_separate_nodes_serve_and_survive_the_loss_of_a_node(cluster, tiny_llama_dir):
+    cluster, nodes = cluster
+    dep = deploy(
+        tiny_llama_dir,
+        [WorkerGroup("prefill", 1), WorkerGroup("decode", 2)],
+        EngineConfig(max_num_batched_tokens=64, num_blocks=256),
+        kv_backend="shm",
+        model_name="tiny",
+        local_prefill_tokens=0,
+        transfer_timeout_s=20.0,
+        pin_cores=False,
+        max_restarts=1,
+    )
+    try:
+        actors = dep.prefill_actors + dep.decode_actors
+        placed = [node_of(a) for a in actors]
+        assert len(set(placed)) == 3, "each worker has a node of its own"
+        victim = dep.decode_actors[0]
+        assert not kv_host(victim).startswith("127."), "KV endpoints are on the node's address"
+        backend = dep.backend
+        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        prompts = {f"n{i}": list(range(5 + i, 30 + 2 * i)) for i in range(NUM_STREAMS)}
+        lost_node = next(n for n in nodes if n.node_id == placed[1])
+
+        async def main():
+            started = {rid: asyncio.Event() for rid in prompts}
+
+            async def stream(rid, prompt):
+                deltas = []
+                async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as s:
+                    async for delta in s:
+                        deltas.append(delta)
+                        started[rid].set()
+                return deltas
+
+            tasks = [asyncio.create_task(stream(rid, p)) for rid, p in prompts.items()]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
+            running = sum(not t.done() for t in tasks)
+            cluster.remove_node(lost_node)  # its raylet and every process on it are gone
+            return running, await asyncio.gather(*tasks)
+
+        running, results = asyncio.run(main())
+        assert running == NUM_STREAMS
+        for (rid, prompt), deltas in zip(prompts.items(), results, strict=True):
+            assert all(d.finish_reason != "error" for d in deltas), (rid, deltas[-1])
+            assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, MAX_TOKENS, True), rid
+        assert backend.counters["recovery_failures_total"] == 0
+
+        # A node with room joins: Ray restarts the lost worker there, and it rejoins routing.
+        cluster.add_node(num_cpus=1)
+
+        async def rejoined():
+            deadline = time.monotonic() + REJOIN_S
+            while True:
+                await backend.refresh()
+                if all(w.up for w in backend.workers()):
+                    return
+                assert time.monotonic() < deadline, [(w.role, w.index, w.up) for w in backend.workers()]
+                await asyncio.sleep(0.5)
+
+        asyncio.run(rejoined())
+        assert node_of(victim) not in placed
+    finally:
+        dep.shutdown()
