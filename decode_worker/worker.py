@@ -186,7 +186,7 @@ class DecodeWorker:
         request_id = request.request_id
         record = _Decode()
         with self._lock:
-            if request_id in self._requests:
+            if request_id in self._requests or request_id in self._open:  # _open: a dropped one still settling
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._requests[request_id] = record
         try:
@@ -211,8 +211,6 @@ class DecodeWorker:
         """Register granted blocks with every rank's KV receiver; returns where prefill must push."""
         with self._lock:
             record = self._requests.get(request_id)
-            if record is not None and request_id in self._open:  # a dropped namesake still settling
-                raise TransferFailed(f"request id {request_id!r} is still settling from an earlier use; retry")
         if record is None:
             raise TransferFailed(f"{request_id} was never given blocks here")
         record.parts = [None] * self.tp_size
