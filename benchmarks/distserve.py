@@ -168,7 +168,7 @@ def run(args) -> dict:
 
     # One Ray for every setup: each setup's workers own the same two cores, and only one
     # setup is loaded at a time (Ray's CPU count is bookkeeping: two per setup).
-    ray.init(num_cpus=2 * len(plan), include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2 * len(plan), include_dashboard=False, log_to_driver=False)
     try:
         for name, flags in plan.items():
             print(f"starting {name} ...", flush=True)

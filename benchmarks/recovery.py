@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     from proto.serving import Role
 
     model_dir = ensure_default_model()
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     log(f"starting 1 prefill + 2 decode workers ({args.kv_backend}), load average {os.getloadavg()[0]:.2f}")
     dep = deploy(
         model_dir,

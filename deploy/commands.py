@@ -117,7 +117,8 @@ def _start_local_ray(host: str, num_cpus: int) -> None:
         ray_constants.ENABLE_RAY_CLUSTER = False  # in case Ray was imported before the variable was set
     import ray
 
-    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+    # "local": a new cluster even if a stale address file (a `ray start` that crashed) names one.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 def security_from(args: argparse.Namespace, log=print):

@@ -22,6 +22,7 @@ needs_two_cores = pytest.mark.skipif(len(available_cores()) < 2, reason="needs 2
 @pytest.fixture(scope="module")
 def local_ray():
     ray.init(
+        address="local",
         num_cpus=8,
         include_dashboard=False,
         log_to_driver=False,

@@ -66,6 +66,7 @@ def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
     # Fake GPUs: the workers reserve them (and their GPU-type resources) but run on the CPU.
     fake = {ray_resource_name(n["gpu_type"]): n["num_gpus"] for n in CLUSTER["nodes"]}
     ray.init(
+        address="local",
         num_cpus=8,
         num_gpus=4,
         resources=fake,

@@ -49,9 +49,14 @@ def cluster():
     nodes = [cluster.add_node(num_cpus=1) for _ in range(3)]
     ray.init(address=cluster.address, log_to_driver=False, runtime_env=ENV)
     cluster.wait_for_nodes()
-    yield cluster, nodes
-    ray.shutdown()
-    cluster.shutdown()
+    try:
+        yield cluster, nodes
+    finally:  # whatever fails: the address file Cluster wrote must not outlive it
+        try:
+            ray.shutdown()
+            cluster.shutdown()
+        finally:
+            ray._common.utils.reset_ray_address()
 
 
 def test_workers_on_separate_nodes_serve_and_survive_the_loss_of_a_node(cluster, tiny_llama_dir):

@@ -71,7 +71,7 @@ def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, group
 
 
 def test_workers_the_cluster_cannot_hold_are_refused_naming_the_resource(tiny_llama_dir):
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)
     try:
         with pytest.raises(ValueError, match=r"need 4 CPU \(the cluster has 3\)"):
             deploy(
