@@ -218,55 +218,27 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+def _serve(*flags: str):
+    """argv of `tandem serve` on a given HTTP port, with these flags."""
+    return lambda port: [
+        sys.executable,
+        "-m",
+        "deploy.cli",
+        "serve",
+        "--http-port",
+        str(port),
+        "--grpc-port",
+        "0",
+        *flags,
+    ]
+
+
 SETUPS = {
     "router alone": (lambda port: [sys.executable, "-m", "benchmarks.seam", "--serve-instant", str(port)], True),
-    "colocated": (
-        lambda port: [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "serve",
-            "--colocated",
-            "--http-port",
-            str(port),
-            "--grpc-port",
-            "0",
-        ],
-        True,
-    ),
+    "colocated": (_serve("--colocated"), True),
     # Ray places its workers itself (one core each); the router shares the machine with them.
-    "disaggregated": (
-        lambda port: [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "serve",
-            "--http-port",
-            str(port),
-            "--grpc-port",
-            "0",
-            "--local-prefill-tokens",
-            "0",
-        ],
-        False,
-    ),
-    "disaggregated decode-tp2": (
-        lambda port: [
-            sys.executable,
-            "-m",
-            "deploy.cli",
-            "serve",
-            "--http-port",
-            str(port),
-            "--grpc-port",
-            "0",
-            "--local-prefill-tokens",
-            "0",
-            "--decode-tp",
-            "2",
-        ],
-        False,
-    ),
+    "disaggregated": (_serve("--local-prefill-tokens", "0"), False),
+    "disaggregated decode-tp2": (_serve("--local-prefill-tokens", "0", "--decode-tp", "2"), False),
 }
 
 
