@@ -5,7 +5,18 @@
     tandem plan --profile profile.yaml      -> <workload>/plan.yaml forecast, and simulation
     tandem serve --plan <workload>/plan.yaml                        workers on a core each
     replay the requests the plan's simulation ran, at the plan's rate and around it
+    refit the profile to the steps the workers ran while serving    -> <workload>/served-profile.yaml
+    plan, serve and replay again with it                            -> <workload>/served/
                                             -> <workload>/results.json; table.md, plot.png, run.json
+
+The second round is the loop closed: the planner learns from what was served. A worker's
+step as served costs more than the same step profiled alone (its turn hands tokens to the
+router, starts KV transfers, and shares the machine with the router and Ray), and near the
+rate a plan picks, a few per cent of step time decide between a stable queue and a growing
+one. Each worker records every step it runs (StepRecord: the step's shape in the latency
+model's terms, and its time); planner.latency.profile.fit_served fits them in the profile's
+form, and the second plan, simulation and measurement use that fit. The fit comes from the
+first round's runs and is checked against a fresh server's: measured out of sample.
 
 Two workloads, each planned and served on its own: Poisson arrivals, and bursty ones (Gamma
 gaps of CV 2: BurstGPT, arXiv:2401.17644, fits production LLM traffic with such gaps).
@@ -15,12 +26,14 @@ the same of any machine: P90 TTFT <= 4x the prefill of a P90 prompt, P90 TPOT <=
 decode step of one sequence at the mean context; attainment goal 90%.
 
 Each workload's results.json holds `forecast` (the MILP's, from the plan), `simulated` (the
-plan's simulation) and `measured`, each with `attainment` (0-1), `p90_ttft_s` and
+plan's simulation) and `measured` of the last round, each with `attainment` (0-1), `p90_ttft_s` and
 `p90_tpot_s` at the plan's rate, and `goodput_rps`: the highest rate whose attainment meets
 the goal (forecast: the plan's rate; simulated: the planner's bisection; measured: runs at
 multiples of the plan's rate, interpolated at the goal). Every run at rate r replays what
 the simulator runs at r (planner.evaluate.run_requests: the same requests, the same counted
 window of arrivals), so measured and simulated differ by the serving, not by the sample.
+`rounds` holds the same for each round ("alone": the profile taken alone; "served": refitted),
+and `served_fit` how many steps the refit used and how much slower they ran than the profile.
 
     .venv/bin/python -m benchmarks.closed_loop [--out docs/bench/closed-loop] [--num-requests 300]
 """
@@ -31,6 +44,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -45,6 +59,7 @@ PROMPT = {"distribution": "lognormal", "median": 128, "sigma": 0.6, "max": 512}
 OUTPUT = {"distribution": "uniform", "min": 16, "max": 64}
 SLO_TTFT_PREFILLS, SLO_TPOT_STEPS = 4.0, 3.0  # the SLO in units of a lone request's steps
 RATE_MULTIPLES = (0.75, 1.0, 1.25)  # measured runs, in units of the plan's rate
+ROUNDS = ("alone", "served")  # planned with the profile taken alone, then refitted to what was served
 KEYS = ("attainment", "p90_ttft_s", "p90_tpot_s", "goodput_rps")
 
 
@@ -143,6 +158,35 @@ def plan_workload(model: Path, files: dict[str, Path], out: Path, args, progress
     return Plan.load(out)
 
 
+def refit(steps: dict[str, list], base_file: Path, out: Path, progress: Progress, name: str) -> dict:
+    """served-profile.yaml: the profile refitted to the steps served (prefill coefficients from
+    the prefill workers' steps, decode ones from the decode workers'); returns what the fit used."""
+    from planner.latency.profile import fit_served
+    from planner.latency.roofline import Profile, ProfileEntry
+
+    base = Profile.load(base_file)
+    coeffs = base.find("cpu", 1, 1)
+    assert coeffs is not None, "the profile stage wrote a cpu entry"
+    prefill, prefill_report = fit_served(steps["prefill"], coeffs)
+    decode, decode_report = fit_served(steps["decode"], coeffs)
+    served = replace(prefill, A=decode.A, B=decode.B, C=decode.C)
+    Profile(base.model, (ProfileEntry("cpu", 1, 1, served),)).save(out)
+    report = {
+        "prefill": prefill_report.get("prefill", {"steps": 0}),
+        "decode": decode_report.get("decode", {"steps": 0}),
+    }
+    progress.stage(
+        f"refit {name}",
+        ", ".join(
+            f"{kind}: {r['steps']} steps served, median {r.get('served_over_base', float('nan')):.2f}x the profile's"
+            for kind, r in report.items()
+        )
+        + f"; prefill ms = {served.a:.1f} + {served.b:.3f} T + {served.c:.2e} T^2, decode ms = "
+        f"{served.A:.1f} + {served.B:.4f} K + {served.C:.2f} B -> {out}",
+    )
+    return report
+
+
 def serve_plan(plan_file: Path, model: Path, max_model_len: int, progress: Progress) -> InProcessServer:
     """`tandem serve --plan`: the plan's workers (a core each) behind the router, in this process."""
     argv = [
@@ -162,12 +206,20 @@ def serve_plan(plan_file: Path, model: Path, max_model_len: int, progress: Progr
         "--max-model-len",
         str(max_model_len),
     ]
-    progress.stage(f"serve {plan_file.parent.name}", "tandem " + " ".join(argv))
+    progress.stage(f"serve {_round_name(plan_file)}", "tandem " + " ".join(argv))
     return InProcessServer(argv, log=lambda line: progress.say("  " + line))
 
 
-def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int) -> dict:
-    """One run at `rate`: the simulator's requests and counted window at that rate."""
+def _round_name(plan_file: Path) -> str:
+    """<workload>/plan.yaml -> "poisson"; <workload>/served/plan.yaml -> "poisson served"."""
+    if plan_file.parent.name == "served":
+        return f"{plan_file.parent.parent.name} served"
+    return plan_file.parent.name
+
+
+def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int, steps: dict[str, list]) -> dict:
+    """One run at `rate`: the simulator's requests and counted window at that rate. The
+    steps the workers ran for it are added to `steps`, by role."""
     from planner.evaluate import run_requests
     from planner.problem import workload_stats
 
@@ -179,6 +231,8 @@ def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int)
         for a, p, o in zip(sample.arrival_s, sample.input_tokens, sample.output_tokens, strict=True)
     ]
     results, duration_s = server.load(requests)
+    for role, taken in server.take_steps().items():
+        steps.setdefault(role, []).extend(taken)
     counted = [r for q, r in zip(requests, results, strict=True) if start_s <= q.arrival_s <= end_s]
     ok = [(r.ttft_s, r.tpot_s) for r in counted if r.ttft_s is not None and r.tpot_s is not None]
     good = [1 for ttft, tpot in ok if ttft <= plan.slo.ttft_s and tpot <= plan.slo.tpot_s]
@@ -206,7 +260,9 @@ def goodput(points: list[tuple[float, float]], goal: float) -> float:
     return best
 
 
-def sweep(server: InProcessServer, plan, spec, args, progress: Progress, name: str) -> list[dict]:
+def sweep(
+    server: InProcessServer, plan, spec, args, progress: Progress, name: str, steps: dict[str, list]
+) -> list[dict]:
     """Runs at the multiples of the plan's rate, then (at most args.extra_rates) beyond the
     highest while every run meets the goal, or below the lowest while none does."""
     rate = plan.predicted.rate_rps
@@ -214,7 +270,7 @@ def sweep(server: InProcessServer, plan, spec, args, progress: Progress, name: s
     runs: list[dict] = []
     for _ in range(args.extra_rates + 1):
         for m in multiples:
-            r = measure(server, plan, spec, m * rate, args.num_requests)
+            r = measure(server, plan, spec, m * rate, args.num_requests, steps)
             runs.append(r)
             progress.say(
                 f"  {name} at {r['rate_rps']:.2f} req/s ({m:g}x the plan's): attainment "
@@ -269,7 +325,7 @@ def table(all_results: dict[str, dict], rates: dict[str, float]) -> str:
             ["", "P90 TPOT (ms)"] + [f"{x['p90_tpot_s'] * 1e3:.1f}" for x in (f, s, m)],
             ["", "goodput (req/s)"] + [f"{x['goodput_rps']:.2f}" for x in (f, s, m)],
         ]
-    lines = [markdown_table(["workload", "", "MILP forecast", "simulator", "measured"], rows), ""]
+    lines = [markdown_table(["workload (round)", "", "MILP forecast", "simulator", "measured"], rows), ""]
     for name, res in all_results.items():
         f, s, m = res["forecast"], res["simulated"], res["measured"]
         lines.append(
@@ -342,7 +398,7 @@ def run(args) -> dict:
         f"SLO: P90 TTFT <= {slo['ttft_s']:.3f} s ({SLO_TTFT_PREFILLS:g}x the prefill of a {prompt_p90}-token "
         f"prompt), P90 TPOT <= {slo['tpot_s'] * 1e3:.1f} ms ({SLO_TPOT_STEPS:g}x a decode step alone)"
     )
-    all_results, rates, sweeps = {}, {}, {}
+    all_results, rates, sweeps, fits = {}, {}, {}, {}
     max_model_len = args.max_prompt + OUTPUT["max"] + 16
     for name in args.workloads:
         wdir = out / name
@@ -350,25 +406,41 @@ def run(args) -> dict:
         # The plan finds the rate it serves (objective goodput); the replay runs at that rate.
         data = {"rate_rps": 1.0, "cv": WORKLOADS[name], "input_tokens": prompt, "output_tokens": OUTPUT}
         (wdir / "workload.yaml").write_text(yaml.safe_dump(data, sort_keys=False))
-        plan = plan_workload(
-            model, {**files, "workload": wdir / "workload.yaml"}, wdir / "plan.yaml", args, progress, name
-        )
         spec = WorkloadSpec.load(wdir / "workload.yaml")
-        server = serve_plan(wdir / "plan.yaml", model, max_model_len, progress)
-        try:
-            progress.stage(
-                f"bench {name}",
-                f"warm-up, then {args.num_requests} requests or more per rate, at "
-                f"{', '.join(f'{m:g}' for m in args.rate_multiples)}x the plan's "
-                f"{plan.predicted.rate_rps:.2f} req/s",
-            )
-            server.load([Request(0.2 * i, 64, 8) for i in range(4)])  # first forwards pay one-time costs
-            sweeps[name] = sweep(server, plan, spec, args, progress, name)
-        finally:
-            server.stop()
-        all_results[name] = results_for(plan, sweeps[name])
-        rates[name] = plan.predicted.rate_rps
-        (wdir / "results.json").write_text(json.dumps(all_results[name], indent=1) + "\n")
+        rounds = {}
+        profile_file = files["profile"]
+        for k, round_name in enumerate(ROUNDS[: args.rounds]):
+            rdir = wdir if round_name == "alone" else wdir / round_name
+            rdir.mkdir(exist_ok=True)
+            label = name if round_name == "alone" else f"{name} {round_name}"
+            plan = plan_workload(
+                model, {**files, "profile": profile_file, "workload": wdir / "workload.yaml"},
+                rdir / "plan.yaml", args, progress, label,
+            )  # fmt: skip
+            server = serve_plan(rdir / "plan.yaml", model, max_model_len, progress)
+            steps: dict[str, list] = {}
+            try:
+                progress.stage(
+                    f"bench {label}",
+                    f"warm-up, then {args.num_requests} requests or more per rate, at "
+                    f"{', '.join(f'{m:g}' for m in args.rate_multiples)}x the plan's "
+                    f"{plan.predicted.rate_rps:.2f} req/s",
+                )
+                server.load([Request(0.2 * i, 64, 8) for i in range(4)])  # first forwards pay one-time costs
+                server.take_steps()  # the warm-up's steps are not served load
+                sweeps[label] = sweep(server, plan, spec, args, progress, label, steps)
+            finally:
+                server.stop()
+            rounds[round_name] = results_for(plan, sweeps[label])
+            all_results[label] = rounds[round_name]
+            rates[label] = plan.predicted.rate_rps
+            if k + 1 < args.rounds:  # the next round plans with what this one served
+                profile_file = wdir / "served-profile.yaml"
+                fits[name] = refit(steps, files["profile"], profile_file, progress, name)
+        results = {**rounds[ROUNDS[args.rounds - 1]], "rounds": rounds}
+        if name in fits:
+            results["served_fit"] = fits[name]
+        (wdir / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     text = table(all_results, rates)
     (out / "table.md").write_text(text + "\n")
     plot(all_results, slo, out / "plot.png")
@@ -381,6 +453,7 @@ def run(args) -> dict:
         "elapsed_s": round(time.monotonic() - progress.start, 1),
         "stages": progress.stages,
         "sweeps": sweeps,
+        "served_fits": fits,
     }
     (out / "run.json").write_text(json.dumps(run_info, indent=1) + "\n")
     print("\n" + text, flush=True)
@@ -426,6 +499,14 @@ def main(argv: list[str] | None = None) -> None:
         type=int,
         default=2,
         help="measured runs added, at most, beyond the multiples until the goal is bracketed",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        choices=(1, 2),
+        default=2,
+        help="1: plan with the profile taken alone; 2 (default): then refit it to the steps served, "
+        "plan, serve and measure again",
     )
     parser.add_argument("--calibrate-rounds", type=int, default=3, help="tandem plan --calibrate-rounds")
     parser.add_argument("--profile-repeats", type=int, default=3, help="tandem profile --repeats")

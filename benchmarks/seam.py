@@ -83,6 +83,9 @@ class InstantDecode:
 
         return IDLE
 
+    async def take_steps(self):
+        return []  # it runs no engine
+
 
 async def _serve_instant(port: int) -> None:
     from engine.default_model import ensure_default_model

@@ -147,6 +147,19 @@ class InProcessServer:
         self.vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
         self.backend, self.stop = start_backend(args, log=log)
 
+    def take_steps(self) -> dict[str, list]:
+        """The steps each role's workers ran since the last call (StepRecords), by role."""
+
+        async def main() -> dict[str, list]:
+            taken = {}
+            for role in ("prefill", "decode"):
+                clients = getattr(self.backend, role)
+                per_worker = await asyncio.gather(*(client.take_steps() for client in clients))
+                taken[role] = [step for steps in per_worker for step in steps]
+            return taken
+
+        return asyncio.run(main())
+
     def load(self, workload: list[Request]) -> tuple[list[Result], float]:
         from router.server import serve
 

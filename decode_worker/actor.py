@@ -18,7 +18,7 @@ from decode_worker.worker import DecodeFollower, DecodeWorker
 from engine import EngineConfig
 from engine.cores import bind_cores, process_cores
 from engine.engine_loop import delta_stream
-from proto.serving import GenerateRequest, KVHandle, TokenDelta, WorkerInfo, WorkerStats
+from proto.serving import GenerateRequest, KVHandle, StepRecord, TokenDelta, WorkerInfo, WorkerStats
 
 
 class DecodeActor:
@@ -137,6 +137,9 @@ class DecodeActor:
 
     async def stats(self) -> WorkerStats:
         return self.worker.stats()
+
+    async def take_steps(self) -> list[StepRecord]:
+        return self.worker.take_steps()
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker.engine.max_model_len, self.worker.engine.kv_cache.layout, *process_cores())

@@ -46,7 +46,7 @@ from engine import EngineConfig, LLMEngine
 from engine.engine_loop import REPORT_POLL_S, SLOW_REPORT_POLL_S, EngineLoop, RequestAborted, Turn
 from engine.scheduler import SchedulerOutput
 from kv_transfer import KVReceiver, Transfer, TransferState
-from proto.serving import GenerateRequest, KVHandle, TokenDelta, WorkerStats
+from proto.serving import GenerateRequest, KVHandle, StepRecord, TokenDelta, WorkerStats
 
 # How one rank's part of a transfer ended, once its blocks are safe: (state, error).
 Settled = tuple[TransferState, str | None]
@@ -427,6 +427,10 @@ class DecodeWorker:
         with self._lock:
             num_transfers = sum(r.state is DecodeState.RECEIVING for r in self._requests.values())
         return self.loop.stats(num_transfers)
+
+    def take_steps(self) -> list[StepRecord]:
+        """The steps its engine ran since the last call (EngineLoop.take_steps)."""
+        return self.loop.take_steps()
 
     def close(self) -> None:
         self.loop.close()

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from proto.errors import Overloaded, Unavailable, WorkerLost
-from proto.serving import GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
+from proto.serving import GenerateRequest, KVHandle, PrefillResult, StepRecord, TokenDelta, WorkerStats
 
 _PASSED_THROUGH = (ValueError, Overloaded, Unavailable)
 
@@ -52,6 +52,9 @@ class RayPrefillClient:
 
     async def stats(self) -> WorkerStats:
         return await _call(self.actor.stats.remote(), self.name)
+
+    async def take_steps(self) -> list[StepRecord]:
+        return await _call(self.actor.take_steps.remote(), self.name)
 
 
 class RayDecodeClient:
@@ -135,3 +138,6 @@ class RayDecodeClient:
 
     async def stats(self) -> WorkerStats:
         return await _call(self.actor.stats.remote(), self.name)
+
+    async def take_steps(self) -> list[StepRecord]:
+        return await _call(self.actor.take_steps.remote(), self.name)

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -35,7 +35,7 @@ from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 from proto.errors import Overloaded, RequestAborted, Unavailable
-from proto.serving import FinishReason, Resume, TokenDelta, WorkerStats, final_delta
+from proto.serving import FinishReason, Resume, StepRecord, TokenDelta, WorkerStats, final_delta
 
 if TYPE_CHECKING:  # the loop only drives an engine: importing it would load torch
     from engine.llm_engine import LLMEngine, RequestOutput
@@ -90,6 +90,7 @@ class Turns(Protocol):
 
 
 MAX_TOMBSTONES = 4096  # aborts remembered for requests not seen yet; request ids are unique
+MAX_STEP_RECORDS = 20_000  # steps kept for take_steps(), newest first kept
 
 
 def to_delta(out: RequestOutput) -> TokenDelta:
@@ -150,6 +151,7 @@ class EngineLoop:
         self._tombstones: OrderedDict[str, None] = OrderedDict()  # aborted before they arrived
         self._releases: list[str] = []  # appended by KV transfer threads, drained by the loop
         self._releases_lock = threading.Lock()
+        self._steps: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
         self._stopping = False
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
@@ -293,6 +295,14 @@ class EngineLoop:
             num_preemptions=sched.num_preemptions_total,
         )
 
+    def take_steps(self) -> list[StepRecord]:
+        """The steps run since the last call (the newest MAX_STEP_RECORDS), oldest first:
+        what each computed and how long its turn took. Safe from any thread, never waits."""
+        taken = []
+        while self._steps:
+            taken.append(self._steps.popleft())
+        return taken
+
     def fail(self, reason: BaseException) -> None:
         """Stop for good because something the engine depends on broke (a lost tensor-parallel
         rank): unfinished requests end with an error delta naming `reason`."""
@@ -326,7 +336,9 @@ class EngineLoop:
                     if self._stopping:
                         break
                     self._drain_releases()
+                    started = time.perf_counter()
                     out = self.engine.schedule()
+                    shape = out.shape()
                     turn = self.turns.before_run(out) if self.turns is not None else Turn()
                     outputs = self.engine.run(out, turn.hook, turn.payload, turn.on_reports)
                     self._last_turn = time.monotonic()
@@ -338,6 +350,8 @@ class EngineLoop:
                 for callback, output in deliveries:
                     if callback is not None:
                         callback(to_delta(output))
+                if not out.is_empty:
+                    self._steps.append(StepRecord(*shape, ms=(time.perf_counter() - started) * 1e3))
         except BaseException as exc:  # the engine broke: fail every request, never hang them
             self._error = exc
         self._fail_all(self._error or RuntimeError("engine loop stopped"))

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from engine.block_manager import BlockManager
 from engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -70,6 +71,16 @@ class ScheduledSeq:
         return self.seq.num_computed_tokens + self.num_new_tokens == len(self.seq)
 
 
+class StepShape(NamedTuple):
+    """What a step computes, in the terms of the planner's latency model
+    (planner/latency/roofline.py, Coefficients.step_ms)."""
+
+    prefill_tokens: int  # prompt tokens computed (whole prompts or chunks)
+    attn_tokens2: int  # over the prompt chunks: new tokens x the tokens they attend to
+    num_decodes: int  # sequences that compute one token after their outputs
+    context_tokens: int  # the tokens those decodes attend to
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)  # decodes first, then prefills
@@ -82,6 +93,19 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+    def shape(self) -> StepShape:
+        """What this step computes; read before the step runs (it advances the sequences)."""
+        prefill_tokens = attn = num_decodes = context = 0
+        for item in self.scheduled:
+            seq, n = item.seq, item.num_new_tokens
+            if n == 1 and seq.num_output_tokens > 0:
+                num_decodes += 1
+                context += seq.num_computed_tokens + 1
+            else:
+                prefill_tokens += n
+                attn += n * (seq.num_computed_tokens + n)
+        return StepShape(prefill_tokens, attn, num_decodes, context)
 
 
 class Scheduler:

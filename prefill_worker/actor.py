@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from engine import EngineConfig
 from engine.cores import bind_cores, process_cores
 from prefill_worker.worker import PrefillFollower, PrefillWorker
-from proto.serving import GenerateRequest, KVHandle, PrefillResult, WorkerInfo, WorkerStats
+from proto.serving import GenerateRequest, KVHandle, PrefillResult, StepRecord, WorkerInfo, WorkerStats
 
 
 class PrefillActor:
@@ -57,6 +57,9 @@ class PrefillActor:
 
     async def stats(self) -> WorkerStats:
         return self.worker.stats()
+
+    async def take_steps(self) -> list[StepRecord]:
+        return self.worker.take_steps()
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.worker.engine.max_model_len, self.worker.layout, *process_cores())

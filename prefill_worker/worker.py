@@ -35,7 +35,7 @@ from engine import EngineConfig, LLMEngine
 from engine.engine_loop import SLOW_REPORT_POLL_S, EngineLoop, Turn
 from engine.scheduler import SchedulerOutput
 from kv_transfer import KVSender, Transfer
-from proto.serving import FinishReason, GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
+from proto.serving import FinishReason, GenerateRequest, KVHandle, PrefillResult, StepRecord, TokenDelta, WorkerStats
 
 
 class PrefillFailed(RuntimeError):
@@ -222,6 +222,10 @@ class PrefillWorker:
         with self._lock:
             num_transfers = sum(r.state is not PrefillState.QUEUED for r in self._requests.values())
         return self.loop.stats(num_transfers)
+
+    def take_steps(self) -> list[StepRecord]:
+        """The steps its engine ran since the last call (EngineLoop.take_steps)."""
+        return self.loop.take_steps()
 
     def close(self) -> None:
         self.loop.close()

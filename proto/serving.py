@@ -52,6 +52,20 @@ class WorkerStats:
 
 
 @dataclass(frozen=True)
+class StepRecord:
+    """One step a worker's engine ran while serving: what it computed, in the terms of the
+    planner's latency model (Coefficients.step_ms), and how long its turn took, from
+    scheduling to the last of its outputs handed on (so: the forward, sampling, post-processing,
+    the KV transfers the step starts, and the engine's share of the process's cores)."""
+
+    prefill_tokens: int
+    attn_tokens2: int
+    num_decodes: int
+    context_tokens: int
+    ms: float
+
+
+@dataclass(frozen=True)
 class Resume:
     """What a request had streamed to its client when its worker was lost: a worker given it
     prefills prompt + token_ids and continues after them as if it had generated them (the

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
-from proto.serving import GenerateRequest, KVHandle, PrefillResult, TokenDelta, WorkerStats
+from proto.serving import GenerateRequest, KVHandle, PrefillResult, StepRecord, TokenDelta, WorkerStats
 
 
 class PrefillClient(Protocol):
@@ -34,6 +34,10 @@ class PrefillClient(Protocol):
 
     async def stats(self) -> WorkerStats:
         """Its gauges; raises Unavailable once its engine broke."""
+
+    async def take_steps(self) -> list[StepRecord]:
+        """The steps its engine ran since the last call, oldest first (at most the newest
+        20,000): what each computed and how long it took as served."""
 
 
 class DecodeClient(Protocol):
@@ -56,3 +60,7 @@ class DecodeClient(Protocol):
 
     async def stats(self) -> WorkerStats:
         """Its gauges; raises Unavailable once its engine broke."""
+
+    async def take_steps(self) -> list[StepRecord]:
+        """The steps its engine ran since the last call, oldest first (at most the newest
+        20,000): what each computed and how long it took as served."""

@@ -62,6 +62,47 @@ def fit_nonnegative(features: np.ndarray, target: np.ndarray) -> np.ndarray:
     return best
 
 
+MIN_FIT_BINS = 3  # distinct step sizes a served fit needs; with fewer, the base coefficients stay
+
+
+def _binned_medians(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
+    """Per distinct key, the median of each column: steps of one size, robust to the odd
+    step a pause (garbage collection, a neighbour process) stretched."""
+    return np.array([np.median(rows[key == k], axis=0) for k in np.unique(key)])
+
+
+def fit_served(steps, base: Coefficients) -> tuple[Coefficients, dict[str, Any]]:
+    """Coefficients fitted to the steps a worker ran while it served (StepRecords from
+    EngineLoop.take_steps), in the form the profile fits: prefill-only steps give a, b, c
+    (binned by prompt tokens, 16 to a bin), decode-only steps A, B, C (binned by batch size);
+    mixed steps are left out. A kind with fewer than MIN_FIT_BINS sizes keeps `base`'s.
+
+    Also returns, per kind, how many steps were used and the median ratio of the served
+    time to what `base` predicts for the same step: how much slower serving is than the
+    profile taken alone."""
+    pre = np.array([(s.prefill_tokens, s.attn_tokens2, s.ms) for s in steps if s.num_decodes == 0], dtype=float)
+    dec = np.array([(s.num_decodes, s.context_tokens, s.ms) for s in steps if s.prefill_tokens == 0], dtype=float)
+    fitted = dict(a=base.a, b=base.b, c=base.c, A=base.A, B=base.B, C=base.C)
+    report: dict[str, Any] = {}
+    if len(pre):
+        predicted = base.a + base.b * pre[:, 0] + base.c * pre[:, 1]
+        report["prefill"] = {"steps": len(pre), "served_over_base": float(np.median(pre[:, 2] / predicted))}
+        bins = _binned_medians(pre, pre[:, 0] // 16)
+        if len(bins) >= MIN_FIT_BINS:
+            a, b, c = fit_nonnegative(np.stack([np.ones(len(bins)), bins[:, 0], bins[:, 1]], axis=1), bins[:, 2])
+            fitted.update(a=float(a), b=float(b), c=float(c))
+    if len(dec):
+        predicted = base.A + base.B * dec[:, 1] + base.C * dec[:, 0]
+        report["decode"] = {"steps": len(dec), "served_over_base": float(np.median(dec[:, 2] / predicted))}
+        bins = _binned_medians(dec, dec[:, 0])
+        if len(bins) >= MIN_FIT_BINS:
+            big_a, big_b, big_c = fit_nonnegative(
+                np.stack([np.ones(len(bins)), bins[:, 1], bins[:, 0]], axis=1), bins[:, 2]
+            )
+            fitted.update(A=float(big_a), B=float(big_b), C=float(big_c))
+    return Coefficients(**fitted, source=base.source), report
+
+
 def detect_gpu_type(device: str) -> str:
     import torch
 

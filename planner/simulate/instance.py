@@ -24,16 +24,7 @@ from planner.solve.capacity import InstanceOption
 
 def step_ms(option: InstanceOption, out: SchedulerOutput) -> float:
     """Latency of one scheduled step: decodes (one new token after outputs) and prompt chunks."""
-    prefill_tokens = attn = num_decodes = context = 0
-    for item in out.scheduled:
-        seq, n = item.seq, item.num_new_tokens
-        if n == 1 and seq.num_output_tokens > 0:
-            num_decodes += 1
-            context += seq.num_computed_tokens + 1
-        else:
-            prefill_tokens += n
-            attn += n * (seq.num_computed_tokens + n)
-    return option.coefficients.step_ms(prefill_tokens, attn, num_decodes, context)
+    return option.coefficients.step_ms(*out.shape())
 
 
 class SimInstance:

@@ -30,6 +30,7 @@ def made_up_profile(monkeypatch):
 @pytest.mark.skipif(len(available_cores()) < 2, reason="a prefill and a decode worker need a core each")
 def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, made_up_profile, capsys):
     from benchmarks import closed_loop
+    from planner.latency.roofline import Profile
     from planner.simulate.workload import WorkloadSpec
     from proto.plan import Plan
 
@@ -40,6 +41,8 @@ def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, ma
             str(out),
             "--model",
             str(tiny_llama_dir),
+            "--workloads",
+            "bursty",
             "--num-requests",
             "8",
             "--rate-multiples",
@@ -57,28 +60,42 @@ def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, ma
     run = json.loads((out / "run.json").read_text())
     assert [s["stage"] for s in run["stages"]] == [
         "profile",
-        "plan poisson",
-        "serve poisson",
-        "bench poisson",
         "plan bursty",
         "serve bursty",
         "bench bursty",
+        "refit bursty",
+        "plan bursty served",
+        "serve bursty served",
+        "bench bursty served",
     ]
-    for name, cv in (("poisson", 1.0), ("bursty", 2.0)):
-        results = json.loads((out / name / "results.json").read_text())
-        assert set(results) == {"forecast", "simulated", "measured"}
-        for figures in results.values():
-            assert set(figures) == FIGURES
-            assert 0 <= figures["attainment"] <= 1 and min(figures.values()) >= 0
-        plan = Plan.load(out / name / "plan.yaml")  # planned for the cores, from the one-core profile
+    results = json.loads((out / "bursty" / "results.json").read_text())
+    assert set(results) == {"forecast", "simulated", "measured", "rounds", "served_fit"}
+    assert set(results["rounds"]) == {"alone", "served"}
+    assert {k: results[k] for k in ("forecast", "simulated", "measured")} == results["rounds"]["served"]
+    for figures in [results[k] for k in ("forecast", "simulated", "measured")] + [results["rounds"]["alone"]]:
+        for source in ("forecast", "simulated", "measured") if "forecast" in figures else ("",):
+            f = figures[source] if source else figures
+            assert set(f) == FIGURES
+            assert 0 <= f["attainment"] <= 1 and min(f.values()) >= 0
+    # The refit saw the steps each role served: prefills on the prefill worker, decodes on the other.
+    fit = results["served_fit"]
+    assert fit["prefill"]["steps"] > 0 and fit["decode"]["steps"] > 0
+    assert fit["prefill"]["served_over_base"] > 0 and fit["decode"]["served_over_base"] > 0
+    served_profile = Profile.load(out / "bursty" / "served-profile.yaml")
+    assert served_profile.find("cpu", 1, 1) is not None
+    for plan_file, label in (
+        (out / "bursty" / "plan.yaml", "bursty"),
+        (out / "bursty" / "served" / "plan.yaml", "bursty served"),
+    ):
+        plan = Plan.load(plan_file)  # planned for the cores, from a one-core profile
         assert {(g.gpu_type, g.tp, g.latency_source) for g in plan.groups} == {("cpu", 1, "profile")}
         assert plan.num_instances("prefill") == plan.num_instances("decode") == 1
         assert plan.calibration is not None and plan.simulated.goodput_rps is not None
-        assert (WorkloadSpec.load(out / name / "workload.yaml").cv or 1.0) == cv
-        (at_plan,) = run["sweeps"][name]  # one measured run, at the plan's rate, every request served
+        (at_plan,) = run["sweeps"][label]  # one measured run, at the plan's rate, every request served
         assert at_plan["rate_rps"] == pytest.approx(plan.predicted.rate_rps, rel=1e-3)
         assert at_plan["counted"] > 0 and at_plan["failed"] == 0
+    assert (WorkloadSpec.load(out / "bursty" / "workload.yaml").cv or 1.0) == 2.0
     assert "MILP forecast" in (out / "table.md").read_text() and (out / "plot.png").stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "profile: tandem profile" in printed and "bench bursty" in printed
+    assert "profile: tandem profile" in printed and "bench bursty served" in printed
     assert "capacities: the queueing model's calibrated by simulation (1 round)" in printed

@@ -7,8 +7,9 @@ import pytest
 
 from deploy.cli import main
 from planner.latency.models import resolve_model
-from planner.latency.profile import fit_nonnegative, profile_engine
-from planner.latency.roofline import LatencyTable, Profile
+from planner.latency.profile import fit_nonnegative, fit_served, profile_engine
+from planner.latency.roofline import Coefficients, LatencyTable, Profile
+from proto.serving import StepRecord
 from tests.checkpoints import make_checkpoint
 
 
@@ -19,6 +20,34 @@ def test_fit_recovers_coefficients_and_stays_nonnegative():
     # A slope the data drags below zero is held at zero, not fitted negative.
     coef = fit_nonnegative(features, 50 - 0.01 * t)
     assert (coef >= 0).all() and coef[1] == 0 and coef[2] == 0
+
+
+def test_served_steps_are_refitted_per_kind_and_compared_with_the_profile():
+    """fit_served: prefill-only steps give a, b, c and decode-only steps A, B, C, through the
+    odd stretched step; mixed steps are left out; the report says how much slower than the
+    profile (base) the steps ran."""
+    base = Coefficients(a=10, b=0.2, c=1e-4, A=20, B=0.01, C=1.0, source="profile")
+    served = Coefficients(a=15, b=0.25, c=2e-4, A=30, B=0.02, C=2.0, source="profile")
+    steps = []
+    for t in (16, 40, 64, 100, 128, 200, 256, 400, 512):
+        for _ in range(3):
+            steps.append(StepRecord(t, t * t, 0, 0, served.prefill_ms(t)))
+    for b in range(1, 30):
+        context = b * (100 + 7 * (b % 5))  # context per sequence varies, so B and C separate
+        for _ in range(3):
+            steps.append(StepRecord(0, 0, b, context, served.decode_ms(b, context)))
+    steps.append(StepRecord(0, 0, 8, 800, 10 * served.decode_ms(8, 800)))  # a pause: one stretched step
+    steps.append(StepRecord(64, 64 * 64, 4, 400, 1.0))  # mixed: not fitted
+    fitted, report = fit_served(steps, base)
+    for name in ("a", "b", "c", "A", "B", "C"):
+        assert getattr(fitted, name) == pytest.approx(getattr(served, name), rel=1e-3), name
+    assert report["prefill"]["steps"] == 27 and report["decode"]["steps"] == 88
+    assert 1.2 < report["prefill"]["served_over_base"] < 2.0
+    assert 1.4 < report["decode"]["served_over_base"] < 2.1
+    # Too few sizes of a kind to fit: that kind keeps the base's coefficients.
+    only_decodes = [StepRecord(0, 0, 4, 400, 50.0)] * 10 + [StepRecord(0, 0, 5, 500, 55.0)] * 10
+    fitted, report = fit_served(only_decodes, base)
+    assert fitted == base and "prefill" not in report and report["decode"]["steps"] == 20
 
 
 @pytest.fixture(scope="module")
