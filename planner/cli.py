@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import fields
 
 from planner.latency import cli as latency_cli
 
@@ -106,6 +107,15 @@ def register(subparsers) -> None:
     )
     profile.add_argument("--decode-batches", default="1,2,4,8,16", help="decode batch sizes to time")
     profile.add_argument("--decode-contexts", default="64,256", help="prompt lengths behind the decode batches")
+    served = profile.add_argument_group(
+        "refit to what a server ran",
+        "instead of timing the engine here: refit a profile entry to the steps a running server's "
+        "workers ran (the JSON that POST /admin/steps answers; see docs/planner.md)",
+    )
+    served.add_argument("--from-steps", metavar="STEPS_JSON", help="the answer of POST /admin/steps, saved")
+    served.add_argument("--base", metavar="PROFILE", help="the profile to refit (with --from-steps)")
+    served.add_argument("--tp", type=int, default=1, help="with --gpu-type: the entry's tensor parallelism (default 1)")
+    served.add_argument("--pp", type=int, default=1, help="with --gpu-type: the entry's pipeline stages (default 1)")
     profile.set_defaults(run=run_profile)
 
 
@@ -178,8 +188,44 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_refit(args: argparse.Namespace) -> int:
+    """tandem profile --from-steps: the base profile with one entry refitted to served steps."""
+    from planner.latency.profile import describe_refit, refit_profile
+    from planner.latency.roofline import Profile
+    from proto.schema import load_document
+    from proto.serving import StepRecord
+
+    if args.base is None:
+        raise ValueError("--from-steps needs --base: the profile whose entry is refitted")
+    data = load_document(args.from_steps, "steps")
+    names = [f.name for f in fields(StepRecord)]
+    if not isinstance(data, dict) or data.get("fields") != names or not isinstance(data.get("workers"), list):
+        raise ValueError(
+            f"{args.from_steps}: not what POST /admin/steps answers (an object with 'fields' {names} and 'workers')"
+        )
+    steps: dict[str, list[StepRecord]] = {"prefill": [], "decode": [], "colocated": []}
+    for i, worker in enumerate(data["workers"]):
+        role = worker.get("role") if isinstance(worker, dict) else None
+        if role not in steps:
+            raise ValueError(f"{args.from_steps}: workers[{i}].role must be one of {sorted(steps)}, got {role!r}")
+        try:
+            steps[role] += [StepRecord(*row) for row in worker.get("steps", [])]
+        except TypeError:
+            raise ValueError(f"{args.from_steps}: workers[{i}].steps must be rows of {len(names)} numbers") from None
+    # A colocated engine's steps are fitted for both kinds (mixed steps are left out).
+    prefill, decode = steps["prefill"] + steps["colocated"], steps["decode"] + steps["colocated"]
+    profile, report = refit_profile(Profile.load(args.base), prefill, decode, args.gpu_type, args.tp, args.pp)
+    profile.save(args.out)
+    entry = next(e for e in profile.entries if args.gpu_type in (None, e.gpu_type))
+    print(f"{profile.model} on {entry.gpu_type}: {describe_refit(report, entry.coefficients)}; wrote {args.out}")
+    return 0
+
+
 def run_profile(args: argparse.Namespace) -> int:
     from planner.latency.profile import profile_engine
+
+    if args.from_steps is not None:
+        return run_refit(args)
 
     if args.repeats < 1:
         raise ValueError(f"--repeats must be >= 1, got {args.repeats}")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
 from proto.errors import Overloaded, Unavailable
-from proto.serving import GenerateRequest, Role, TokenDelta, WorkerStats
+from proto.serving import GenerateRequest, Role, StepRecord, TokenDelta, WorkerStats
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -65,6 +65,19 @@ class Backend(Protocol):
 
     def undrain(self, role: str, index: int) -> None:
         """Route to a drained worker again."""
+
+    async def take_steps(self) -> list[WorkerSteps]:
+        """Each worker's engine steps since the last call (what each computed, how long it
+        took as served); a worker that does not answer is left out."""
+
+
+@dataclass(frozen=True)
+class WorkerSteps:
+    """The steps one worker's engine ran (Backend.take_steps)."""
+
+    role: Role
+    index: int  # within its role
+    steps: list[StepRecord]
 
 
 @dataclass(frozen=True)

@@ -15,10 +15,12 @@ import contextlib
 import json
 import logging
 import time
+from dataclasses import astuple, fields
 
 from aiohttp import web
 
 from proto.errors import Overloaded, Unavailable
+from proto.serving import StepRecord
 from router.backend import DRAIN_TIMEOUT_S
 from router.metrics import CONTENT_TYPE
 from router.openai_protocol import (
@@ -106,6 +108,7 @@ class HTTPFrontend:
         app.router.add_post("/v1/chat/completions", self.chat_completions)
         app.router.add_post("/admin/drain", self.drain)
         app.router.add_post("/admin/undrain", self.undrain)
+        app.router.add_post("/admin/steps", self.steps)
         return app
 
     def _needs_key(self, path: str) -> bool:
@@ -169,11 +172,29 @@ class HTTPFrontend:
             raise BadRequest(str(exc), "index") from None
         return web.json_response({"role": role, "index": index, "draining": False})
 
-    async def _admin_target(self, request: web.Request) -> tuple[str, int, dict]:
-        """An admin call's body and the worker it names. Admin calls need API keys to be set:
-        on an open server, anyone could take every worker out of routing."""
+    async def steps(self, request: web.Request) -> web.Response:
+        """POST: take every worker's engine steps since the last call, for `tandem profile
+        --from-steps` (a refit of the latency profile to what this server ran)."""
+        self._check_admin()
+        workers = await self.backend.take_steps()
+        return web.json_response(
+            {
+                "fields": [f.name for f in fields(StepRecord)],
+                "workers": [
+                    {"role": w.role.value, "index": w.index, "steps": [astuple(s) for s in w.steps]} for w in workers
+                ],
+            }
+        )
+
+    def _check_admin(self) -> None:
+        """Admin calls need API keys to be set: on an open server, anyone could take every
+        worker out of routing."""
         if not self.serving.security.api_keys:
             raise HTTPError(403, "permission_error", "admin endpoints need API keys: start the server with --api-key")
+
+    async def _admin_target(self, request: web.Request) -> tuple[str, int, dict]:
+        """An admin call's body and the worker it names."""
+        self._check_admin()
         body = parse_json(await request.read())
         if not isinstance(body, dict):
             raise BadRequest("the request body must be a JSON object")

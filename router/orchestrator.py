@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING
 from engine.tokenizer import load_tokenizer
 from proto.errors import Overloaded, Unavailable, WorkerLost
 from proto.serving import FinishReason, GenerateRequest, Resume, Role, TokenDelta, WorkerStats, final_delta
-from router.backend import DRAIN_TIMEOUT_S, STATS_INTERVAL_S, WorkerStatus
+from router.backend import DRAIN_TIMEOUT_S, STATS_INTERVAL_S, WorkerStatus, WorkerSteps
 from router.clients import DecodeClient, PrefillClient
 from router.policy import RoutingPolicy, WorkerView
 
@@ -289,6 +289,18 @@ class DisaggregatedBackend:
     def undrain(self, role: Role | str, index: int) -> None:
         """Route requests to a drained worker again."""
         self._view(role, index)[1].draining = False
+
+    async def take_steps(self) -> list[WorkerSteps]:
+        views = self._views()
+        taken = await asyncio.gather(
+            *(asyncio.wait_for(client.take_steps(), WORKER_STATS_TIMEOUT_S) for _, _, client in views),
+            return_exceptions=True,
+        )
+        return [
+            WorkerSteps(role, view.index, steps)
+            for (role, view, _), steps in zip(views, taken, strict=True)
+            if not isinstance(steps, BaseException)
+        ]
 
     def _view(self, role: Role | str, index: int) -> tuple[Role, WorkerView]:
         """A worker's view by role and index, or ValueError naming what exists."""

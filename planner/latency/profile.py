@@ -74,7 +74,8 @@ def _binned_medians(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
 def fit_served(steps, base: Coefficients) -> tuple[Coefficients, dict[str, Any]]:
     """Coefficients fitted to the steps a worker ran while it served (StepRecords from
     EngineLoop.take_steps), in the form the profile fits: prefill-only steps give a, b, c
-    (binned by prompt tokens, 16 to a bin), decode-only steps A, B, C (binned by batch size);
+    (binned by prompt tokens, 16 to a bin), decode-only steps A, B, C (binned by batch size and
+    context tokens, 16 to a bin);
     mixed steps are left out. A kind with fewer than MIN_FIT_BINS sizes keeps `base`'s.
 
     Also returns, per kind, how many steps were used and the median ratio of the served
@@ -94,13 +95,60 @@ def fit_served(steps, base: Coefficients) -> tuple[Coefficients, dict[str, Any]]
     if len(dec):
         predicted = base.A + base.B * dec[:, 1] + base.C * dec[:, 0]
         report["decode"] = {"steps": len(dec), "served_over_base": float(np.median(dec[:, 2] / predicted))}
-        bins = _binned_medians(dec, dec[:, 0])
+        bins = _binned_medians(dec, dec[:, 0] * 1e6 + dec[:, 1] // 16)
         if len(bins) >= MIN_FIT_BINS:
             big_a, big_b, big_c = fit_nonnegative(
                 np.stack([np.ones(len(bins)), bins[:, 1], bins[:, 0]], axis=1), bins[:, 2]
             )
             fitted.update(A=float(big_a), B=float(big_b), C=float(big_c))
     return Coefficients(**fitted, source=base.source), report
+
+
+def refit_profile(
+    base: Profile, prefill_steps, decode_steps, gpu_type: str | None = None, tp: int = 1, pp: int = 1
+) -> tuple[Profile, dict[str, Any]]:
+    """`base` with one entry refitted to served steps: its prefill coefficients to the prefill
+    workers' steps, its decode ones to the decode workers' (fit_served). The entry is the one
+    for (gpu_type, tp, pp); gpu_type None means the profile's only entry. Also returns, per
+    kind, the steps used and how much slower they ran than the entry predicts."""
+    if gpu_type is None:
+        if len(base.entries) != 1:
+            named = ", ".join(f"{e.gpu_type} tp {e.tp} pp {e.pp}" for e in base.entries)
+            raise ValueError(
+                f"the profile has {len(base.entries)} entries ({named}): name one with --gpu-type/--tp/--pp"
+            )
+        gpu_type, tp, pp = base.entries[0].gpu_type, base.entries[0].tp, base.entries[0].pp
+    coeffs = base.find(gpu_type, tp, pp)
+    if coeffs is None:
+        named = ", ".join(f"{e.gpu_type} tp {e.tp} pp {e.pp}" for e in base.entries)
+        raise ValueError(f"the profile has no entry for {gpu_type} tp {tp} pp {pp}; it has: {named}")
+    prefill, prefill_report = fit_served(prefill_steps, coeffs)
+    decode, decode_report = fit_served(decode_steps, coeffs)
+    served = Coefficients(
+        a=prefill.a, b=prefill.b, c=prefill.c, A=decode.A, B=decode.B, C=decode.C, source=coeffs.source
+    )
+    entries = tuple(
+        ProfileEntry(e.gpu_type, e.tp, e.pp, served) if (e.gpu_type, e.tp, e.pp) == (gpu_type, tp, pp) else e
+        for e in base.entries
+    )
+    report = {
+        "prefill": prefill_report.get("prefill", {"steps": 0}),
+        "decode": decode_report.get("decode", {"steps": 0}),
+    }
+    return Profile(base.model, entries), report
+
+
+def describe_refit(report: dict[str, Any], coeffs: Coefficients) -> str:
+    """One line: what the refit used and the coefficients it gave."""
+    used = ", ".join(
+        f"{kind}: {r['steps']} steps served"
+        + (f", median {r['served_over_base']:.2f}x the profile's" if "served_over_base" in r else "")
+        for kind, r in report.items()
+    )
+    return (
+        f"{used}; prefill ms = {coeffs.a:.3g} + {coeffs.b:.3g} T + {coeffs.c:.3g} T^2, "
+        f"decode ms = {coeffs.A:.3g} + {coeffs.B:.3g} K + {coeffs.C:.3g} batch"
+    )
 
 
 def detect_gpu_type(device: str) -> str:

@@ -36,7 +36,7 @@ def test_served_steps_are_refitted_per_kind_and_compared_with_the_profile():
         context = b * (100 + 7 * (b % 5))  # context per sequence varies, so B and C separate
         for _ in range(3):
             steps.append(StepRecord(0, 0, b, context, served.decode_ms(b, context)))
-    steps.append(StepRecord(0, 0, 8, 800, 10 * served.decode_ms(8, 800)))  # a pause: one stretched step
+    steps.append(StepRecord(0, 0, 8, 968, 10 * served.decode_ms(8, 968)))  # a pause stretched one step
     steps.append(StepRecord(64, 64 * 64, 4, 400, 1.0))  # mixed: not fitted
     fitted, report = fit_served(steps, base)
     for name in ("a", "b", "c", "A", "B", "C"):

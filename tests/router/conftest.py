@@ -97,6 +97,9 @@ class ControlledBackend:
     def undrain(self, role, index):
         self.inner.undrain(role, index)
 
+    async def take_steps(self):
+        return await self.inner.take_steps()
+
 
 @dataclass
 class Served:

@@ -173,6 +173,51 @@ def test_admin_endpoints_need_keys_to_be_set_and_name_bad_fields(start):
     assert status == 400 and "no workers to drain" in error["error"]["message"]
 
 
+def test_admin_steps_hands_out_each_step_once_to_a_key_holder(start, tmp_path, capsys):
+    """POST /admin/steps: the engine's steps since the last call, as rows of StepRecord's
+    fields; `tandem profile --from-steps` refits a profile to them."""
+    from deploy.cli import main as tandem
+    from planner.latency.roofline import Coefficients, Profile, ProfileEntry
+
+    open_server = start(Security())
+    status, body = admin(f"http://127.0.0.1:{open_server.http_port}/admin/steps", {})
+    assert status == 403 and "--api-key" in body["error"]["message"]
+    handle = start(Security(api_keys=(KEY,)))
+    url = f"http://127.0.0.1:{handle.http_port}"
+    assert admin(f"{url}/admin/steps", {})[0] == 401
+    admin(f"{url}/admin/steps", {}, KEY)  # what earlier tests ran
+    with openai.OpenAI(base_url=url + "/v1", api_key=KEY, max_retries=0) as client:
+        for n in (5, 20, 40):  # three prompt sizes, each then decoding (no prefix in common)
+            client.completions.create(
+                model=MODEL,
+                prompt=[5 + (n + 3 * i) % 370 for i in range(n)],
+                max_tokens=6,
+                temperature=0.0,
+                extra_body={"ignore_eos": True},
+            )
+    status, body = admin(f"{url}/admin/steps", {}, KEY)
+    assert status == 200, body
+    assert body["fields"] == ["prefill_tokens", "attn_tokens2", "num_decodes", "context_tokens", "ms"]
+    ((worker),) = body["workers"]
+    assert (worker["role"], worker["index"]) == ("colocated", 0)
+    rows = worker["steps"]
+    assert [row[:4] for row in rows if row[0]] == [[5, 25, 0, 0], [20, 400, 0, 0], [40, 1600, 0, 0]]
+    assert [row[2:4] for row in rows if row[2]] == [[1, n + k] for n in (5, 20, 40) for k in range(1, 6)]
+    assert all(row[4] > 0 for row in rows)
+    assert admin(f"{url}/admin/steps", {}, KEY)[1]["workers"][0]["steps"] == []  # taken once
+
+    steps, base, served = tmp_path / "steps.json", tmp_path / "base.yaml", tmp_path / "served.yaml"
+    steps.write_text(json.dumps(body))
+    coeffs = Coefficients(a=1000, b=0, c=0, A=1000, B=0, C=0, source="profile")  # far slower than this engine
+    Profile("tiny", (ProfileEntry("cpu", 1, 1, coeffs),)).save(base)
+    assert tandem(["profile", "--from-steps", str(steps), "--base", str(base), "--out", str(served)]) == 0
+    refit = Profile.load(served).find("cpu", 1, 1)
+    assert refit is not None and refit.prefill_ms(20) < 1000 and refit.decode_ms(1, 30) < 1000
+    steps.write_text(json.dumps({"workers": []}))
+    assert tandem(["profile", "--from-steps", str(steps), "--base", str(base), "--out", str(served)]) == 2
+    assert "not what POST /admin/steps answers" in capsys.readouterr().err
+
+
 def test_grpc_needs_a_key_except_for_probes(start):
     handle = start(Security(api_keys=(KEY,)))
     url = f"127.0.0.1:{handle.grpc_port}"
