@@ -44,7 +44,6 @@ import argparse
 import json
 import os
 import time
-from dataclasses import replace
 from itertools import pairwise
 from pathlib import Path
 
@@ -161,30 +160,27 @@ def plan_workload(model: Path, files: dict[str, Path], out: Path, args, progress
 def refit(steps: dict[str, list], base_file: Path, out: Path, progress: Progress, name: str) -> dict:
     """served-profile.yaml: the profile refitted to the steps served (prefill coefficients from
     the prefill workers' steps, decode ones from the decode workers'); returns what the fit used."""
-    from planner.latency.profile import fit_served
-    from planner.latency.roofline import Profile, ProfileEntry
+    from planner.latency.profile import describe_refit, refit_profile
+    from planner.latency.roofline import Profile
 
-    base = Profile.load(base_file)
-    coeffs = base.find("cpu", 1, 1)
-    assert coeffs is not None, "the profile stage wrote a cpu entry"
-    prefill, prefill_report = fit_served(steps["prefill"], coeffs)
-    decode, decode_report = fit_served(steps["decode"], coeffs)
-    served = replace(prefill, A=decode.A, B=decode.B, C=decode.C)
-    Profile(base.model, (ProfileEntry("cpu", 1, 1, served),)).save(out)
-    report = {
-        "prefill": prefill_report.get("prefill", {"steps": 0}),
-        "decode": decode_report.get("decode", {"steps": 0}),
-    }
-    progress.stage(
-        f"refit {name}",
-        ", ".join(
-            f"{kind}: {r['steps']} steps served, median {r.get('served_over_base', float('nan')):.2f}x the profile's"
-            for kind, r in report.items()
-        )
-        + f"; prefill ms = {served.a:.1f} + {served.b:.3f} T + {served.c:.2e} T^2, decode ms = "
-        f"{served.A:.1f} + {served.B:.4f} K + {served.C:.2f} B -> {out}",
-    )
+    served, report = refit_profile(Profile.load(base_file), steps["prefill"], steps["decode"])
+    served.save(out)
+    progress.stage(f"refit {name}", f"{describe_refit(report, served.entries[0].coefficients)} -> {out}")
     return report
+
+
+def save_steps(steps: dict[str, list], path: Path) -> None:
+    """The steps served, as POST /admin/steps answers them (each role's workers merged), so
+    that `tandem profile --from-steps` refits from them and anyone can look into them."""
+    from dataclasses import astuple, fields
+
+    from proto.serving import StepRecord
+
+    workers = [
+        {"role": role, "index": 0, "steps": [[round(x, 3) for x in astuple(s)] for s in rows]}
+        for role, rows in steps.items()
+    ]
+    path.write_text(json.dumps({"fields": [f.name for f in fields(StepRecord)], "workers": workers}) + "\n")
 
 
 def serve_plan(plan_file: Path, model: Path, max_model_len: int, progress: Progress) -> InProcessServer:
@@ -236,6 +232,7 @@ def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int,
     counted = [r for q, r in zip(requests, results, strict=True) if start_s <= q.arrival_s <= end_s]
     ok = [(r.ttft_s, r.tpot_s) for r in counted if r.ttft_s is not None and r.tpot_s is not None]
     good = [1 for ttft, tpot in ok if ttft <= plan.slo.ttft_s and tpot <= plan.slo.tpot_s]
+    handoffs = [r.handoff_s for r in counted if r.handoff_s is not None]
     return {
         "rate_rps": round(rate, 4),
         "requests": len(requests),
@@ -244,6 +241,9 @@ def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int,
         "attainment": len(good) / max(len(counted), 1),
         "p90_ttft_s": percentile([ttft for ttft, _ in ok], 90),
         "p90_tpot_s": percentile([tpot for _, tpot in ok], 90),
+        # TPOT's first gap: the prefill -> decode hand-off (KV transfer, admission, a step)
+        "p50_handoff_s": percentile(handoffs, 50),
+        "p90_handoff_s": percentile(handoffs, 90),
         "duration_s": round(duration_s, 1),
     }
 
@@ -431,6 +431,7 @@ def run(args) -> dict:
                 sweeps[label] = sweep(server, plan, spec, args, progress, label, steps)
             finally:
                 server.stop()
+            save_steps(steps, rdir / "steps.json")
             rounds[round_name] = results_for(plan, sweeps[label])
             all_results[label] = rounds[round_name]
             rates[label] = plan.predicted.rate_rps

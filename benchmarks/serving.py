@@ -36,6 +36,9 @@ class Result:
     tpot_s: float | None
     output_tokens: int
     error: str | None = None  # why it failed: the HTTP status and body, or the exception
+    # From the first text chunk to the second: disaggregated, the hand-off from the prefill
+    # worker (which sampled the first token) to the decode worker (KV in, admitted, a step).
+    handoff_s: float | None = None
 
 
 def poisson_workload(rate: float, num_requests: int, prompt_len: int, output_len: int, seed: int = 0) -> list[Request]:
@@ -113,7 +116,7 @@ async def _one(session, url: str, model: str, req: Request, vocab: int, seed: in
     # is complete), so the span between the first and the last chunk is divided by the tokens.
     num_tokens = num_tokens or len(times)
     tpot = (times[-1] - times[0]) / (num_tokens - 1) if num_tokens > 1 else 0.0
-    return Result(times[0] - start, tpot, num_tokens)
+    return Result(times[0] - start, tpot, num_tokens, handoff_s=times[1] - times[0] if len(times) > 1 else None)
 
 
 async def run_load(
@@ -150,15 +153,10 @@ class InProcessServer:
     def take_steps(self) -> dict[str, list]:
         """The steps each role's workers ran since the last call (StepRecords), by role."""
 
-        async def main() -> dict[str, list]:
-            taken = {}
-            for role in ("prefill", "decode"):
-                clients = getattr(self.backend, role)
-                per_worker = await asyncio.gather(*(client.take_steps() for client in clients))
-                taken[role] = [step for steps in per_worker for step in steps]
-            return taken
-
-        return asyncio.run(main())
+        taken: dict[str, list] = {"prefill": [], "decode": []}
+        for worker in asyncio.run(self.backend.take_steps()):
+            taken[worker.role.value].extend(worker.steps)
+        return taken
 
     def load(self, workload: list[Request]) -> tuple[list[Result], float]:
         from router.server import serve

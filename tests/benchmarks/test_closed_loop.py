@@ -30,6 +30,7 @@ def made_up_profile(monkeypatch):
 @pytest.mark.skipif(len(available_cores()) < 2, reason="a prefill and a decode worker need a core each")
 def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, made_up_profile, capsys):
     from benchmarks import closed_loop
+    from deploy.cli import main as tandem
     from planner.latency.roofline import Profile
     from planner.simulate.workload import WorkloadSpec
     from proto.plan import Plan
@@ -83,6 +84,14 @@ def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, ma
     assert fit["prefill"]["served_over_base"] > 0 and fit["decode"]["served_over_base"] > 0
     served_profile = Profile.load(out / "bursty" / "served-profile.yaml")
     assert served_profile.find("cpu", 1, 1) is not None
+    # Each round's steps are saved as POST /admin/steps answers them: the CLI refits from them too.
+    for steps in (out / "bursty" / "steps.json", out / "bursty" / "served" / "steps.json"):
+        again = tmp_path / "again.yaml"
+        assert (
+            tandem(["profile", "--from-steps", str(steps), "--base", str(out / "profile.yaml"), "--out", str(again)])
+            == 0
+        )
+        assert Profile.load(again).find("cpu", 1, 1) is not None
     for plan_file, label in (
         (out / "bursty" / "plan.yaml", "bursty"),
         (out / "bursty" / "served" / "plan.yaml", "bursty served"),
