@@ -8,8 +8,6 @@ or repeat, and every block is free afterwards."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 
 import pytest
 
@@ -17,62 +15,31 @@ ray = pytest.importorskip("ray", reason="ray is not installed")
 
 import aiohttp  # noqa: E402
 
-from deploy.cluster import WorkerGroup, deploy  # noqa: E402
-from engine import EngineConfig, SamplingParams  # noqa: E402
-from proto.serving import GenerateRequest  # noqa: E402
 from router.security import Security  # noqa: E402
 from router.server import serve  # noqa: E402
-from tests.checkpoints import hf_greedy  # noqa: E402
-from tests.workers.local_ray import start_local_ray  # noqa: E402
+from tests.workers.local_ray import (  # noqa: E402
+    assert_exact,
+    deploy_two_decoders,
+    greedy,
+    pid_of,
+    start_local_ray,
+    stream,
+)
 from tests.workers.test_ray_serving import all_free  # noqa: E402
 
 NUM_STREAMS = 10
 MAX_TOKENS = 100  # long enough that every stream is mid-way when its worker drains
-PARAMS = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+PARAMS = greedy(MAX_TOKENS)
 KEY = "sk-admin-test"
 
 
 @pytest.fixture(scope="module")
 def deployment(tiny_llama_dir):
     start_local_ray(4)
-    dep = deploy(
-        tiny_llama_dir,
-        [WorkerGroup("prefill", 1), WorkerGroup("decode", 2)],
-        EngineConfig(max_num_batched_tokens=64, num_blocks=256),
-        kv_backend="shm",
-        model_name="tiny",
-        local_prefill_tokens=0,
-        transfer_timeout_s=20.0,
-        max_restarts=2,
-    )
+    dep = deploy_two_decoders(tiny_llama_dir, max_restarts=2)
     yield dep
     dep.shutdown()
     ray.shutdown()
-
-
-def pid_of(actor) -> int:
-    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
-
-
-async def stream(backend, rid, prompt, started: asyncio.Event | None = None):
-    deltas = []
-    async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, PARAMS))) as s:
-        async for delta in s:
-            deltas.append(delta)
-            if started is not None:
-                started.set()
-    return deltas
-
-
-def assert_exact(results: dict, prompts: dict, model_dir) -> None:
-    for rid, deltas in results.items():
-        assert all(d.finish_reason != "error" for d in deltas), (rid, deltas[-1])
-        shown = [(d.token_ids, d.num_prompt_tokens, d.finish_reason) for d in deltas[:4]]
-        assert [t for d in deltas for t in d.token_ids] == hf_greedy(model_dir, prompts[rid], MAX_TOKENS, True), (
-            rid,
-            shown,
-        )
-        assert deltas[-1].finished and deltas[-1].finish_reason == "length"
 
 
 def test_draining_a_decode_worker_mid_stream_moves_every_stream_off_it(deployment, tiny_llama_dir):
@@ -81,7 +48,7 @@ def test_draining_a_decode_worker_mid_stream_moves_every_stream_off_it(deploymen
 
     async def main():
         started = {rid: asyncio.Event() for rid in prompts}
-        tasks = {rid: asyncio.create_task(stream(backend, rid, p, started[rid])) for rid, p in prompts.items()}
+        tasks = {rid: asyncio.create_task(stream(backend, rid, p, PARAMS, started[rid])) for rid, p in prompts.items()}
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
         running = sum(not t.done() for t in tasks.values())
         moved = await backend.drain("decode", 0)
@@ -95,7 +62,7 @@ def test_draining_a_decode_worker_mid_stream_moves_every_stream_off_it(deploymen
     assert running == NUM_STREAMS, "every stream was mid-way when the drain began"
     assert moved >= 1  # the load policy spread the streams over both decode workers
     assert on_drained is not None and on_drained.num_running == on_drained.num_reserved == 0
-    assert_exact(results, prompts, tiny_llama_dir)
+    assert_exact(results, prompts, tiny_llama_dir, MAX_TOKENS)
     assert backend.counters["moves_total"] == moved
     assert backend.counters["recoveries_total"] == backend.counters["recovery_failures_total"] == 0
     assert asyncio.run(all_free(backend))
@@ -118,7 +85,7 @@ def test_a_rolling_restart_of_every_worker_under_load_loses_no_request(deploymen
             while restarting:
                 rid = f"r{k}-{n}"
                 prompts[rid] = list(range(5 + k + n % 7, 30 + 3 * k + n % 11))
-                results[rid] = await stream(backend, rid, prompts[rid])
+                results[rid] = await stream(backend, rid, prompts[rid], PARAMS)
                 n += 1
 
         lanes = [asyncio.create_task(load(k)) for k in range(4)]
@@ -130,7 +97,7 @@ def test_a_rolling_restart_of_every_worker_under_load_loses_no_request(deploymen
 
     moved, results = asyncio.run(main())
     assert len(results) >= 8
-    assert_exact(results, prompts, tiny_llama_dir)
+    assert_exact(results, prompts, tiny_llama_dir, MAX_TOKENS)
     assert sum(moved[1:]) >= 1  # some streams were on each decode worker as it drained
     assert backend.counters["recovery_failures_total"] == 0
     assert all(pid_of(a) != pids[(role, i)] for role, i, a in actors), "every worker's process was replaced"

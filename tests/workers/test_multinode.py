@@ -10,7 +10,6 @@ with room joins, Ray restarts the lost worker there and it rejoins routing.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 
 import pytest
@@ -20,9 +19,8 @@ ray = pytest.importorskip("ray", reason="ray is not installed")
 from ray.cluster_utils import Cluster  # noqa: E402
 
 from deploy.cluster import WorkerGroup, deploy  # noqa: E402
-from engine import EngineConfig, SamplingParams  # noqa: E402
-from proto.serving import GenerateRequest  # noqa: E402
-from tests.checkpoints import hf_greedy  # noqa: E402
+from engine import EngineConfig  # noqa: E402
+from tests.workers.local_ray import assert_exact, greedy, stream  # noqa: E402
 
 NUM_STREAMS = 8
 MAX_TOKENS = 80
@@ -82,32 +80,21 @@ def test_workers_on_separate_nodes_serve_and_survive_the_loss_of_a_node(cluster,
         addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         assert kv_host(victim).rsplit(":", 1)[0] == addresses[placed[1]]
         backend = dep.backend
-        params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
         prompts = {f"n{i}": list(range(5 + i, 30 + 2 * i)) for i in range(NUM_STREAMS)}
         lost_node = next(n for n in nodes if n.node_id == placed[1])
 
         async def main():
             started = {rid: asyncio.Event() for rid in prompts}
-
-            async def stream(rid, prompt):
-                deltas = []
-                async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as s:
-                    async for delta in s:
-                        deltas.append(delta)
-                        started[rid].set()
-                return deltas
-
-            tasks = [asyncio.create_task(stream(rid, p)) for rid, p in prompts.items()]
+            params = greedy(MAX_TOKENS)
+            tasks = [asyncio.create_task(stream(backend, rid, p, params, started[rid])) for rid, p in prompts.items()]
             await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
             running = sum(not t.done() for t in tasks)
             cluster.remove_node(lost_node)  # its raylet and every process on it are gone
-            return running, await asyncio.gather(*tasks)
+            return running, dict(zip(prompts, await asyncio.gather(*tasks), strict=True))
 
         running, results = asyncio.run(main())
         assert running == NUM_STREAMS
-        for (rid, prompt), deltas in zip(prompts.items(), results, strict=True):
-            assert all(d.finish_reason != "error" for d in deltas), (rid, deltas[-1])
-            assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, MAX_TOKENS, True), rid
+        assert_exact(results, prompts, tiny_llama_dir, MAX_TOKENS)
         assert backend.counters["recovery_failures_total"] == 0
 
         # A node with room joins: Ray restarts the lost worker there, and it rejoins routing.

@@ -14,11 +14,16 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed")
 
-from deploy.cluster import WorkerGroup, deploy  # noqa: E402
-from engine import EngineConfig, SamplingParams  # noqa: E402
 from proto.serving import GenerateRequest  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
-from tests.workers.local_ray import start_local_ray  # noqa: E402
+from tests.workers.local_ray import (  # noqa: E402
+    assert_exact,
+    deploy_two_decoders,
+    greedy,
+    pid_of,
+    start_local_ray,
+    stream,
+)
 
 NUM_STREAMS = 12
 MAX_TOKENS = 120  # long enough that every stream is mid-way when the worker dies
@@ -28,55 +33,31 @@ RESTART_S = 180.0  # a restarted worker loads the model again: generous for a lo
 @pytest.fixture(scope="module")
 def deployment(tiny_llama_dir):
     start_local_ray(4)
-    dep = deploy(
-        tiny_llama_dir,
-        [WorkerGroup("prefill", 1), WorkerGroup("decode", 2)],
-        EngineConfig(max_num_batched_tokens=64, num_blocks=256),
-        kv_backend="shm",
-        model_name="tiny",
-        local_prefill_tokens=0,
-        transfer_timeout_s=20.0,
-        max_restarts=1,
-    )
+    dep = deploy_two_decoders(tiny_llama_dir, max_restarts=1)
     yield dep
     dep.shutdown()
     ray.shutdown()
 
 
-def pid_of(actor) -> int:
-    return ray.get(actor.__ray_call__.remote(lambda _self: os.getpid()), timeout=60)
-
-
 def test_kill_9_of_a_decode_worker_mid_stream_loses_no_request(deployment, tiny_llama_dir):
     backend = deployment.backend
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     prompts = {f"s{i}": list(range(5 + i, 40 + 2 * i)) for i in range(NUM_STREAMS)}
     victim = deployment.decode_actors[0]
     victim_pid = pid_of(victim)
 
     async def main():
         started = {rid: asyncio.Event() for rid in prompts}
-
-        async def stream(rid, prompt):
-            deltas = []
-            async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as s:
-                async for delta in s:
-                    deltas.append(delta)
-                    started[rid].set()
-            return deltas
-
-        tasks = [asyncio.create_task(stream(rid, p)) for rid, p in prompts.items()]
+        tasks = [
+            asyncio.create_task(stream(backend, rid, p, greedy(MAX_TOKENS), started[rid])) for rid, p in prompts.items()
+        ]
         await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
         running = sum(1 for t in tasks if not t.done())
         os.kill(victim_pid, signal.SIGKILL)
-        return running, await asyncio.gather(*tasks)
+        return running, dict(zip(prompts, await asyncio.gather(*tasks), strict=True))
 
     running, results = asyncio.run(main())
     assert running == NUM_STREAMS, "every stream was mid-way when the worker died"
-    for (rid, prompt), deltas in zip(prompts.items(), results, strict=True):
-        assert all(d.finish_reason != "error" for d in deltas), (rid, deltas[-1])
-        assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, MAX_TOKENS, True), rid
-        assert deltas[-1].finished and deltas[-1].finish_reason == "length"
+    assert_exact(results, prompts, tiny_llama_dir, MAX_TOKENS)
     # Some streams were on the dead worker (the load policy spreads them) and were resumed.
     assert backend.counters["recoveries_total"] >= 1
     assert backend.counters["recovery_failures_total"] == 0
@@ -103,13 +84,13 @@ def test_with_no_decode_worker_left_a_stream_ends_with_a_clear_error_after_its_w
     had are the right ones, and nothing hangs."""
     backend = deployment.backend
     backend.recovery_wait_s = 2.0
-    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
     prompt = list(range(7, 50))
 
     async def main():
         deltas = []
-        async with contextlib.aclosing(backend.generate(GenerateRequest("orphan", prompt, params))) as stream:
-            async for delta in stream:
+        request = GenerateRequest("orphan", prompt, greedy(MAX_TOKENS))
+        async with contextlib.aclosing(backend.generate(request)) as deltas_in:
+            async for delta in deltas_in:
                 deltas.append(delta)
                 if len(deltas) == 3:
                     for actor in deployment.decode_actors:
