@@ -27,9 +27,9 @@ def start_local_ray(num_cpus: int) -> None:
     )
 
 
-def deploy_two_decoders(model_dir, max_restarts: int):
+def deploy_two_decoders(model_dir, max_restarts: int, pin_cores: bool | None = None):
     """1 prefill + 2 decode workers on shared memory, every prompt prefilled on the prefill
-    worker, Ray restarting a dead worker up to max_restarts times."""
+    worker, Ray restarting a dead worker up to max_restarts times (pin_cores: deploy's)."""
     from deploy.cluster import WorkerGroup, deploy
 
     return deploy(
@@ -41,6 +41,7 @@ def deploy_two_decoders(model_dir, max_restarts: int):
         local_prefill_tokens=0,
         transfer_timeout_s=20.0,
         max_restarts=max_restarts,
+        pin_cores=pin_cores,
     )
 
 

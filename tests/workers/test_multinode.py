@@ -18,9 +18,7 @@ ray = pytest.importorskip("ray", reason="ray is not installed")
 
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from deploy.cluster import WorkerGroup, deploy  # noqa: E402
-from engine import EngineConfig  # noqa: E402
-from tests.workers.local_ray import assert_exact, greedy, stream  # noqa: E402
+from tests.workers.local_ray import assert_exact, deploy_two_decoders, greedy, stream  # noqa: E402
 
 NUM_STREAMS = 8
 MAX_TOKENS = 80
@@ -59,17 +57,7 @@ def cluster():
 
 def test_workers_on_separate_nodes_serve_and_survive_the_loss_of_a_node(cluster, tiny_llama_dir):
     cluster, nodes = cluster
-    dep = deploy(
-        tiny_llama_dir,
-        [WorkerGroup("prefill", 1), WorkerGroup("decode", 2)],
-        EngineConfig(max_num_batched_tokens=64, num_blocks=256),
-        kv_backend="shm",
-        model_name="tiny",
-        local_prefill_tokens=0,
-        transfer_timeout_s=20.0,
-        pin_cores=False,
-        max_restarts=1,
-    )
+    dep = deploy_two_decoders(tiny_llama_dir, max_restarts=1, pin_cores=False)
     try:
         actors = dep.prefill_actors + dep.decode_actors
         placed = [node_of(a) for a in actors]
