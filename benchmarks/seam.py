@@ -78,6 +78,15 @@ class InstantDecode:
     async def abort(self, request_id):
         return None
 
+    async def detach(self, request_id):
+        raise ValueError("the instant client's requests do not migrate")
+
+    async def migrate_out(self, request_id, handle):
+        raise RuntimeError("the instant client's requests do not migrate")
+
+    def reattach(self, request_id):
+        raise ValueError("the instant client's requests do not migrate")
+
     async def stats(self):
         from router.policy import IDLE
 

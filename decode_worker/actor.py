@@ -14,11 +14,12 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 
-from decode_worker.worker import DecodeFollower, DecodeWorker
+from decode_worker.worker import DecodeFollower, DecodeWorker, TransferFailed
 from engine import EngineConfig
 from engine.cores import bind_cores, process_cores
 from engine.engine_loop import delta_stream
-from proto.serving import GenerateRequest, KVHandle, StepRecord, TokenDelta, WorkerInfo, WorkerStats
+from kv_transfer import TransferState
+from proto.serving import Detached, GenerateRequest, KVHandle, StepRecord, TokenDelta, WorkerInfo, WorkerStats
 
 
 class DecodeActor:
@@ -86,6 +87,29 @@ class DecodeActor:
 
     async def abort(self, request_id: str) -> None:
         await asyncio.to_thread(self.worker.abort, request_id)  # waits for the engine lock
+
+    # ---- live migration out (DecodeWorker.detach, migrate_out, reattach) ----------------
+
+    async def detach(self, request_id: str) -> Detached:
+        """Take a decoding request out of the batch (its stream ends), its blocks kept."""
+        future = await asyncio.to_thread(self.worker.detach, request_id)
+        return await asyncio.wrap_future(future)
+
+    async def migrate_out(self, request_id: str, handle: KVHandle) -> None:
+        """Copy a detached request's KV to the worker that reserved `handle`; returns once the
+        copy is confirmed there (TransferFailed otherwise: the request stays detached here)."""
+        transfer = await asyncio.to_thread(self.worker.migrate_out, request_id, handle)
+        if await transfer.wait_async() is not TransferState.DONE:
+            raise TransferFailed(f"copying the KV of {request_id} failed: {transfer.error}")
+
+    async def reattach(self, request_id: str) -> AsyncGenerator[TokenDelta, None]:
+        """A detached request goes on here; streams its deltas from the next token on."""
+        async for delta in self._stream(request_id, lambda cb: self.worker.reattach(request_id, cb)):
+            yield delta
+
+    async def start_reattach(self, request_id: str) -> None:
+        """reattach(), its deltas sent on deltas()."""
+        await asyncio.to_thread(self.worker.reattach, request_id, self._channel()[1])
 
     # ---- the delta channel (the Ray client's way) ----------------------------------------
 

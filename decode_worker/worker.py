@@ -14,6 +14,19 @@ A request's lifecycle on a decode worker:
 Short prompts skip 1-3: generate() prefills here (conditional disaggregation).
 An abort at any step frees everything the request holds, never blocks a sender may still write.
 
+Live migration to another decode worker (the router drives it, router/orchestrator.py):
+ 1. detach(): the request leaves the running batch at the next turn, its blocks kept; its
+    stream ends after the last token it got;
+ 2. the destination reserve()s blocks for it (a GenerateRequest with resume: the tokens
+    generated here), exactly as for a prefill;
+ 3. migrate_out(handle): this worker's own KV sender (made on first use) pushes every layer
+    of the request's blocks there; the destination admit()s it with its newest token, whose
+    KV its first step computes;
+ 4. the source frees the blocks only once the destination confirmed the copy (DONE). A copy
+    that failed leaves the request detached here, whole: reattach() lets it go on where it
+    stopped, abort() frees it. One that is neither within DETACHED_TIMEOUT_S is aborted here.
+Migrating out of a tensor-parallel worker is refused (only rank 0 would send its heads).
+
 Tensor parallelism: the worker is tp processes. Rank 0 (DecodeWorker) owns the scheduler
 and the block ids; every rank r > 0 (DecodeFollower) runs rank 0's steps and has its own
 KV receiver on its own cache, which holds the same block ids. Rank 0 talks to the followers
@@ -45,11 +58,12 @@ from pathlib import Path
 from engine import EngineConfig, LLMEngine
 from engine.engine_loop import REPORT_POLL_S, SLOW_REPORT_POLL_S, EngineLoop, RequestAborted, Turn
 from engine.scheduler import SchedulerOutput
-from kv_transfer import KVReceiver, Transfer, TransferState
-from proto.serving import GenerateRequest, KVHandle, StepRecord, TokenDelta, WorkerStats
+from kv_transfer import KVReceiver, KVSender, Transfer, TransferState
+from proto.serving import Detached, GenerateRequest, KVHandle, StepRecord, TokenDelta, WorkerStats
 
 # How one rank's part of a transfer ended, once its blocks are safe: (state, error).
 Settled = tuple[TransferState, str | None]
+DETACHED_TIMEOUT_S = 120.0  # a detached request neither sent, reattached nor aborted by then is aborted
 
 
 class TransferFailed(RuntimeError):
@@ -136,6 +150,16 @@ class _Decode:
         return None
 
 
+@dataclass
+class _Outgoing:
+    """A request detached here to migrate (rank 0): its blocks stay until the copy is confirmed."""
+
+    detached: Detached
+    copying: bool = False  # a copy started and still reads the blocks
+    transfer: Transfer | None = None  # that copy, once started
+    aborted: bool = False  # free the blocks as soon as no copy reads them
+
+
 class DecodeWorker:
     def __init__(
         self,
@@ -156,6 +180,10 @@ class DecodeWorker:
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
         self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
+        self.kv_backend = kv_backend
+        self._kv_secret = kv_secret
+        self._sender: KVSender | None = None  # for migrations out, made on first use
+        self._outgoing: dict[str, _Outgoing] = {}  # requests detached to migrate
         self.receiver = KVReceiver(
             kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret, host=host
         )
@@ -190,7 +218,7 @@ class DecodeWorker:
                 raise ValueError(f"request id {request_id!r} is already in use")
             self._requests[request_id] = record
         try:
-            granted = self.loop.reserve(request_id, list(request.prompt_token_ids), request.params)
+            granted = self.loop.reserve(request_id, list(request.prompt_token_ids), request.params, request.resume)
         except BaseException:
             self._forget(request_id, record)
             raise
@@ -408,6 +436,20 @@ class DecodeWorker:
 
     def abort(self, request_id: str) -> None:
         with self._lock:
+            outgoing = self._outgoing.get(request_id)
+            if outgoing is not None:
+                outgoing.aborted = True
+                free_now, copy = not outgoing.copying, outgoing.transfer
+                if free_now:
+                    del self._outgoing[request_id]
+        if outgoing is not None:
+            self.loop.abort(request_id)  # its blocks are held: freed below, or once the copy lets go
+            if free_now:
+                self.loop.release_soon(request_id)
+            elif copy is not None:  # else migrate_out() cancels it once started
+                copy.cancel("request aborted")
+            return
+        with self._lock:
             record = self._requests.get(request_id)
             registered = record is not None and record.state is DecodeState.RECEIVING
             if record is not None:
@@ -421,11 +463,105 @@ class DecodeWorker:
         # else: waiting (the loop fails its grant, or register() drops it), running (the
         # engine freed its blocks), finished, or unknown
 
+    # ---- live migration out (the source side) ----------------------------------------------
+
+    def detach(self, request_id: str) -> Future[Detached]:
+        """Take a decoding request out of the batch at the next turn, its blocks kept, to
+        migrate it; its stream ends with an "abort" delta after its last token. The future
+        fails with ValueError when it is not decoding here (it goes on untouched)."""
+        if self.tp_size > 1:
+            raise ValueError("migrating out of a tensor-parallel decode worker is not supported")
+        future = self.loop.detach(request_id)
+
+        def on_detached(f: Future[Detached]) -> None:  # under the loop's lock: no calls back into it
+            if f.cancelled() or f.exception() is not None:
+                return
+            with self._lock:
+                self._outgoing[request_id] = _Outgoing(f.result())
+            timer = threading.Timer(DETACHED_TIMEOUT_S, self._expire_detached, (request_id, f.result()))
+            timer.daemon = True
+            timer.start()
+
+        future.add_done_callback(on_detached)
+        return future
+
+    def _expire_detached(self, request_id: str, detached: Detached) -> None:
+        with self._lock:
+            outgoing = self._outgoing.get(request_id)
+            stale = outgoing is not None and outgoing.detached is detached and not outgoing.copying
+        if stale:
+            self.abort(request_id)
+
+    def migrate_out(self, request_id: str, handle: KVHandle) -> Transfer:
+        """Copy a detached request's KV into the blocks `handle`'s worker reserved for it (its
+        request id there is handle.request_id); returns the copy's Transfer. The blocks are
+        freed here once it is DONE; after a failure the request stays detached (reattach()
+        or abort())."""
+        with self._lock:
+            outgoing = self._outgoing.get(request_id)
+            if outgoing is None or outgoing.aborted:
+                raise TransferFailed(f"{request_id} is not detached here")
+            if outgoing.copying:
+                raise TransferFailed(f"{request_id} is being copied already")
+            outgoing.copying = True  # from now on only the copy's release frees the blocks
+            if self._sender is None:
+                layout = self.engine.kv_cache.layout
+                self._sender = KVSender(self.kv_backend, self.engine.kv_cache.tensor, layout, secret=self._kv_secret)
+            sender = self._sender
+        started: list[Transfer] = []  # empty if it fails inside start(): never DONE then
+
+        def on_release() -> None:
+            self._copy_released(request_id, outgoing, started[0].state if started else TransferState.FAILED)
+
+        try:
+            started.append(
+                transfer := sender.start(
+                    handle.request_id,
+                    outgoing.detached.block_ids,
+                    handle.endpoints,
+                    self.transfer_timeout_s,
+                    on_release,
+                )
+            )
+        except BaseException:  # it never started: nothing reads the blocks
+            self._copy_released(request_id, outgoing, TransferState.FAILED)
+            raise
+        with self._lock:
+            outgoing.transfer = transfer
+            aborted = outgoing.aborted
+        if aborted:
+            transfer.cancel("request aborted")
+        for layer in range(self.engine.kv_cache.layout.num_layers):  # the KV is all in place
+            sender.push_layer(handle.request_id, layer)
+        return transfer
+
+    def _copy_released(self, request_id: str, outgoing: _Outgoing, state: TransferState) -> None:
+        """The copy no longer reads the blocks (a KV transfer thread). Freed if it landed (the
+        request lives on elsewhere) or was aborted; else the request stays detached here."""
+        with self._lock:
+            outgoing.copying, outgoing.transfer = False, None
+            free = state is TransferState.DONE or outgoing.aborted
+            if free and self._outgoing.get(request_id) is outgoing:
+                del self._outgoing[request_id]
+        if free:
+            self.loop.release_soon(request_id)  # a live detached request is aborted, then freed
+
+    def reattach(self, request_id: str, on_delta: Callable[[TokenDelta], None]) -> None:
+        """A detached request whose migration failed goes on here where it stopped
+        (ValueError when it is not detached, or its copy is still running)."""
+        with self._lock:
+            outgoing = self._outgoing.get(request_id)
+            if outgoing is None or outgoing.aborted or outgoing.copying:
+                raise ValueError(f"{request_id} is not detached here, or its copy is still running")
+            del self._outgoing[request_id]
+        self.loop.reattach(request_id, on_delta)
+
     def stats(self) -> WorkerStats:
         """Raises Unavailable once the engine broke: the router then stops picking this worker."""
         self.loop.check_running()
         with self._lock:
             num_transfers = sum(r.state is DecodeState.RECEIVING for r in self._requests.values())
+            num_transfers += sum(o.copying for o in self._outgoing.values())
         return self.loop.stats(num_transfers)
 
     def take_steps(self) -> list[StepRecord]:
@@ -436,6 +572,8 @@ class DecodeWorker:
         self.loop.close()
         self.engine.close()  # with tensor parallelism: stops the followers
         self.receiver.close()
+        if self._sender is not None:
+            self._sender.close()
 
 
 class DecodeFollower:

@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from proto.errors import Overloaded, Unavailable, WorkerLost
-from proto.serving import GenerateRequest, KVHandle, PrefillResult, StepRecord, TokenDelta, WorkerStats
+from proto.serving import Detached, GenerateRequest, KVHandle, PrefillResult, StepRecord, TokenDelta, WorkerStats
 
 _PASSED_THROUGH = (ValueError, Overloaded, Unavailable)
 
@@ -83,6 +83,15 @@ class RayDecodeClient:
 
     def generate(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         return self._stream(request.request_id, lambda: self.actor.start_generate.remote(request))
+
+    async def detach(self, request_id: str) -> Detached:
+        return await _call(self.actor.detach.remote(request_id), self.name)
+
+    async def migrate_out(self, request_id: str, handle: KVHandle) -> None:
+        await _call(self.actor.migrate_out.remote(request_id, handle), self.name)
+
+    def reattach(self, request_id: str) -> AsyncGenerator[TokenDelta, None]:
+        return self._stream(request_id, lambda: self.actor.start_reattach.remote(request_id))
 
     async def _stream(self, request_id: str, start) -> AsyncGenerator[TokenDelta, None]:
         queue: asyncio.Queue[TokenDelta | Exception] = asyncio.Queue()

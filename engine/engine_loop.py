@@ -15,6 +15,11 @@ A worker with tensor-parallel ranks talks to them at the loop's turns (engine/pa
 its Turns say what each turn carries to them and asks of them, and when a turn is needed
 although there is nothing to run (something to register on every rank, a part to settle).
 
+Live migration (decode side): detach() takes a decoding request out of the batch at the
+loop's next turn, after every delta of the turns before it was handed on, so its caller's
+stream ends (an "abort" delta) exactly after the last token it got; its blocks stay until
+the worker releases them (the KV copied elsewhere) or reattach() lets it go on here.
+
 A step that raises cannot be blamed on one request (those that can fail alone, in sampling
 or post-processing, are failed by the engine itself): the loop then stops for good, every
 request ends with a retryable error, and `healthy` turns False at once.
@@ -29,16 +34,15 @@ from collections import OrderedDict, deque
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.sampling_params import SamplingParams
 from engine.scheduler import SchedulerOutput
-from engine.sequence import Sequence
 from proto.errors import Overloaded, RequestAborted, Unavailable
-from proto.serving import FinishReason, Resume, StepRecord, TokenDelta, WorkerStats, final_delta
+from proto.serving import DETACHED, Detached, FinishReason, Resume, StepRecord, TokenDelta, WorkerStats, final_delta
 
 if TYPE_CHECKING:  # the loop only drives an engine: importing it would load torch
-    from engine.llm_engine import LLMEngine, RequestOutput
+    from engine.llm_engine import EngineRequest, LLMEngine, RequestOutput
 
 __all__ = [
     "REPORT_POLL_S",
@@ -147,7 +151,8 @@ class EngineLoop:
         self._work = threading.Condition(self._lock)
         self._callbacks: dict[str, Callable[[TokenDelta], None]] = {}
         # Decode side: reservations waiting for a batch slot and blocks, oldest first.
-        self._reservations: OrderedDict[str, tuple[Sequence, Future[list[int]]]] = OrderedDict()
+        self._reservations: OrderedDict[str, tuple[EngineRequest, Future[list[int]]]] = OrderedDict()
+        self._detaching: dict[str, Future[Detached]] = {}  # detach() calls for the next turn
         self._tombstones: OrderedDict[str, None] = OrderedDict()  # aborted before they arrived
         self._releases: list[str] = []  # appended by KV transfer threads, drained by the loop
         self._releases_lock = threading.Lock()
@@ -199,8 +204,11 @@ class EngineLoop:
             self._callbacks[request_id] = on_delta
             self._work.notify()
 
-    def reserve(self, request_id: str, prompt: list[int], params: SamplingParams) -> Future[list[int]]:
-        """Decode side: blocks for a prompt prefilled elsewhere (see LLMEngine.reserve).
+    def reserve(
+        self, request_id: str, prompt: list[int], params: SamplingParams, resume: Resume | None = None
+    ) -> Future[list[int]]:
+        """Decode side: blocks for a prompt prefilled elsewhere, or for a request migrated from
+        another decode worker (resume; see LLMEngine.reserve).
 
         Bad input raises ValueError and a full queue Overloaded, here. Otherwise the request
         waits, first in first out, until the batch and the cache have room; the future then
@@ -212,7 +220,7 @@ class EngineLoop:
             self._check_admissible(request_id)
             if request_id in self._reservations:
                 raise ValueError(f"request id {request_id!r} is already in use")
-            self._reservations[request_id] = (self.engine.new_reservation(request_id, prompt, params), future)
+            self._reservations[request_id] = (self.engine.new_reservation(request_id, prompt, params, resume), future)
             self._grant_reservations()
         return future
 
@@ -231,16 +239,62 @@ class EngineLoop:
                 future.set_exception(exc)
 
     def admit(self, request_id: str, first_token_id: int, on_delta: Callable[[TokenDelta], None]) -> None:
-        """Decode side: the KV arrived; stream from the first token on."""
+        """Decode side: the KV arrived; stream from the first token (a migrated request's
+        caller has it already: its stream goes on with the next one)."""
         with self._lock:
             self.check_running()
             out = self.engine.admit(request_id, first_token_id)
-            if not out.finished:
+            if out is None or not out.finished:
                 self._callbacks[request_id] = on_delta
             else:  # done at its first token (max_tokens 1, a stop token): its slot is free now
                 self._grant_reservations()
             self._work.notify()
-        on_delta(to_delta(out))
+        if out is not None:
+            on_delta(to_delta(out))
+
+    def detach(self, request_id: str) -> Future[Detached]:
+        """Take a decoding request out of the batch at the next turn, its blocks kept (live
+        migration). Its callback's last delta is then an "abort", after every token it was
+        given. The future gets the Detached, or ValueError when the request is not decoding
+        here (waiting, prefilling, finished: it goes on untouched)."""
+        future: Future[Detached] = Future()
+        with self._lock:
+            self.check_running()
+            if request_id in self._detaching:
+                raise ValueError(f"{request_id} is being detached already")
+            self._detaching[request_id] = future
+            self._work.notify()
+        return future
+
+    def reattach(self, request_id: str, on_delta: Callable[[TokenDelta], None]) -> None:
+        """A detached request goes on here where it stopped, streaming to on_delta
+        (ValueError when it is not detached)."""
+        with self._lock:
+            self.check_running()
+            if request_id not in self.engine.scheduler.detached:
+                raise ValueError(f"{request_id} is not detached here")
+            self.engine.reattach(request_id)
+            self._callbacks[request_id] = on_delta
+            self._work.notify()
+
+    def _take_detaching(self) -> list[tuple[Callable[[TokenDelta], None], TokenDelta]]:
+        """Under the lock, at a turn: detach what was asked; returns the final deltas to hand on."""
+        detaching, self._detaching = self._detaching, {}
+        deliveries = []
+        for request_id, future in detaching.items():
+            if not future.set_running_or_notify_cancel():
+                continue  # its caller gave up: it goes on here
+            try:
+                seq = self.engine.detach(request_id)
+            except ValueError as exc:
+                future.set_exception(exc)
+                continue
+            num_blocks = self.engine.block_manager.blocks_for(seq.num_computed_tokens)
+            future.set_result(Detached(request_id, len(seq), tuple(seq.block_ids[:num_blocks])))
+            callback = self._callbacks.pop(request_id, None)
+            if callback is not None:
+                deliveries.append((callback, final_delta(request_id, FinishReason.ABORT, DETACHED)))
+        return deliveries
 
     def abort(self, request_id: str) -> None:
         """Drop a request and free its blocks (held ones wait for release_soon); its
@@ -336,6 +390,7 @@ class EngineLoop:
                     if self._stopping:
                         break
                     self._drain_releases()
+                    detached = self._take_detaching()
                     started = time.perf_counter()
                     out = self.engine.schedule()
                     shape = out.shape()
@@ -347,6 +402,8 @@ class EngineLoop:
                         if o.finished:
                             self._callbacks.pop(o.request_id, None)
                     self._grant_reservations()  # finished requests gave their blocks back
+                for on_delta, delta in detached:
+                    on_delta(delta)
                 for callback, output in deliveries:
                     if callback is not None:
                         callback(to_delta(output))
@@ -358,7 +415,7 @@ class EngineLoop:
 
     def _idle_timeout(self) -> float | None:
         """Under the lock: None if a turn is due now, else how long to wait for work."""
-        if self._stopping or self.engine.has_unfinished() or self._releases:
+        if self._stopping or self.engine.has_unfinished() or self._releases or self._detaching:
             return None
         wait = self.turns.idle_wait() if self.turns is not None else None
         if wait is None:
@@ -373,15 +430,18 @@ class EngineLoop:
             self._stopping = True
             callbacks, self._callbacks = self._callbacks, {}
             reservations, self._reservations = self._reservations, OrderedDict()
+            detaching, self._detaching = self._detaching, {}
             for request_id in callbacks:
                 self.engine.abort(request_id)
-        for _seq, future in reservations.values():
+        for _req, reserved in reservations.values():
+            _fail(reserved, Unavailable(f"engine loop is not running: {reason}"))
+        for future in detaching.values():
             _fail(future, Unavailable(f"engine loop is not running: {reason}"))
         for request_id, callback in callbacks.items():
             callback(final_delta(request_id, FinishReason.ERROR, str(reason)))
 
 
-def _fail(future: Future[list[int]], error: BaseException) -> None:
-    """Fail a reservation's future unless its waiter cancelled it already."""
+def _fail(future: Future[Any], error: BaseException) -> None:
+    """Fail a reservation's (or a detach's) future unless its waiter cancelled it already."""
     if future.set_running_or_notify_cancel():
         future.set_exception(error)

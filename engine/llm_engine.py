@@ -51,11 +51,17 @@ class RequestOutput:
 
 
 @dataclass
-class _Request:
+class EngineRequest:
     seq: Sequence
     detokenizer: Detokenizer | None
     first_token_s: float | None = None
     error: str | None = None  # set when the request failed on its own (see run())
+
+
+def num_kv_tokens(seq: Sequence) -> int:
+    """The tokens whose KV a reserved request receives: its prompt, or for one migrated here
+    every token but its newest (computed by its first step here)."""
+    return len(seq) - 1 if seq.num_output_tokens else len(seq)
 
 
 def resolve_device(name: str) -> str:
@@ -155,7 +161,7 @@ class LLMEngine:
         else:
             self.runner = TPModelRunner(self.model, self.kv_cache, self.tp_group)
         self.sampler = Sampler()
-        self.requests: dict[str, _Request] = {}
+        self.requests: dict[str, EngineRequest] = {}
 
     def _default_num_blocks(self, layout: KVLayout) -> int:
         block_bytes = layout.bytes_per_token * layout.block_size
@@ -192,14 +198,14 @@ class LLMEngine:
         seq = self._new_sequence(request_id, prompt, params, hold_blocks)
         detokenizer = self._detokenizer(seq)
         if resume is not None:
+            if hold_blocks:
+                raise ValueError("resume: a resumed request is prefilled where it decodes, not sent elsewhere")
             self._resume(seq, detokenizer, resume)
         self.scheduler.add(seq)
-        self.requests[seq.request_id] = _Request(seq, detokenizer)
+        self.requests[seq.request_id] = EngineRequest(seq, detokenizer)
 
     def _resume(self, seq: Sequence, detokenizer: Detokenizer | None, resume: Resume) -> None:
         """ValueError (naming the field) when `resume` cannot continue this request."""
-        if seq.hold_blocks:
-            raise ValueError("resume: a resumed request is prefilled where it decodes, not sent elsewhere")
         if len(resume.token_ids) >= seq.params.max_tokens:
             raise ValueError(
                 f"resume.token_ids holds {len(resume.token_ids)} tokens, max_tokens is {seq.params.max_tokens}: "
@@ -211,44 +217,78 @@ class LLMEngine:
             raise ValueError(f"resume.token_ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         for token_id in resume.token_ids:
             seq.append_token(token_id)
-            if self.scheduler.stop_reason(seq, token_id) is not None:
-                raise ValueError(f"resume.token_ids: token {token_id} had ended the request")
+            if self.scheduler.stop_reason(seq, token_id) is None:
+                continue
+            max_model_len = self.scheduler.config.max_model_len
+            if len(seq) >= max_model_len:
+                raise ValueError(
+                    f"resume.token_ids: the prompt and {len(resume.token_ids)} tokens fill the context window "
+                    f"(max_model_len={max_model_len})"
+                )
+            raise ValueError(f"resume.token_ids: token {token_id} had ended the request")
         if detokenizer is not None:
             detokenizer.resume(resume.token_ids, resume.text)
 
-    def reserve(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> list[int]:
+    def reserve(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, resume: Resume | None = None
+    ) -> list[int]:
         """Decode side: allocate blocks for a prompt whose KV another worker computes.
 
         Returns the block ids to receive into; RuntimeError when the batch or the cache has
         no room now. The request waits until admit(); if it is aborted first, its blocks are
-        held until release() (the KV may still be arriving).
+        held until release() (the KV may still be arriving). resume: a request migrated from
+        another decode worker, with the tokens it generated there; the KV to receive is then
+        that of the prompt and every generated token but the newest (num_kv_tokens()).
         """
-        return self.reserve_blocks(self.new_reservation(request_id, prompt, params))
+        return self.reserve_blocks(self.new_reservation(request_id, prompt, params, resume))
 
-    def new_reservation(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> Sequence:
+    def new_reservation(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams, resume: Resume | None = None
+    ) -> EngineRequest:
         """First half of reserve(): the validated request (ValueError when it is bad), not
         tracked yet; reserve_blocks() gives it blocks once can_reserve() says there is room."""
         seq = self._new_sequence(request_id, prompt, params, hold_blocks=True)
+        detokenizer = self._detokenizer(seq)
+        if resume is not None:
+            if not resume.token_ids:
+                raise ValueError("resume.token_ids: a migrated request has generated at least one token")
+            self._resume(seq, detokenizer, resume)
         self.scheduler.check_fits(seq)
-        return seq
+        return EngineRequest(seq, detokenizer)
 
-    def can_reserve(self, seq: Sequence) -> bool:
-        return self.scheduler.can_reserve(seq)
+    def can_reserve(self, req: EngineRequest) -> bool:
+        return self.scheduler.can_reserve(req.seq)
 
-    def reserve_blocks(self, seq: Sequence) -> list[int]:
-        """Second half of reserve(): the block ids (RuntimeError when there is no room)."""
+    def reserve_blocks(self, req: EngineRequest) -> list[int]:
+        """Second half of reserve(): the ids of the blocks the KV goes to, in order (fewer than
+        the request holds when the newest token of a migrated one starts a block);
+        RuntimeError when there is no room."""
+        seq = req.seq
         if seq.request_id in self.requests:
             raise ValueError(f"request id {seq.request_id!r} is already in use")
         block_ids = self.scheduler.reserve(seq)
-        self._track(seq)
-        return block_ids
+        self.requests[seq.request_id] = req
+        return block_ids[: self.block_manager.blocks_for(num_kv_tokens(seq))]
 
-    def admit(self, request_id: str, first_token_id: int) -> RequestOutput:
-        """Decode side: the reserved request's KV has arrived; decode from its first token."""
+    def admit(self, request_id: str, first_token_id: int) -> RequestOutput | None:
+        """Decode side: the reserved request's KV has arrived; decode from its first token.
+        A migrated request streamed that token already: nothing to output (None)."""
         req = self.requests[request_id]
+        migrated = req.seq.num_output_tokens > 0  # its newest token is computed next, streamed already
         self.scheduler.admit(request_id, first_token_id)
-        output = self._sampled(req, first_token_id, time.monotonic())
-        return output
+        return None if migrated else self._sampled(req, first_token_id, time.monotonic())
+
+    def detach(self, request_id: str) -> Sequence:
+        """Take a decoding request out of the batch, its blocks kept, to migrate it
+        (Scheduler.detach; ValueError when it is not decoding here). abort() then leaves its
+        blocks held until release(): a KV transfer may read them."""
+        if request_id not in self.requests:
+            raise ValueError(f"{request_id} cannot be detached: it is not running here")
+        return self.scheduler.detach(request_id)
+
+    def reattach(self, request_id: str) -> None:
+        """A detached request goes on here, where it stopped (KeyError if not detached)."""
+        self.scheduler.reattach(request_id)
 
     def release(self, request_id: str) -> None:
         """A KV transfer let go of a hold_blocks request's blocks: free them.
@@ -283,9 +323,6 @@ class LLMEngine:
 
     def _detokenizer(self, seq: Sequence) -> Detokenizer | None:
         return Detokenizer(self.tokenizer, seq.params.stop) if self.tokenizer is not None else None
-
-    def _track(self, seq: Sequence) -> None:
-        self.requests[seq.request_id] = _Request(seq, self._detokenizer(seq))
 
     def abort(self, request_id: str) -> None:
         """Drop a request wherever it is; its blocks are freed at once. Unknown ids are ignored."""
@@ -365,7 +402,7 @@ class LLMEngine:
             if item.seq.request_id in sampled
         ]
 
-    def _sampled(self, req: _Request, token_id: int, now: float) -> RequestOutput:
+    def _sampled(self, req: EngineRequest, token_id: int, now: float) -> RequestOutput:
         """Post-process one request's new token: text, stop strings, output, clean-up."""
         seq = req.seq
         req.first_token_s = req.first_token_s or now
@@ -379,7 +416,7 @@ class LLMEngine:
             self._forget(seq.request_id)
         return output
 
-    def _failed(self, req: _Request, error: str, now: float) -> RequestOutput:
+    def _failed(self, req: EngineRequest, error: str, now: float) -> RequestOutput:
         """End one request with an error that is its own; the others in its batch go on."""
         req.error = error
         self.scheduler.finish(req.seq, FinishReason.ERROR)  # no-op when it had just finished otherwise
@@ -390,7 +427,7 @@ class LLMEngine:
     def _forget(self, request_id: str) -> None:
         del self.requests[request_id]
 
-    def _output(self, req: _Request, new_token_ids: list[int], now: float) -> RequestOutput:
+    def _output(self, req: EngineRequest, new_token_ids: list[int], now: float) -> RequestOutput:
         seq = req.seq
         metrics: dict[str, float | None] = {"arrival_s": seq.arrival_s, "first_token_s": req.first_token_s}
         if seq.is_finished:

@@ -18,6 +18,12 @@ the KV arrives), then admit()s it with the first token: it joins the running bat
 it had prefilled here. Reserved sequences count against max_num_seqs, so admission
 never has to wait for room.
 
+Live migration adds a third: a decoding sequence can be detach()ed (it leaves the batch
+but keeps its blocks, in `detached`, while its KV is copied to another worker), then either
+reattach()ed where it was (the copy failed) or finished (the copy landed). A reservation
+may also carry tokens generated elsewhere (a migrated request): it is admitted with its
+newest token already in place, to be computed by its first step here.
+
 Each step has a budget of max_num_batched_tokens. Running sequences come first, in
 arrival order (decodes take one token, unfinished prefills take a chunk of what is left);
 waiting ones are admitted with what budget and batch slots remain. When a running
@@ -123,6 +129,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.reserved: dict[str, Sequence] = {}  # decode side: KV arriving from a prefill worker
         self.held: dict[str, Sequence] = {}  # prefill side: finished, KV still being sent
+        self.detached: dict[str, Sequence] = {}  # out of the batch, blocks kept: being migrated
         self.num_preemptions_total = 0  # since start: a measure of KV memory pressure
 
     def check_fits(self, seq: Sequence) -> None:
@@ -167,17 +174,47 @@ class Scheduler:
         )
 
     def admit(self, request_id: str, first_token_id: int) -> Sequence:
-        """Start decoding a reserved sequence whose KV has arrived, after its first token."""
-        seq = self.reserved.pop(request_id)
+        """Start decoding a reserved sequence whose KV has arrived, after its first token.
+
+        A migrated sequence (outputs already in its tokens) has its newest token in place
+        (first_token_id must be it) and KV for the ones before: its first step computes it."""
+        seq = self.reserved[request_id]
+        migrated = seq.num_output_tokens > 0
+        if migrated and seq.token_ids[-1] != first_token_id:
+            raise ValueError(
+                f"{request_id}: first_token_id {first_token_id} is not its newest token {seq.token_ids[-1]}"
+            )
+        del self.reserved[request_id]
         seq.hold_blocks = False  # the KV is in place; the blocks are the request's now
-        seq.num_computed_tokens = len(seq)
+        seq.num_computed_tokens = len(seq) - 1 if migrated else len(seq)
         self.block_manager.register_computed(seq)
         seq.status = SequenceStatus.RUNNING
         self.running.append(seq)
-        seq.append_token(first_token_id)
-        reason = self.stop_reason(seq, first_token_id)
-        if reason is not None:
-            self.finish(seq, reason)
+        if not migrated:
+            seq.append_token(first_token_id)
+            reason = self.stop_reason(seq, first_token_id)
+            if reason is not None:
+                self.finish(seq, reason)
+        return seq
+
+    def detach(self, request_id: str) -> Sequence:
+        """Take a decoding sequence out of the batch, keeping its blocks (hold_blocks: an abort
+        now leaves them in `held` until release()), so that its KV can be copied elsewhere.
+        ValueError unless it is running and decoding (all but its newest token computed)."""
+        seq = next((s for s in self.running if s.request_id == request_id), None)
+        if seq is None or seq.num_output_tokens == 0 or seq.num_computed_tokens != len(seq) - 1:
+            where = "not running here" if seq is None else "not decoding yet"
+            raise ValueError(f"{request_id} cannot be detached: it is {where}")
+        self.running.remove(seq)
+        seq.hold_blocks = True
+        self.detached[request_id] = seq
+        return seq
+
+    def reattach(self, request_id: str) -> Sequence:
+        """Put a detached sequence back into the batch, as it was (KeyError if not detached)."""
+        seq = self.detached.pop(request_id)
+        seq.hold_blocks = False
+        self.running.append(seq)
         return seq
 
     def release(self, request_id: str) -> None:
@@ -276,6 +313,8 @@ class Scheduler:
             return
         if seq.request_id in self.reserved:
             del self.reserved[seq.request_id]
+        elif seq.request_id in self.detached:
+            del self.detached[seq.request_id]
         elif seq.status is SequenceStatus.RUNNING:
             self.running.remove(seq)
         else:

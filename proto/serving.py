@@ -142,6 +142,19 @@ class KVHandle:
     endpoints: tuple[str, ...]  # the KV receivers of every rank of the decode worker
 
 
+DETACHED = "detached to migrate"  # the error of the "abort" delta that ends a detached request's stream
+
+
+@dataclass(frozen=True)
+class Detached:
+    """A decoding request taken out of its worker's batch to migrate it, its blocks kept there
+    (DecodeClient.detach)."""
+
+    request_id: str
+    num_tokens: int  # prompt and generated tokens, the newest included (its KV is not computed yet)
+    block_ids: tuple[int, ...]  # the blocks holding the KV of all tokens but the newest, in order
+
+
 @dataclass(frozen=True)
 class PrefillResult:
     """What a prefill worker returns once the prompt is computed."""

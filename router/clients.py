@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
-from proto.serving import GenerateRequest, KVHandle, PrefillResult, StepRecord, TokenDelta, WorkerStats
+from proto.serving import Detached, GenerateRequest, KVHandle, PrefillResult, StepRecord, TokenDelta, WorkerStats
 
 
 class PrefillClient(Protocol):
@@ -56,7 +56,20 @@ class DecodeClient(Protocol):
         early aborts it."""
 
     async def abort(self, request_id: str) -> None:
-        """As PrefillClient.abort."""
+        """As PrefillClient.abort (a detached request's blocks too)."""
+
+    async def detach(self, request_id: str) -> Detached:
+        """Live migration, source side: take a decoding request out of the batch, its blocks
+        kept; its stream ends (an "abort" delta) after the last token it got. ValueError when
+        it is not decoding there (it goes on untouched)."""
+
+    async def migrate_out(self, request_id: str, handle: KVHandle) -> None:
+        """Copy a detached request's KV to the decode worker that reserved `handle` for it;
+        returns once the copy is confirmed there, and frees it here. On failure
+        (RuntimeError) the request stays detached: reattach() or abort()."""
+
+    def reattach(self, request_id: str) -> AsyncGenerator[TokenDelta, None]:
+        """A detached request goes on where it stopped, streaming from its next token."""
 
     async def stats(self) -> WorkerStats:
         """Its gauges; raises Unavailable once its engine broke."""

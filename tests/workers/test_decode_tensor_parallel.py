@@ -209,3 +209,42 @@ def test_registrations_while_decoding_and_idle_turns(tp_decode, tiny_llama_dir):
         time.sleep(0.05)
     assert done[0].finish_reason == "length"
     assert all_settled(decode, rank1)
+
+
+def test_a_request_migrates_from_a_tp1_decode_worker_into_the_tp2_one(tp_decode, tiny_llama_dir):
+    """Live migration between different TP sizes: a request decoding on a TP=1 worker is
+    detached, the TP=2 worker reserves blocks for it (prompt and tokens so far), the TP=1
+    worker's own sender pushes its KV (each TP=2 rank receives its heads), and it goes on there
+    from its newest token, token-exact. Migrating out of the TP=2 worker is refused by name."""
+    from proto.serving import Resume
+
+    _, decode, rank1 = tp_decode
+    source = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=DEADLINE_S, kv_secret=TEST_SECRET)
+    try:
+        prompt = list(range(8, 45))
+        params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+        tokens, text, eight = [], [], threading.Event()
+
+        def on_delta(d):
+            tokens.extend(d.token_ids)
+            text.append(d.text)
+            if len(tokens) >= 8:
+                eight.set()
+
+        source.generate(GenerateRequest("mig", prompt, params), on_delta)
+        assert eight.wait(30)
+        detached = source.detach("mig").result(30)
+        assert detached.num_tokens == len(prompt) + len(tokens)  # the stream ended after its last token
+        moved = GenerateRequest("mig#1", prompt, params, resume=Resume(tuple(tokens), "".join(text)))
+        handle = decode.reserve(moved)
+        assert source.migrate_out("mig", handle).wait(30).value == "done"
+        assert decode.wait_kv("mig#1", 10)
+        rest, finished = [], threading.Event()
+        decode.admit("mig#1", tokens[-1], lambda d: (rest.extend(d.token_ids), d.finished and finished.set()))
+        assert finished.wait(30)
+        assert tokens + rest == hf_greedy(tiny_llama_dir, prompt, 30, True)
+        assert all_blocks_free(source) and all_settled(decode, rank1)
+        with pytest.raises(ValueError, match="migrating out of a tensor-parallel decode worker is not supported"):
+            decode.detach("anything")
+    finally:
+        source.close()
