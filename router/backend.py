@@ -66,9 +66,27 @@ class Backend(Protocol):
     def undrain(self, role: str, index: int) -> None:
         """Route to a drained worker again."""
 
+    async def migrate(self, request_id: str, to: int | None = None) -> Migration:
+        """Move a decoding request to decode worker `to` (or the roomiest) with its KV; returns
+        once it streams there. ValueError naming what is wrong (not in flight, not decoding,
+        no such worker), Unavailable when no other decode worker is up, RuntimeError when it
+        failed on the way (the request goes on where it was)."""
+
     async def take_steps(self) -> list[WorkerSteps]:
         """Each worker's engine steps since the last call (what each computed, how long it
         took as served); a worker that does not answer is left out."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """A request live-migrated between decode workers (DisaggregatedBackend.migrate)."""
+
+    request_id: str
+    source: int  # decode worker indices
+    destination: int
+    num_tokens: int  # prompt and generated tokens when it moved (the KV of all but the newest copied)
+    pause_s: float  # from the detach asked to the first token after it: what the stream paused
+    copy_s: float  # of which the KV copy, from its start to the destination's confirmation
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import contextlib
 import json
 import logging
 import time
-from dataclasses import astuple, fields
+from dataclasses import asdict, astuple, fields
 
 from aiohttp import web
 
@@ -109,6 +109,7 @@ class HTTPFrontend:
         app.router.add_post("/admin/drain", self.drain)
         app.router.add_post("/admin/undrain", self.undrain)
         app.router.add_post("/admin/steps", self.steps)
+        app.router.add_post("/admin/migrate", self.migrate)
         return app
 
     def _needs_key(self, path: str) -> bool:
@@ -171,6 +172,26 @@ class HTTPFrontend:
         except ValueError as exc:
             raise BadRequest(str(exc), "index") from None
         return web.json_response({"role": role, "index": index, "draining": False})
+
+    async def migrate(self, request: web.Request) -> web.Response:
+        """POST {"request_id": ID, "to": N?}: move a decoding request to decode worker N (or
+        the one with the most room) with its KV; answers once it streams there."""
+        self._check_admin()
+        body = parse_json(await request.read())
+        if not isinstance(body, dict):
+            raise BadRequest("the request body must be a JSON object")
+        request_id, to = body.get("request_id"), body.get("to")
+        if not isinstance(request_id, str) or not request_id:
+            raise BadRequest(f"request_id must be a request's id (a string), got {request_id!r}", "request_id")
+        if to is not None and (isinstance(to, bool) or not isinstance(to, int) or to < 0):
+            raise BadRequest(f"to must be a decode worker's index (an integer >= 0), got {to!r}", "to")
+        try:
+            moved = await self.backend.migrate(request_id, to)
+        except ValueError as exc:
+            raise BadRequest(str(exc), "to" if "decode worker" in str(exc) else "request_id") from None
+        except (Unavailable, RuntimeError) as exc:
+            raise HTTPError(503, "unavailable_error", f"{exc}; the request goes on where it was") from None
+        return web.json_response(asdict(moved))
 
     async def steps(self, request: web.Request) -> web.Response:
         """POST: take every worker's engine steps since the last call, for `tandem profile

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from engine import EngineConfig, LLMEngine
 from engine.engine_loop import EngineLoop, delta_stream
 from proto.serving import GenerateRequest, Role, TokenDelta
-from router.backend import WorkerStatus, WorkerSteps
+from router.backend import Migration, WorkerStatus, WorkerSteps
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -65,6 +65,9 @@ class LocalBackend:
 
     def undrain(self, role: str, index: int) -> None:
         raise ValueError("a colocated server has one engine and no workers to drain")
+
+    async def migrate(self, request_id: str, to: int | None = None) -> Migration:
+        raise ValueError("a colocated server has one engine and no decode worker to migrate to")
 
     async def take_steps(self) -> list[WorkerSteps]:
         return [WorkerSteps(Role.COLOCATED, 0, self._loop.take_steps())]

@@ -17,10 +17,23 @@
     workers prefill every prompt themselves (degraded); with no decode worker up, a request
     waits up to recovery_wait_s for one to come back (Ray restarts dead workers).
 
-    drain(role, index) takes a worker out of routing and moves every request off it the same
-    way (each run on a draining decode worker is stopped there and resumed on another, after
-    the tokens the caller has), then returns once nothing is left on it: for scale-down,
-    role changes and rolling restarts (deploy/cluster.py restart_worker). undrain() puts it back.
+    migrate(request_id) moves a decoding request to another decode worker with its KV (live
+    migration, Llumnix-style):
+      1. source.detach(run)                 -> it leaves the batch there, blocks kept; its
+                                               stream ends after the last token it got
+      2. dest.reserve(request + Resume)     -> blocks for the prompt and the tokens so far
+      3. source.migrate_out(run, handle)    -> the KV copied through the same transports as a
+                                               prefill's; the source frees it once confirmed
+      4. dest.admit(run', newest token)     -> the stream goes on from the next token
+    A migration that fails (the destination full or lost, the copy broken) aborts what the
+    destination holds and reattaches the request on its source, where it goes on as it was.
+
+    drain(role, index) takes a worker out of routing and moves every request off it: each
+    run decoding on a draining decode worker migrates (its KV copied); one that cannot (still
+    waiting or prefilling there, or its migration failed) is stopped there and resumed on
+    another decode worker after the tokens the caller has. It returns once nothing is left on
+    the worker: for scale-down, role changes and rolling restarts (deploy/cluster.py
+    restart_worker). undrain() puts it back.
 
 Workers are reached through typed clients (router/clients.py); this module knows nothing of
 what carries the calls.
@@ -33,17 +46,28 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from engine.tokenizer import load_tokenizer
 from proto.errors import Overloaded, Unavailable, WorkerLost
-from proto.serving import FinishReason, GenerateRequest, Resume, Role, TokenDelta, WorkerStats, final_delta
-from router.backend import DRAIN_TIMEOUT_S, STATS_INTERVAL_S, WorkerStatus, WorkerSteps
+from proto.serving import (
+    DETACHED,
+    Detached,
+    FinishReason,
+    GenerateRequest,
+    Resume,
+    Role,
+    TokenDelta,
+    WorkerStats,
+    final_delta,
+)
+from router.backend import DRAIN_TIMEOUT_S, STATS_INTERVAL_S, Migration, WorkerStatus, WorkerSteps
 from router.clients import DecodeClient, PrefillClient
-from router.policy import RoutingPolicy, WorkerView
+from router.policy import RoutingPolicy, Running, WorkerView, pick_shed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -53,7 +77,9 @@ WORKER_STATS_TIMEOUT_S = 2.0
 RECOVERIES = 3  # times a request is run again after losing a worker, at most
 RECOVERY_WAIT_S = 60.0  # how long a request waits for a decode worker to be up again
 RECOVERY_POLL_S = 0.5
+SHED_COOLDOWN_S = 1.0  # after a pressure migration starts, before the next may
 DRAIN_POLL_S = 0.05
+MIGRATIONS_KEPT = 1000
 # Sums the backend reports per role (over the workers that are up).
 SUMMED = (
     "num_waiting",
@@ -81,7 +107,13 @@ class DisaggregatedBackend:
         policy: str = "load",
         local_prefill_tokens: int = 32,
         recovery_wait_s: float = RECOVERY_WAIT_S,
+        migrate_on_drain: bool = True,
+        migrate_on_pressure: bool = True,
     ):
+        """migrate_on_drain: drain() moves decoding requests with their KV (live migration);
+        False resumes every one elsewhere instead, recomputing its KV there.
+        migrate_on_pressure: a decode worker short of KV blocks sheds running requests to one
+        with room (router/policy.py pick_shed) instead of preempting them."""
         if not decode:
             raise ValueError("at least one decode worker is needed")
         self.model_name = model_name
@@ -89,6 +121,10 @@ class DisaggregatedBackend:
         self.kv_bytes_per_token = kv_bytes_per_token
         self.local_prefill_tokens = local_prefill_tokens
         self.recovery_wait_s = recovery_wait_s
+        self.migrate_on_drain = migrate_on_drain
+        self.migrate_on_pressure = migrate_on_pressure
+        self._shedding: asyncio.Future[None] | None = None  # the pressure migration in flight
+        self._shed_after = 0.0  # time.monotonic() before which no other starts
         self._attempts: dict[str, str] = {}  # request id -> the id of its current run again
         self._runs: dict[str, _Run] = {}  # run id -> the workers it is on
         self._moving: set[str] = set()  # runs drain() stopped, to be resumed elsewhere
@@ -108,8 +144,14 @@ class DisaggregatedBackend:
             "degraded_prefills_total": 0,  # prefilled on a decode worker because no prefill worker was up
             "recoveries_total": 0,  # runs again after a lost worker
             "recovery_failures_total": 0,  # requests that ended with an error after every recovery
-            "moves_total": 0,  # runs moved off a draining worker (resumed on another)
+            "moves_total": 0,  # runs moved off a draining worker by resuming them on another
+            "migrations_total": 0,  # runs live-migrated to another decode worker with their KV
+            "migration_failures_total": 0,  # migrations that failed (the run went on where it was)
+            "migration_pause_seconds_total": 0.0,  # summed: detach to the first token after it
+            "pressure_migrations_total": 0,  # migrations started because a decode worker ran short of KV
         }
+        self._cancelled: set[str] = set()  # requests abort() ended: never run again
+        self.migrations: deque[Migration] = deque(maxlen=MIGRATIONS_KEPT)  # the latest that landed, oldest first
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase | None:
@@ -124,57 +166,82 @@ class DisaggregatedBackend:
                 yield delta
         finally:
             self._attempts.pop(request.request_id, None)
+            self._cancelled.discard(request.request_id)
 
     async def _recovering(self, request: GenerateRequest) -> AsyncGenerator[TokenDelta, None]:
         token_ids: list[int] = []  # what the caller has: the resume point if a run stops
         text: list[str] = []
         recoveries = 0
-        for again in itertools.count():
-            attempt = request
-            if again:
-                resume = Resume(tuple(token_ids), "".join(text)) if token_ids else None
-                attempt = replace(request, request_id=f"{request.request_id}#{again}", resume=resume)
+        how: _Migrate | _Reattach | None = None  # how the next run starts, if not from scratch
+        try:
+            for again in itertools.count():
+                attempt = request
+                if isinstance(how, _Reattach):  # the run the migration left: the same id there
+                    attempt = replace(request, request_id=how.run_id)
+                elif again:
+                    resume = Resume(tuple(token_ids), "".join(text)) if token_ids else None
+                    attempt = replace(request, request_id=f"{request.request_id}#{again}", resume=resume)
                 self._attempts[request.request_id] = attempt.request_id
-            try:
-                async with contextlib.aclosing(self._run(attempt, wait=again > 0)) as run:
-                    async for delta in run:
-                        token_ids.extend(delta.token_ids)
-                        text.append(delta.text)
-                        yield delta if not again else replace(delta, request_id=request.request_id)
-                return
-            except (ValueError, Overloaded, Unavailable) as exc:
-                if again == 0:
-                    raise  # nothing streamed yet: the frontends answer 400, 429 or 503
-                # A run again that no worker takes: the stream has started, so it ends here.
-                self.counters["recovery_failures_total"] += 1
-                why, retryable = f"lost its worker, and could not run again: {exc}", not isinstance(exc, ValueError)
-                yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=retryable)
-                return
-            except _Moved:
-                self.counters["moves_total"] += 1
-            except _Lost as lost:
-                # The workers' health is looked at now, not at the next interval.
-                self._stats_at = 0.0
-                if recoveries == RECOVERIES:
-                    self.counters["recovery_failures_total"] += 1
-                    why = f"{lost} (after {RECOVERIES} recoveries)"
-                    yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=True)
+                if again and request.request_id in self._cancelled:
+                    yield final_delta(request.request_id, FinishReason.ABORT)
                     return
-                recoveries += 1
-                self.counters["recoveries_total"] += 1
-                log.warning(
-                    "request %s lost its worker after %d tokens (%s): running it again",
-                    request.request_id,
-                    len(token_ids),
-                    lost,
-                )
+                try:
+                    async with contextlib.aclosing(self._run(attempt, wait=again > 0, how=how)) as run:
+                        how = None
+                        async for delta in run:
+                            token_ids.extend(delta.token_ids)
+                            text.append(delta.text)
+                            yield delta if not again else replace(delta, request_id=request.request_id)
+                    return
+                except (ValueError, Overloaded, Unavailable) as exc:
+                    if again == 0:
+                        raise  # nothing streamed yet: the frontends answer 400, 429 or 503
+                    # A run again that no worker takes: the stream has started, so it ends here.
+                    self.counters["recovery_failures_total"] += 1
+                    why = f"lost its worker, and could not run again: {exc}"
+                    retryable = not isinstance(exc, ValueError)
+                    yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=retryable)
+                    return
+                except _Moved:
+                    self.counters["moves_total"] += 1
+                except _Migrate as migrate:
+                    how = migrate
+                except _MigrationFailed as failed:
+                    how = _Reattach(failed.source.run_id, failed.source.src)
+                except _Lost as lost:
+                    # The workers' health is looked at now, not at the next interval.
+                    self._stats_at = 0.0
+                    if recoveries == RECOVERIES:
+                        self.counters["recovery_failures_total"] += 1
+                        why = f"{lost} (after {RECOVERIES} recoveries)"
+                        yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=True)
+                        return
+                    recoveries += 1
+                    self.counters["recoveries_total"] += 1
+                    log.warning(
+                        "request %s lost its worker after %d tokens (%s): running it again",
+                        request.request_id,
+                        len(token_ids),
+                        lost,
+                    )
+        finally:
+            if isinstance(how, _Migrate):  # it ended before the migration's run started
+                how.migration.fail("the request ended before it migrated")
+                await self.decode[how.src].abort(how.run_id)  # what the source still holds
 
-    async def _run(self, request: GenerateRequest, wait: bool) -> AsyncGenerator[TokenDelta, None]:
+    async def _run(
+        self, request: GenerateRequest, wait: bool, how: _Migrate | _Reattach | None = None
+    ) -> AsyncGenerator[TokenDelta, None]:
         """One run of a request on the workers; _Lost when a worker failed it (blocks freed).
-        wait: a recovery, which waits up to recovery_wait_s for a decode worker to be up."""
+        wait: a recovery, which waits up to recovery_wait_s for a decode worker to be up.
+        how: the run is a migration's (its KV copied from how.src; _MigrationFailed if that
+        fails), or goes on where a failed migration left it (_Reattach)."""
         request_id, token_ids = request.request_id, list(request.prompt_token_ids)
         hashes = self.policy.hashes(token_ids)
-        decode_view = await self._pick_decode(hashes, wait)
+        if how is None:
+            decode_view = await self._pick_decode(hashes, wait)
+        else:
+            decode_view = self.policy.decode[how.migration.dst if isinstance(how, _Migrate) else how.src]
         decode = self.decode[decode_view.index]
         run = self._runs[request_id] = _Run(decode_view.index)  # at once: drain() must see it
         prefill = None
@@ -182,10 +249,15 @@ class DisaggregatedBackend:
         transfer_start: float | None = None  # set while the first delta after a transfer is awaited
         streaming = False  # a delta came: a transfer, if any, is done
         finished = False  # the request ended on the workers: nothing left to abort
+        detached = False  # it left this worker to migrate: what it holds there stays
         try:
             uncached = len(token_ids) - decode_view.overlap_blocks(hashes) * self.policy.block_size
             prefill_up = any(v.serving for v in self.policy.prefill)
-            if request.resume is not None or not prefill_up or uncached <= self.local_prefill_tokens:
+            if isinstance(how, _Migrate):
+                stream = await self._migrated(request, run, how, decode)
+            elif isinstance(how, _Reattach):
+                stream = decode.reattach(request_id)
+            elif request.resume is not None or not prefill_up or uncached <= self.local_prefill_tokens:
                 self.counters["local_prefills_total"] += 1
                 if self.prefill and not prefill_up and request.resume is None:
                     self.counters["degraded_prefills_total"] += 1
@@ -204,18 +276,32 @@ class DisaggregatedBackend:
                 stream = decode.admit(request_id, result.first_token_id)
                 transfer_start = time.monotonic()
             decode_view.remember(hashes)
+            num_tokens = len(token_ids) + len(request.resume.token_ids if request.resume else ())
             async for delta in stream:
                 streaming = True
+                num_tokens += len(delta.token_ids)
+                run.num_tokens = num_tokens
                 if transfer_start is not None:
                     self._count_transfer(len(token_ids), time.monotonic() - transfer_start)
                     transfer_start = None
-                if delta.finish_reason is FinishReason.ABORT and request_id in self._moving:
-                    raise _Moved()  # drain() stopped it there
+                if isinstance(how, _Migrate) and not how.migration.done.done():
+                    self._migration_landed(request, how)
+                if delta.finish_reason is FinishReason.ABORT:
+                    migrating = run.migration is not None and delta.error == DETACHED
+                    if migrating or request_id in self._moving:
+                        if delta.token_ids or delta.text:  # the last tokens, joined with the stop
+                            yield replace(delta, finished=False, finish_reason=None, error=None)
+                        if migrating:  # migrate() took it out of the batch
+                            detached = True
+                            raise _Migrate(cast(_Migration, run.migration), run.decode, request_id)
+                        raise _Moved()  # drain() stopped it there
                 if delta.finish_reason is FinishReason.ERROR and delta.retryable:
                     raise _Lost(delta.error or "the worker failed the request")  # a broken engine
                 finished = delta.finished
                 yield delta
-        except (ValueError, Overloaded):
+        except (ValueError, Overloaded) as exc:
+            if isinstance(how, _Reattach) and not streaming:  # e.g. its source let it go meanwhile
+                raise _Lost(f"could not go on where it was: {exc}") from exc
             raise  # the caller's fault or admission control: the frontends map these
         except (Unavailable, RuntimeError) as exc:
             if request_id in self._moving:
@@ -228,13 +314,54 @@ class DisaggregatedBackend:
             raise _Lost(str(exc)) from exc
         finally:
             try:
-                if not finished:  # failed or cancelled anywhere: free what either worker holds
+                if not finished and not detached:  # failed or cancelled anywhere: free what either worker holds
                     await decode.abort(request_id)
                     if prefill is not None:
                         await prefill.abort(request_id)
+                if isinstance(how, _Migrate) and run.source is not None:  # ended while its KV was copied
+                    how.migration.fail("the request ended while its KV was copied")
+                    await self.decode[how.src].abort(how.run_id)
             finally:  # after the aborts (drain() returns once they are sent), whatever they raise
                 del self._runs[request_id]
                 self._moving.discard(request_id)
+
+    async def _migrated(
+        self, request: GenerateRequest, run: _Run, how: _Migrate, decode: DecodeClient
+    ) -> AsyncGenerator[TokenDelta, None]:
+        """A migration's steps 2-4 (see migrate()): the stream on the destination. On failure
+        the destination's part is undone and _MigrationFailed raised: the source still holds
+        the request, detached."""
+        run.source = how.src  # drain() waits for the source too while the copy runs
+        try:
+            detached = await how.migration.detached
+            assert request.resume is not None, "a migrated run resumes after the tokens streamed"
+            expected = len(request.prompt_token_ids) + len(request.resume.token_ids)
+            if detached.num_tokens != expected:
+                raise RuntimeError(f"the source holds {detached.num_tokens} tokens, the caller has {expected}")
+            handle = await decode.reserve(request)
+            copy_started = time.monotonic()
+            await self.decode[how.src].migrate_out(how.run_id, handle)
+            how.migration.copy_s = time.monotonic() - copy_started
+        except (ValueError, Overloaded, Unavailable, RuntimeError) as exc:
+            self.counters["migration_failures_total"] += 1
+            how.migration.fail(f"migrating to decode worker {how.migration.dst} failed: {exc}")
+            log.warning("request %s did not migrate (%s): it goes on where it was", request.request_id, exc)
+            await decode.abort(request.request_id)
+            raise _MigrationFailed(how) from exc
+        finally:
+            run.source = None
+        return decode.admit(request.request_id, request.resume.token_ids[-1])
+
+    def _migration_landed(self, request: GenerateRequest, how: _Migrate) -> None:
+        """The first delta after a migration: the request streams again."""
+        migration = how.migration
+        pause_s = time.monotonic() - migration.asked_s
+        self.counters["migrations_total"] += 1
+        self.counters["migration_pause_seconds_total"] += pause_s
+        num_tokens = len(request.prompt_token_ids) + len(request.resume.token_ids if request.resume else ())
+        landed = Migration(migration.request_id, how.src, migration.dst, num_tokens, pause_s, migration.copy_s)
+        self.migrations.append(landed)
+        migration.done.set_result(landed)
 
     async def _pick_decode(self, hashes: list[bytes], wait: bool) -> WorkerView:
         """The decode worker for a run; with wait, polls up to recovery_wait_s for one to be up."""
@@ -249,30 +376,82 @@ class DisaggregatedBackend:
             await asyncio.sleep(RECOVERY_POLL_S)
             self._stats_at = 0.0
 
+    async def migrate(self, request_id: str, to: int | None = None) -> Migration:
+        """Live-migrate a decoding request to decode worker `to` (default: the one with the most
+        room), its KV copied; returns once it streams there. ValueError when it cannot start
+        (not in flight, not decoding yet, already moving, no such worker), RuntimeError when
+        it failed on the way: the request then goes on where it was."""
+        run_id = self._attempts.get(request_id, request_id)
+        run = self._runs.get(run_id)
+        if run is None:
+            raise ValueError(f"request {request_id!r} is not in flight")
+        migration = await self._detach(request_id, run_id, run, to)
+        return await asyncio.shield(migration.done)
+
+    async def _detach(self, request_id: str, run_id: str, run: _Run, to: int | None) -> _Migration:
+        """Step 1 of a migration: take the run out of its worker's batch. The run's stream then
+        ends, and its next run (_run with _Migrate) does the rest."""
+        if run.migration is not None or run.source is not None or run_id in self._moving:
+            raise ValueError(f"request {request_id!r} is moving already")
+        if run.prefill is not None:
+            raise ValueError(f"request {request_id!r} is still being prefilled")
+        if to is None:
+            await self._refresh_stats()
+            dst = self.policy.pick_decode([], exclude=run.decode)  # Unavailable when none is up
+        else:
+            dst = self._view(Role.DECODE, to)[1]
+            if to == run.decode or not dst.serving:
+                why = "is where it runs" if to == run.decode else "is not taking requests"
+                raise ValueError(f"cannot migrate {request_id!r} to decode worker {to}: it {why}")
+        loop = asyncio.get_running_loop()
+        migration = _Migration(request_id, dst.index, time.monotonic(), loop.create_future(), loop.create_future())
+        run.migration = migration
+        try:
+            detached = await self.decode[run.decode].detach(run_id)
+        except BaseException:
+            run.migration = None
+            raise
+        migration.detached.set_result(detached)
+        return migration
+
     async def drain(self, role: Role | str, index: int, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
         """Take a worker out of routing and move every request off it; returns how many runs
-        moved once none is left on it (TimeoutError after timeout_s, still draining). Runs on a
-        decode worker are stopped there and resumed on another decode worker after the tokens
-        their callers have (no loss, no repeat); a prefill worker's are left to finish (a
-        prefill is short). The last decode worker that takes requests cannot be drained."""
+        moved once none is left on it (TimeoutError after timeout_s, still draining). Runs
+        decoding on a decode worker migrate with their KV; those that cannot (waiting or
+        prefilling there, or their migration failed) are stopped there and resumed on another
+        decode worker after the tokens their callers have (no loss, no repeat either way); a
+        prefill worker's are left to finish (a prefill is short). The last decode worker that
+        takes requests cannot be drained."""
         role, view = self._view(role, index)
         if role is Role.DECODE and not any(v.serving for v in self.policy.decode if v is not view):
             raise ValueError(f"draining decode worker {index} would leave no decode worker taking requests")
         view.draining = True
-        client = self.decode[index] if role is Role.DECODE else None
         moved = 0
+        tried: set[str] = set()  # runs whose migration was tried: resumed if still here
         deadline = time.monotonic() + timeout_s
         while on_it := [rid for rid, run in self._runs.items() if run.on(role, index)]:
-            if client is not None:
-                to_move = [rid for rid in on_it if rid not in self._moving]
-                self._moving.update(to_move)
+            if role is Role.DECODE:
+                to_move = [rid for rid in on_it if self._runs[rid].movable_from(index) and rid not in self._moving]
                 moved += len(to_move)
-                await asyncio.gather(*(client.abort(rid) for rid in to_move))
+                await asyncio.gather(*(self._move_off(rid, index, tried) for rid in to_move))
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{role.value} worker {index} still has {len(on_it)} requests after {timeout_s:g} s")
             await asyncio.sleep(DRAIN_POLL_S)
         log.info("%s worker %d drained: %d requests moved", role.value, index, moved)
         return moved
+
+    async def _move_off(self, run_id: str, index: int, tried: set[str]) -> None:
+        """Move a run off a draining decode worker: migrate it, else resume it elsewhere."""
+        run = self._runs.get(run_id)
+        if run is None or not run.movable_from(index):
+            return
+        if self.migrate_on_drain and run_id not in tried and run.prefill is None:
+            tried.add(run_id)
+            with contextlib.suppress(ValueError, Unavailable, RuntimeError):  # not decoding, or no room
+                await self._detach(run_id, run_id, run, None)
+                return
+        self._moving.add(run_id)
+        await self.decode[index].abort(run_id)
 
     async def wait_up(self, role: Role | str, index: int, timeout_s: float) -> None:
         """Wait until a worker answers its stats (e.g. after a restart); TimeoutError after timeout_s."""
@@ -318,6 +497,8 @@ class DisaggregatedBackend:
         self.counters["kv_transfer_seconds_total"] += seconds
 
     async def abort(self, request_id: str) -> None:
+        if request_id in self._attempts:
+            self._cancelled.add(request_id)  # a run of it that stops now is not run again
         workers: list[PrefillClient | DecodeClient] = [*self.prefill, *self.decode]
         ids = {request_id, self._attempts.get(request_id, request_id)}  # and its run again, if any
         await asyncio.gather(*(worker.abort(i) for worker in workers for i in ids))
@@ -355,6 +536,47 @@ class DisaggregatedBackend:
             else:
                 view.update(result if isinstance(result, WorkerStats) else None, asked_at)
         self._fetched = True
+        self._shed_if_pressed()
+
+    def _shed_if_pressed(self) -> None:
+        """After fresh stats: if a decode worker is short of KV blocks and another has room,
+        start migrating a running request there (one at a time, SHED_COOLDOWN_S apart)."""
+        if not self.migrate_on_pressure or time.monotonic() < self._shed_after:
+            return
+        if self._shedding is not None and not self._shedding.done():
+            return
+        running = [
+            Running(rid, run.decode, run.num_tokens)
+            for rid, run in self._runs.items()
+            if run.num_tokens and run.movable_from(run.decode) and run.prefill is None and rid not in self._moving
+        ]
+        choice = pick_shed(self.policy.decode, running, self.policy.block_size)
+        if choice is None:
+            return
+        self._shed_after = time.monotonic() + SHED_COOLDOWN_S
+        self._shedding = asyncio.ensure_future(self._shed(*choice))
+
+    async def _shed(self, chosen: Running, dst: int) -> None:
+        run = self._runs.get(chosen.run_id)
+        if run is None or not run.movable_from(chosen.decode):
+            return
+        request_id = next((r for r, a in self._attempts.items() if a == chosen.run_id), chosen.run_id)
+        stats = self.policy.decode[chosen.decode].stats
+        log.info(
+            "decode worker %d is short of KV blocks (%.0f%% used%s): migrating %s (%d tokens) to decode worker %d",
+            chosen.decode,
+            100 * (stats.kv_usage if stats else 0.0),
+            ", preempting" if self.policy.decode[chosen.decode].preempting else "",
+            request_id,
+            chosen.num_tokens,
+            dst,
+        )
+        self.counters["pressure_migrations_total"] += 1
+        try:
+            migration = await self._detach(request_id, chosen.run_id, run, dst)
+            await asyncio.shield(migration.done)
+        except (ValueError, Unavailable, RuntimeError) as exc:  # it ended or failed: it goes on where it was
+            log.info("migrating %s off decode worker %d did not happen: %s", request_id, chosen.decode, exc)
 
     def is_ready(self) -> bool:
         """A decode worker answered its last stats call (at most STATS_INTERVAL_S ago while
@@ -392,14 +614,64 @@ class DisaggregatedBackend:
 
 
 @dataclass
+class _Migration:
+    """A migration under way, shared by migrate() and the runs that carry it out."""
+
+    request_id: str
+    dst: int  # the decode worker it goes to
+    asked_s: float  # time.monotonic() when the detach was asked
+    detached: asyncio.Future[Detached]  # the source's answer to the detach
+    done: asyncio.Future[Migration]  # once it streams on dst; RuntimeError if it failed
+    copy_s: float = 0.0
+
+    def fail(self, why: str) -> None:
+        if not self.done.done():
+            self.done.set_exception(RuntimeError(why))
+            self.done.exception()  # retrieved: nobody need be waiting for it
+
+
+@dataclass
 class _Run:
     """A run in flight, and the workers it is on (drain() looks for them)."""
 
     decode: int
     prefill: int | None = None  # while its prompt is being prefilled there
+    source: int | None = None  # while its KV is copied from this decode worker (a migration)
+    migration: _Migration | None = None  # while it is being detached to migrate
+    num_tokens: int = 0  # prompt and tokens so far, once it streams (0 before)
 
     def on(self, role: Role, index: int) -> bool:
-        return (self.decode if role is Role.DECODE else self.prefill) == index
+        if role is Role.DECODE:
+            return index in (self.decode, self.source)
+        return self.prefill == index
+
+    def movable_from(self, index: int) -> bool:
+        """On decode worker `index` and not moving already."""
+        return self.decode == index and self.source is None and self.migration is None
+
+
+@dataclass(frozen=True)
+class _Reattach:
+    """How a run goes on after its migration failed: where it was, under the same id."""
+
+    run_id: str
+    src: int
+
+
+class _Migrate(Exception):
+    """A run was detached from its decode worker to migrate: the next run copies its KV."""
+
+    def __init__(self, migration: _Migration, src: int, run_id: str):
+        super().__init__(f"{run_id} migrates from decode worker {src} to {migration.dst}")
+        self.migration, self.src, self.run_id = migration, src, run_id
+
+
+class _MigrationFailed(Exception):
+    """A migration failed after the detach: the request is still whole on its source."""
+
+    def __init__(self, source: _Migrate):
+        super().__init__(f"{source.run_id} did not migrate")
+        self.source = source
 
 
 class _Moved(Exception):

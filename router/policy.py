@@ -1,4 +1,5 @@
-"""Routing policies: which prefill and which decode worker take a request.
+"""Routing policies: which prefill and which decode worker take a request, and which running
+request a decode worker short of KV blocks sheds to another (pick_shed).
 
 `load` (the default) sends a prompt to the prefill worker where most of it is already
 cached, net of queued work, and decodes where KV blocks are most free; `round_robin` is
@@ -19,6 +20,12 @@ from proto.serving import WorkerStats
 POLICIES = ("load", "round_robin")
 MAX_TRACKED_BLOCKS = 200_000  # per worker; the oldest hashes are forgotten first
 MISSES_BEFORE_DOWN = 2  # stats calls in a row without an answer in time before a worker is down
+# Migration for load balancing (pick_shed): a decode worker at least SHED_ABOVE full (or one
+# that preempted since its last stats) sheds a running request to one under TAKE_BELOW that
+# stays under it with the request. A request only ever moves from above SHED_ABOVE to below
+# TAKE_BELOW, so no move can make its destination shed it back.
+SHED_ABOVE = 0.9
+TAKE_BELOW = 0.6
 
 
 @dataclass
@@ -33,6 +40,7 @@ class WorkerView:
     lost_at: float = float("-inf")  # when a request last found it gone (time.monotonic())
     missed: int = 0  # stats calls in a row that timed out
     draining: bool = False  # being drained (DisaggregatedBackend.drain): no new request goes to it
+    preempting: bool = False  # its preemption count rose between its last two stats
 
     @property
     def serving(self) -> bool:
@@ -52,6 +60,8 @@ class WorkerView:
         did not answer. An answer to a call asked before the worker was lost is stale."""
         if stats is not None and asked_at < self.lost_at:
             return
+        before = self.stats
+        self.preempting = stats is not None and before is not None and stats.num_preemptions > before.num_preemptions
         self.stats, self.alive, self.routed, self.missed = stats, stats is not None, 0, 0
 
     def lost(self, now: float) -> None:
@@ -95,9 +105,11 @@ class RoutingPolicy:
     def hashes(self, token_ids: list[int]) -> list[bytes]:
         return prefix_block_hashes(token_ids, self.block_size)
 
-    def pick_decode(self, hashes: list[bytes]) -> WorkerView:
+    def pick_decode(self, hashes: list[bytes], exclude: int | None = None) -> WorkerView:
+        """exclude: a worker not to pick (the one a request migrates away from)."""
+        views = [v for v in self.decode if v.index != exclude]
         if self.policy == "round_robin":
-            return self._next(self.decode, "decode")
+            return self._next(views, "decode")
 
         def score(w: WorkerView):
             # KV room first (to a tenth: stats between two calls are the same, so finer
@@ -106,7 +118,7 @@ class RoutingPolicy:
             room = round(1.0 - (w.stats or IDLE).kv_usage, 1)
             return (room, -w.load, w.overlap_blocks(hashes))
 
-        return _routed(max(_alive(self.decode, "decode"), key=score))
+        return _routed(max(_alive(views, "decode"), key=score))
 
     def pick_prefill(self, hashes: list[bytes]) -> WorkerView:
         if self.policy == "round_robin":
@@ -134,6 +146,33 @@ IDLE = WorkerStats(
     num_blocks=0,
     num_preemptions=0,
 )
+
+
+@dataclass(frozen=True)
+class Running:
+    """A request decoding on a decode worker, as the router knows it."""
+
+    run_id: str
+    decode: int  # the worker's index
+    num_tokens: int  # prompt and tokens so far
+
+
+def pick_shed(views: list[WorkerView], running: list[Running], block_size: int) -> tuple[Running, int] | None:
+    """Load balancing by live migration: the request to move off the decode worker under the
+    most KV pressure (SHED_ABOVE full, or preempting) and the worker to move it to (the one
+    with the most room, under TAKE_BELOW and staying under it with the request). The largest
+    request that fits moves, as it frees the most blocks. None when no worker is pressed, or
+    none has room."""
+    known = [(v, v.stats) for v in views if v.alive and v.stats is not None and v.stats.num_blocks]
+    pressed = [(v, s) for v, s in known if v.preempting or s.kv_usage >= SHED_ABOVE]
+    roomy = [(v, s) for v, s in known if v.serving and s.kv_usage < TAKE_BELOW]
+    if not pressed or not roomy:
+        return None
+    src = max(pressed, key=lambda p: p[1].kv_usage)[0]
+    dst, stats = min(roomy, key=lambda p: p[1].kv_usage)
+    room = int(stats.num_blocks * TAKE_BELOW) - (stats.num_blocks - stats.num_free_blocks)
+    fits = [r for r in running if r.decode == src.index and -(-(r.num_tokens + 1) // block_size) <= room]
+    return (max(fits, key=lambda r: r.num_tokens), dst.index) if fits and dst is not src else None
 
 
 def _routed(view: WorkerView) -> WorkerView:

@@ -73,3 +73,48 @@ def test_a_worker_a_request_found_gone_stays_down_until_a_later_stats_call_answe
     assert not view.alive
     view.update(stats(), asked_at=10.5)
     assert view.alive
+
+
+def test_a_decode_worker_short_of_kv_sheds_its_largest_fitting_request_to_the_roomiest():
+    from router.policy import Running, pick_shed
+
+    policy = RoutingPolicy("load", 0, 3, block_size=16)
+    policy.decode[0].update(stats(free=5))  # 95% used: pressed
+    policy.decode[1].update(stats(free=50))  # 50%: room for 10 blocks before 60%
+    policy.decode[2].update(stats(free=70))  # 30%: room for 30 blocks
+    running = [Running("a", 0, 100), Running("b", 0, 470), Running("big", 0, 600), Running("c", 1, 900)]
+    chosen, dst = pick_shed(policy.decode, running, 16)
+    assert (chosen.run_id, dst) == ("b", 2)  # "big" needs 38 blocks: more than any room
+    policy.decode[2].draining = True  # a draining worker takes nothing
+    chosen, dst = pick_shed(policy.decode, running, 16)
+    assert (chosen.run_id, dst) == ("a", 1)
+
+
+def test_no_worker_sheds_below_the_high_mark_and_none_takes_above_the_low_one():
+    from router.policy import Running, pick_shed
+
+    policy = RoutingPolicy("load", 0, 2, block_size=16)
+    running = [Running("a", 0, 40)]
+    policy.decode[0].update(stats(free=15))  # 85%: not pressed
+    policy.decode[1].update(stats(free=90))
+    assert pick_shed(policy.decode, running, 16) is None
+    policy.decode[0].update(stats(free=5))  # 95%: pressed, but the other is 45% full
+    policy.decode[1].update(stats(free=55))
+    assert pick_shed(policy.decode, running, 16) is not None
+    policy.decode[1].update(stats(free=35))  # 65%: no room under the low mark
+    assert pick_shed(policy.decode, running, 16) is None
+    # Hysteresis: what a move puts on its destination keeps it under the low mark, so far
+    # below the high one at which it would shed the request back.
+
+
+def test_a_preempting_decode_worker_sheds_even_below_the_high_mark():
+    from router.policy import Running, pick_shed
+
+    policy = RoutingPolicy("load", 0, 2, block_size=16)
+    policy.decode[0].update(WorkerStats(0, 3, 0, 0, 0, 30, 100, 2))
+    policy.decode[1].update(stats(free=100))
+    running = [Running("a", 0, 40)]
+    assert pick_shed(policy.decode, running, 16) is None  # 70% used, no preemption seen yet
+    policy.decode[0].update(WorkerStats(1, 2, 0, 0, 0, 30, 100, 3))  # one more preemption
+    assert policy.decode[0].preempting
+    assert pick_shed(policy.decode, running, 16) == (running[0], 1)

@@ -1,9 +1,9 @@
 """Draining and rolling restarts lose no request, on a real local Ray cluster.
 
-drain(decode worker) mid-stream moves every stream on it to the other decode worker (resumed
-after the tokens its caller has); a rolling restart drains, restarts and re-admits every
-worker in turn while requests keep coming. Every stream ends token-exact, with no error, gap
-or repeat, and every block is free afterwards."""
+drain(decode worker) mid-stream moves every stream on it to the other decode worker (live
+migration: its KV copied over, the stream going on from its next token); a rolling restart
+drains, restarts and re-admits every worker in turn while requests keep coming. Every stream
+ends token-exact, with no error, gap or repeat, and every block is free afterwards."""
 
 from __future__ import annotations
 
@@ -63,7 +63,9 @@ def test_draining_a_decode_worker_mid_stream_moves_every_stream_off_it(deploymen
     assert moved >= 1  # the load policy spread the streams over both decode workers
     assert on_drained is not None and on_drained.num_running == on_drained.num_reserved == 0
     assert_exact(results, prompts, tiny_llama_dir, MAX_TOKENS)
-    assert backend.counters["moves_total"] == moved
+    # Every stream on it was decoding: each migrated with its KV (none had to be resumed).
+    assert backend.counters["migrations_total"] == moved and backend.counters["moves_total"] == 0
+    assert backend.counters["migration_failures_total"] == 0
     assert backend.counters["recoveries_total"] == backend.counters["recovery_failures_total"] == 0
     assert asyncio.run(all_free(backend))
 
