@@ -8,10 +8,11 @@ a baseline round, then for each event a round in which, once every stream has it
 token, decode worker 0 is
 - kill: sent SIGKILL; its streams are resumed on decode worker 1 (re-prefilling prompt plus
   the tokens they had) and Ray restarts the dead worker, which rejoins before the next round;
-- drain: drained (DisaggregatedBackend.drain); its streams are moved the same way, and it is
-  undrained after the round.
+- drain: drained (DisaggregatedBackend.drain); its streams migrate to decode worker 1 with
+  their KV (those not decoding yet are resumed as after a kill), and it is undrained after
+  the round.
 Per round: requests lost (ended with an error), streams whose tokens differ from the
-baseline's (greedy: they must not), streams recovered or moved, end-to-end latency, the
+baseline's (greedy: they must not), streams recovered, moved and migrated, end-to-end latency, the
 longest pause between two deltas of a stream, and how long the killed worker took to be back.
 """
 
@@ -99,6 +100,7 @@ async def run_round(
         "results": results,
         "recoveries": backend.counters["recoveries_total"] - before["recoveries_total"],
         "moves": backend.counters["moves_total"] - before["moves_total"],
+        "migrations": backend.counters["migrations_total"] - before["migrations_total"],
         "rejoin_s": rejoin_s,
     }
 
@@ -112,6 +114,7 @@ def summary(kind: str, round_: dict, baseline_tokens: dict[str, list[int]]) -> d
         "differ": sum(1 for rid, r in res.items() if r["tokens"] != baseline_tokens[rid]),
         "recoveries": round_["recoveries"],
         "moves": round_["moves"],
+        "migrations": round_["migrations"],
         "p50_e2e_s": statistics.median(r["e2e_s"] for r in res.values()),
         "max_e2e_s": max(r["e2e_s"] for r in res.values()),
         "p50_max_gap_s": statistics.median(r["max_gap_s"] for r in res.values()),
@@ -130,7 +133,9 @@ def table(rows: list[dict], load: tuple[float, float, float]) -> str:
             r["streams"],
             r["lost"],
             r["differ"],
-            r["recoveries"] + r["moves"],
+            r["recoveries"],
+            r["moves"] + r["migrations"],
+            r["migrations"],
             f(r["p50_e2e_s"]),
             f(r["max_e2e_s"]),
             f(r["p50_max_gap_s"], ".3f"),
@@ -144,7 +149,9 @@ def table(rows: list[dict], load: tuple[float, float, float]) -> str:
         "streams",
         "lost",
         "tokens differ",
-        "recovered or moved",
+        "recovered",
+        "moved",
+        "of which migrated",
         "p50 e2e s",
         "max e2e s",
         "p50 longest pause s",

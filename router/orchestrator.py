@@ -78,6 +78,7 @@ RECOVERIES = 3  # times a request is run again after losing a worker, at most
 RECOVERY_WAIT_S = 60.0  # how long a request waits for a decode worker to be up again
 RECOVERY_POLL_S = 0.5
 SHED_COOLDOWN_S = 1.0  # after a pressure migration starts, before the next may
+MIGRATION_RESERVE_TIMEOUT_S = 5.0  # a migrating request waits this long for room on its destination
 DRAIN_POLL_S = 0.05
 MIGRATIONS_KEPT = 1000
 # Sums the backend reports per role (over the workers that are up).
@@ -338,11 +339,12 @@ class DisaggregatedBackend:
             expected = len(request.prompt_token_ids) + len(request.resume.token_ids)
             if detached.num_tokens != expected:
                 raise RuntimeError(f"the source holds {detached.num_tokens} tokens, the caller has {expected}")
-            handle = await decode.reserve(request)
+            # The request is paused: a destination with no room now is the wrong one.
+            handle = await asyncio.wait_for(decode.reserve(request), MIGRATION_RESERVE_TIMEOUT_S)
             copy_started = time.monotonic()
             await self.decode[how.src].migrate_out(how.run_id, handle)
             how.migration.copy_s = time.monotonic() - copy_started
-        except (ValueError, Overloaded, Unavailable, RuntimeError) as exc:
+        except (ValueError, Overloaded, Unavailable, RuntimeError, TimeoutError) as exc:
             self.counters["migration_failures_total"] += 1
             how.migration.fail(f"migrating to decode worker {how.migration.dst} failed: {exc}")
             log.warning("request %s did not migrate (%s): it goes on where it was", request.request_id, exc)

@@ -342,3 +342,38 @@ def test_an_operator_migrates_a_request_over_http_and_bad_calls_are_named(tiny_l
     assert "request 'h1' is not in flight" in refused[0][1]["error"]["message"]
     assert refused[1][1]["error"]["param"] == "request_id" and refused[2][1]["error"]["param"] == "to"
     assert unauthorized == 401
+
+
+def test_a_copy_cut_halfway_leaves_the_request_whole_on_its_source(tiny_llama_dir):
+    """The copy's deadline passes while a layer is still being written (slow_shm: every layer
+    write takes a second; the deadline is 1.5 s for two layers): the source frees nothing
+    while the write is in flight, the destination's blocks come back, and the request goes
+    on at its source, token-exact."""
+    config = EngineConfig(max_num_batched_tokens=64, num_blocks=64)
+    decode = [
+        DecodeActor(str(tiny_llama_dir), config, "slow_shm", "127.0.0.1", transfer_timeout_s=1.5, kv_secret=TEST_SECRET)
+        for _ in range(2)
+    ]
+    try:
+        backend = make_backend(tiny_llama_dir, [], decode)
+        prompt = list(range(7, 41))
+        params = SamplingParams(temperature=0.0, max_tokens=60, ignore_eos=True)
+
+        async def main():
+            backend.policy.decode[1].draining = True  # it starts on worker 0
+
+            async def migrate():
+                backend.undrain("decode", 1)
+                with pytest.raises(RuntimeError, match="migrating to decode worker 1 failed: .*deadline"):
+                    await backend.migrate("h1", to=1)
+
+            tokens, _, _ = await stream_until(backend, "h1", prompt, params, 5, migrate)
+            return tokens, await blocks_free(decode)
+
+        tokens, free = asyncio.run(main())
+        assert tokens == hf_greedy(tiny_llama_dir, prompt, 60, True)
+        assert backend.counters["migration_failures_total"] == 1 and backend.counters["migrations_total"] == 0
+        assert free
+    finally:
+        for actor in decode:
+            actor.shutdown()
