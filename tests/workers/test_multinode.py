@@ -2,7 +2,8 @@
 
 ray.cluster_utils.Cluster starts a raylet per node (one logical CPU each, so that every worker
 lands on a node of its own). The workers are placed across nodes and their KV receivers listen
-on their node's address. Removing the node of decode worker 0 while streams run
+on their node's address. Draining decode worker 0 migrates its streams' KV to decode worker
+1 on another node. Removing the node of decode worker 0 while streams run
 kills everything on it; every stream goes on on decode worker 1, token-exact, and once a node
 with room joins, Ray restarts the lost worker there and it rejoins routing.
 """
@@ -68,6 +69,26 @@ def test_workers_on_separate_nodes_serve_and_survive_the_loss_of_a_node(cluster,
         addresses = {n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()}
         assert kv_host(victim).rsplit(":", 1)[0] == addresses[placed[1]]
         backend = dep.backend
+
+        # Live migration across nodes: draining decode worker 0 copies the KV of every stream
+        # on it to decode worker 1, on another node, over their node addresses.
+        moving = {f"m{i}": list(range(9 + i, 40 + i)) for i in range(4)}
+
+        async def drained():
+            started = {rid: asyncio.Event() for rid in moving}
+            params = greedy(MAX_TOKENS)
+            tasks = [asyncio.create_task(stream(backend, rid, p, params, started[rid])) for rid, p in moving.items()]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started.values())), 120)
+            moved = await backend.drain("decode", 0)
+            results = dict(zip(moving, await asyncio.gather(*tasks), strict=True))
+            backend.undrain("decode", 0)
+            return moved, results
+
+        moved, results = asyncio.run(drained())
+        assert_exact(results, moving, tiny_llama_dir, MAX_TOKENS)
+        assert moved >= 1 and backend.counters["migrations_total"] == moved
+        assert all((m.source, m.destination) == (0, 1) for m in backend.migrations)
+
         prompts = {f"n{i}": list(range(5 + i, 30 + 2 * i)) for i in range(NUM_STREAMS)}
         lost_node = next(n for n in nodes if n.node_id == placed[1])
 
