@@ -18,7 +18,6 @@ from decode_worker.worker import DecodeFollower, DecodeWorker, TransferFailed
 from engine import EngineConfig
 from engine.cores import bind_cores, process_cores
 from engine.engine_loop import delta_stream
-from kv_transfer import TransferState
 from proto.serving import Detached, GenerateRequest, KVHandle, StepRecord, TokenDelta, WorkerInfo, WorkerStats
 
 
@@ -98,9 +97,11 @@ class DecodeActor:
     async def migrate_out(self, request_id: str, handle: KVHandle) -> None:
         """Copy a detached request's KV to the worker that reserved `handle`; returns once the
         copy is confirmed there (TransferFailed otherwise: the request stays detached here)."""
-        transfer = await asyncio.to_thread(self.worker.migrate_out, request_id, handle)
-        if await transfer.wait_async() is not TransferState.DONE:
-            raise TransferFailed(f"copying the KV of {request_id} failed: {transfer.error}")
+        done = await asyncio.to_thread(self.worker.migrate_out, request_id, handle)
+        try:
+            await asyncio.wrap_future(done)
+        except TransferFailed as exc:
+            raise TransferFailed(f"copying the KV of {request_id} failed: {exc}") from None
 
     async def reattach(self, request_id: str) -> AsyncGenerator[TokenDelta, None]:
         """A detached request goes on here; streams its deltas from the next token on."""

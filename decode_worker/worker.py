@@ -25,7 +25,10 @@ Live migration to another decode worker (the router drives it, router/orchestrat
  4. the source frees the blocks only once the destination confirmed the copy (DONE). A copy
     that failed leaves the request detached here, whole: reattach() lets it go on where it
     stopped, abort() frees it. One that is neither within DETACHED_TIMEOUT_S is aborted here.
-Migrating out of a tensor-parallel worker is refused (only rank 0 would send its heads).
+With tensor parallelism every rank sends its own KV heads (rank 0 orders the followers'
+parts at a turn, Orders.send, and hears how each let go of the blocks in their reports);
+the copy is done when every part is DONE, and rank 0 frees the blocks only once every part
+let go of them.
 
 Tensor parallelism: the worker is tp processes. Rank 0 (DecodeWorker) owns the scheduler
 and the block ids; every rank r > 0 (DecodeFollower) runs rank 0's steps and has its own
@@ -76,6 +79,9 @@ class Orders:
 
     register: tuple[tuple[str, tuple[int, ...], float], ...] = ()  # (request id, block ids, timeout_s)
     cancel: tuple[tuple[str, str], ...] = ()  # (request id, reason)
+    # Migrations out: (request id, transfer id, block ids, endpoints, timeout_s) to send its heads of.
+    send: tuple[tuple[str, str, tuple[int, ...], tuple[str, ...], float], ...] = ()
+    stop_send: tuple[tuple[str, str], ...] = ()  # (request id, reason): cancel that rank's send
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,7 @@ class RankReport:
 
     refused: tuple[tuple[str, str], ...] = ()  # registrations it could not make: (request id, why)
     settled: tuple[tuple[str, TransferState, str | None], ...] = ()  # (request id, state, error)
+    sent: tuple[tuple[str, TransferState, str | None], ...] = ()  # sends that let go of the blocks: (id, state, error)
 
 
 def expect_part(
@@ -155,9 +162,11 @@ class _Outgoing:
     """A request detached here to migrate (rank 0): its blocks stay until the copy is confirmed."""
 
     detached: Detached
-    copying: bool = False  # a copy started and still reads the blocks
-    transfer: Transfer | None = None  # that copy, once started
+    copying: bool = False  # a copy started and some rank's part still reads the blocks
+    transfer: Transfer | None = None  # rank 0's part of that copy, once started
     aborted: bool = False  # free the blocks as soon as no copy reads them
+    parts: list[Settled | None] = field(default_factory=list)  # how each rank's part let go; None: not yet
+    done: Future[None] = field(default_factory=Future)  # the copy: None once every part is DONE, else TransferFailed
 
 
 class DecodeWorker:
@@ -184,6 +193,10 @@ class DecodeWorker:
         self._kv_secret = kv_secret
         self._sender: KVSender | None = None  # for migrations out, made on first use
         self._outgoing: dict[str, _Outgoing] = {}  # requests detached to migrate
+        # tp > 1: followers' send parts to order at the next turn, to stop, and those still out.
+        self._send_orders: list[tuple[str, str, tuple[int, ...], tuple[str, ...], float]] = []
+        self._stop_sends: list[tuple[str, str]] = []
+        self._sending: dict[str, _Outgoing] = {}
         self.receiver = KVReceiver(
             kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret, host=host
         )
@@ -327,11 +340,14 @@ class DecodeWorker:
         """On the engine thread: carry the registrations and cancels since the last turn, and
         hear the followers while they have news to give."""
         with self._lock:
-            if not self._open and not self._cancels:
+            if not self._open and not self._cancels and not self._sending and not self._stop_sends:
                 return Turn()
             registering = dict(self._registering)  # left there until answered: stopped() fails them
             cancels, self._cancels = self._cancels, []
-        orders = Orders(tuple((r, ids, self.transfer_timeout_s) for r, (_, ids) in registering.items()), tuple(cancels))
+            sends, self._send_orders = self._send_orders, []
+            stop_sends, self._stop_sends = self._stop_sends, []
+        registrations = tuple((r, ids, self.transfer_timeout_s) for r, (_, ids) in registering.items())
+        orders = Orders(registrations, tuple(cancels), tuple(sends), tuple(stop_sends))
 
         def on_reports(reports: list[object]) -> None:
             self._on_reports(reports)
@@ -355,11 +371,18 @@ class DecodeWorker:
                     record = self._open.get(request_id)
                 if record is not None:
                     self._settle(request_id, record, rank, settled)
+            for request_id, state, error in report.sent:
+                with self._lock:
+                    outgoing = self._sending.get(request_id)
+                if outgoing is not None:
+                    self._send_part_released(request_id, outgoing, rank, (state, error))
 
     def idle_wait(self) -> float | None:
         with self._lock:
-            if self._registering or self._cancels:
+            if self._registering or self._cancels or self._send_orders or self._stop_sends:
                 return 0.0
+            if self._sending:
+                return REPORT_POLL_S  # a paused request waits for its copy
             if not self._open:
                 return None
             due = any(r.parts[0] is not None for r in self._open.values())
@@ -372,12 +395,17 @@ class DecodeWorker:
             self._stopped = reason
             registering, self._registering = self._registering, {}
             open_records = list(self._open.items())
+            sending = list(self._sending.items())
         for record, _ in registering.values():
             if not record.registered.done():
                 record.registered.set_exception(TransferFailed(f"the engine loop stopped: {reason}"))
         for request_id, record in open_records:
             for rank in range(1, self.tp_size):
                 self._settle(request_id, record, rank, (TransferState.FAILED, f"tensor-parallel rank lost: {reason}"))
+        for request_id, outgoing in sending:
+            for rank in range(1, self.tp_size):
+                lost = (TransferState.FAILED, f"tensor-parallel rank lost: {reason}")
+                self._send_part_released(request_id, outgoing, rank, lost)
 
     def transfer_of(self, request_id: str) -> Transfer:
         """Rank 0's part of a reserved request's transfer."""
@@ -446,8 +474,13 @@ class DecodeWorker:
             self.loop.abort(request_id)  # its blocks are held: freed below, or once the copy lets go
             if free_now:
                 self.loop.release_soon(request_id)
-            elif copy is not None:  # else migrate_out() cancels it once started
-                copy.cancel("request aborted")
+            else:
+                if copy is not None:  # else migrate_out() cancels it once started
+                    copy.cancel("request aborted")
+                if self.tp_size > 1:
+                    with self._lock:
+                        self._stop_sends.append((request_id, "request aborted"))
+                    self.loop.wake()
             return
         with self._lock:
             record = self._requests.get(request_id)
@@ -469,8 +502,6 @@ class DecodeWorker:
         """Take a decoding request out of the batch at the next turn, its blocks kept, to
         migrate it; its stream ends with an "abort" delta after its last token. The future
         fails with ValueError when it is not decoding here (it goes on untouched)."""
-        if self.tp_size > 1:
-            raise ValueError("migrating out of a tensor-parallel decode worker is not supported")
         future = self.loop.detach(request_id)
 
         def on_detached(f: Future[Detached]) -> None:  # under the loop's lock: no calls back into it
@@ -492,40 +523,42 @@ class DecodeWorker:
         if stale:
             self.abort(request_id)
 
-    def migrate_out(self, request_id: str, handle: KVHandle) -> Transfer:
+    def migrate_out(self, request_id: str, handle: KVHandle) -> Future[None]:
         """Copy a detached request's KV into the blocks `handle`'s worker reserved for it (its
-        request id there is handle.request_id); returns the copy's Transfer. The blocks are
-        freed here once it is DONE; after a failure the request stays detached (reattach()
-        or abort())."""
+        request id there is handle.request_id), every rank its own heads; the future gets None
+        once every rank's part is DONE (the blocks are then freed here), or TransferFailed:
+        the request then stays detached (reattach() or abort())."""
         with self._lock:
             outgoing = self._outgoing.get(request_id)
             if outgoing is None or outgoing.aborted:
                 raise TransferFailed(f"{request_id} is not detached here")
             if outgoing.copying:
                 raise TransferFailed(f"{request_id} is being copied already")
-            outgoing.copying = True  # from now on only the copy's release frees the blocks
+            # From now on only the parts' releases free the blocks.
+            outgoing.copying, outgoing.parts, outgoing.done = True, [None] * self.tp_size, Future()
             if self._sender is None:
                 layout = self.engine.kv_cache.layout
                 self._sender = KVSender(self.kv_backend, self.engine.kv_cache.tensor, layout, secret=self._kv_secret)
             sender = self._sender
+            ids, timeout_s = outgoing.detached.block_ids, self.transfer_timeout_s
+            if self.tp_size > 1:
+                self._send_orders.append((request_id, handle.request_id, ids, handle.endpoints, timeout_s))
+                self._sending[request_id] = outgoing
+        if self.tp_size > 1:
+            self.loop.wake()  # the next turn orders every follower's part
+        done = outgoing.done
         started: list[Transfer] = []  # empty if it fails inside start(): never DONE then
 
         def on_release() -> None:
-            self._copy_released(request_id, outgoing, started[0].state if started else TransferState.FAILED)
+            transfer = started[0] if started else None
+            settled = (transfer.state, transfer.error) if transfer else (TransferState.FAILED, "could not start")
+            self._send_part_released(request_id, outgoing, 0, settled)
 
         try:
-            started.append(
-                transfer := sender.start(
-                    handle.request_id,
-                    outgoing.detached.block_ids,
-                    handle.endpoints,
-                    self.transfer_timeout_s,
-                    on_release,
-                )
-            )
-        except BaseException:  # it never started: nothing reads the blocks
-            self._copy_released(request_id, outgoing, TransferState.FAILED)
-            raise
+            started.append(transfer := sender.start(handle.request_id, ids, handle.endpoints, timeout_s, on_release))
+        except Exception as exc:  # it never started: nothing reads the blocks on this rank
+            self._send_part_released(request_id, outgoing, 0, (TransferState.FAILED, str(exc)))
+            return done
         with self._lock:
             outgoing.transfer = transfer
             aborted = outgoing.aborted
@@ -533,18 +566,50 @@ class DecodeWorker:
             transfer.cancel("request aborted")
         for layer in range(self.engine.kv_cache.layout.num_layers):  # the KV is all in place
             sender.push_layer(handle.request_id, layer)
-        return transfer
+        return done
 
-    def _copy_released(self, request_id: str, outgoing: _Outgoing, state: TransferState) -> None:
-        """The copy no longer reads the blocks (a KV transfer thread). Freed if it landed (the
-        request lives on elsewhere) or was aborted; else the request stays detached here."""
+    def _send_part_released(self, request_id: str, outgoing: _Outgoing, rank: int, settled: Settled) -> None:
+        """One rank's part of a copy let go of the blocks (a KV transfer thread, or the loop's
+        for a follower's). A failed part stops the others; once every part let go, the blocks
+        are freed if every part landed (the request lives on elsewhere) or it was aborted, and
+        the request otherwise stays detached here."""
+        state, error = settled
         with self._lock:
-            outgoing.copying, outgoing.transfer = False, None
-            free = state is TransferState.DONE or outgoing.aborted
-            if free and self._outgoing.get(request_id) is outgoing:
-                del self._outgoing[request_id]
+            if outgoing.parts[rank] is not None:
+                return
+            outgoing.parts[rank] = settled
+            stop_others = state is not TransferState.DONE and any(p is None for p in outgoing.parts)
+            if stop_others and self.tp_size > 1 and self._sending.get(request_id) is outgoing:
+                self._stop_sends.append((request_id, f"rank {rank}'s part failed: {error}"))
+            rank0 = outgoing.transfer
+            if any(p is None for p in outgoing.parts):
+                finished = False
+            else:
+                finished = True
+                if self._sending.get(request_id) is outgoing:
+                    del self._sending[request_id]
+                settled_parts = [p for p in outgoing.parts if p is not None]
+                failures = [
+                    (r, e or st.value) for r, (st, e) in enumerate(settled_parts) if st is not TransferState.DONE
+                ]
+                outgoing.copying, outgoing.transfer = False, None
+                free = not failures or outgoing.aborted
+                if free and self._outgoing.get(request_id) is outgoing:
+                    del self._outgoing[request_id]
+        if stop_others:
+            if rank0 is not None and rank != 0:
+                rank0.cancel(f"rank {rank}'s part failed: {error}")
+            if self.tp_size > 1:
+                self.loop.wake()
+        if not finished:
+            return
         if free:
             self.loop.release_soon(request_id)  # a live detached request is aborted, then freed
+        if failures:
+            why = "; ".join(f"rank {r}: {w}" for r, w in failures) if self.tp_size > 1 else failures[0][1]
+            outgoing.done.set_exception(TransferFailed(why))
+        else:
+            outgoing.done.set_result(None)
 
     def reattach(self, request_id: str, on_delta: Callable[[TokenDelta], None]) -> None:
         """A detached request whose migration failed goes on here where it stopped
@@ -597,10 +662,15 @@ class DecodeFollower:
         )
         assert self.engine.tp_group is not None
         self.engine.tp_group.gather(self.endpoint)  # rank 0 learns where this rank receives
+        self.kv_backend = kv_backend
+        self._kv_secret = kv_secret
+        self._sender: KVSender | None = None  # for migrations out, made on first use
         self._lock = threading.Lock()
         self._transfers: dict[str, Transfer] = {}  # parts not settled yet
         self._refused: list[tuple[str, str]] = []  # since the last report
         self._settled: list[tuple[str, TransferState, str | None]] = []  # since the last report
+        self._sends: dict[str, Transfer] = {}  # migrations' parts still reading the blocks
+        self._sent: list[tuple[str, TransferState, str | None]] = []  # let go since the last report
         self._thread = threading.Thread(
             target=self.engine.follow, args=(self._on_step, self._report), name=f"decode-rank-{tp_rank}", daemon=True
         )
@@ -631,6 +701,45 @@ class DecodeFollower:
                 part = self._transfers.get(request_id)
             if part is not None:
                 part.cancel(reason)
+        for request_id, transfer_id, block_ids, endpoints, timeout_s in orders.send:
+            self._send(request_id, transfer_id, block_ids, endpoints, timeout_s)
+        for request_id, reason in orders.stop_send:
+            with self._lock:
+                part = self._sends.get(request_id)
+            if part is not None:
+                part.cancel(reason)
+
+    def _send(self, request_id: str, transfer_id: str, block_ids, endpoints, timeout_s: float) -> None:
+        """This rank's part of a migration out (Orders.send): push its heads of every layer,
+        all in place; how it lets go of the blocks goes in the next report."""
+        if self._sender is None:
+            layout = self.engine.kv_cache.layout
+            self._sender = KVSender(self.kv_backend, self.engine.kv_cache.tensor, layout, secret=self._kv_secret)
+        started: list[Transfer] = []
+        early: list[bool] = []  # it let go inside start(), before started was set
+
+        def on_release() -> None:
+            with self._lock:
+                self._sends.pop(request_id, None)
+                if not started:
+                    early.append(True)
+                    return
+                self._sent.append((request_id, started[0].state, started[0].error))
+
+        try:
+            part = self._sender.start(transfer_id, block_ids, endpoints, timeout_s, on_release)
+        except Exception as exc:  # never started: nothing reads the blocks here
+            with self._lock:
+                self._sent.append((request_id, TransferState.FAILED, f"could not start: {exc}"))
+            return
+        with self._lock:
+            started.append(part)
+            if early:
+                self._sent.append((request_id, part.state, part.error))
+            else:
+                self._sends[request_id] = part
+        for layer in range(self.engine.kv_cache.layout.num_layers):
+            self._sender.push_layer(transfer_id, layer)
 
     def _on_settled(self, request_id: str, settled: Settled) -> None:
         with self._lock:
@@ -639,8 +748,8 @@ class DecodeFollower:
 
     def _report(self) -> RankReport:
         with self._lock:
-            report = RankReport(tuple(self._refused), tuple(self._settled))
-            self._refused, self._settled = [], []
+            report = RankReport(tuple(self._refused), tuple(self._settled), tuple(self._sent))
+            self._refused, self._settled, self._sent = [], [], []
         return report
 
     def num_transfers(self) -> int:
@@ -653,3 +762,5 @@ class DecodeFollower:
         self._thread.join()
         self.engine.close()
         self.receiver.close()
+        if self._sender is not None:
+            self._sender.close()

@@ -211,40 +211,83 @@ def test_registrations_while_decoding_and_idle_turns(tp_decode, tiny_llama_dir):
     assert all_settled(decode, rank1)
 
 
-def test_a_request_migrates_from_a_tp1_decode_worker_into_the_tp2_one(tp_decode, tiny_llama_dir):
-    """Live migration between different TP sizes: a request decoding on a TP=1 worker is
-    detached, the TP=2 worker reserves blocks for it (prompt and tokens so far), the TP=1
-    worker's own sender pushes its KV (each TP=2 rank receives its heads), and it goes on there
-    from its newest token, token-exact. Migrating out of the TP=2 worker is refused by name."""
+def migrate(source, destination, rid, prompt, params, tokens_before=8):
+    """Decode on source until tokens_before tokens came, migrate to destination (the
+    router's steps, without the router), decode there to the end; returns every token."""
+    from proto.serving import Resume
+
+    tokens, text, enough = [], [], threading.Event()
+
+    def on_delta(d):
+        tokens.extend(d.token_ids)
+        text.append(d.text)
+        if len(tokens) >= tokens_before:
+            enough.set()
+
+    source.generate(GenerateRequest(rid, prompt, params), on_delta)
+    assert enough.wait(30)
+    detached = source.detach(rid).result(30)
+    assert detached.num_tokens == len(prompt) + len(tokens)  # the stream ended after its last token
+    moved = GenerateRequest(f"{rid}#1", prompt, params, resume=Resume(tuple(tokens), "".join(text)))
+    handle = destination.reserve(moved)
+    assert source.migrate_out(rid, handle).result(30) is None  # every rank's part is DONE
+    assert destination.wait_kv(f"{rid}#1", 10)
+    rest, finished = [], threading.Event()
+    destination.admit(f"{rid}#1", tokens[-1], lambda d: (rest.extend(d.token_ids), d.finished and finished.set()))
+    assert finished.wait(30)
+    return tokens + rest
+
+
+def test_a_request_migrates_between_tp1_and_tp2_decode_workers_both_ways(tp_decode, tiny_llama_dir):
+    """Live migration between different TP sizes, without the router: TP=1 -> TP=2 (each
+    TP=2 rank receives its heads from the one sender) and TP=2 -> TP=1 (each TP=2 rank sends
+    its own heads: rank 0 orders rank 1's part at a turn and hears how it ended). Greedy
+    tokens equal transformers'; every block is free on every rank afterwards."""
+    _, decode, rank1 = tp_decode
+    tp1 = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=DEADLINE_S, kv_secret=TEST_SECRET)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+        for rid, src, dst in (("into-tp2", tp1, decode), ("out-of-tp2", decode, tp1)):
+            prompt = list(range(8, 45)) if rid == "into-tp2" else list(range(12, 60))
+            assert migrate(src, dst, rid, prompt, params) == hf_greedy(tiny_llama_dir, prompt, 30, True), rid
+            assert all_blocks_free(tp1) and all_settled(decode, rank1), rid
+    finally:
+        tp1.close()
+
+
+def test_a_failed_copy_out_of_the_tp2_worker_leaves_the_request_whole_there(tp_decode, tiny_llama_dir):
+    """Every rank's part fails (the destination holds another deployment's KV secret): the
+    copy fails as a whole, no rank freed anything, and the request is reattached and ends on
+    the TP=2 worker, token-exact."""
     from proto.serving import Resume
 
     _, decode, rank1 = tp_decode
-    source = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, transfer_timeout_s=DEADLINE_S, kv_secret=TEST_SECRET)
+    stranger = DecodeWorker(tiny_llama_dir, CONFIG, BACKEND, kv_secret=b"another deployment's secret!!!!")
     try:
-        prompt = list(range(8, 45))
+        prompt = list(range(20, 50))
         params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-        tokens, text, eight = [], [], threading.Event()
+        tokens, text, enough, finished = [], [], threading.Event(), threading.Event()
 
         def on_delta(d):
             tokens.extend(d.token_ids)
             text.append(d.text)
-            if len(tokens) >= 8:
-                eight.set()
+            if len(tokens) >= 6:
+                enough.set()
+            if d.finished and d.finish_reason != "abort":
+                finished.set()
 
-        source.generate(GenerateRequest("mig", prompt, params), on_delta)
-        assert eight.wait(30)
-        detached = source.detach("mig").result(30)
-        assert detached.num_tokens == len(prompt) + len(tokens)  # the stream ended after its last token
-        moved = GenerateRequest("mig#1", prompt, params, resume=Resume(tuple(tokens), "".join(text)))
-        handle = decode.reserve(moved)
-        assert source.migrate_out("mig", handle).wait(30).value == "done"
-        assert decode.wait_kv("mig#1", 10)
-        rest, finished = [], threading.Event()
-        decode.admit("mig#1", tokens[-1], lambda d: (rest.extend(d.token_ids), d.finished and finished.set()))
+        decode.generate(GenerateRequest("stay", prompt, params), on_delta)
+        assert enough.wait(30)
+        decode.detach("stay").result(30)
+        handle = stranger.reserve(
+            GenerateRequest("stay#1", prompt, params, resume=Resume(tuple(tokens), "".join(text)))
+        )
+        with pytest.raises(TransferFailed, match="rank 0: .*rank 1: "):
+            decode.migrate_out("stay", handle).result(30)
+        stranger.abort("stay#1")
+        decode.reattach("stay", on_delta)
         assert finished.wait(30)
-        assert tokens + rest == hf_greedy(tiny_llama_dir, prompt, 30, True)
-        assert all_blocks_free(source) and all_settled(decode, rank1)
-        with pytest.raises(ValueError, match="migrating out of a tensor-parallel decode worker is not supported"):
-            decode.detach("anything")
+        assert tokens == hf_greedy(tiny_llama_dir, prompt, 30, True)
+        assert all_blocks_free(stranger) and all_settled(decode, rank1)
     finally:
-        source.close()
+        stranger.close()
