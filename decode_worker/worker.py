@@ -600,7 +600,7 @@ class DecodeWorker:
             if rank0 is not None and rank != 0:
                 rank0.cancel(f"rank {rank}'s part failed: {error}")
             if self.tp_size > 1:
-                self.loop.wake()
+                self.loop.poke()  # may run on the loop's own thread, under its lock: never wake()
         if not finished:
             return
         if free:

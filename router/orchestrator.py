@@ -390,6 +390,10 @@ class DisaggregatedBackend:
         migration = await self._detach(request_id, run_id, run, to)
         return await asyncio.shield(migration.done)
 
+    def _request_of(self, run_id: str) -> str:
+        """The id the client knows a run's request by (a run again is `<id>#<k>`)."""
+        return next((r for r, a in self._attempts.items() if a == run_id), run_id)
+
     async def _detach(self, request_id: str, run_id: str, run: _Run, to: int | None) -> _Migration:
         """Step 1 of a migration: take the run out of its worker's batch. The run's stream then
         ends, and its next run (_run with _Migrate) does the rest."""
@@ -450,7 +454,7 @@ class DisaggregatedBackend:
         if self.migrate_on_drain and run_id not in tried and run.prefill is None:
             tried.add(run_id)
             with contextlib.suppress(ValueError, Unavailable, RuntimeError):  # not decoding, or no room
-                await self._detach(run_id, run_id, run, None)
+                await self._detach(self._request_of(run_id), run_id, run, None)
                 return
         self._moving.add(run_id)
         await self.decode[index].abort(run_id)
@@ -562,7 +566,7 @@ class DisaggregatedBackend:
         run = self._runs.get(chosen.run_id)
         if run is None or not run.movable_from(chosen.decode):
             return
-        request_id = next((r for r, a in self._attempts.items() if a == chosen.run_id), chosen.run_id)
+        request_id = self._request_of(chosen.run_id)
         stats = self.policy.decode[chosen.decode].stats
         log.info(
             "decode worker %d is short of KV blocks (%.0f%% used%s): migrating %s (%d tokens) to decode worker %d",

@@ -87,7 +87,7 @@ def test_workers_on_separate_nodes_serve_and_survive_the_loss_of_a_node(cluster,
         moved, results = asyncio.run(drained())
         assert_exact(results, moving, tiny_llama_dir, MAX_TOKENS)
         assert moved >= 1 and backend.counters["migrations_total"] == moved
-        assert all((m.source, m.destination) == (0, 1) for m in backend.migrations)
+        assert all((m.source, m.destination) == (0, 1) and m.request_id in moving for m in backend.migrations)
 
         prompts = {f"n{i}": list(range(5 + i, 30 + 2 * i)) for i in range(NUM_STREAMS)}
         lost_node = next(n for n in nodes if n.node_id == placed[1])
