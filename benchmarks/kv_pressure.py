@@ -27,6 +27,7 @@ import sys
 import time
 
 from benchmarks.common import markdown_table, write_results
+from benchmarks.migration import pinned_decoders
 
 NUM_STREAMS = 4
 PROMPT_TOKENS = 256
@@ -126,31 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="directory for results.json and table.md")
     args = parser.parse_args(argv)
 
-    import ray
-
-    from benchmarks.distserve import model_dir
-    from deploy.cluster import WorkerGroup, deploy
-    from engine import EngineConfig
-    from proto.serving import Role
-
-    model = model_dir()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    log(f"starting 2 decode workers on a core each, load average {os.getloadavg()[0]:.2f}")
-    dep = deploy(
-        model,
-        [WorkerGroup(Role.DECODE, 2)],
-        # No prefix cache: a preempted request recomputes, as it would for any other prompt.
-        EngineConfig(
-            max_model_len=KV_TOKENS, max_num_batched_tokens=512, num_blocks=KV_TOKENS // 16, enable_prefix_caching=False
-        ),
-        kv_backend=args.kv_backend,
-        model_name="bench",
-        local_prefill_tokens=10**6,
-        pin_cores=True,
-    )
     rounds: list[dict] = []
-    try:
-        backend = dep.backend
+    # No prefix cache: a preempted request recomputes, as it would for any other prompt.
+    with pinned_decoders(args.kv_backend, max_model_len=KV_TOKENS, num_blocks=KV_TOKENS // 16) as backend:
         vocab = len(backend.tokenizer) if backend.tokenizer is not None else 1000
         rng = random.Random(0)
         prompts = {f"s{i}": [rng.randrange(3, vocab) for _ in range(PROMPT_TOKENS)] for i in range(NUM_STREAMS)}
@@ -170,9 +149,6 @@ def main(argv: list[str] | None = None) -> int:
                     rounds.append({**r, "tokens": sum(len(t) for t in r["tokens"].values())})
 
         asyncio.run(go())
-    finally:
-        dep.shutdown()
-        ray.shutdown()
     load = os.getloadavg()
     text = table(rounds, load)
     print(text)

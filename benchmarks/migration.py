@@ -32,6 +32,7 @@ import random
 import statistics
 import sys
 import time
+from collections.abc import Iterator
 
 from benchmarks.common import markdown_table, write_results
 
@@ -169,6 +170,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     contexts = [int(c) for c in args.contexts.split(",")]
 
+    rows: list[dict] = []
+    rounds: list[dict] = []
+    for kv in args.backends.split(","):
+        # No prefix cache: a resumed stream recomputes its whole context, as on a worker
+        # that never saw its prompt (each length's rounds repeat one prompt).
+        with pinned_decoders(kv, max_model_len=2048, num_blocks=512, tag=f"{kv}: ") as backend:
+            vocab = len(backend.tokenizer) if backend.tokenizer is not None else 1000
+            swept = asyncio.run(sweep(backend, kv, contexts, args.repeats, vocab))
+            rows += swept[0]
+            rounds += swept[1]
+    load = os.getloadavg()
+    text = table(rows, load)
+    print(text)
+    write_results(args.out, {"rows": rows, "rounds": rounds, "loadavg": load}, text)
+    if args.out:
+        plot(rows, os.path.join(args.out, "plot.png"))
+    return 0
+
+
+@contextlib.contextmanager
+def pinned_decoders(kv: str, max_model_len: int, num_blocks: int, tag: str = "") -> Iterator:
+    """Two decode workers of the ~100M Llama (benchmarks/distserve.py) on Ray, each pinned to a
+    core of its own, prompts prefilled where they decode, prefix caching off; yields their
+    router backend (this process), and shuts Ray down after."""
     import ray
 
     from benchmarks.distserve import model_dir
@@ -177,38 +202,30 @@ def main(argv: list[str] | None = None) -> int:
     from proto.serving import Role
 
     model = model_dir()
-    rows: list[dict] = []
-    rounds: list[dict] = []
-    for kv in args.backends.split(","):
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-        log(f"{kv}: starting 2 decode workers on a core each, load average {os.getloadavg()[0]:.2f}")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    log(f"{tag}starting 2 decode workers on a core each, load average {os.getloadavg()[0]:.2f}")
+    try:
+        config = EngineConfig(
+            max_model_len=max_model_len,
+            max_num_batched_tokens=512,
+            num_blocks=num_blocks,
+            enable_prefix_caching=False,
+        )
         dep = deploy(
             model,
             [WorkerGroup(Role.DECODE, 2)],
-            # No prefix cache: a resumed stream recomputes its whole context, as on a worker
-            # that never saw its prompt (each length's rounds repeat one prompt).
-            EngineConfig(max_model_len=2048, max_num_batched_tokens=512, num_blocks=512, enable_prefix_caching=False),
+            config,
             kv_backend=kv,
             model_name="bench",
             local_prefill_tokens=10**6,
             pin_cores=True,
         )
         try:
-            backend = dep.backend
-            vocab = len(backend.tokenizer) if backend.tokenizer is not None else 1000
-            swept = asyncio.run(sweep(backend, kv, contexts, args.repeats, vocab))
-            rows += swept[0]
-            rounds += swept[1]
+            yield dep.backend
         finally:
             dep.shutdown()
-            ray.shutdown()
-    load = os.getloadavg()
-    text = table(rows, load)
-    print(text)
-    write_results(args.out, {"rows": rows, "rounds": rounds, "loadavg": load}, text)
-    if args.out:
-        plot(rows, os.path.join(args.out, "plot.png"))
-    return 0
+    finally:
+        ray.shutdown()
 
 
 def plot(rows: list[dict], path: str) -> None:
