@@ -46,12 +46,23 @@ class DecodeActor:
             model_dir,
             engine_config,
             kv_backend,
-            host or _node_ip(),
+            host or node_ip(),
             transfer_timeout_s,
             max_waiting,
             dist_init,
             kv_secret=kv_secret,
         )
+        self._open_channel()
+
+    @classmethod
+    def over(cls, worker: DecodeWorker) -> DecodeActor:
+        """The shell around a worker built elsewhere (a role change, elastic/role_actor.py)."""
+        actor = cls.__new__(cls)
+        actor.worker = worker
+        actor._open_channel()
+        return actor
+
+    def _open_channel(self) -> None:
         # The delta channel: deltas waiting for the listener, and which listener is current.
         self._pending: deque[TokenDelta] = deque()
         self._ready: asyncio.Event | None = None  # created on the actor's event loop
@@ -160,6 +171,12 @@ class DecodeActor:
                 self._pending.clear()
                 yield batch
 
+    def close_channel(self) -> None:
+        """End the current deltas() listener (the shell is going away: a role change)."""
+        self._listener += 1
+        if self._ready is not None:
+            self._ready.set()
+
     async def stats(self) -> WorkerStats:
         return self.worker.stats()
 
@@ -173,7 +190,7 @@ class DecodeActor:
         self.worker.close()
 
 
-def _node_ip() -> str:
+def node_ip() -> str:
     """Where prefill workers on other nodes can reach this actor's KV receiver."""
     import ray
 
@@ -199,7 +216,7 @@ class DecodeFollowerActor:
         if cores:
             bind_cores(cores)
         self.follower = DecodeFollower(
-            model_dir, engine_config, kv_backend, host or _node_ip(), tp_rank, dist_init, kv_secret=kv_secret
+            model_dir, engine_config, kv_backend, host or node_ip(), tp_rank, dist_init, kv_secret=kv_secret
         )
 
     def endpoint(self) -> str:

@@ -181,12 +181,13 @@ class DecodeWorker:
         dist_init: str | None = None,
         *,
         kv_secret: bytes,
+        engine: LLMEngine | None = None,
     ):
         """dist_init: with tensor_parallel_size > 1, the process group address all ranks join
         (each follower's DecodeFollower is built at the same time, in its own process).
         kv_secret: the deployment's (kv_transfer/auth.py); only prefill workers holding it may
-        send KV here."""
-        self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
+        send KV here. engine: one already loaded to run on (a role change), else one is built."""
+        self.engine = engine or LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
         self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
         self.kv_backend = kv_backend
@@ -633,9 +634,11 @@ class DecodeWorker:
         """The steps its engine ran since the last call (EngineLoop.take_steps)."""
         return self.loop.take_steps()
 
-    def close(self) -> None:
+    def close(self, keep_engine: bool = False) -> None:
+        """keep_engine: stop serving but leave the engine (its weights, cache) to another shell."""
         self.loop.close()
-        self.engine.close()  # with tensor parallelism: stops the followers
+        if not keep_engine:
+            self.engine.close()  # with tensor parallelism: stops the followers
         self.receiver.close()
         if self._sender is not None:
             self._sender.close()

@@ -33,6 +33,13 @@ class PrefillActor:
             model_dir, engine_config, kv_backend, transfer_timeout_s, dist_init, kv_secret=kv_secret
         )
 
+    @classmethod
+    def over(cls, worker: PrefillWorker) -> PrefillActor:
+        """The shell around a worker built elsewhere (a role change, elastic/role_actor.py)."""
+        actor = cls.__new__(cls)
+        actor.worker = worker
+        return actor
+
     async def prefill(self, request: GenerateRequest, handle: KVHandle) -> PrefillResult:
         loop = asyncio.get_running_loop()
         result: asyncio.Future = loop.create_future()

@@ -100,10 +100,12 @@ class PrefillWorker:
         dist_init: str | None = None,
         *,
         kv_secret: bytes,
+        engine: LLMEngine | None = None,
     ):
         """dist_init: with tensor_parallel_size > 1, the process group address all ranks join.
-        kv_secret: the deployment's (kv_transfer/auth.py); KV goes only to decode workers holding it."""
-        self.engine = LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
+        kv_secret: the deployment's (kv_transfer/auth.py); KV goes only to decode workers holding it.
+        engine: one already loaded to run on (a role change, elastic/role_actor.py), else one is built."""
+        self.engine = engine or LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
         self.tp_size = engine_config.tensor_parallel_size
         self.transfer_timeout_s = transfer_timeout_s
         self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret)
@@ -227,9 +229,11 @@ class PrefillWorker:
         """The steps its engine ran since the last call (EngineLoop.take_steps)."""
         return self.loop.take_steps()
 
-    def close(self) -> None:
+    def close(self, keep_engine: bool = False) -> None:
+        """keep_engine: stop serving but leave the engine (its weights, cache) to another shell."""
         self.loop.close()
-        self.engine.close()  # with tensor parallelism: stops the followers
+        if not keep_engine:
+            self.engine.close()  # with tensor parallelism: stops the followers
         self.sender.close()
 
 

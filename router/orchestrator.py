@@ -28,6 +28,11 @@
     A migration that fails (the destination full or lost, the copy broken) aborts what the
     destination holds and reattaches the request on its source, where it goes on as it was.
 
+    change_role(role, index) (router/rebalance.py) drains a worker that can change role
+    (elastic/role_actor.py), switches it, and routes to it in its new role: retire() takes it
+    out of its old role's list, add_worker() into the new one's. A worker keeps its index in
+    each role's list for the backend's life (a retired index stays, never routed to).
+
     drain(role, index) takes a worker out of routing and moves every request off it: each
     run decoding on a draining decode worker migrates (its KV copied); one that cannot (still
     waiting or prefilling there, or its migration failed) is stopped there and resumed on
@@ -81,6 +86,7 @@ SHED_COOLDOWN_S = 1.0  # after a pressure migration starts, before the next may
 MIGRATION_RESERVE_TIMEOUT_S = 5.0  # a migrating request waits this long for room on its destination
 DRAIN_POLL_S = 0.05
 MIGRATIONS_KEPT = 1000
+WORKLOAD_KEPT = 20_000  # arrivals and finished requests remembered for the rebalancer
 # Sums the backend reports per role (over the workers that are up).
 SUMMED = (
     "num_waiting",
@@ -150,7 +156,13 @@ class DisaggregatedBackend:
             "migration_failures_total": 0,  # migrations that failed (the run went on where it was)
             "migration_pause_seconds_total": 0.0,  # summed: detach to the first token after it
             "pressure_migrations_total": 0,  # migrations started because a decode worker ran short of KV
+            "role_changes_total": 0,  # workers that changed role (router/rebalance.py)
+            "role_change_failures_total": 0,
         }
+        # What the rebalancer reads (router/rebalance.py): when requests arrived, and each
+        # finished one's (arrival time, prompt tokens, output tokens).
+        self.arrivals: deque[float] = deque(maxlen=WORKLOAD_KEPT)
+        self.finished: deque[tuple[float, int, int]] = deque(maxlen=WORKLOAD_KEPT)
         self._cancelled: set[str] = set()  # requests abort() ended: never run again
         self.migrations: deque[Migration] = deque(maxlen=MIGRATIONS_KEPT)  # the latest that landed, oldest first
 
@@ -162,8 +174,14 @@ class DisaggregatedBackend:
         """Runs of the request until one ends it, each after the last one's tokens. A run again
         has an id of its own on the workers (`<id>#<k>`): what a lost run left there, or an
         abort of it still on its way, can never meet it."""
+        arrived = time.monotonic()
+        self.arrivals.append(arrived)
+        num_output = 0
         try:
             async for delta in self._recovering(request):
+                num_output += len(delta.token_ids)
+                if delta.finished and delta.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
+                    self.finished.append((arrived, len(request.prompt_token_ids), num_output))
                 yield delta
         finally:
             self._attempts.pop(request.request_id, None)
@@ -260,7 +278,7 @@ class DisaggregatedBackend:
                 stream = decode.reattach(request_id)
             elif request.resume is not None or not prefill_up or uncached <= self.local_prefill_tokens:
                 self.counters["local_prefills_total"] += 1
-                if self.prefill and not prefill_up and request.resume is None:
+                if any(not v.retired for v in self.policy.prefill) and not prefill_up and request.resume is None:
                     self.counters["degraded_prefills_total"] += 1
                 stream = decode.generate(request)
             else:
@@ -487,15 +505,51 @@ class DisaggregatedBackend:
             if not isinstance(steps, BaseException)
         ]
 
-    def _view(self, role: Role | str, index: int) -> tuple[Role, WorkerView]:
-        """A worker's view by role and index, or ValueError naming what exists."""
+    def _view(self, role: Role | str, index: int, retired: bool = False) -> tuple[Role, WorkerView]:
+        """A worker's view by role and index, or ValueError naming what exists (retired: a
+        retired index is accepted too)."""
         roles = {r.value: r for r in (Role.PREFILL, Role.DECODE)}
         if str(role) not in roles:
             raise ValueError(f"role must be one of {sorted(roles)}, got {role!r}")
         views = self.policy.prefill if roles[str(role)] is Role.PREFILL else self.policy.decode
-        if not 0 <= index < len(views):
-            raise ValueError(f"there is no {role} worker {index}: indices 0..{len(views) - 1}")
+        members = [v.index for v in views if not v.retired]
+        if not 0 <= index < len(views) or (views[index].retired and not retired):
+            raise ValueError(f"there is no {role} worker {index}: its indices are {members}")
         return roles[str(role)], views[index]
+
+    def client(self, role: Role | str, index: int) -> PrefillClient | DecodeClient:
+        """The client of a worker (ValueError naming what exists)."""
+        role, view = self._view(role, index)
+        return (self.prefill if role is Role.PREFILL else self.decode)[view.index]
+
+    def retire(self, role: Role | str, index: int) -> None:
+        """Take a drained worker out of its role for good (a role change, a scale-down): it is
+        routed to, asked and counted no more; its index is never reused by another worker."""
+        role, view = self._view(role, index)
+        if any(run.on(role, index) for run in self._runs.values()):
+            raise ValueError(f"{role.value} worker {index} still has requests: drain it first")
+        view.retired, view.draining, view.stats, view.alive = True, False, None, False
+
+    def add_worker(self, role: Role | str, client: PrefillClient | DecodeClient) -> int:
+        """Route to a worker in `role` from now on; returns its index there: the index it had
+        if it served this role before (it changed role and back), else a new one."""
+        roles = {r.value: r for r in (Role.PREFILL, Role.DECODE)}
+        if str(role) not in roles:
+            raise ValueError(f"role must be one of {sorted(roles)}, got {role!r}")
+        role = roles[str(role)]
+        clients: list = self.prefill if role is Role.PREFILL else self.decode
+        views = self.policy.prefill if role is Role.PREFILL else self.policy.decode
+        index = next((i for i, c in enumerate(clients) if c is client), None)
+        if index is None:
+            index = len(clients)
+            clients.append(client)
+            views.append(WorkerView(index))
+        elif not views[index].retired:
+            raise ValueError(f"that worker is {role.value} worker {index} already")
+        else:
+            views[index] = WorkerView(index)  # what the router knew of it then is stale
+        self._stats_at = 0.0  # its stats at the next request
+        return index
 
     def _count_transfer(self, num_tokens: int, seconds: float) -> None:
         self.counters["kv_transfers_total"] += 1
@@ -505,14 +559,15 @@ class DisaggregatedBackend:
     async def abort(self, request_id: str) -> None:
         if request_id in self._attempts:
             self._cancelled.add(request_id)  # a run of it that stops now is not run again
-        workers: list[PrefillClient | DecodeClient] = [*self.prefill, *self.decode]
+        workers = {id(c): c for _, _, c in self._views()}.values()  # a worker once, whatever its roles
         ids = {request_id, self._attempts.get(request_id, request_id)}  # and its run again, if any
         await asyncio.gather(*(worker.abort(i) for worker in workers for i in ids))
 
     def _views(self) -> list[tuple[Role, WorkerView, PrefillClient | DecodeClient]]:
+        """Every worker of each role (not the retired indices), with its client."""
         return [
-            *((Role.PREFILL, v, c) for v, c in zip(self.policy.prefill, self.prefill, strict=True)),
-            *((Role.DECODE, v, c) for v, c in zip(self.policy.decode, self.decode, strict=True)),
+            *((Role.PREFILL, v, c) for v, c in zip(self.policy.prefill, self.prefill, strict=True) if not v.retired),
+            *((Role.DECODE, v, c) for v, c in zip(self.policy.decode, self.decode, strict=True) if not v.retired),
         ]
 
     async def _refresh_stats(self) -> None:
@@ -599,7 +654,7 @@ class DisaggregatedBackend:
         decode pool, counters."""
         out: dict[str, float] = dict(self.counters)
         for role in (Role.PREFILL, Role.DECODE):
-            live = [view.stats for r, view, _ in self._views() if r is role and view.alive]
+            live = [v.stats for r, v, _ in self._views() if r is role and v.alive and v.stats is not None]
             out[f"{role.value}_num_workers_up"] = len(live)
             for key in SUMMED:
                 out[f"{role.value}_{key}"] = sum(getattr(s, key) for s in live)

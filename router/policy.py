@@ -41,11 +41,12 @@ class WorkerView:
     missed: int = 0  # stats calls in a row that timed out
     draining: bool = False  # being drained (DisaggregatedBackend.drain): no new request goes to it
     preempting: bool = False  # its preemption count rose between its last two stats
+    retired: bool = False  # not a worker of this role (any more): it changed role, or was removed
 
     @property
     def serving(self) -> bool:
         """Up and taking new requests."""
-        return self.alive and not self.draining
+        return self.alive and not self.draining and not self.retired
 
     def timed_out(self) -> None:
         """A stats call got no answer in time: down only after MISSES_BEFORE_DOWN in a row (a
@@ -184,6 +185,9 @@ def _alive(views: list[WorkerView], role: str) -> list[WorkerView]:
     """The workers that take new requests; Unavailable when none does."""
     alive = [v for v in views if v.serving]
     if not alive:
-        draining = sum(v.draining for v in views)
-        raise Unavailable(f"no {role} worker is up (of {len(views)}" + (f", {draining} draining)" if draining else ")"))
+        members = [v for v in views if not v.retired]
+        draining = sum(v.draining for v in members)
+        raise Unavailable(
+            f"no {role} worker is up (of {len(members)}" + (f", {draining} draining)" if draining else ")")
+        )
     return alive

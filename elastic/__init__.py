@@ -1,0 +1,1 @@
+"""Workers whose role changes while they serve (online P:D rebalancing, router/rebalance.py)."""
