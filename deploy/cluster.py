@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, placement_group_table, remove_placement_group
@@ -17,7 +17,8 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from decode_worker.actor import DecodeActor, DecodeFollowerActor
 from deploy.cores import CorePlan, RankCores, plan_cores
-from deploy.ray_clients import RayDecodeClient, RayPrefillClient
+from deploy.ray_clients import RayDecodeClient, RayPrefillClient, RayRoleClient
+from elastic.role_actor import RoleActor
 from engine import EngineConfig
 from kv_transfer.auth import deployment_secret
 from prefill_worker.actor import PrefillActor, PrefillFollowerActor
@@ -105,17 +106,14 @@ class Deployment:
         max_restarts left), wait until it serves again and route to it again. Returns how many
         requests moved. Call on the router's event loop."""
         role = Role(role)
-        actors = self.prefill_actors if role is Role.PREFILL else self.decode_actors
-        if not 0 <= index < len(actors):
-            raise ValueError(f"there is no {role.value} worker {index}: indices 0..{len(actors) - 1}")
-        info = self.infos[index if role is Role.PREFILL else len(self.prefill_actors) + index]
+        actor = cast(Any, self.backend.client(role, index)).actor  # ValueError naming the indices there are
+        info = await actor.info.remote()
         if info.layout.tp_size > 1:
             raise ValueError(
                 f"{role.value} worker {index} has {info.layout.tp_size} tensor-parallel ranks, which Ray "
                 f"does not restart alone; replace the worker instead"
             )
         moved = await self.backend.drain(role, index)
-        actor = actors[index]
         ray.kill(actor, no_restart=False)
         deadline = time.monotonic() + timeout_s
         while True:  # calls fail until the process is replaced, then wait for its model to load
@@ -147,6 +145,7 @@ def deploy(
     kv_secret: bytes | None = None,
     pin_cores: bool | None = None,
     max_restarts: int = WORKER_MAX_RESTARTS,
+    elastic: bool = False,
 ) -> Deployment:
     """Reserve every worker's resources in one placement group, start the actors, wait until ready.
 
@@ -156,7 +155,9 @@ def deploy(
     between workers that hold it. CPU workers get cores of their own (deploy/cores.py: pin_cores
     True insists, None pins when the nodes have the cores, False never pins). A worker of one
     rank whose process dies is restarted by Ray up to max_restarts times (-1: always); the
-    router runs its requests again elsewhere meanwhile (router/orchestrator.py).
+    router runs its requests again elsewhere meanwhile (router/orchestrator.py). elastic: every
+    worker can change role while serving (elastic/role_actor.py; one rank each), for online
+    P:D rebalancing (router/rebalance.py).
     """
     kv_secret = kv_secret or deployment_secret()
     single_node = sum(1 for n in ray.nodes() if n["Alive"]) == 1
@@ -168,6 +169,8 @@ def deploy(
     # One placement group per worker, packed onto one node: a TP group's ranks talk over
     # NCCL/Gloo and must share a node.
     check_capacity(groups)
+    if elastic and any(g.tp > 1 for g in groups if g.count):
+        raise ValueError("workers that change role (--autoscale) run one rank each: use tp=1 for both roles")
     pgs = [placement_group(g.bundles(), strategy="STRICT_PACK") for g in workers]
     try:
         ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
@@ -185,14 +188,31 @@ def deploy(
         for pg in pgs:
             remove_placement_group(pg)
         raise
-    prefill_actors, decode_actors, followers = [], [], []
+    prefill_actors: list[Any] = []
+    decode_actors: list[Any] = []
+    followers: list[Any] = []
     for group, pg, rank_cores in zip(workers, pgs, cores.ranks, strict=True):
         options = [_rank_options(group, pg, rank, rank_cores[rank], env_vars, max_restarts) for rank in range(group.tp)]
         pinned = [c.cores if c is not None else None for c in rank_cores]
         config = group.engine_config(engine_config)
         dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
         ranks = range(1, group.tp)
-        if group.role is Role.PREFILL:
+        if elastic:
+            (prefill_actors if group.role is Role.PREFILL else decode_actors).append(
+                ray.remote(RoleActor)
+                .options(**options[0])
+                .remote(
+                    model_dir,
+                    config,
+                    kv_backend,
+                    group.role,
+                    host,
+                    transfer_timeout_s,
+                    kv_secret=kv_secret,
+                    cores=pinned[0],
+                )
+            )
+        elif group.role is Role.PREFILL:
             driver = (
                 ray.remote(PrefillActor)
                 .options(**options[0])
@@ -241,10 +261,19 @@ def deploy(
     # Waiting for every worker's info is also waiting until every worker is up.
     infos = ray.get([a.info.remote() for a in prefill_actors + decode_actors], timeout=ready_timeout_s)
     decode = infos[len(prefill_actors)]  # what decode workers run with is what requests must fit
+    if elastic:  # one client per worker, whatever role it has at a time
+        names = [f"worker {i}" for i in range(len(prefill_actors) + len(decode_actors))]
+        prefill_clients: list = [RayRoleClient(a, n, Role.PREFILL) for a, n in zip(prefill_actors, names, strict=False)]
+        decode_clients: list = [
+            RayRoleClient(a, n, Role.DECODE) for a, n in zip(decode_actors, names[len(prefill_actors) :], strict=True)
+        ]
+    else:
+        prefill_clients = [RayPrefillClient(a, f"prefill worker {i}") for i, a in enumerate(prefill_actors)]
+        decode_clients = [RayDecodeClient(a, f"decode worker {i}") for i, a in enumerate(decode_actors)]
     backend = DisaggregatedBackend(
         model_dir,
-        [RayPrefillClient(a, f"prefill worker {i}") for i, a in enumerate(prefill_actors)],
-        [RayDecodeClient(a, f"decode worker {i}") for i, a in enumerate(decode_actors)],
+        prefill_clients,
+        decode_clients,
         model_name=model_name,
         max_model_len=decode.max_model_len,
         block_size=decode.layout.block_size,

@@ -92,6 +92,25 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int)
+    auto = p.add_argument_group(
+        "online P:D rebalancing",
+        "--autoscale: every worker can change role while serving (same weights, no reload; one rank "
+        "each), and a controller moves workers between prefill and decode as the load shifts, by the "
+        "planner's capacity model over the workers' latency profile (router/rebalance.py)",
+    )
+    auto.add_argument("--autoscale", action="store_true", help="rebalance the prefill:decode split online")
+    auto.add_argument(
+        "--autoscale-profile", metavar="PROFILE", help="the workers' latency profile (`tandem profile`); required"
+    )
+    auto.add_argument("--slo-ttft-s", type=float, default=2.0, help="TTFT target the split is sized for (default 2)")
+    auto.add_argument("--slo-tpot-s", type=float, default=0.2, help="TPOT target the split is sized for (default 0.2)")
+    auto.add_argument("--autoscale-interval-s", type=float, default=5.0, help="seconds between evaluations (default 5)")
+    auto.add_argument(
+        "--autoscale-cooldown-s", type=float, default=30.0, help="seconds after a change before the next (default 30)"
+    )
+    auto.add_argument(
+        "--autoscale-window-s", type=float, default=60.0, help="seconds of load each evaluation looks at (default 60)"
+    )
 
 
 CPU_DEVICE = "cpu"  # the planner's device type for one CPU core
@@ -163,7 +182,12 @@ def start_backend(args: argparse.Namespace, log=print):
         max_num_batched_tokens=args.max_num_batched_tokens,
         max_model_len=args.max_model_len,
     )
+    autoscale = getattr(args, "autoscale", False)
+    if autoscale:
+        rebalancer_inputs(args)  # a bad profile or SLO fails before anything starts
     if args.colocated:
+        if autoscale:
+            raise ValueError("--autoscale rebalances prefill and decode workers: it does not apply to --colocated")
         from router.local_backend import LocalBackend
 
         backend = LocalBackend(model_dir, engine_config, model_name)
@@ -221,6 +245,7 @@ def start_backend(args: argparse.Namespace, log=print):
         policy=args.routing,
         local_prefill_tokens=args.local_prefill_tokens,
         pin_cores=True if explicit else None,
+        elastic=autoscale,
     )
     labels = [f"{g.role} {i}" for g in groups for i in range(g.count)]
     if deployment.cores is not None and deployment.cores.describe(labels):
@@ -236,6 +261,43 @@ def start_backend(args: argparse.Namespace, log=print):
     return deployment.backend, stop
 
 
+def rebalancer_inputs(args: argparse.Namespace):
+    """(latency coefficients, SLO) of --autoscale, or ValueError naming the flag."""
+    from planner.latency.roofline import Profile
+    from proto.slo import SLOSpec
+
+    if not args.autoscale_profile:
+        raise ValueError(
+            "--autoscale needs the workers' latency profile: run `tandem profile --model M --out profile.yaml` "
+            "on one worker's hardware, then pass --autoscale-profile profile.yaml"
+        )
+    profile = Profile.load(args.autoscale_profile)
+    entries = [e for e in profile.entries if (e.tp, e.pp) == (1, 1)]
+    if len(entries) != 1:
+        named = ", ".join(f"{e.gpu_type} tp {e.tp} pp {e.pp}" for e in profile.entries)
+        raise ValueError(f"--autoscale-profile needs exactly one entry with tp 1 and pp 1, it has: {named}")
+    slo = SLOSpec(ttft_s=args.slo_ttft_s, tpot_s=args.slo_tpot_s)
+    return entries[0].coefficients, slo
+
+
+async def start_rebalancer(args: argparse.Namespace, backend, log=print):
+    """--autoscale's controller, running on the current event loop (None without --autoscale)."""
+    if not getattr(args, "autoscale", False):
+        return None
+    from router.rebalance import RebalanceConfig, Rebalancer
+
+    coeffs, slo = rebalancer_inputs(args)
+    await backend.refresh()
+    blocks = max((v.stats.num_blocks for v in backend.policy.decode if v.stats is not None), default=0)
+    config = RebalanceConfig(
+        interval_s=args.autoscale_interval_s, window_s=args.autoscale_window_s, cooldown_s=args.autoscale_cooldown_s
+    )
+    rebalancer = Rebalancer(backend, coeffs, slo, blocks * backend.policy.block_size, config)
+    rebalancer.start()
+    log(f"rebalancing the prefill:decode split online for {slo.describe()} (router/rebalance.py)")
+    return rebalancer
+
+
 def _serve(args: argparse.Namespace) -> int:
     from router.server import serve
 
@@ -246,6 +308,7 @@ def _serve(args: argparse.Namespace) -> int:
         handle = await serve(
             backend, http_port=args.http_port, grpc_port=args.grpc_port, host=args.host, security=security
         )
+        rebalancer = await start_rebalancer(args, backend)
         scheme = "https" if security.tls else "http"
         access = (f"{len(security.api_keys)} API key(s)" if security.api_keys else "no API key") + (
             ", TLS" + (" with client certificates" if security.ssl_ca_certs else "") if security.tls else ""
@@ -263,6 +326,8 @@ def _serve(args: argparse.Namespace) -> int:
             loop.add_signal_handler(sig, stopping.set)
         await stopping.wait()
         print(f"draining (up to {args.shutdown_grace_s:g} s) ...", flush=True)
+        if rebalancer is not None:
+            await rebalancer.stop()
         await handle.stop(grace_s=args.shutdown_grace_s)
 
     try:

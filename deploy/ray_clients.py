@@ -14,7 +14,7 @@ from collections.abc import AsyncGenerator
 from ray.exceptions import GetTimeoutError, ObjectLostError, RayActorError, RayTaskError
 
 from proto.errors import Overloaded, Unavailable, WorkerLost
-from proto.serving import Detached, GenerateRequest, KVHandle, PrefillResult, StepRecord, TokenDelta, WorkerStats
+from proto.serving import Detached, GenerateRequest, KVHandle, PrefillResult, Role, StepRecord, TokenDelta, WorkerStats
 
 _PASSED_THROUGH = (ValueError, Overloaded, Unavailable)
 
@@ -150,3 +150,30 @@ class RayDecodeClient:
 
     async def take_steps(self) -> list[StepRecord]:
         return await _call(self.actor.take_steps.remote(), self.name)
+
+
+class RayRoleClient(RayDecodeClient):
+    """Both clients over a RoleActor (elastic/role_actor.py), a worker that changes role: the
+    router holds it in both roles' lists, one of them retired (router/rebalance.py). Ray
+    restarts a dead worker with the role it was started with: the next stats call puts it
+    back in the role it had."""
+
+    def __init__(self, actor, name: str, role: Role):
+        super().__init__(actor, name)
+        self.role = role
+
+    async def stats(self) -> WorkerStats:
+        role, stats = await _call(self.actor.role_stats.remote(), self.name)
+        if role is not self.role:  # restarted: it holds nothing yet
+            await self.set_role(self.role)
+            role, stats = await _call(self.actor.role_stats.remote(), self.name)
+        return stats
+
+    async def prefill(self, request: GenerateRequest, handle: KVHandle) -> PrefillResult:
+        return await _call(self.actor.prefill.remote(request, handle), self.name)
+
+    async def set_role(self, role: Role) -> float:
+        """Switch the worker's role (it must hold no request); the seconds it took."""
+        switched = await _call(self.actor.set_role.remote(role), self.name)
+        self.role = Role(role)
+        return switched
