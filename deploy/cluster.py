@@ -171,6 +171,11 @@ def deploy(
     check_capacity(groups)
     if elastic and any(g.tp > 1 for g in groups if g.count):
         raise ValueError("workers that change role (--autoscale) run one rank each: use tp=1 for both roles")
+    if elastic and len({g.engine_config(engine_config) for g in groups if g.count}) > 1:
+        raise ValueError(
+            "workers that change role (--autoscale) keep their engine: both roles need the same batch limits "
+            "(max_num_seqs, max_num_batched_tokens), which the workers' groups do not have"
+        )
     pgs = [placement_group(g.bundles(), strategy="STRICT_PACK") for g in workers]
     try:
         ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)

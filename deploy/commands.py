@@ -287,12 +287,10 @@ async def start_rebalancer(args: argparse.Namespace, backend, log=print):
     from router.rebalance import RebalanceConfig, Rebalancer
 
     coeffs, slo = rebalancer_inputs(args)
-    await backend.refresh()
-    blocks = max((v.stats.num_blocks for v in backend.policy.decode if v.stats is not None), default=0)
     config = RebalanceConfig(
         interval_s=args.autoscale_interval_s, window_s=args.autoscale_window_s, cooldown_s=args.autoscale_cooldown_s
     )
-    rebalancer = Rebalancer(backend, coeffs, slo, blocks * backend.policy.block_size, config)
+    rebalancer = Rebalancer(backend, coeffs, slo, config=config)  # KV size from the workers' stats
     rebalancer.start()
     log(f"rebalancing the prefill:decode split online for {slo.describe()} (router/rebalance.py)")
     return rebalancer

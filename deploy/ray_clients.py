@@ -161,12 +161,17 @@ class RayRoleClient(RayDecodeClient):
     def __init__(self, actor, name: str, role: Role):
         super().__init__(actor, name)
         self.role = role
+        self._incarnation: str | None = None  # the worker process the role was set on
 
     async def stats(self) -> WorkerStats:
-        role, stats = await _call(self.actor.role_stats.remote(), self.name)
-        if role is not self.role:  # restarted: it holds nothing yet
-            await self.set_role(self.role)
-            role, stats = await _call(self.actor.role_stats.remote(), self.name)
+        incarnation, role, stats = await _call(self.actor.role_stats.remote(), self.name)
+        if self._incarnation is None:
+            self._incarnation = incarnation
+        elif incarnation != self._incarnation:  # Ray restarted it, in the role it was started with
+            if role is not self.role:
+                await self.set_role(self.role)  # it holds nothing yet
+                incarnation, role, stats = await _call(self.actor.role_stats.remote(), self.name)
+            self._incarnation = incarnation
         return stats
 
     async def prefill(self, request: GenerateRequest, handle: KVHandle) -> PrefillResult:

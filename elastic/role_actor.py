@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import AsyncGenerator, Sequence
 
 from decode_worker.actor import DecodeActor, node_ip
@@ -38,11 +39,6 @@ from proto.serving import (
 
 IDLE_POLL_S = 0.02
 IDLE_TIMEOUT_S = 30.0  # how long set_role waits for what a drain left (blocks a transfer still reads)
-
-
-def _busy(stats: WorkerStats) -> int:
-    """Requests (or their blocks) still on a worker."""
-    return stats.num_waiting + stats.num_running + stats.num_reserved + stats.num_held + stats.num_transfers
 
 
 class RoleActor:
@@ -73,16 +69,19 @@ class RoleActor:
         self._host = host or node_ip()
         self._transfer_timeout_s, self._max_waiting, self._kv_secret = transfer_timeout_s, max_waiting, kv_secret
         self.engine = LLMEngine(model_dir, engine_config, tp_rank=0)
+        self.incarnation = uuid.uuid4().hex  # new in every process: a restarted worker's differs
         self._prefill: PrefillActor | None = None
         self._decode: DecodeActor | None = None
-        self._build(Role(role))
+        self._role = Role(role)
+        self._set_shell(self._build(self._role))
+        self._switch: asyncio.Lock | None = None  # made on the actor's event loop
         self.role_changes = 0
 
     @property
     def role(self) -> Role:
-        return Role.PREFILL if self._prefill is not None else Role.DECODE
+        return self._role
 
-    def _build(self, role: Role) -> None:
+    def _build(self, role: Role) -> PrefillActor | DecodeActor:
         if role is Role.PREFILL:
             worker = PrefillWorker(
                 self._model_dir,
@@ -92,62 +91,86 @@ class RoleActor:
                 kv_secret=self._kv_secret,
                 engine=self.engine,
             )
-            self._prefill = PrefillActor.over(worker)
-        else:
-            decode = DecodeWorker(
-                self._model_dir,
-                self._config,
-                self._kv_backend,
-                self._host,
-                self._transfer_timeout_s,
-                self._max_waiting,
-                kv_secret=self._kv_secret,
-                engine=self.engine,
-            )
-            self._decode = DecodeActor.over(decode)
+            return PrefillActor.over(worker)
+        decode = DecodeWorker(
+            self._model_dir,
+            self._config,
+            self._kv_backend,
+            self._host,
+            self._transfer_timeout_s,
+            self._max_waiting,
+            kv_secret=self._kv_secret,
+            engine=self.engine,
+        )
+        return DecodeActor.over(decode)
+
+    def _set_shell(self, shell: PrefillActor | DecodeActor) -> None:
+        """On the actor's event loop (or in the constructor): the shell calls go to from now on."""
+        self._prefill = shell if isinstance(shell, PrefillActor) else None
+        self._decode = shell if isinstance(shell, DecodeActor) else None
+        self._role = Role.PREFILL if self._prefill is not None else Role.DECODE
+
+    def _busy(self, stats: WorkerStats) -> int:
+        """Requests (or their blocks) still on it, detached ones included."""
+        counted = stats.num_waiting + stats.num_running + stats.num_reserved + stats.num_held + stats.num_transfers
+        return max(counted, len(self.engine.requests))
 
     async def set_role(self, role: Role | str, idle_timeout_s: float = IDLE_TIMEOUT_S) -> float:
         """Serve as `role` from now on; returns the seconds the change took (0 if it has that
         role already). The worker must hold no request (drain it first): it waits up to
-        idle_timeout_s for the last blocks to be let go, then refuses with ValueError."""
+        idle_timeout_s for the last blocks to be let go, then refuses with ValueError. One
+        change at a time; calls meanwhile answer Unavailable. If the new shell cannot be built,
+        the old role's is built again and the error raised."""
         roles = {r.value: r for r in (Role.PREFILL, Role.DECODE)}
         if str(role) not in roles:
             raise ValueError(f"role must be one of {sorted(roles)}, got {role!r}")
         new = roles[str(role)]
-        if new is self.role:
-            return 0.0
-        started = time.monotonic()
-        deadline = started + idle_timeout_s
-        while busy := _busy(await self.stats()):
-            if time.monotonic() >= deadline:
-                raise ValueError(
-                    f"the {self.role.value} worker still holds {busy} requests after {idle_timeout_s:g} s: "
-                    "drain it first"
-                )
-            await asyncio.sleep(IDLE_POLL_S)
-        if self._prefill is not None:
-            old = self._prefill.worker
-            self._prefill = None
-            await asyncio.to_thread(old.close, True)
-        else:
-            assert self._decode is not None
-            self._decode.close_channel()
-            decode = self._decode.worker
-            self._decode = None
-            await asyncio.to_thread(decode.close, True)
-        await asyncio.to_thread(self._build, new)
-        self.role_changes += 1
-        return time.monotonic() - started
+        if self._switch is None:
+            self._switch = asyncio.Lock()
+        async with self._switch:
+            if new is self._role:
+                return 0.0
+            started = time.monotonic()
+            deadline = started + idle_timeout_s
+            while busy := self._busy(await self.stats()):
+                if time.monotonic() >= deadline:
+                    raise ValueError(
+                        f"the {self._role.value} worker still holds {busy} requests after {idle_timeout_s:g} s: "
+                        "drain it first"
+                    )
+                await asyncio.sleep(IDLE_POLL_S)
+            old_role, old = self._role, self._shell()
+            self._prefill = self._decode = None  # calls answer Unavailable until the new shell is up
+            if isinstance(old, DecodeActor):
+                old.close_channel()
+            await asyncio.to_thread(old.worker.close, True)
+            # A call that was already past the role check when the shell closed may have left
+            # a request in the engine: nobody serves it any more.
+            for request_id in list(self.engine.requests):
+                self.engine.abort(request_id)
+            try:
+                shell = await asyncio.to_thread(self._build, new)
+            except BaseException:
+                self._set_shell(await asyncio.to_thread(self._build, old_role))
+                raise
+            self._set_shell(shell)
+            self.role_changes += 1
+            return time.monotonic() - started
 
     def _as_prefill(self) -> PrefillActor:
         if self._prefill is None:
-            raise Unavailable("this worker serves as a decode worker now")
+            raise Unavailable(self._not_serving(Role.PREFILL))
         return self._prefill
 
     def _as_decode(self) -> DecodeActor:
         if self._decode is None:
-            raise Unavailable("this worker serves as a prefill worker now")
+            raise Unavailable(self._not_serving(Role.DECODE))
         return self._decode
+
+    def _not_serving(self, role: Role) -> str:
+        if self._prefill is None and self._decode is None:
+            return "this worker is changing role"
+        return f"this worker serves as a {self._role.value} worker now, not as a {role.value} worker"
 
     def _shell(self) -> PrefillActor | DecodeActor:
         return self._prefill if self._prefill is not None else self._as_decode()
@@ -163,10 +186,11 @@ class RoleActor:
     async def take_steps(self) -> list[StepRecord]:
         return await self._shell().take_steps()
 
-    async def role_stats(self) -> tuple[Role, WorkerStats]:
-        """Its role and gauges in one call (a restarted worker comes back in the role it was
-        started with; the Ray client puts it back in the one the router has it in)."""
-        return self.role, await self.stats()
+    async def role_stats(self) -> tuple[str, Role, WorkerStats]:
+        """Its incarnation, role and gauges in one call (a restarted worker comes back in the
+        role it was started with, as a new incarnation; the Ray client then puts it back in
+        the role the router has it in)."""
+        return self.incarnation, self._role, await self.stats()
 
     def info(self) -> WorkerInfo:
         return self._shell().info()

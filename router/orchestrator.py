@@ -175,10 +175,12 @@ class DisaggregatedBackend:
         has an id of its own on the workers (`<id>#<k>`): what a lost run left there, or an
         abort of it still on its way, can never meet it."""
         arrived = time.monotonic()
-        self.arrivals.append(arrived)
-        num_output = 0
+        num_output, served = 0, False
         try:
             async for delta in self._recovering(request):
+                if not served:  # a request refused (400, 429, 503) raised before: not load served
+                    served = True
+                    self.arrivals.append(arrived)
                 num_output += len(delta.token_ids)
                 if delta.finished and delta.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                     self.finished.append((arrived, len(request.prompt_token_ids), num_output))
@@ -703,7 +705,8 @@ class _Run:
 
     def on(self, role: Role, index: int) -> bool:
         if role is Role.DECODE:
-            return index in (self.decode, self.source)
+            going = self.migration.dst if self.migration is not None else None
+            return index in (self.decode, self.source, going)
         return self.prefill == index
 
     def movable_from(self, index: int) -> bool:

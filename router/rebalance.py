@@ -81,15 +81,20 @@ async def change_role(
         )
     new = Role.DECODE if role is Role.PREFILL else Role.PREFILL
     started = time.monotonic()
-    moved = await backend.drain(role, index, timeout_s)
+    try:
+        moved = await backend.drain(role, index, timeout_s)
+        backend.retire(role, index)  # not polled while it switches
+    except BaseException:
+        backend.counters["role_change_failures_total"] += 1
+        backend.undrain(role, index)
+        raise
     drained = time.monotonic()
     try:
         switch_s = await set_role(new)
     except BaseException:
         backend.counters["role_change_failures_total"] += 1
-        backend.undrain(role, index)
+        backend.add_worker(role, client)  # back where it was
         raise
-    backend.retire(role, index)
     new_index = backend.add_worker(new, client)
     backend.counters["role_changes_total"] += 1
     change = RoleChange((role, index), (new, new_index), moved, drained - started, switch_s)
@@ -249,10 +254,11 @@ class Rebalancer:
         backend: DisaggregatedBackend,
         coeffs: Coefficients,
         slo: SLOSpec,
-        kv_tokens: int,
+        kv_tokens: int | None = None,
         config: RebalanceConfig | None = None,
     ):
-        """coeffs: the workers' latency (a `tandem profile` entry); kv_tokens: one worker's KV."""
+        """coeffs: the workers' latency (a `tandem profile` entry); kv_tokens: one worker's KV
+        (None: from the decode workers' stats, once they report)."""
         self.backend, self.coeffs, self.slo, self.kv_tokens = backend, coeffs, slo, kv_tokens
         self.config = config or RebalanceConfig()
         self.decisions: deque[Decision] = deque(maxlen=DECISIONS_KEPT)
@@ -260,6 +266,7 @@ class Rebalancer:
         self._agreed: tuple[int, int] | None = None  # the best split of the evaluations in a row
         self._agreements = 0
         self._changed_at = -math.inf
+        self._target: tuple[int, int] | None = None  # the split the changes under way lead to
         self._task: asyncio.Task | None = None
 
     def split(self) -> tuple[int, int]:
@@ -284,18 +291,31 @@ class Rebalancer:
         rate, stats = seen
         prefill, decode = self.split()
         cfg = self.config
+        kv_tokens = self.kv_tokens or self.backend.policy.block_size * max(
+            (v.stats.num_blocks for v in self.backend.policy.decode if v.stats is not None), default=0
+        )
+        if not kv_tokens:
+            return None
         splits = forecast_splits(
             prefill + decode,
             self.coeffs,
             stats,
             self.slo,
-            self.kv_tokens,
+            kv_tokens,
             self.backend.policy.block_size,
             min(cfg.min_prefill, prefill),
             min(cfg.min_decode, decode),
         )
         current = next(s for s in splits if s.prefill == prefill)
         best = max(splits, key=lambda s: (s.capacity_rps, s.prefill == prefill))
+        if self._target == (prefill, decode):
+            self._target = None  # reached
+        target = next((s for s in splits if (s.prefill, s.decode) == self._target), None)
+        if target is not None and best.capacity_rps < (1 + cfg.margin) * target.capacity_rps:
+            # On the way to a split, one worker at a time: the splits between may forecast less
+            # (they are not compared with the one the change started from), so the way goes on
+            # unless another split beats the target by the margin.
+            best = target
         if best.prefill == prefill:
             action, reason = "hold", "the current split is the best"
         elif best.capacity_rps < (1 + cfg.margin) * current.capacity_rps:
@@ -362,7 +382,11 @@ class Rebalancer:
         worker = min(candidates, key=lambda v: v.load)  # the fewest requests to move
         self._changed_at = time.monotonic()
         self._agreements = 0
-        change = await change_role(self.backend, role, worker.index)
+        self._target = (decision.best.prefill, decision.best.decode)
+        try:
+            change = await change_role(self.backend, role, worker.index)
+        finally:
+            self._changed_at = time.monotonic()  # the cool-down runs from the change's end
         self.changes.append((time.monotonic(), change))
         return change
 
@@ -372,8 +396,10 @@ class Rebalancer:
             await asyncio.sleep(self.config.interval_s)
             try:
                 await self.step()
-            except (ValueError, RuntimeError, TimeoutError) as exc:
-                log.warning("rebalance: the role change failed: %s", exc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # the next evaluation tries again
+                log.warning("rebalance: the evaluation or its role change failed: %r", exc)
 
     def start(self) -> None:
         """Run on the current event loop (the router's)."""

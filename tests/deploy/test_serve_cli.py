@@ -119,3 +119,22 @@ def test_nixl_is_the_default_where_it_can_run():
     assert _default_kv_backend() == ("nixl" if runnable else "shm")
     # The test environment installs the CUDA-specific wheel alone (no module named `nixl`).
     assert runnable, load_backend("nixl").unavailable_reason("cpu")
+
+
+def test_autoscale_settings_are_refused_by_name_before_anything_starts(tmp_path, capsys):
+    """--autoscale needs a profile with one tp 1 pp 1 entry; it does not go with --colocated."""
+    assert cli.main(["serve", "--autoscale"]) == 2
+    assert "--autoscale-profile" in capsys.readouterr().err
+    two = tmp_path / "two.yaml"
+    entry = "  tp: {tp}\n  pp: 1\n  prefill_ms: {{a: 1, b: 1, c: 0}}\n  decode_ms: {{A: 1, B: 0, C: 1}}\n"
+    two.write_text(
+        "model: m\nentries:\n- gpu_type: cpu\n" + entry.format(tp=1) + "- gpu_type: L4\n" + entry.format(tp=1)
+    )
+    assert cli.main(["serve", "--autoscale", "--autoscale-profile", str(two)]) == 2
+    assert "exactly one entry with tp 1 and pp 1, it has: cpu tp 1 pp 1, L4 tp 1 pp 1" in capsys.readouterr().err
+    one = tmp_path / "one.yaml"
+    one.write_text("model: m\nentries:\n- gpu_type: cpu\n" + entry.format(tp=1))
+    assert cli.main(["serve", "--autoscale", "--autoscale-profile", str(one), "--slo-tpot-s", "0"]) == 2
+    assert "slo.tpot_s" in capsys.readouterr().err
+    assert cli.main(["serve", "--autoscale", "--autoscale-profile", str(one), "--colocated"]) == 2
+    assert "does not apply to --colocated" in capsys.readouterr().err

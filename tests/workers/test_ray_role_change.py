@@ -98,6 +98,6 @@ def test_a_worker_killed_after_a_role_change_comes_back_in_its_new_role(deployme
 
     change, prompt, deltas, prefilled = asyncio.run(main())
     assert change.after[0] is Role.PREFILL
-    assert ray.get(actor.role_stats.remote(), timeout=60)[0] is Role.DECODE
+    assert ray.get(actor.role_stats.remote(), timeout=60)[1] is Role.DECODE
     assert prefilled == 1, "the restarted worker did not prefill in its new role"
     assert_exact({"k": deltas}, {"k": prompt}, tiny_llama_dir, MAX_TOKENS)
