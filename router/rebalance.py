@@ -53,6 +53,7 @@ from router.orchestrator import DisaggregatedBackend
 log = logging.getLogger(__name__)
 DECISIONS_KEPT = 1000
 MAX_SAMPLES = 300  # finished requests the workload's lengths are drawn from, at most
+STALL_DRAWS = 8  # draws per request of the prompts that stall it (colocated_capacity)
 
 
 @dataclass(frozen=True)
@@ -129,15 +130,24 @@ def colocated_capacity(
     """Requests/s `workers` workers that each prefill their own prompts serve within the SLO
     (see the module's note)."""
     prefill_s = float(prefill_service_s(coeffs, stats).mean())
+    steps = np.maximum(stats.output_tokens - 1, 1).astype(float)
+    draws = np.random.default_rng(0).random((STALL_DRAWS, len(steps)))  # common numbers: a smooth bisection
 
     def decode_feasible(rate: float) -> bool:
         share = rate / workers * prefill_s
         if share >= 1:
             return False
         tighter = SLOSpec(slo.ttft_s, slo.tpot_s * (1 - share), slo.ttft_percentile, slo.tpot_percentile)
-        return (
-            rate / workers <= (1 - share) * decode_limits(coeffs, 1, kv_tokens, stats, tighter, block_size).capacity_rps
-        )
+        if rate / workers > (1 - share) * decode_limits(coeffs, 1, kv_tokens, stats, tighter, block_size).capacity_rps:
+            return False
+        # A request's TPOT is its steps' time plus the prompts prefilled while it decodes, spread
+        # over its tokens: a short output hit by one long prompt misses the target. Prompts
+        # arrive at the worker's rate over the request's life (decode steps x TPOT): Poisson.
+        batch = rate / workers * stats.mean_decode_steps * slo.tpot_s
+        step_s = coeffs.decode_ms(batch, batch * stats.decode_context) / 1e3
+        stalls = _poisson_quantiles(draws, rate / workers * steps * slo.tpot_s)
+        tpot = step_s + stalls * prefill_s / steps
+        return float(np.quantile(tpot, slo.tpot_percentile / 100)) <= slo.tpot_s
 
     def ttft_capacity(rate: float) -> float:
         """What the prefills allow when a prompt's chunks (MIN_PREFILL_BUDGET tokens each) ride
@@ -161,6 +171,21 @@ def colocated_capacity(
         mid = (below + above) / 2
         below, above = (mid, above) if ttft_capacity(mid) >= mid else (below, mid)
     return below
+
+
+def _poisson_quantiles(u: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """Poisson(mean) counts at the quantiles u (one row per draw, one column per mean)."""
+    counts = np.zeros(u.shape)
+    term = np.exp(-mean) * np.ones(u.shape)  # P(N = 0)
+    cdf = term.copy()
+    for k in range(1, 200):
+        below = u > cdf
+        if not below.any():
+            break
+        counts += below
+        term = term * mean / k
+        cdf = cdf + term
+    return counts
 
 
 def forecast_splits(
