@@ -7,7 +7,7 @@ serve the ~100M Llama of benchmarks/distserve.py, starting as 1 prefill + 1 deco
 The load shifts halfway, from prompt-heavy to decode-heavy and from a low rate to a high one:
 the Azure conversation trace's lengths scaled as in distserve.py (prompts and outputs x 1/8:
 146 and 27 tokens on average) at 0.5 req/s, then prompts x 1/16 and outputs x 1/2 (73 and
-107 tokens) at 0.9 req/s; Poisson arrivals. Rounds alternate:
+107 tokens) at 0.8 req/s; Poisson arrivals. Rounds alternate:
 - static: the split stays 1P:1D;
 - adaptive: the rebalancer (router/rebalance.py) runs, with the planner's capacity model
   over the profile `tandem profile` measured for this model on one core.
@@ -222,7 +222,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="directory for results.json, table.md and plot.png")
     parser.add_argument("--repeats", type=int, default=1, help="rounds of each mode, alternated")
-    parser.add_argument("--rates", default="0.5,0.9", help="req/s before and after the shift")
+    parser.add_argument("--rates", default="0.5,0.8", help="req/s before and after the shift")
     parser.add_argument("--phases-s", default="75,120", help="seconds of each phase")
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE_DIR / "conv.csv")
     parser.add_argument("--profile", type=Path, default=PROFILE)

@@ -159,9 +159,10 @@ class DisaggregatedBackend:
             "role_changes_total": 0,  # workers that changed role (router/rebalance.py)
             "role_change_failures_total": 0,
         }
-        # What the rebalancer reads (router/rebalance.py): when requests arrived, and each
-        # finished one's (arrival time, prompt tokens, output tokens).
-        self.arrivals: deque[float] = deque(maxlen=WORKLOAD_KEPT)
+        # What the rebalancer reads (router/rebalance.py): each request served, as (arrival
+        # time, prompt tokens, max_tokens), and each finished one's (arrival time, prompt
+        # tokens, output tokens).
+        self.arrivals: deque[tuple[float, int, int]] = deque(maxlen=WORKLOAD_KEPT)
         self.finished: deque[tuple[float, int, int]] = deque(maxlen=WORKLOAD_KEPT)
         self._cancelled: set[str] = set()  # requests abort() ended: never run again
         self.migrations: deque[Migration] = deque(maxlen=MIGRATIONS_KEPT)  # the latest that landed, oldest first
@@ -180,7 +181,7 @@ class DisaggregatedBackend:
             async for delta in self._recovering(request):
                 if not served:  # a request refused (400, 429, 503) raised before: not load served
                     served = True
-                    self.arrivals.append(arrived)
+                    self.arrivals.append((arrived, len(request.prompt_token_ids), request.params.max_tokens))
                 num_output += len(delta.token_ids)
                 if delta.finished and delta.finish_reason in (FinishReason.STOP, FinishReason.LENGTH):
                     self.finished.append((arrived, len(request.prompt_token_ids), num_output))

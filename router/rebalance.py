@@ -1,8 +1,9 @@
 """Online P:D rebalancing: the prefill:decode split follows the load.
 
-A Rebalancer (tandem serve --autoscale) looks, every interval_s, at the workload the router
-served over the last window_s (DisaggregatedBackend.arrivals and .finished: arrival rate,
-its burstiness, prompt and output lengths) and asks the planner's capacity model
+A Rebalancer (tandem serve --autoscale) looks, every interval_s, at the requests that arrived
+over the last window_s (DisaggregatedBackend.arrivals and .finished: arrival rate, its
+burstiness, prompt lengths, and output lengths: what a finished request generated, the
+max_tokens of one still running) and asks the planner's capacity model
 (planner/solve/capacity.py, the one `tandem plan` sizes instances with) what each split of
 the workers it has would serve within the SLO:
 
@@ -212,22 +213,27 @@ def forecast_splits(
 
 
 def observed_workload(
-    arrivals: list[float], finished: list[tuple[float, int, int]], now: float, window_s: float
+    arrivals: list[tuple[float, int, int]], finished: list[tuple[float, int, int]], now: float, window_s: float
 ) -> tuple[float, WorkloadStats] | None:
-    """(arrival rate, workload stats) over the last window_s; None with nothing finished in it."""
-    times = np.array([t for t in arrivals if t >= now - window_s])
-    done = [(p, o) for t, p, o in finished if t >= now - window_s]
-    if not done or len(times) < 2:
+    """(arrival rate, workload stats) of the requests that arrived in the last window_s; None
+    with fewer than two. A finished request counts with the tokens it generated, one still
+    running with its max_tokens: under overload the long outputs finish last, and lengths
+    of finished requests alone would show a load lighter than the one arriving."""
+    recent = [(t, p, m) for t, p, m in arrivals if t >= now - window_s]
+    if len(recent) < 2:
         return None
+    generated = {(t, p): o for t, p, o in finished if t >= now - window_s}
+    times = np.array([t for t, _, _ in recent])
     span = min(window_s, now - float(times.min()))
     rate = len(times) / max(span, 1e-9)
     gaps = np.diff(np.sort(times))
     cv2 = float(gaps.var() / gaps.mean() ** 2) if len(gaps) > 1 and gaps.mean() > 0 else 1.0
-    if len(done) > MAX_SAMPLES:  # the capacity model's cost grows with the samples
-        picked = np.random.default_rng(0).choice(len(done), MAX_SAMPLES, replace=False)
-        done = [done[i] for i in picked]
-    prompts = np.array([p for p, _ in done])
-    outputs = np.array([o for _, o in done])
+    lengths = [(p, generated.get((t, p), m)) for t, p, m in recent]
+    if len(lengths) > MAX_SAMPLES:  # the capacity model's cost grows with the samples
+        picked = np.random.default_rng(0).choice(len(lengths), MAX_SAMPLES, replace=False)
+        lengths = [lengths[i] for i in picked]
+    prompts = np.array([p for p, _ in lengths])
+    outputs = np.array([o for _, o in lengths])
     stats = WorkloadStats(prompts, outputs, int((prompts + outputs).max()), arrival_cv2=max(cv2, 0.05))
     return rate, stats
 
@@ -240,7 +246,7 @@ class RebalanceConfig:
     margin: float = 0.2  # the best split must forecast this much more capacity than the current
     pressure: float = 0.7  # and the load be at least this share of the current split's capacity
     confirm: int = 2  # evaluations in a row that must call for the same change
-    min_requests: int = 10  # finished requests in the window before any decision
+    min_requests: int = 10  # requests arrived in the window before any decision
     min_prefill: int = 0  # 0: the workers may all decode, prefilling their own prompts
     min_decode: int = 1
 
@@ -302,11 +308,11 @@ class Rebalancer:
     def evaluate(
         self,
         now: float | None = None,
-        arrivals: list[float] | None = None,
+        arrivals: list[tuple[float, int, int]] | None = None,
         finished: list[tuple[float, int, int]] | None = None,
     ) -> Decision | None:
         """Look at the load and decide (nothing is changed here); None before min_requests
-        finished. arrivals, finished: the backend's, copied (default: copied now)."""
+        arrived in the window. arrivals, finished: the backend's, copied (default: now)."""
         now = time.monotonic() if now is None else now
         arrivals = list(self.backend.arrivals) if arrivals is None else arrivals
         finished = list(self.backend.finished) if finished is None else finished

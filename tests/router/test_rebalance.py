@@ -85,7 +85,7 @@ def script(backend: DisaggregatedBackend, rate: float, prompt: int, output: int,
     rng = np.random.default_rng(0)
     t = now - window_s
     while (t := t + float(rng.exponential(1 / rate))) < now:
-        backend.arrivals.append(t)
+        backend.arrivals.append((t, prompt, output))
         backend.finished.append((t, prompt, output))
 
 
