@@ -27,6 +27,7 @@ COPY engine ./engine
 COPY kv_transfer ./kv_transfer
 COPY prefill_worker ./prefill_worker
 COPY decode_worker ./decode_worker
+COPY elastic ./elastic
 COPY router ./router
 COPY planner ./planner
 COPY deploy ./deploy
