@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import os
 import signal
 import time
@@ -292,6 +293,12 @@ async def start_rebalancer(args: argparse.Namespace, backend, log=print):
     )
     rebalancer = Rebalancer(backend, coeffs, slo, config=config)  # KV size from the workers' stats
     rebalancer.start()
+    decisions = logging.getLogger("router.rebalance")
+    if not decisions.handlers and not logging.getLogger().handlers:  # nobody set logging up: to stderr
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        decisions.addHandler(handler)
+        decisions.setLevel(logging.INFO)
     log(f"rebalancing the prefill:decode split online for {slo.describe()} (router/rebalance.py)")
     return rebalancer
 

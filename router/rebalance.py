@@ -298,6 +298,7 @@ class Rebalancer:
         self._agreements = 0
         self._changed_at = -math.inf
         self._target: tuple[int, int] | None = None  # the split the changes under way lead to
+        self._said: tuple | None = None  # the last decision logged at INFO
         self._task: asyncio.Task | None = None
 
     def split(self) -> tuple[int, int]:
@@ -385,7 +386,13 @@ class Rebalancer:
         counters["rebalance_rate_rps"] = rate
         counters["rebalance_best_prefill_workers"] = best.prefill
         counters["rebalance_forecast_capacity_rps"] = current.capacity_rps
-        log.info(
+        # A decision like the last one (same action, best split and reason) at DEBUG: a steady
+        # load would fill the log.
+        said = (action, (best.prefill, best.decode), reason.split(" forecasts ")[0])
+        level = logging.DEBUG if said == self._said else logging.INFO
+        self._said = said
+        log.log(
+            level,
             "rebalance: %.2f req/s, prompt %.0f, output %.0f tokens: now %s, best %s: %s (%s)",
             rate,
             decision.mean_prompt,
