@@ -508,15 +508,14 @@ class DisaggregatedBackend:
             if not isinstance(steps, BaseException)
         ]
 
-    def _view(self, role: Role | str, index: int, retired: bool = False) -> tuple[Role, WorkerView]:
-        """A worker's view by role and index, or ValueError naming what exists (retired: a
-        retired index is accepted too)."""
+    def _view(self, role: Role | str, index: int) -> tuple[Role, WorkerView]:
+        """A worker's view by role and index, or ValueError naming what exists."""
         roles = {r.value: r for r in (Role.PREFILL, Role.DECODE)}
         if str(role) not in roles:
             raise ValueError(f"role must be one of {sorted(roles)}, got {role!r}")
         views = self.policy.prefill if roles[str(role)] is Role.PREFILL else self.policy.decode
         members = [v.index for v in views if not v.retired]
-        if not 0 <= index < len(views) or (views[index].retired and not retired):
+        if not 0 <= index < len(views) or views[index].retired:
             raise ValueError(f"there is no {role} worker {index}: its indices are {members}")
         return roles[str(role)], views[index]
 

@@ -27,9 +27,9 @@ def start_local_ray(num_cpus: int) -> None:
     )
 
 
-def deploy_two_decoders(model_dir, max_restarts: int, pin_cores: bool | None = None):
+def deploy_two_decoders(model_dir, max_restarts: int, pin_cores: bool | None = None, elastic: bool = False):
     """1 prefill + 2 decode workers on shared memory, every prompt prefilled on the prefill
-    worker, Ray restarting a dead worker up to max_restarts times (pin_cores: deploy's)."""
+    worker, Ray restarting a dead worker up to max_restarts times (pin_cores, elastic: deploy's)."""
     from deploy.cluster import WorkerGroup, deploy
 
     return deploy(
@@ -42,6 +42,7 @@ def deploy_two_decoders(model_dir, max_restarts: int, pin_cores: bool | None = N
         transfer_timeout_s=20.0,
         max_restarts=max_restarts,
         pin_cores=pin_cores,
+        elastic=elastic,
     )
 
 

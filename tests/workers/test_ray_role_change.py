@@ -17,11 +17,16 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="ray is not installed")
 
-from deploy.cluster import WorkerGroup, deploy  # noqa: E402
-from engine import EngineConfig  # noqa: E402
 from proto.serving import Role  # noqa: E402
 from router.rebalance import change_role  # noqa: E402
-from tests.workers.local_ray import assert_exact, greedy, pid_of, start_local_ray, stream  # noqa: E402
+from tests.workers.local_ray import (  # noqa: E402
+    assert_exact,
+    deploy_two_decoders,
+    greedy,
+    pid_of,
+    start_local_ray,
+    stream,
+)
 from tests.workers.test_ray_serving import all_free  # noqa: E402
 
 MAX_TOKENS = 60
@@ -31,17 +36,7 @@ PARAMS = greedy(MAX_TOKENS)
 @pytest.fixture(scope="module")
 def deployment(tiny_llama_dir):
     start_local_ray(4)
-    dep = deploy(
-        tiny_llama_dir,
-        [WorkerGroup("prefill", 1), WorkerGroup("decode", 2)],
-        EngineConfig(max_num_batched_tokens=64, num_blocks=256),
-        kv_backend="shm",
-        model_name="tiny",
-        local_prefill_tokens=0,
-        transfer_timeout_s=20.0,
-        max_restarts=2,
-        elastic=True,
-    )
+    dep = deploy_two_decoders(tiny_llama_dir, max_restarts=2, elastic=True)
     yield dep
     dep.shutdown()
     ray.shutdown()

@@ -18,28 +18,13 @@ from elastic.role_actor import RoleActor
 from engine import EngineConfig, SamplingParams
 from proto.errors import Unavailable
 from proto.serving import GenerateRequest, Role
-from router.orchestrator import DisaggregatedBackend
 from router.rebalance import change_role
 from tests.checkpoints import hf_greedy
 from tests.kv_transfer.peer import TEST_SECRET
-from tests.workers.test_migration import blocks_free
+from tests.workers.test_migration import CONFIG, blocks_free, make_backend
 
 MAX_TOKENS = 24
 PARAMS = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
-CONFIG = EngineConfig(max_num_batched_tokens=64, num_blocks=128)
-
-
-def make_backend(model_dir, prefill, decode) -> DisaggregatedBackend:
-    return DisaggregatedBackend(
-        model_dir,
-        prefill,
-        decode,
-        model_name="tiny",
-        max_model_len=512,
-        block_size=CONFIG.block_size,
-        kv_bytes_per_token=1,
-        local_prefill_tokens=0,
-    )
 
 
 @pytest.fixture
