@@ -207,7 +207,7 @@ class DecodeFollowerActor:
         engine_config: EngineConfig,
         kv_backend: str,
         host: str | None,
-        tp_rank: int,
+        rank: int,
         dist_init: str,
         *,
         kv_secret: bytes,
@@ -216,7 +216,7 @@ class DecodeFollowerActor:
         if cores:
             bind_cores(cores)
         self.follower = DecodeFollower(
-            model_dir, engine_config, kv_backend, host or node_ip(), tp_rank, dist_init, kv_secret=kv_secret
+            model_dir, engine_config, kv_backend, host or node_ip(), rank, dist_init, kv_secret=kv_secret
         )
 
     def endpoint(self) -> str:

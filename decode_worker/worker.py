@@ -187,8 +187,8 @@ class DecodeWorker:
         (each follower's DecodeFollower is built at the same time, in its own process).
         kv_secret: the deployment's (kv_transfer/auth.py); only prefill workers holding it may
         send KV here. engine: one already loaded to run on (a role change), else one is built."""
-        self.engine = engine or LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
-        self.tp_size = engine_config.tensor_parallel_size
+        self.engine = engine or LLMEngine(model_dir, engine_config, rank=0, dist_init=dist_init)
+        self.num_ranks = engine_config.num_ranks
         self.transfer_timeout_s = transfer_timeout_s
         self.kv_backend = kv_backend
         self._kv_secret = kv_secret
@@ -202,7 +202,7 @@ class DecodeWorker:
             kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret, host=host
         )
         # Every rank's receiver, in rank order: the followers tell theirs as they start.
-        group = self.engine.tp_group
+        group = self.engine.group
         self.endpoints = tuple(str(e) for e in group.gather(self.endpoint)) if group else (self.endpoint,)
         self._lock = threading.Lock()
         self._requests: dict[str, _Decode] = {}  # from request_blocks() until admitted or dropped
@@ -255,7 +255,7 @@ class DecodeWorker:
             record = self._requests.get(request_id)
         if record is None:
             raise TransferFailed(f"{request_id} was never given blocks here")
-        record.parts = [None] * self.tp_size
+        record.parts = [None] * self.num_ranks
         record.transfer = expect_part(
             self.receiver,
             request_id,
@@ -265,7 +265,7 @@ class DecodeWorker:
         )
         # Rank 0's failure is known before its blocks are let go: wake the waiters at once.
         record.transfer.add_done_callback(lambda _t: self._part_settled(request_id, record))
-        if self.tp_size > 1:
+        if self.num_ranks > 1:
             with self._lock:
                 stopped = self._stopped
                 if stopped is None:
@@ -401,10 +401,10 @@ class DecodeWorker:
             if not record.registered.done():
                 record.registered.set_exception(TransferFailed(f"the engine loop stopped: {reason}"))
         for request_id, record in open_records:
-            for rank in range(1, self.tp_size):
+            for rank in range(1, self.num_ranks):
                 self._settle(request_id, record, rank, (TransferState.FAILED, f"tensor-parallel rank lost: {reason}"))
         for request_id, outgoing in sending:
-            for rank in range(1, self.tp_size):
+            for rank in range(1, self.num_ranks):
                 lost = (TransferState.FAILED, f"tensor-parallel rank lost: {reason}")
                 self._send_part_released(request_id, outgoing, rank, lost)
 
@@ -478,7 +478,7 @@ class DecodeWorker:
             else:
                 if copy is not None:  # else migrate_out() cancels it once started
                     copy.cancel("request aborted")
-                if self.tp_size > 1:
+                if self.num_ranks > 1:
                     with self._lock:
                         self._stop_sends.append((request_id, "request aborted"))
                     self.loop.wake()
@@ -536,16 +536,16 @@ class DecodeWorker:
             if outgoing.copying:
                 raise TransferFailed(f"{request_id} is being copied already")
             # From now on only the parts' releases free the blocks.
-            outgoing.copying, outgoing.parts, outgoing.done = True, [None] * self.tp_size, Future()
+            outgoing.copying, outgoing.parts, outgoing.done = True, [None] * self.num_ranks, Future()
             if self._sender is None:
                 layout = self.engine.kv_cache.layout
                 self._sender = KVSender(self.kv_backend, self.engine.kv_cache.tensor, layout, secret=self._kv_secret)
             sender = self._sender
             ids, timeout_s = outgoing.detached.block_ids, self.transfer_timeout_s
-            if self.tp_size > 1:
+            if self.num_ranks > 1:
                 self._send_orders.append((request_id, handle.request_id, ids, handle.endpoints, timeout_s))
                 self._sending[request_id] = outgoing
-        if self.tp_size > 1:
+        if self.num_ranks > 1:
             self.loop.wake()  # the next turn orders every follower's part
         done = outgoing.done
         started: list[Transfer] = []  # empty if it fails inside start(): never DONE then
@@ -565,7 +565,8 @@ class DecodeWorker:
             aborted = outgoing.aborted
         if aborted:
             transfer.cancel("request aborted")
-        for layer in range(self.engine.kv_cache.layout.num_layers):  # the KV is all in place
+        layout = self.engine.kv_cache.layout
+        for layer in range(layout.layer_start, layout.layer_end):  # the KV is all in place
             sender.push_layer(handle.request_id, layer)
         return done
 
@@ -580,7 +581,7 @@ class DecodeWorker:
                 return
             outgoing.parts[rank] = settled
             stop_others = state is not TransferState.DONE and any(p is None for p in outgoing.parts)
-            if stop_others and self.tp_size > 1 and self._sending.get(request_id) is outgoing:
+            if stop_others and self.num_ranks > 1 and self._sending.get(request_id) is outgoing:
                 self._stop_sends.append((request_id, f"rank {rank}'s part failed: {error}"))
             rank0 = outgoing.transfer
             if any(p is None for p in outgoing.parts):
@@ -600,14 +601,14 @@ class DecodeWorker:
         if stop_others:
             if rank0 is not None and rank != 0:
                 rank0.cancel(f"rank {rank}'s part failed: {error}")
-            if self.tp_size > 1:
+            if self.num_ranks > 1:
                 self.loop.poke()  # may run on the loop's own thread, under its lock: never wake()
         if not finished:
             return
         if free:
             self.loop.release_soon(request_id)  # a live detached request is aborted, then freed
         if failures:
-            why = "; ".join(f"rank {r}: {w}" for r, w in failures) if self.tp_size > 1 else failures[0][1]
+            why = "; ".join(f"rank {r}: {w}" for r, w in failures) if self.num_ranks > 1 else failures[0][1]
             outgoing.done.set_exception(TransferFailed(why))
         else:
             outgoing.done.set_result(None)
@@ -654,17 +655,17 @@ class DecodeFollower:
         engine_config: EngineConfig,
         kv_backend: str,
         host: str,
-        tp_rank: int,
+        rank: int,
         dist_init: str,
         *,
         kv_secret: bytes,
     ):
-        self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
+        self.engine = LLMEngine(model_dir, engine_config, rank=rank, dist_init=dist_init)
         self.receiver = KVReceiver(
             kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret, host=host
         )
-        assert self.engine.tp_group is not None
-        self.engine.tp_group.gather(self.endpoint)  # rank 0 learns where this rank receives
+        assert self.engine.group is not None
+        self.engine.group.gather(self.endpoint)  # rank 0 learns where this rank receives
         self.kv_backend = kv_backend
         self._kv_secret = kv_secret
         self._sender: KVSender | None = None  # for migrations out, made on first use
@@ -675,7 +676,7 @@ class DecodeFollower:
         self._sends: dict[str, Transfer] = {}  # migrations' parts still reading the blocks
         self._sent: list[tuple[str, TransferState, str | None]] = []  # let go since the last report
         self._thread = threading.Thread(
-            target=self.engine.follow, args=(self._on_step, self._report), name=f"decode-rank-{tp_rank}", daemon=True
+            target=self.engine.follow, args=(self._on_step, self._report), name=f"decode-rank-{rank}", daemon=True
         )
         self._thread.start()
 
@@ -741,7 +742,8 @@ class DecodeFollower:
                 self._sent.append((request_id, part.state, part.error))
             else:
                 self._sends[request_id] = part
-        for layer in range(self.engine.kv_cache.layout.num_layers):
+        layout = self.engine.kv_cache.layout
+        for layer in range(layout.layer_start, layout.layer_end):
             self._sender.push_layer(transfer_id, layer)
 
     def _on_settled(self, request_id: str, settled: Settled) -> None:

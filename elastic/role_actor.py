@@ -68,7 +68,7 @@ class RoleActor:
         self._model_dir, self._config, self._kv_backend = model_dir, engine_config, kv_backend
         self._host = host or node_ip()
         self._transfer_timeout_s, self._max_waiting, self._kv_secret = transfer_timeout_s, max_waiting, kv_secret
-        self.engine = LLMEngine(model_dir, engine_config, tp_rank=0)
+        self.engine = LLMEngine(model_dir, engine_config, rank=0)
         self.incarnation = uuid.uuid4().hex  # new in every process: a restarted worker's differs
         self._prefill: PrefillActor | None = None
         self._decode: DecodeActor | None = None

@@ -132,7 +132,12 @@ class EngineConfig:
     num_blocks: int | None = None  # KV blocks; default: from kv_cache_bytes
     kv_cache_bytes: int | None = None  # default: 1 GiB on CPU, 90% of free GPU memory on GPU
     enable_prefix_caching: bool = True
-    tensor_parallel_size: int = 1  # ranks (GPUs) one engine is split over; see engine/parallel.py
+    tensor_parallel_size: int = 1  # ranks (GPUs) each pipeline stage is split over; see engine/parallel.py
+    pipeline_parallel_size: int = 1  # stages, each holding a contiguous range of the layers
+    # layers of each stage, in order (uneven splits); default: as even as can be
+    pipeline_layers: tuple[int, ...] | None = None
+    # micro-batches a step is cut into so that the stages overlap; default: one per stage
+    pipeline_microbatches: int | None = None
     # "checkpoint": the directory's weights; "dummy": random weights of config.json's shapes,
     # made on the device (no weight files needed: speed measurements of a model's shape)
     load_format: str = "checkpoint"
@@ -153,7 +158,22 @@ class EngineConfig:
             "num_blocks",
             "kv_cache_bytes",
             "tensor_parallel_size",
+            "pipeline_parallel_size",
+            "pipeline_microbatches",
         ):
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if self.pipeline_layers is not None:
+            layers = tuple(self.pipeline_layers)
+            object.__setattr__(self, "pipeline_layers", layers)
+            if len(layers) != self.pipeline_parallel_size or any(n <= 0 for n in layers):
+                raise ValueError(
+                    f"pipeline_layers must give a positive layer count for each of the "
+                    f"pipeline_parallel_size={self.pipeline_parallel_size} stages, got {layers}"
+                )
+
+    @property
+    def num_ranks(self) -> int:
+        """Processes one engine runs as: tensor_parallel_size x pipeline_parallel_size."""
+        return self.tensor_parallel_size * self.pipeline_parallel_size

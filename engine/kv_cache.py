@@ -21,8 +21,10 @@ class KVCache:
         self.tensor = torch.zeros(layout.shape, dtype=TORCH_DTYPES[layout.dtype], device=layout.device)
 
     def layer(self, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V views of one layer, each [num_blocks, num_kv_heads, block_size, head_dim]."""
-        return self.tensor[layer_idx, 0], self.tensor[layer_idx, 1]
+        """K and V views of one layer (the model's index; a pipeline stage's cache holds its
+        layers from layout.layer_start), each [num_blocks, num_kv_heads, block_size, head_dim]."""
+        local = layer_idx - self.layout.layer_start
+        return self.tensor[local, 0], self.tensor[local, 1]
 
     @property
     def num_bytes(self) -> int:

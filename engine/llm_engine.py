@@ -19,7 +19,18 @@ from engine.detokenizer import Detokenizer
 from engine.kv_cache import TORCH_DTYPES, KVCache
 from engine.loader import load_model, random_model
 from engine.model_runner import ModelRunner
-from engine.parallel import OnReports, OnStep, Report, TPGroup, TPModelRunner, check_tp_size, rank_device, shard_model
+from engine.parallel import (
+    GroupRunner,
+    OnReports,
+    OnStep,
+    RankGroup,
+    Report,
+    check_tp_size,
+    keep_layers,
+    rank_device,
+    shard_model,
+    stage_bounds,
+)
 from engine.sampler import Sampler
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -83,28 +94,30 @@ class LLMEngine:
         self,
         model_dir: str | Path,
         config: EngineConfig = EngineConfig(),
-        tp_rank: int = 0,
+        rank: int = 0,
         dist_init: str | None = None,
     ):
-        """With config.tensor_parallel_size > 1, every rank builds its engine in its own
-        process with the same arguments but its tp_rank, and dist_init (e.g.
-        "tcp://host:port") names where the ranks meet; rank 0 is then used as usual and
-        the others call follow() (see engine/parallel.py)."""
+        """With config.num_ranks > 1 (tensor- and/or pipeline-parallel), every rank builds its
+        engine in its own process with the same arguments but its rank (pp_rank *
+        tensor_parallel_size + tp_rank), and dist_init (e.g. "tcp://host:port") names where
+        the ranks meet; rank 0 is then used as usual and the others call follow() (see
+        engine/parallel.py)."""
         self.config = config
         self.model_config = mc = ModelConfig.from_dir(model_dir)
-        tp = config.tensor_parallel_size
-        if tp > 1:
-            check_tp_size(mc, tp)
-            if dist_init is None:
-                raise ValueError(
-                    f"tensor_parallel_size={tp} needs dist_init, the address where the "
-                    f"ranks meet (e.g. 'tcp://127.0.0.1:29500')"
-                )
-        if not 0 <= tp_rank < tp:
-            raise ValueError(f"tp_rank must be in [0, tensor_parallel_size={tp}), got {tp_rank}")
+        tp, pp, ranks = config.tensor_parallel_size, config.pipeline_parallel_size, config.num_ranks
+        check_tp_size(mc, tp)
+        bounds = stage_bounds(mc.num_layers, pp, config.pipeline_layers)
+        if ranks > 1 and dist_init is None:
+            raise ValueError(
+                f"tensor_parallel_size={tp} x pipeline_parallel_size={pp} needs dist_init, the address "
+                f"where the ranks meet (e.g. 'tcp://127.0.0.1:29500')"
+            )
+        if not 0 <= rank < ranks:
+            raise ValueError(f"rank must be in [0, tensor_parallel_size x pipeline_parallel_size={ranks}), got {rank}")
+        pp_rank, tp_rank = divmod(rank, tp)
         self.device = resolve_device(config.device)
-        if tp > 1:
-            self.device = rank_device(self.device, tp_rank)
+        if ranks > 1:
+            self.device = rank_device(self.device, rank)
         self.dtype = resolve_dtype(config.dtype, mc, self.device)
         self.max_model_len = config.max_model_len or min(mc.max_position_embeddings, 4096)
         if self.max_model_len > mc.max_position_embeddings:
@@ -112,20 +125,23 @@ class LLMEngine:
                 f"max_model_len={self.max_model_len} exceeds the model's "
                 f"max_position_embeddings={mc.max_position_embeddings}"
             )
-        self.tp_group = TPGroup(tp_rank, tp, dist_init, self.device) if tp > 1 else None
+        self.group = RankGroup(rank, tp, pp, dist_init, self.device) if ranks > 1 else None
         if config.load_format == "dummy":
-            if self.tp_group is not None:
-                raise ValueError("load_format 'dummy' is for one rank (tensor_parallel_size=1)")
+            if self.group is not None:
+                raise ValueError("load_format 'dummy' is for one rank (tensor and pipeline parallel sizes 1)")
             self.model = random_model(mc, TORCH_DTYPES[self.dtype], self.device, self.max_model_len)
-        elif self.tp_group is None:
+        elif self.group is None:
             self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], self.device, self.max_model_len)
-        else:  # shard on the host, so that a GPU never holds more than its share
+        else:  # cut on the host, so that a GPU never holds more than its share
             self.model = load_model(model_dir, mc, TORCH_DTYPES[self.dtype], "cpu", self.max_model_len)
-            self.model = shard_model(self.model, tp_rank, tp).to(self.device)
-        self.tokenizer = load_tokenizer(model_dir) if tp_rank == 0 else None  # followers never tokenize
+            keep_layers(self.model, bounds[pp_rank], bounds[pp_rank + 1])
+            if tp > 1:
+                shard_model(self.model, tp_rank, tp, self.group.tp)
+            self.model = self.model.to(self.device)
+        self.tokenizer = load_tokenizer(model_dir) if rank == 0 else None  # followers never tokenize
         layout = KVLayout(
             model_id=mc.model_id,
-            num_layers=mc.num_layers,
+            num_layers=bounds[pp_rank + 1] - bounds[pp_rank],
             total_num_kv_heads=mc.num_kv_heads,
             num_kv_heads=mc.num_kv_heads // tp,
             head_dim=mc.head_dim,
@@ -135,10 +151,12 @@ class LLMEngine:
             device=self.device,
             tp_rank=tp_rank,
             tp_size=tp,
+            pp_rank=pp_rank,
+            layer_bounds=bounds,
         )
         num_blocks = config.num_blocks or self._default_num_blocks(layout)
-        if self.tp_group is not None:  # rank 0's block ids must be valid on every rank
-            num_blocks = self.tp_group.min_over_ranks(num_blocks)
+        if self.group is not None:  # rank 0's block ids must be valid on every rank
+            num_blocks = self.group.min_over_ranks(num_blocks)
         if num_blocks * config.block_size < self.max_model_len:
             raise ValueError(
                 f"num_blocks={num_blocks} x block_size={config.block_size} holds fewer tokens "
@@ -156,10 +174,10 @@ class LLMEngine:
             self.block_manager,
         )
         self.runner: ModelRunner
-        if self.tp_group is None:
+        if self.group is None:
             self.runner = ModelRunner(self.model, self.kv_cache)
         else:
-            self.runner = TPModelRunner(self.model, self.kv_cache, self.tp_group)
+            self.runner = GroupRunner(self.model, self.kv_cache, self.group, config.pipeline_microbatches)
         self.sampler = Sampler()
         self.requests: dict[str, EngineRequest] = {}
 
@@ -333,30 +351,34 @@ class LLMEngine:
     def has_unfinished(self) -> bool:
         return self.scheduler.num_unfinished > 0
 
-    # ---- tensor parallelism ---------------------------------------------------------------
+    # ---- tensor and pipeline parallelism --------------------------------------------------
+
+    @property
+    def num_ranks(self) -> int:
+        return self.config.num_ranks
 
     def follow(self, on_step: OnStep | None = None, report: Report | None = None) -> None:
         """Ranks > 0: run rank 0's turns until rank 0 calls close(). on_step(payload), if
         given, runs as each turn arrives and returns that step's per-layer hook (or None);
         report(), when rank 0 asks, returns what this rank tells it (run()'s on_reports)."""
-        if self.tp_group is None:
-            raise RuntimeError("follow() is for ranks > 0 of a tensor-parallel engine; this one runs alone")
-        assert isinstance(self.runner, TPModelRunner)
+        if self.group is None:
+            raise RuntimeError("follow() is for ranks > 0 of a parallel engine; this one runs alone")
+        assert isinstance(self.runner, GroupRunner)
         self.runner.follow(on_step, report)
 
     def close(self) -> None:
-        """Leave the tensor-parallel group; rank 0 first ends its followers' follow().
+        """Leave the group of ranks; rank 0 first ends its followers' follow().
         Nothing to do for an engine that runs alone."""
-        if self.tp_group is None or self.tp_group.closed:
+        if self.group is None or self.group.closed:
             return
         try:
-            if self.tp_group.is_driver:
-                assert isinstance(self.runner, TPModelRunner)
+            if self.group.is_driver:
+                assert isinstance(self.runner, GroupRunner)
                 self.runner.stop_followers()
         except RuntimeError:  # a follower is gone already: there is no one left to stop
             pass
         finally:
-            self.tp_group.close()
+            self.group.close()
 
     # ---- the step -------------------------------------------------------------------------
 
@@ -381,7 +403,7 @@ class LLMEngine:
         on_reports, if given, gets the followers' reports (see follow()) before the forward.
         Both travel even when `out` has nothing to run."""
         if out.is_empty:
-            if isinstance(self.runner, TPModelRunner) and (step_payload is not None or on_reports is not None):
+            if isinstance(self.runner, GroupRunner) and (step_payload is not None or on_reports is not None):
                 self.runner.exchange(step_payload, on_reports)
             return []
         logits = self.runner.execute(out.scheduled, on_layer_stored, step_payload, on_reports)

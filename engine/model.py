@@ -137,6 +137,7 @@ class LlamaModel(nn.Module):
         self.config = config
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.layer_start = 0  # the model's index of layers[0]: a pipeline stage holds a range of them
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary = Rotary(config, max_positions)
         if config.tie_word_embeddings:
@@ -159,12 +160,24 @@ class LlamaModel(nn.Module):
         the next ones compute.
         """
         x = self.embed_tokens(input_ids)
-        for i, layer in enumerate(self.layers):
+        hidden: torch.Tensor = self.norm(self.run_layers(x, positions, meta, kv_cache, on_layer_stored))
+        return hidden
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        positions: torch.Tensor,
+        meta: AttentionMetadata,
+        kv_cache: KVCache,
+        on_layer_stored: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """The decoder layers this model holds (all, or a pipeline stage's), over hidden
+        states x [N, hidden_size]; on_layer_stored gets the model's index of each layer."""
+        for i, layer in enumerate(self.layers, start=self.layer_start):
             x = layer(x, positions, self.rotary, meta, kv_cache)
             if on_layer_stored is not None:
                 on_layer_stored(i)
-        hidden: torch.Tensor = self.norm(x)
-        return hidden
+        return x
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [M, hidden_size] -> logits [M, vocab_size] in float32."""

@@ -50,7 +50,8 @@ close() its engine for that effect.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -103,25 +104,47 @@ def rank_device(device: str, rank: int) -> str:
     return f"cuda:{rank}"
 
 
-class TPGroup:
-    """This process's membership in a tensor-parallel group.
+class RankGroup:
+    """This process's membership in the group of one engine's ranks: pp stages of tp ranks,
+    rank = pp_rank * tp_size + tp_rank.
 
-    compute: the default process group (NCCL on GPU, Gloo on CPU) for the all-reduces;
-    control: a Gloo group for the driver's step broadcasts and small agreements.
-    Created before the model is sharded; close() leaves both.
+    compute: the default process group (NCCL on GPU, Gloo on CPU) for the activations sent
+    stage to stage; tp: the stage's ranks, for the all-reduces (None: the whole group, pp=1);
+    control: a Gloo group of every rank for the driver's step broadcasts and small agreements.
+    Created before the model is sharded; close() leaves them all.
     """
 
-    def __init__(self, rank: int, world_size: int, init_method: str | None, device: str):
+    def __init__(self, rank: int, tp_size: int, pp_size: int, init_method: str | None, device: str):
         if dist.is_initialized():
             raise RuntimeError("this process already belongs to a process group: one engine rank per process")
         self.rank = rank
-        self.world_size = world_size
+        self.tp_size, self.pp_size = tp_size, pp_size
+        self.world_size = tp_size * pp_size
+        self.pp_rank, self.tp_rank = divmod(rank, tp_size)
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend, init_method=init_method, world_size=world_size, rank=rank)
+        dist.init_process_group(backend, init_method=init_method, world_size=self.world_size, rank=rank)
         self.control = dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT)
+        self.tp: dist.ProcessGroup | None = None
+        if pp_size > 1 and tp_size > 1:  # every rank makes every stage's group, in the same order
+            for stage in range(pp_size):
+                group = dist.new_group(ranks=[stage * tp_size + r for r in range(tp_size)])
+                if stage == self.pp_rank:
+                    self.tp = group
         self.closed = False
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp_size - 1
+
+    def stage_rank(self, pp_rank: int) -> int:
+        """The rank of this rank's TP peer in stage pp_rank (where activations go or come from)."""
+        return pp_rank * self.tp_size + self.tp_rank
 
     @property
     def is_driver(self) -> bool:
@@ -173,26 +196,28 @@ def _keep_rows(linear: nn.Linear, shares: list[slice]) -> None:
     linear.out_features = linear.weight.shape[0]
 
 
-def _keep_columns(linear: nn.Linear, share: slice, rank: int) -> None:
+def _keep_columns(linear: nn.Linear, share: slice, rank: int, group: dist.ProcessGroup | None) -> None:
     """Row-parallel: keep the input columns in share; the output becomes a partial sum that
-    is all-reduced after the layer. Only rank 0 adds the bias."""
+    is all-reduced (over `group`; None: the default group) after the layer. Only rank 0 adds
+    the bias."""
     linear.weight = nn.Parameter(linear.weight[:, share].contiguous(), requires_grad=False)
     linear.in_features = linear.weight.shape[1]
     if rank != 0:
         linear.register_parameter("bias", None)
-    linear.register_forward_hook(_all_reduce_output)
+
+    def all_reduce_output(_module: nn.Module, _inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(output, group=group)
+        return output
+
+    linear.register_forward_hook(all_reduce_output)
 
 
-def _all_reduce_output(_module: nn.Module, _inputs: tuple[object, ...], output: torch.Tensor) -> torch.Tensor:
-    dist.all_reduce(output)
-    return output
-
-
-def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
+def shard_model(model: LlamaModel, rank: int, world_size: int, group: dist.ProcessGroup | None = None) -> LlamaModel:
     """Cut a whole model down, in place, to tensor-parallel rank `rank` of `world_size`.
 
-    Call once, after the weights are loaded and with the default process group up (the
-    row-parallel layers all-reduce over it in every forward). Returns the model.
+    Call once, after the weights are loaded and with the process groups up (the row-parallel
+    layers all-reduce over `group`, by default the default group, in every forward). Returns
+    the model.
     """
     config = model.config
     check_tp_size(config, world_size)
@@ -209,7 +234,7 @@ def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
                 _share(q_size + kv_size, kv_size, rank, world_size),
             ],
         )
-        _keep_columns(attn.o_proj, _share(0, q_size, rank, world_size), rank)
+        _keep_columns(attn.o_proj, _share(0, q_size, rank, world_size), rank, group)
         attn.num_heads //= world_size
         attn.num_kv_heads //= world_size
         attn.q_size //= world_size
@@ -217,9 +242,60 @@ def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
 
         inter = mlp.intermediate_size
         _keep_rows(mlp.gate_up_proj, [_share(0, inter, rank, world_size), _share(inter, inter, rank, world_size)])
-        _keep_columns(mlp.down_proj, _share(0, inter, rank, world_size), rank)
+        _keep_columns(mlp.down_proj, _share(0, inter, rank, world_size), rank, group)
         mlp.intermediate_size //= world_size
     return model
+
+
+# ---- pipeline stages -------------------------------------------------------------------------
+
+
+def stage_bounds(num_layers: int, pp_size: int, layers: Sequence[int] | None = None) -> tuple[int, ...]:
+    """Stage s holds layers [b[s], b[s + 1]) of the returned b. layers: each stage's count (an
+    uneven split, e.g. a layer-split plan's); default as even as can be, earlier stages one more."""
+    if pp_size <= 0:
+        raise ValueError(f"pipeline_parallel_size must be positive, got {pp_size}")
+    if layers is None:
+        if pp_size > num_layers:
+            raise ValueError(f"pipeline_parallel_size={pp_size} exceeds the model's num_layers={num_layers}")
+        base, extra = divmod(num_layers, pp_size)
+        layers = [base + (s < extra) for s in range(pp_size)]
+    if len(layers) != pp_size or any(n <= 0 for n in layers) or sum(layers) != num_layers:
+        raise ValueError(
+            f"pipeline_layers {tuple(layers)} must give each of the {pp_size} stages a positive count "
+            f"and add up to the model's num_layers={num_layers}"
+        )
+    return tuple(itertools.accumulate(layers, initial=0))
+
+
+def keep_layers(model: LlamaModel, start: int, end: int) -> LlamaModel:
+    """Cut a whole model down, in place, to the decoder layers [start, end) of a pipeline
+    stage. Embedding, final norm and LM head stay (stage 0's driver embeds and samples; the
+    last stage normalises)."""
+    model.layers = nn.ModuleList(list(model.layers)[start:end])
+    model.layer_start = start
+    return model
+
+
+def split_batch(scheduled: list[ScheduledSeq], parts: int) -> list[list[ScheduledSeq]]:
+    """The step cut into at most `parts` contiguous micro-batches of about equal tokens, none
+    empty. Contiguous: decodes stay before prompt chunks in each, and the sampled rows, read
+    micro-batch after micro-batch, stay in step order."""
+    n = min(parts, len(scheduled))
+    total = sum(item.num_new_tokens for item in scheduled)
+    groups: list[list[ScheduledSeq]] = []
+    current: list[ScheduledSeq] = []
+    tokens = 0
+    for i, item in enumerate(scheduled):
+        current.append(item)
+        tokens += item.num_new_tokens
+        groups_left = n - len(groups) - 1
+        items_left = len(scheduled) - i - 1
+        if groups_left > 0 and (tokens * n >= total * (len(groups) + 1) or items_left == groups_left):
+            groups.append(current)
+            current = []
+    groups.append(current)
+    return groups
 
 
 # ---- lockstep execution -----------------------------------------------------------------------
@@ -229,19 +305,28 @@ def shard_model(model: LlamaModel, rank: int, world_size: int) -> LlamaModel:
 class StepMessage:
     """What the driver broadcasts at each turn, before its forward."""
 
-    step: StepInputs | None  # the batch to run; None: no forward this turn
+    steps: tuple[StepInputs, ...]  # the batch to run, as micro-batches (one without stages); (): no forward
     payload: object = None  # picklable data for the followers' on_step (e.g. transfers starting)
     gather: bool = False  # every follower answers with its report() before the forward
     stop: bool = False  # the followers leave follow()
 
 
-class TPModelRunner(ModelRunner):
-    """A ModelRunner in a TP group: the driver broadcasts each step before running it, the
-    followers run the steps they receive."""
+class GroupRunner(ModelRunner):
+    """A ModelRunner on one rank of a RankGroup: the driver broadcasts each step before running
+    it, the followers run the steps they receive.
 
-    def __init__(self, model: LlamaModel, kv_cache: KVCache, group: TPGroup):
+    With pipeline stages the step is cut into micro-batches (split_batch); each stage runs
+    them in order, taking each one's activations from the stage before and sending its own on
+    at once (isend), so that stage s + 1 works on micro-batch j while stage s works on j + 1.
+    The last stage sends the sampled rows' final hidden states to the driver, which computes
+    the logits. A step then costs about (m + pp - 1) / (m * pp) of one stage running the
+    whole batch through the whole model: the pipeline's fill and drain bubble.
+    """
+
+    def __init__(self, model: LlamaModel, kv_cache: KVCache, group: RankGroup, microbatches: int | None = None):
         super().__init__(model, kv_cache)
         self.group = group
+        self.microbatches = microbatches or group.pp_size
 
     @torch.inference_mode()
     def execute(
@@ -253,18 +338,64 @@ class TPModelRunner(ModelRunner):
     ) -> torch.Tensor:
         """Driver: run one step on every rank; returns the logits, as ModelRunner.execute.
         on_reports: gather the followers' reports first and hand them to it."""
-        step = self.plan(scheduled)
-        self._turn(step, step_payload, on_reports)
-        return self.model.compute_logits(self.forward(step, on_layer_stored))
+        steps: tuple[StepInputs, ...]
+        if self.group.pp_size == 1:
+            steps = (self.plan(scheduled),)
+        else:
+            steps = tuple(self.plan(part) for part in split_batch(scheduled, self.microbatches))
+        self._turn(steps, step_payload, on_reports)
+        hidden = self.run_steps(steps, on_layer_stored)
+        assert hidden is not None, "the driver gets the sampled rows"
+        return self.model.compute_logits(hidden)
+
+    @torch.inference_mode()
+    def run_steps(
+        self, steps: tuple[StepInputs, ...], on_layer_stored: Callable[[int], None] | None
+    ) -> torch.Tensor | None:
+        """This rank's part of one step. On the driver: the sampled rows' final hidden states,
+        in step order; None on the other ranks of a pipeline."""
+        if self.group.pp_size == 1:
+            return self.forward(steps[0], on_layer_stored)
+        group, model = self.group, self.model
+        width, dtype = model.config.hidden_size, model.embed_tokens.weight.dtype
+        sending: list[tuple[dist.Work | None, torch.Tensor]] = []
+        for j, step in enumerate(steps):
+            ids, positions, meta, rows = self.tensors(step)
+            if group.is_first_stage:
+                x = model.embed_tokens(ids)
+            else:
+                x = torch.empty((len(step.input_ids), width), dtype=dtype, device=self.device)
+                dist.recv(x, src=group.stage_rank(group.pp_rank - 1), tag=j)
+            # A layer is stored for the whole step once the last micro-batch has run it.
+            hook = on_layer_stored if j == len(steps) - 1 else None
+            x = model.run_layers(x, positions, meta, self.kv_cache, hook)
+            if not group.is_last_stage:
+                sending.append((dist.isend(x, dst=group.stage_rank(group.pp_rank + 1), tag=j), x))
+            elif group.tp_rank == 0 and step.sample_indices:
+                out = model.norm(x[rows]).contiguous()
+                sending.append((dist.isend(out, dst=0, tag=len(steps) + j), out))
+        for work, _ in sending:
+            assert work is not None, "isend returns a request in the group it belongs to"
+            work.wait()
+        if not group.is_driver:
+            return None
+        last = group.world_size - group.tp_size  # tp rank 0 of the last stage
+        sampled = []
+        for j, step in enumerate(steps):
+            if step.sample_indices:
+                h = torch.empty((len(step.sample_indices), width), dtype=dtype, device=self.device)
+                dist.recv(h, src=last, tag=len(steps) + j)
+                sampled.append(h)
+        return torch.cat(sampled) if sampled else torch.empty((0, width), dtype=dtype, device=self.device)
 
     def exchange(self, payload: object = None, on_reports: OnReports | None = None) -> None:
         """Driver: a turn without a batch, to send a payload or to hear the followers' reports."""
-        self._turn(None, payload, on_reports)
+        self._turn((), payload, on_reports)
 
-    def _turn(self, step: StepInputs | None, payload: object, on_reports: OnReports | None) -> None:
+    def _turn(self, steps: tuple[StepInputs, ...], payload: object, on_reports: OnReports | None) -> None:
         if not self.group.is_driver:
             raise RuntimeError(f"rank {self.group.rank} follows rank 0: call follow(), not step()")
-        self.group.broadcast(StepMessage(step, payload, gather=on_reports is not None))
+        self.group.broadcast(StepMessage(steps, payload, gather=on_reports is not None))
         if on_reports is not None:
             on_reports(self.group.gather(None)[1:])
 
@@ -277,8 +408,8 @@ class TPModelRunner(ModelRunner):
                 hook = on_step(msg.payload) if on_step is not None else None
                 if msg.gather:
                     self.group.gather(report() if report is not None else None)
-                if msg.step is not None:
-                    self.forward(msg.step, hook)
+                if msg.steps:
+                    self.run_steps(msg.steps, hook)
             self.group.barrier()
         except BaseException:
             self.group.close()  # the driver's pending all-reduce fails now, not at a timeout
@@ -286,5 +417,5 @@ class TPModelRunner(ModelRunner):
 
     def stop_followers(self) -> None:
         """Driver: end every follower's follow()."""
-        self.group.broadcast(StepMessage(None, stop=True))
+        self.group.broadcast(StepMessage((), stop=True))
         self.group.barrier()

@@ -3,7 +3,7 @@
 A chunk is one run of heads of one (layer, K|V, block): contiguous in the HND layout
 (proto/kv.py). Chunks are numbered layer-major, K before V::
 
-    chunk id      = (layer * 2 + kv) * num_blocks + block
+    chunk id      = (local layer * 2 + kv) * num_blocks + block
     chunk offset  = (chunk id * num_kv_heads + head_start) * bytes_per_head_block
 
 Every backend addresses memory this way: NIXL as descriptor lists, shm and Gloo as byte
@@ -37,10 +37,14 @@ def check_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> np.
 
 
 def layer_chunk_ids(layout: KVLayout, layer_idx: int, block_ids: np.ndarray) -> np.ndarray:
-    """Chunk ids of one layer's blocks: the K chunks in block order, then the V chunks."""
+    """Chunk ids of one layer's blocks: the K chunks in block order, then the V chunks.
+    layer_idx is the model's; the cache holds the layers of its stage, from layout.layer_start."""
+    local = layer_idx - layout.layer_start
+    if not 0 <= local < layout.num_layers:
+        raise ValueError(f"layer {layer_idx} is not in this cache (layers {layout.layer_start}-{layout.layer_end - 1})")
     # ids: [2, num_ids] -> flattened K then V
     kv = np.arange(2, dtype=np.int64)[:, None]
-    ids: np.ndarray = ((layer_idx * 2 + kv) * layout.num_blocks + block_ids[None, :]).reshape(-1)
+    ids: np.ndarray = ((local * 2 + kv) * layout.num_blocks + block_ids[None, :]).reshape(-1)
     return ids
 
 

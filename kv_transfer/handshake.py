@@ -2,8 +2,8 @@
 
 The sender's first message carries its KVLayout and backend name; the receiver compares them
 with its own and answers with its layout (Welcome) or the list of mismatches (Refuse). Both
-sides may differ in TP size, rank, block count and device: resharding and block maps absorb
-those. Everything else must match, or the bytes would mean different things on each side.
+sides may differ in TP size, rank, pipeline stages, block count and device: resharding and
+block maps absorb those. Everything else must match, or the bytes would mean different things on each side.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from proto.kv import KVLayout
 
 # Fields that must be equal on both sides, in the order mismatches are reported.
-MUST_MATCH = ("version", "model_id", "dtype", "block_size", "num_layers", "total_num_kv_heads", "head_dim")
+MUST_MATCH = ("version", "model_id", "dtype", "block_size", "total_num_layers", "total_num_kv_heads", "head_dim")
 
 # Version of the control messages in kv_transfer/messages.py; bumped when they change
 # (2: both sides authenticate with the deployment's secret; torch_dist meets over the channel).

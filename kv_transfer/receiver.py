@@ -4,7 +4,7 @@ One transfer on the receiver:
 
  1. expect(id, dst_block_ids, timeout_s): the decode worker reserved the blocks in its block
     manager and registers them here before the prefill starts. State PENDING.
- 2. Begin(id) from each prefill rank that holds some of our heads: answered with
+ 2. Begin(id) from each prefill rank that holds some of our heads of our layers: answered with
     Accept(dst_block_ids); from then on that sender may write. State TRANSFERRING.
  3. LayerSent(id, layer) from each sender: the layer's bytes are in place (two-sided
     backends receive them now). A layer is done when every expected sender sent it.
@@ -48,7 +48,7 @@ from kv_transfer.messages import (
     Welcome,
 )
 from kv_transfer.registry import load_backend
-from kv_transfer.resharding import head_slice, src_ranks_of
+from kv_transfer.resharding import RankKey, rank_key, senders_by_layer, shared_heads
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
 from kv_transfer.transport import RecvLink
 from proto.kv import KVLayout
@@ -64,7 +64,7 @@ class _Link:
 
     channel: Channel
     layout: KVLayout  # the sender's
-    data: RecvLink | None  # None when the two ranks share no head: nothing to receive
+    data: RecvLink | None  # None when the two ranks share no head or no layer: nothing to receive
     alive: bool = True
 
 
@@ -83,13 +83,14 @@ class _Incoming:
     dst_block_ids: np.ndarray
     deadline: float
     timeout_s: float
-    expected: frozenset[int] | None = None  # sender ranks that hold our heads; set by the first Begin
-    src_tp_size: int | None = None
-    parts: dict[int, _Part] = field(default_factory=dict)  # by sender TP rank
+    # per layer of ours, the sender ranks that hold it and some of our heads; set by the first Begin
+    expected: dict[int, frozenset[RankKey]] | None = None
+    src_group: tuple[int, tuple[int, ...]] | None = None  # the senders' (tp_size, layer_bounds)
+    parts: dict[RankKey, _Part] = field(default_factory=dict)  # by sender (stage, TP rank)
 
 
 class KVReceiver:
-    """The decode worker's end of KV transfers for one cache (one TP rank).
+    """The decode worker's end of KV transfers for one cache (one rank: a TP rank of a stage).
 
     Listens at `endpoint` for senders. The cache tensor stays owned by the caller; senders
     write only into blocks registered with expect().
@@ -214,7 +215,7 @@ class KVReceiver:
         if link is None:
             channel.close()
             return
-        reason = f"sender rank {link.layout.tp_rank} disconnected"
+        reason = f"sender rank {rank_key(link.layout)} disconnected"
         try:
             while (msg := channel.recv()) is not None:
                 match msg:
@@ -227,10 +228,10 @@ class KVReceiver:
                     case Abort():
                         self._on_abort(link, msg)
                     case _:
-                        reason = f"sender rank {link.layout.tp_rank} sent an unexpected {msg!r}"
+                        reason = f"sender rank {rank_key(link.layout)} sent an unexpected {msg!r}"
                         break
         except Exception as e:  # a backend read failed: the link is broken
-            reason = f"{self.backend} read from sender rank {link.layout.tp_rank} failed: {e}"
+            reason = f"{self.backend} read from sender rank {rank_key(link.layout)} failed: {e}"
             log.warning("%s", reason)
         channel.close()
         if link.data is not None:
@@ -252,13 +253,7 @@ class KVReceiver:
         except HandshakeError as e:
             channel.send(Refuse(str(e)))
             return None
-        heads = head_slice(
-            self.layout.total_num_kv_heads,
-            hello.layout.tp_rank,
-            hello.layout.tp_size,
-            self.layout.tp_rank,
-            self.layout.tp_size,
-        )
+        heads = shared_heads(hello.layout, self.layout)
         link_id = uuid.uuid4().hex
         channel.send(
             Welcome(
@@ -272,7 +267,7 @@ class KVReceiver:
             rendezvous = Rendezvous(channel, self.handshake_timeout_s)
             data = self._transport.open_recv_link(hello.layout, heads, link_id, rendezvous) if heads else None
         except Exception as e:
-            log.warning("cannot open a %s link to sender rank %d: %s", self.backend, hello.layout.tp_rank, e)
+            log.warning("cannot open a %s link to sender rank %s: %s", self.backend, rank_key(hello.layout), e)
             return None
         link = _Link(channel, hello.layout, data)
         with self._lock:
@@ -294,22 +289,21 @@ class KVReceiver:
             elif inc.handle.state.is_terminal:
                 reason = f"transfer already {inc.handle.state.value}: {inc.handle.error}"
             elif link.data is None:
-                reason = f"sender rank {sender.tp_rank} holds none of this receiver's heads"
+                reason = f"sender rank {rank_key(sender)} holds none of this receiver's heads of its layers"
             elif msg.num_blocks != inc.dst_block_ids.size:
                 reason = f"sender has {msg.num_blocks} blocks, receiver reserved {inc.dst_block_ids.size}"
-            elif inc.src_tp_size not in (None, sender.tp_size):
-                reason = f"prefill TP size {sender.tp_size} differs from {inc.src_tp_size} before"
-            elif sender.tp_rank in inc.parts:
-                reason = f"sender rank {sender.tp_rank} began this transfer twice"
+            elif inc.src_group not in (None, (sender.tp_size, sender.layer_bounds)):
+                reason = (
+                    f"prefill rank with tp {sender.tp_size} and layer_bounds {sender.layer_bounds} differs from "
+                    f"the ranks before (tp {inc.src_group[0]}, layer_bounds {inc.src_group[1]})"
+                )
+            elif rank_key(sender) in inc.parts:
+                reason = f"sender rank {rank_key(sender)} began this transfer twice"
             else:
                 reason = None
-                inc.src_tp_size = sender.tp_size
-                inc.expected = frozenset(
-                    src_ranks_of(
-                        self.layout.total_num_kv_heads, self.layout.tp_rank, self.layout.tp_size, sender.tp_size
-                    )
-                )
-                inc.parts[sender.tp_rank] = _Part(link)
+                inc.src_group = (sender.tp_size, sender.layer_bounds)
+                inc.expected = senders_by_layer(self.layout, sender.tp_size, sender.layer_bounds)
+                inc.parts[rank_key(sender)] = _Part(link)
                 inc.handle._moving()
                 outbox.append((link.channel, Accept(msg.transfer_id, tuple(inc.dst_block_ids.tolist()))))
             if reason is not None:
@@ -322,8 +316,15 @@ class KVReceiver:
     def _on_layer(self, link: _Link, msg: LayerSent) -> None:
         with self._lock:
             inc = self._transfers.get(msg.transfer_id)
-            part = inc.parts.get(link.layout.tp_rank) if inc is not None else None
-            if inc is None or part is None or part.link is not link or part.quiet or msg.layer_idx in part.layers:
+            part = inc.parts.get(rank_key(link.layout)) if inc is not None else None
+            if (
+                inc is None
+                or part is None
+                or part.link is not link
+                or part.quiet
+                or msg.layer_idx in part.layers
+                or rank_key(link.layout) not in (inc.expected or {}).get(msg.layer_idx, ())
+            ):
                 raise ValueError(f"unexpected {msg!r}")  # a sender bug: drop the link
             expected = inc.expected
         data = link.data
@@ -337,7 +338,7 @@ class KVReceiver:
             outbox: Outbox = []
             if handle.state.is_terminal:
                 return
-            if all(r in inc.parts and msg.layer_idx in inc.parts[r].layers for r in expected):
+            if all(r in inc.parts and msg.layer_idx in inc.parts[r].layers for r in expected[msg.layer_idx]):
                 handle._layer_done(msg.layer_idx)
             if len(handle.layers_done) == self.layout.num_layers:
                 handle._finish(TransferState.DONE)
@@ -351,13 +352,13 @@ class KVReceiver:
         self._quiet(link, msg.transfer_id, None)
 
     def _on_abort(self, link: _Link, msg: Abort) -> None:
-        self._quiet(link, msg.transfer_id, f"sender rank {link.layout.tp_rank} aborted: {msg.reason}")
+        self._quiet(link, msg.transfer_id, f"sender rank {rank_key(link.layout)} aborted: {msg.reason}")
 
     def _quiet(self, link: _Link, transfer_id: str, failure: str | None) -> None:
         """This sender will not write the transfer's blocks again; fail it if `failure`."""
         with self._lock:
             inc = self._transfers.get(transfer_id)
-            part = inc.parts.get(link.layout.tp_rank) if inc is not None else None
+            part = inc.parts.get(rank_key(link.layout)) if inc is not None else None
             if inc is None or part is None or part.link is not link:
                 return
             part.quiet = True
@@ -372,7 +373,7 @@ class KVReceiver:
             outbox: Outbox = []
             released: list[Transfer] = []
             for inc in list(self._transfers.values()):
-                part = inc.parts.get(link.layout.tp_rank)
+                part = inc.parts.get(rank_key(link.layout))
                 if part is not None and part.link is link:
                     # The sender closes its connection only once it stopped writing (or died).
                     part.quiet = True

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from proto.kv import KVLayout
+
 
 @dataclass(frozen=True)
 class HeadSlice:
@@ -81,3 +83,61 @@ def src_ranks_of(total_num_kv_heads: int, dst_rank: int, dst_tp_size: int, src_t
     return tuple(
         s.src_rank for s in head_slices(total_num_kv_heads, src_tp_size, dst_tp_size) if s.dst_rank == dst_rank
     )
+
+
+# ---- pipeline stages --------------------------------------------------------------------------
+#
+# With pipeline parallelism a rank holds a range of layers as well as a range of heads
+# (KVLayout.layer_bounds, pp_rank). A sender rank then owes a receiver rank the heads they
+# share of the layers they share; stages of different sizes on the two sides are fine:
+#
+#     layers           0 1 2 3 4 5 6 7 8 9
+#     prefill stages   [ p0          ][ p1    ]       layer_bounds (0, 6, 10)
+#     decode stages    [ d0    ][ d1          ]       layer_bounds (0, 4, 10)
+#
+#     p0 -> d0: layers 0-3    p0 -> d1: layers 4-5    p1 -> d1: layers 6-9
+#
+# Messages and transports name layers by the model's index; each side finds its local
+# layer as (layer - its layer_start).
+
+RankKey = tuple[int, int]  # (pp_rank, tp_rank): one rank of a worker
+
+
+def rank_key(layout: KVLayout) -> RankKey:
+    return (layout.pp_rank, layout.tp_rank)
+
+
+def shared_layers(a: KVLayout, b: KVLayout) -> range:
+    """The model's layers both ranks hold."""
+    return range(max(a.layer_start, b.layer_start), min(a.layer_end, b.layer_end))
+
+
+def shared_heads(a: KVLayout, b: KVLayout) -> HeadSlice | None:
+    """The heads sender `a` moves to receiver `b` of each layer they share; None when they
+    share no layer or no head."""
+    if not shared_layers(a, b):
+        return None
+    return head_slice(a.total_num_kv_heads, a.tp_rank, a.tp_size, b.tp_rank, b.tp_size)
+
+
+def peers_of(me: KVLayout, tp_size: int, layer_bounds: tuple[int, ...]) -> tuple[RankKey, ...]:
+    """The ranks of a worker with (tp_size, layer_bounds) that share a layer and a head with `me`,
+    ordered by stage then rank: those it writes to (or hears from)."""
+    heads = dst_ranks_of(me.total_num_kv_heads, me.tp_rank, me.tp_size, tp_size)
+    stages = [
+        s
+        for s in range(len(layer_bounds) - 1)
+        if max(me.layer_start, layer_bounds[s]) < min(me.layer_end, layer_bounds[s + 1])
+    ]
+    return tuple((s, r) for s in stages for r in heads)
+
+
+def senders_by_layer(me: KVLayout, tp_size: int, layer_bounds: tuple[int, ...]) -> dict[int, frozenset[RankKey]]:
+    """Receiver `me`: for each of its layers, the sender ranks (of a worker with tp_size,
+    layer_bounds) that must send it before it is in."""
+    heads = src_ranks_of(me.total_num_kv_heads, me.tp_rank, me.tp_size, tp_size)
+    out = {}
+    for layer in range(me.layer_start, me.layer_end):
+        stage = next(s for s in range(len(layer_bounds) - 1) if layer < layer_bounds[s + 1])
+        out[layer] = frozenset((stage, r) for r in heads)
+    return out

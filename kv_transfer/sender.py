@@ -48,7 +48,7 @@ from kv_transfer.messages import (
     parse_endpoint,
 )
 from kv_transfer.registry import load_backend
-from kv_transfer.resharding import dst_ranks_of, head_slice
+from kv_transfer.resharding import peers_of, rank_key, shared_heads
 from kv_transfer.transfer import DeadlineClock, Outbox, Transfer, TransferState, deliver
 from kv_transfer.transport import SendLink, TransportError
 from proto.kv import KVLayout
@@ -63,7 +63,7 @@ class _Link:
     endpoint: str
     channel: Channel
     layout: KVLayout  # the receiver's
-    data: SendLink | None  # None when the two ranks share no head: nothing to move
+    data: SendLink | None  # None when the two ranks share no head or no layer: nothing to move
     # (transfer id, layer, ready event) to write, or None to stop
     jobs: queue.SimpleQueue[tuple[str, int, torch.cuda.Event | None] | None] = field(default_factory=queue.SimpleQueue)
     seq: itertools.count[int] = field(default_factory=itertools.count)
@@ -96,7 +96,7 @@ class _Outgoing:
 
 
 class KVSender:
-    """The prefill worker's end of KV transfers for one cache (one TP rank).
+    """The prefill worker's end of KV transfers for one cache (one rank: a TP rank of a pipeline stage).
 
     The cache tensor stays owned by the caller (engine KVCache); the sender only reads the
     blocks of running transfers. Thread-safe; callbacks run on kv_transfer threads.
@@ -137,8 +137,8 @@ class KVSender:
     ) -> Transfer:
         """Begin moving a request's KV from `src_block_ids` to the decode group at `endpoints`.
 
-        `endpoints` are the receivers of every decode TP rank (from the decode worker's
-        reservation); the sender writes to those whose heads overlap its own. The source
+        `endpoints` are the receivers of every rank of the decode worker (from its
+        reservation); the sender writes to those whose heads and layers overlap its own. The source
         blocks must stay allocated until the transfer's blocks are released (`on_release`).
         Unreachable or incompatible receivers give a FAILED transfer, not an exception.
         """
@@ -178,8 +178,11 @@ class KVSender:
         forward pass without checking. On a GPU the layer's kernels may still be running: the
         workers wait for an event recorded here, on the caller's current stream.
         """
-        if not 0 <= layer_idx < self.layout.num_layers:
-            raise ValueError(f"layer_idx must be in [0, {self.layout.num_layers}), got {layer_idx}")
+        if not self.layout.layer_start <= layer_idx < self.layout.layer_end:
+            raise ValueError(
+                f"layer_idx must be one of this rank's layers [{self.layout.layer_start}, "
+                f"{self.layout.layer_end}), got {layer_idx}"
+            )
         with self._lock:
             out = self._transfers.get(transfer_id)
             if out is None or out.handle.state.is_terminal:
@@ -192,7 +195,8 @@ class KVSender:
                 ready = torch.cuda.Event()
                 ready.record()
             for part in out.parts:
-                part.link.jobs.put((transfer_id, layer_idx, ready))
+                if _holds(part.link.layout, layer_idx):
+                    part.link.jobs.put((transfer_id, layer_idx, ready))
 
     def close(self) -> None:
         """Fail running transfers, stop every link once its worker is idle, free the backend."""
@@ -258,9 +262,7 @@ class KVSender:
             if not verify(self._secret, reply.proof, "welcome", nonce, challenge.nonce):
                 raise AuthenticationError(f"receiver at {endpoint} does not hold this deployment's KV secret")
             peer = reply.layout
-            heads = head_slice(
-                self.layout.total_num_kv_heads, self.layout.tp_rank, self.layout.tp_size, peer.tp_rank, peer.tp_size
-            )
+            heads = shared_heads(self.layout, peer)
             data = None
             if heads is not None:
                 data = self._transport.open_send_link(
@@ -277,18 +279,21 @@ class KVSender:
         return _Link(endpoint, channel, peer, data)
 
     def _plan(self, links: list[_Link]) -> list[_Link]:
-        """The links this rank writes to: one per decode rank that holds some of our heads."""
-        tp_sizes = {link.layout.tp_size for link in links}
-        if len(tp_sizes) != 1:
-            raise HandshakeError(f"endpoints must be one decode TP group, got TP sizes {tp_sizes}")
-        (dst_tp_size,) = tp_sizes
-        by_rank = {link.layout.tp_rank: link for link in links}
-        needed = dst_ranks_of(self.layout.total_num_kv_heads, self.layout.tp_rank, self.layout.tp_size, dst_tp_size)
+        """The links this rank writes to: one per decode rank that holds some of our heads
+        of some of our layers."""
+        groups = {(link.layout.tp_size, link.layout.layer_bounds) for link in links}
+        if len(groups) != 1:
+            shapes = sorted(f"tp {tp} layer_bounds {bounds}" for tp, bounds in groups)
+            raise HandshakeError(f"endpoints must be the ranks of one decode worker, got {shapes}")
+        ((dst_tp_size, dst_bounds),) = groups
+        by_rank = {rank_key(link.layout): link for link in links}
+        needed = peers_of(self.layout, dst_tp_size, dst_bounds)
         missing = [rank for rank in needed if rank not in by_rank]
         if missing:
             raise HandshakeError(
-                f"no endpoint for decode TP rank(s) {missing} of {dst_tp_size}, "
-                f"which hold heads of prefill rank {self.layout.tp_rank}"
+                f"no endpoint for decode rank(s) {missing} (stage, TP rank) of a worker with tp "
+                f"{dst_tp_size} and layer_bounds {dst_bounds}, which hold KV of prefill rank "
+                f"{rank_key(self.layout)}"
             )
         return [by_rank[rank] for rank in needed]
 
@@ -345,7 +350,7 @@ class KVSender:
             link.writing = None
             if error is None and not part.stopping:
                 out.written[layer_idx] = out.written.get(layer_idx, 0) + 1
-                if out.written[layer_idx] == len(out.parts):
+                if out.written[layer_idx] == sum(_holds(p.link.layout, layer_idx) for p in out.parts):
                     out.handle._layer_done(layer_idx)
             outbox: Outbox = self._quiet(part) if part.stopping else []
             released = self._settle(out)
@@ -481,3 +486,7 @@ class KVSender:
             del self._transfers[tid]
             return [out.handle]
         return []
+
+
+def _holds(layout: KVLayout, layer_idx: int) -> bool:
+    return layout.layer_start <= layer_idx < layout.layer_end

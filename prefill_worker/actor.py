@@ -84,7 +84,7 @@ class PrefillFollowerActor:
         engine_config: EngineConfig,
         kv_backend: str,
         transfer_timeout_s: float,
-        tp_rank: int,
+        rank: int,
         dist_init: str,
         *,
         kv_secret: bytes,
@@ -97,7 +97,7 @@ class PrefillFollowerActor:
             engine_config,
             kv_backend,
             transfer_timeout_s,
-            tp_rank,
+            rank,
             dist_init,
             kv_secret=kv_secret,
         )

@@ -105,8 +105,8 @@ class PrefillWorker:
         """dist_init: with tensor_parallel_size > 1, the process group address all ranks join.
         kv_secret: the deployment's (kv_transfer/auth.py); KV goes only to decode workers holding it.
         engine: one already loaded to run on (a role change, elastic/role_actor.py), else one is built."""
-        self.engine = engine or LLMEngine(model_dir, engine_config, tp_rank=0, dist_init=dist_init)
-        self.tp_size = engine_config.tensor_parallel_size
+        self.engine = engine or LLMEngine(model_dir, engine_config, rank=0, dist_init=dist_init)
+        self.num_ranks = engine_config.num_ranks
         self.transfer_timeout_s = transfer_timeout_s
         self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret)
         self._lock = threading.Lock()
@@ -168,7 +168,7 @@ class PrefillWorker:
             for item in out.scheduled:
                 record = self._requests.get(item.seq.request_id) if item.samples else None
                 if record is not None and record.state is PrefillState.QUEUED:
-                    record.state, record.parts_left = PrefillState.STARTING, self.tp_size
+                    record.state, record.parts_left = PrefillState.STARTING, self.num_ranks
                     seq = item.seq
                     starts.append(TransferStart(seq.request_id, tuple(seq.block_ids), record.handle.endpoints))
             on_reports = self._on_reports if self._followers_hold_parts() else None
@@ -186,11 +186,11 @@ class PrefillWorker:
                     cancelled.append(transfer)
         for transfer in cancelled:
             transfer.cancel("request aborted")  # blocks come back through release_part
-        return Turn(hook, starts, self._on_reports if self.tp_size > 1 else None)
+        return Turn(hook, starts, self._on_reports if self.num_ranks > 1 else None)
 
     def _followers_hold_parts(self) -> bool:
         """Under the lock: some follower rank may still hold a part of a transfer."""
-        return self.tp_size > 1 and any(r.state is not PrefillState.QUEUED for r in self._requests.values())
+        return self.num_ranks > 1 and any(r.state is not PrefillState.QUEUED for r in self._requests.values())
 
     def idle_wait(self) -> float | None:
         with self._lock:
@@ -246,18 +246,18 @@ class PrefillFollower:
         engine_config: EngineConfig,
         kv_backend: str,
         transfer_timeout_s: float,
-        tp_rank: int,
+        rank: int,
         dist_init: str,
         *,
         kv_secret: bytes,
     ):
-        self.engine = LLMEngine(model_dir, engine_config, tp_rank=tp_rank, dist_init=dist_init)
+        self.engine = LLMEngine(model_dir, engine_config, rank=rank, dist_init=dist_init)
         self.sender = KVSender(kv_backend, self.engine.kv_cache.tensor, self.engine.kv_cache.layout, secret=kv_secret)
         self.transfer_timeout_s = transfer_timeout_s
         self._lock = threading.Lock()
         self._released: list[str] = []  # parts that let go of their blocks, not reported yet
         self._thread = threading.Thread(
-            target=self.engine.follow, args=(self._on_step, self._report), name=f"prefill-rank-{tp_rank}", daemon=True
+            target=self.engine.follow, args=(self._on_step, self._report), name=f"prefill-rank-{rank}", daemon=True
         )
         self._thread.start()
 

@@ -32,7 +32,7 @@ class KVLayout:
     """Shape, placement and identity of one worker's KV cache."""
 
     model_id: str  # identity of the weights (name plus config hash); must match across a transfer
-    num_layers: int  # attention layers in the cache (all of the model's on this worker)
+    num_layers: int  # attention layers in this rank's cache (its pipeline stage's, see layer_bounds)
     total_num_kv_heads: int  # KV heads of the model, before any tensor-parallel split
     num_kv_heads: int  # KV heads held by this worker: total_num_kv_heads / tp_size
     head_dim: int  # elements per head
@@ -43,8 +43,25 @@ class KVLayout:
     tp_rank: int = 0  # this worker's tensor-parallel rank
     tp_size: int = 1  # tensor-parallel size of this worker's group
     version: int = KV_LAYOUT_VERSION  # bumped whenever the memory layout above changes
+    pp_rank: int = 0  # this rank's pipeline stage
+    # The worker's stages: stage s holds the model's layers [layer_bounds[s], layer_bounds[s + 1]).
+    # Empty means one stage, (0, num_layers). Stages may hold different numbers of layers.
+    layer_bounds: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
+        bounds = tuple(self.layer_bounds) or (0, self.num_layers)  # a list when read from JSON
+        object.__setattr__(self, "layer_bounds", bounds)
+        if any(not isinstance(b, int) for b in bounds) or bounds[0] != 0 or len(bounds) < 2:
+            raise ValueError(f"KVLayout.layer_bounds must be integers from 0, one more than the stages, got {bounds}")
+        if any(hi <= lo for lo, hi in zip(bounds, bounds[1:], strict=False)):
+            raise ValueError(f"KVLayout.layer_bounds must increase (every stage holds a layer), got {bounds}")
+        if not 0 <= self.pp_rank < len(bounds) - 1:
+            raise ValueError(f"KVLayout.pp_rank must be in [0, {len(bounds) - 1}), got {self.pp_rank}")
+        if bounds[self.pp_rank + 1] - bounds[self.pp_rank] != self.num_layers:
+            raise ValueError(
+                f"KVLayout.num_layers must be the layers of stage {self.pp_rank} in layer_bounds {bounds}, "
+                f"got {self.num_layers}"
+            )
         if self.dtype not in DTYPE_NAMES:
             raise ValueError(f"KVLayout.dtype must be one of {DTYPE_NAMES}, got {self.dtype!r}")
         for name in (
@@ -65,6 +82,30 @@ class KVLayout:
                 f"KVLayout.num_kv_heads must be total_num_kv_heads / tp_size = "
                 f"{self.total_num_kv_heads} / {self.tp_size}, got {self.num_kv_heads}"
             )
+
+    @property
+    def pp_size(self) -> int:
+        return len(self.layer_bounds) - 1
+
+    @property
+    def layer_start(self) -> int:
+        """The model's index of this rank's first layer (its local layer 0)."""
+        return self.layer_bounds[self.pp_rank]
+
+    @property
+    def layer_end(self) -> int:
+        return self.layer_bounds[self.pp_rank + 1]
+
+    @property
+    def total_num_layers(self) -> int:
+        """The model's layers, over every stage."""
+        return self.layer_bounds[-1]
+
+    def stage_of(self, layer_idx: int) -> int:
+        """The stage of this worker that holds the model's layer `layer_idx`."""
+        if not 0 <= layer_idx < self.total_num_layers:
+            raise ValueError(f"layer {layer_idx} is not in [0, {self.total_num_layers})")
+        return next(s for s in range(self.pp_size) if layer_idx < self.layer_bounds[s + 1])
 
     @property
     def head_offset(self) -> int:

@@ -123,7 +123,8 @@ class _Link(SendLink, RecvLink):
         heads = slice(self._head_start, self._head_start + self._num_heads)
         if self._device.type == "cuda":
             ids = torch.from_numpy(block_ids).to(self._device)
-            layer = self._cache[layer_idx]  # [2, num_blocks, num_kv_heads, block_size, head_dim]
+            # [2, num_blocks, num_kv_heads, block_size, head_dim]
+            layer = self._cache[layer_idx - self._layout.layer_start]
             if to_cache:
                 layer[:, ids, heads] = staging
             else:

@@ -86,7 +86,7 @@ def run_rank(
         calls.append(("step", payload))
         return lambda layer_idx: calls.append(("layer", layer_idx))
 
-    engine = LLMEngine(model_dir, config, tp_rank=rank, dist_init=dist_init)
+    engine = LLMEngine(model_dir, config, rank=rank, dist_init=dist_init)
     result = {"tokens": None, "error": None}
     try:
         if rank == 0:
@@ -115,12 +115,13 @@ def run_group(tmp_path, model_dir, config: EngineConfig, prompts, die=None) -> l
     """Start every rank in its own process and return what each saved."""
     ctx = mp.get_context("spawn")
     dist_init = f"tcp://127.0.0.1:{free_port()}"
-    paths = [str(tmp_path / f"rank{r}.pt") for r in range(TP)]
+    ranks = config.num_ranks
+    paths = [str(tmp_path / f"rank{r}.pt") for r in range(ranks)]
     procs = [
         ctx.Process(
             target=_run_rank_logged, args=(r, dist_init, str(model_dir), config, prompts, paths[r]), kwargs={"die": die}
         )
-        for r in range(TP)
+        for r in range(ranks)
     ]
     for p in procs:
         p.start()
@@ -132,8 +133,8 @@ def run_group(tmp_path, model_dir, config: EngineConfig, prompts, die=None) -> l
         procs[r].kill()
     assert not hung, f"ranks {hung} still running after {TIMEOUT_S} s"
     assert all(p.exitcode == 0 for p in procs), f"exit codes {[p.exitcode for p in procs]}"
-    survivors = [r for r in range(TP) if die is None or r != die[0]]
-    return [torch.load(paths[r], weights_only=False) if r in survivors else None for r in range(TP)]
+    survivors = [r for r in range(ranks) if die is None or r != die[0]]
+    return [torch.load(paths[r], weights_only=False) if r in survivors else None for r in range(ranks)]
 
 
 def randomize_biases(model_dir, seed: int):
@@ -211,7 +212,7 @@ def test_tp_size_must_divide_the_heads(checkpoints, tp, field):
     # Checked before any process group is formed, so no rank ever waits for the others.
     message = f"tensor_parallel_size={tp} does not divide the model's {field}"
     with pytest.raises(ValueError, match=message):
-        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=tp), tp_rank=0, dist_init="tcp://127.0.0.1:1")
+        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=tp), rank=0, dist_init="tcp://127.0.0.1:1")
     model = load_model(checkpoints["llama"], ModelConfig.from_dir(checkpoints["llama"]), torch.float32, "cpu", 64)
     with pytest.raises(ValueError, match=message):
         shard_model(model, 0, tp)
@@ -221,11 +222,11 @@ def test_tp_arguments_are_checked(checkpoints):
     with pytest.raises(ValueError, match="tensor_parallel_size must be positive"):
         EngineConfig(tensor_parallel_size=0)
     with pytest.raises(ValueError, match="needs dist_init"):
-        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=2), tp_rank=1)
-    with pytest.raises(ValueError, match=r"tp_rank must be in \[0, tensor_parallel_size=2\), got 2"):
-        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=2), tp_rank=2, dist_init="tcp://127.0.0.1:1")
-    with pytest.raises(ValueError, match=r"tp_rank must be in \[0, tensor_parallel_size=1\), got 1"):
-        LLMEngine(checkpoints["llama"], tp_rank=1)
+        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=2), rank=1)
+    with pytest.raises(ValueError, match=r"x pipeline_parallel_size=2\), got 2"):
+        LLMEngine(checkpoints["llama"], EngineConfig(tensor_parallel_size=2), rank=2, dist_init="tcp://127.0.0.1:1")
+    with pytest.raises(ValueError, match=r"x pipeline_parallel_size=1\), got 1"):
+        LLMEngine(checkpoints["llama"], rank=1)
     alone = LLMEngine(checkpoints["llama"])
     with pytest.raises(RuntimeError, match="runs alone"):
         alone.follow()

@@ -48,8 +48,9 @@ def make_layout(
 
 
 def content(layout: KVLayout, seed: int) -> torch.Tensor:
-    """Random bytes for every head of the model: [L, 2, N, total heads, B, D], on the CPU."""
-    shape = (layout.num_layers, 2, layout.num_blocks, layout.total_num_kv_heads, layout.block_size, layout.head_dim)
+    """Random bytes for every layer and head of the model: [L, 2, N, total heads, B, D], on the CPU."""
+    heads = layout.total_num_kv_heads
+    shape = (layout.total_num_layers, 2, layout.num_blocks, heads, layout.block_size, layout.head_dim)
     generator = torch.Generator().manual_seed(seed)
     dtype = getattr(torch, layout.dtype)
     num_bytes = int(np.prod(shape)) * dtype.itemsize
@@ -58,9 +59,9 @@ def content(layout: KVLayout, seed: int) -> torch.Tensor:
 
 
 def shard(full: torch.Tensor, layout: KVLayout) -> torch.Tensor:
-    """The heads of `full` that `layout`'s TP rank holds."""
+    """The layers and heads of `full` that `layout`'s rank (TP rank of a stage) holds."""
     heads = slice(layout.head_offset, layout.head_offset + layout.num_kv_heads)
-    return full[:, :, :, heads].contiguous()
+    return full[layout.layer_start : layout.layer_end, :, :, heads].contiguous()
 
 
 def as_bytes(tensor: torch.Tensor) -> np.ndarray:
@@ -75,6 +76,7 @@ class Node:
         self.caches: dict[str, torch.Tensor] = {}
         self.ends: dict[str, KVSender | KVReceiver] = {}
         self.transfers: dict[str, Transfer] = {}
+        self.by_end: dict[tuple[str, str], Transfer] = {}  # (end name, transfer id): several ends here
         self.release_log: dict[str, dict] = {}
 
     def receiver(self, name: str, backend: str, layout: KVLayout, secret: bytes = TEST_SECRET) -> str:
@@ -95,6 +97,7 @@ class Node:
         self.transfers[transfer_id] = self.ends[name].expect(
             transfer_id, block_ids, timeout_s, self._on_release(name, transfer_id, tuple(block_ids), scribble)
         )
+        self.by_end[(name, transfer_id)] = self.transfers[transfer_id]
 
     def start(
         self,
@@ -112,6 +115,7 @@ class Node:
             timeout_s,
             self._on_release(name, transfer_id, tuple(block_ids), scribble),
         )
+        self.by_end[(name, transfer_id)] = self.transfers[transfer_id]
 
     def _on_release(self, name: str, transfer_id: str, block_ids: tuple[int, ...], scribble: bool):
         def on_release() -> None:
@@ -143,6 +147,15 @@ class Node:
         while len(transfer.layers_done) < num_layers and not transfer.state.is_terminal and time.monotonic() < deadline:
             time.sleep(0.005)
         return self.status(transfer_id)
+
+    def wait_end(self, name: str, transfer_id: str, timeout_s: float) -> dict:
+        """One end's transfer once terminal, and on a sender once its blocks are released (a
+        receiver keeps the blocks of a finished transfer), or at the timeout."""
+        transfer = self.by_end[(name, transfer_id)]
+        transfer.wait(timeout_s)
+        if isinstance(self.ends[name], KVSender):
+            transfer.wait_released(timeout_s)
+        return {"state": transfer.state.value, "error": transfer.error, "layers_done": transfer.layers_done}
 
     def wait_released(self, transfer_id: str, timeout_s: float) -> dict:
         self.transfers[transfer_id].wait_released(timeout_s)

@@ -62,4 +62,4 @@ def test_a_missing_decode_rank_fails_the_transfer(env, ends):
     tid = env.new_id("missing-rank")
     env.local.call("start", tx, tid, SRC_IDS, [endpoint], TIMEOUT_S)
     sent = env.local.call("wait_released", tid, 0)
-    assert sent["state"] == "failed" and "no endpoint for decode TP rank(s) [1] of 2" in sent["error"]
+    assert sent["state"] == "failed" and "no endpoint for decode rank(s) [(0, 1)]" in sent["error"]
