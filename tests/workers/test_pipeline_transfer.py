@@ -68,7 +68,7 @@ def pair(request, tiny_llama_dir):
     decode = DecodeWorker(
         tiny_llama_dir, dconf, BACKEND, transfer_timeout_s=10.0, dist_init=d_init, kv_secret=TEST_SECRET
     )
-    for proc, ready in p_procs + d_procs:
+    for _proc, ready in p_procs + d_procs:
         assert ready.wait(120), "a follower rank did not start"
     yield request.param, prefill, decode
     decode.close()
