@@ -34,24 +34,32 @@ RESTART_TIMEOUT_S = 300.0  # a restarted worker loads its model again
 
 @dataclass(frozen=True)
 class WorkerGroup:
-    """Identical workers of one role. A worker is `tp` processes (tensor-parallel ranks), each
-    with one GPU on a GPU cluster or `num_cpus` CPUs without GPUs, all on one node."""
+    """Identical workers of one role. A worker is tp x pp processes (pp pipeline stages of tp
+    tensor-parallel ranks), each with one GPU on a GPU cluster or `num_cpus` CPUs without
+    GPUs, all on one node."""
 
     role: Role  # PREFILL or DECODE (the plan's strings are accepted: Role is a str)
     count: int
     tp: int = 1  # tensor-parallel size
+    pp: int = 1  # pipeline stages; with a layer-split plan's stage sizes in pipeline_layers
     gpu_type: str | None = None  # adds the Ray resource GPU_<type> (a heterogeneous cluster)
     num_cpus: float = 1.0  # CPUs per worker when it runs without GPUs
     use_gpus: bool = False
     max_num_seqs: int | None = None  # engine batch limits planned for this group (None: the defaults)
     max_num_batched_tokens: int | None = None
+    pipeline_layers: tuple[int, ...] | None = None  # layers of each stage (None: an even split)
 
     def __post_init__(self) -> None:
         if self.role not in (Role.PREFILL, Role.DECODE):
             raise ValueError(f"role must be 'prefill' or 'decode', got {self.role!r}")
         object.__setattr__(self, "role", Role(self.role))
-        if self.count < 0 or self.tp < 1:
-            raise ValueError(f"count must be >= 0 and tp >= 1, got count={self.count}, tp={self.tp}")
+        if self.count < 0 or self.tp < 1 or self.pp < 1:
+            raise ValueError(f"count must be >= 0 and tp, pp >= 1, got count={self.count}, tp={self.tp}, pp={self.pp}")
+
+    @property
+    def ranks(self) -> int:
+        """Processes per worker."""
+        return self.tp * self.pp
 
     def rank_bundle(self) -> dict[str, float]:
         """One rank's resources."""
@@ -64,12 +72,14 @@ class WorkerGroup:
 
     def bundles(self) -> list[dict[str, float]]:
         """One worker's resources: a bundle per rank (placed on one node)."""
-        return [self.rank_bundle()] * self.tp
+        return [self.rank_bundle()] * self.ranks
 
     def engine_config(self, base: EngineConfig) -> EngineConfig:
         return replace(
             base,
             tensor_parallel_size=self.tp,
+            pipeline_parallel_size=self.pp,
+            pipeline_layers=self.pipeline_layers,
             max_num_seqs=base.max_num_seqs if self.max_num_seqs is None else self.max_num_seqs,
             max_num_batched_tokens=(
                 base.max_num_batched_tokens if self.max_num_batched_tokens is None else self.max_num_batched_tokens
@@ -108,10 +118,11 @@ class Deployment:
         role = Role(role)
         actor = cast(Any, self.backend.client(role, index)).actor  # ValueError naming the indices there are
         info = await actor.info.remote()
-        if info.layout.tp_size > 1:
+        if info.layout.tp_size * info.layout.pp_size > 1:
             raise ValueError(
-                f"{role.value} worker {index} has {info.layout.tp_size} tensor-parallel ranks, which Ray "
-                f"does not restart alone; replace the worker instead"
+                f"{role.value} worker {index} has {info.layout.tp_size * info.layout.pp_size} ranks "
+                f"(tp {info.layout.tp_size} x pp {info.layout.pp_size}), which Ray does not restart "
+                f"alone; replace the worker instead"
             )
         moved = await self.backend.drain(role, index)
         ray.kill(actor, no_restart=False)
@@ -169,8 +180,8 @@ def deploy(
     # One placement group per worker, packed onto one node: a TP group's ranks talk over
     # NCCL/Gloo and must share a node.
     check_capacity(groups)
-    if elastic and any(g.tp > 1 for g in groups if g.count):
-        raise ValueError("workers that change role (--autoscale) run one rank each: use tp=1 for both roles")
+    if elastic and any(g.ranks > 1 for g in groups if g.count):
+        raise ValueError("workers that change role (--autoscale) run one rank each: use tp=1 and pp=1 for both roles")
     if elastic and len({g.engine_config(engine_config) for g in groups if g.count}) > 1:
         raise ValueError(
             "workers that change role (--autoscale) keep their engine: both roles need the same batch limits "
@@ -197,11 +208,13 @@ def deploy(
     decode_actors: list[Any] = []
     followers: list[Any] = []
     for group, pg, rank_cores in zip(workers, pgs, cores.ranks, strict=True):
-        options = [_rank_options(group, pg, rank, rank_cores[rank], env_vars, max_restarts) for rank in range(group.tp)]
+        options = [
+            _rank_options(group, pg, rank, rank_cores[rank], env_vars, max_restarts) for rank in range(group.ranks)
+        ]
         pinned = [c.cores if c is not None else None for c in rank_cores]
         config = group.engine_config(engine_config)
-        dist_init = _dist_init(pg, single_node) if group.tp > 1 else None
-        ranks = range(1, group.tp)
+        dist_init = _dist_init(pg, single_node) if group.ranks > 1 else None
+        ranks = range(1, group.ranks)
         if elastic:
             (prefill_actors if group.role is Role.PREFILL else decode_actors).append(
                 ray.remote(RoleActor)
@@ -282,7 +295,10 @@ def deploy(
         model_name=model_name,
         max_model_len=decode.max_model_len,
         block_size=decode.layout.block_size,
-        kv_bytes_per_token=decode.layout.bytes_per_token * decode.layout.tp_size,
+        kv_bytes_per_token=decode.layout.bytes_per_token
+        * decode.layout.tp_size
+        * decode.layout.total_num_layers
+        // decode.layout.num_layers,
         policy=policy,
         local_prefill_tokens=local_prefill_tokens,
     )
@@ -306,14 +322,18 @@ def check_capacity(groups: list[WorkerGroup]) -> None:
     for g, worker in per_worker:
         if not any(all(node.get(k, 0) >= v for k, v in worker.items()) for node in nodes):
             raise ValueError(
-                f"a {g.role} worker with tp={g.tp} needs {_fmt(worker)} on one node "
+                f"a {g.role} worker with tp={g.tp} pp={g.pp} needs {_fmt(worker)} on one node "
                 f"(its ranks share a node); no node of the Ray cluster has that"
             )
 
 
 def describe(groups: list[WorkerGroup]) -> str:
     return ", ".join(
-        f"{g.count} {g.role} x tp={g.tp}" + (f" on {g.gpu_type}" if g.gpu_type else "") for g in groups if g.count
+        f"{g.count} {g.role} x tp={g.tp}"
+        + (f" pp={g.pp}" if g.pp > 1 else "")
+        + (f" on {g.gpu_type}" if g.gpu_type else "")
+        for g in groups
+        if g.count
     )
 
 
@@ -336,7 +356,7 @@ def _rank_options(
     bundle = group.bundles()[rank]
     threads = cores.env() if cores is not None else {}
     return dict(
-        max_restarts=max_restarts if group.tp == 1 else 0,
+        max_restarts=max_restarts if group.ranks == 1 else 0,
         max_task_retries=0,  # a call to a lost worker fails: the router runs the request again
         num_cpus=bundle["CPU"],
         num_gpus=bundle.get("GPU", 0),

@@ -69,6 +69,13 @@ def _serving_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--decode-tp", type=int, default=1, help="tensor-parallel size of each decode worker without a plan (default 1)"
     )
+    for role in ("prefill", "decode"):
+        p.add_argument(
+            f"--{role}-pp",
+            type=int,
+            default=1,
+            help=f"pipeline stages of each {role} worker without a plan (default 1); a worker is tp x pp ranks",
+        )
     p.add_argument("--colocated", action="store_true", help="one engine doing both phases, no Ray")
     p.add_argument(
         "--cpus-per-worker",
@@ -212,6 +219,7 @@ def start_backend(args: argparse.Namespace, log=print):
                 Role(g.role),
                 g.count,
                 g.tp,
+                g.pp,
                 None if g.gpu_type == CPU_DEVICE else g.gpu_type,
                 num_cpus=cpus[g.role] or 1,
                 max_num_seqs=g.max_batch_size,
@@ -221,15 +229,17 @@ def start_backend(args: argparse.Namespace, log=print):
         ]
     else:
         groups = [
-            WorkerGroup(Role.PREFILL, args.num_prefill, args.prefill_tp, num_cpus=cpus["prefill"] or 1),
-            WorkerGroup(Role.DECODE, args.num_decode, args.decode_tp, num_cpus=cpus["decode"] or 1),
+            WorkerGroup(
+                Role.PREFILL, args.num_prefill, args.prefill_tp, args.prefill_pp, num_cpus=cpus["prefill"] or 1
+            ),
+            WorkerGroup(Role.DECODE, args.num_decode, args.decode_tp, args.decode_pp, num_cpus=cpus["decode"] or 1),
         ]
     started_ray = not ray.is_initialized()
     if started_ray and os.environ.get("RAY_ADDRESS"):
         ray.init(include_dashboard=False, log_to_driver=False)  # joins the cluster
     elif started_ray:
         # A local cluster: at least a CPU per worker rank, however few cores (they share them).
-        ranks = sum(g.count * g.tp * int(g.num_cpus) for g in groups)
+        ranks = sum(g.count * g.ranks * int(g.num_cpus) for g in groups)
         _start_local_ray(getattr(args, "host", "127.0.0.1"), max(len(available_cores()), ranks))
     on_cpus = plan is not None and all(g.gpu_type == CPU_DEVICE for g in plan.groups)
     if ray.cluster_resources().get("GPU", 0) > 0 and not on_cpus:

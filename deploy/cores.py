@@ -81,9 +81,9 @@ def plan_cores(groups, pgs, pin: bool | None) -> CorePlan:
         if group.use_gpus:
             continue
         nodes = placement_group_table(pg)["bundles_to_node_id"]
-        for rank in range(group.tp):
+        for rank in range(group.ranks):
             placed[nodes[rank]].append((w, rank, max(1, int(group.num_cpus))))
-    ranks: list[list[RankCores | None]] = [[None] * g.tp for g in groups]
+    ranks: list[list[RankCores | None]] = [[None] * g.ranks for g in groups]
     here = ray.get_runtime_context().get_node_id()
     cores_of = {node: node_cores(node) for node in placed}
     short = {

@@ -78,8 +78,10 @@ def register(subparsers) -> None:
         type=int,
         default=1,
         choices=(1, 2, 4, 8),
-        help="pipeline stages per instance at most (default 1: tandem serve runs tensor "
-        "parallelism, not pipeline stages; raise it to see what PP would plan)",
+        help="pipeline stages per instance at most (default 1). tandem serve runs pp > 1 "
+        "instances, but the capacity model still assumes stages overlap across requests, "
+        "which the engine's in-step micro-batches do only for decode batches: raise it "
+        "knowing the forecast of a pp plan is optimistic",
     )
     plan.set_defaults(run=run_plan)
     latency_cli.register(plan)

@@ -152,8 +152,7 @@ def prepare(inputs: PlanInputs) -> Problem:
             raise ValueError(
                 f"model {inputs.model.name} fits an instance on this cluster only with pipeline "
                 f"parallelism (e.g. {gpu} tp={tp} pp={pp}), and max_pp is {inputs.max_pp}: "
-                f"tandem serve does not run pipeline stages yet; plan with --max-pp {pp} "
-                f"to see such a plan anyway, or with --layer-split"
+                f"plan with --max-pp {pp} (tandem serve runs it), or with --layer-split"
             )
         raise ValueError(
             slo_unreachable_message(

@@ -274,19 +274,14 @@ class Plan:
         return sum(g.count for g in self.groups if g.role == role)
 
     def check_servable(self) -> None:
-        """Refuse what `tandem serve` cannot run yet, naming it: layer-split stages and
-        pipeline-parallel instances (plans from `tandem plan --max-pp 1` never have either)."""
+        """Refuse what `tandem serve` cannot run yet, naming it: layer-split stages (Helix-style
+        chains of nodes). Instances of any tp and pp are served (pp stages of tp ranks each)."""
         if self.stages:
             raise ValueError(
                 f"this plan is layer-split ({len(self.stages)} plan.stages): tandem serve runs "
-                f"plan.groups of whole-model instances only; plan without --layer-split"
+                f"plan.groups of instances (any tp and pp) only, not chains of layer ranges over "
+                f"nodes; plan without --layer-split"
             )
-        for group in self.groups:
-            if group.pp > 1:
-                raise ValueError(
-                    f"plan.groups[{group.role} {group.gpu_type}].pp is {group.pp}: tandem serve runs "
-                    f"tensor-parallel instances (pp 1) only; plan again with --max-pp 1"
-                )
 
     def gpus_by_type(self) -> dict[str, int]:
         """GPUs used per GPU type: the Helm chart's worker groups."""

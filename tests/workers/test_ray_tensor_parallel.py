@@ -1,6 +1,7 @@
 """Tensor-parallel workers on a real local Ray cluster, through deploy() and the router:
-prefill TP=2 -> decode TP=1, and prefill TP=1 and TP=2 -> decode TP=2 (one decode worker
-of each kind in one deployment, so both pairings are served side by side)."""
+prefill TP=2 -> decode TP=1, prefill TP=1 and TP=2 -> decode TP=2 (one decode worker of each
+kind in one deployment, so both pairings are served side by side), and pipeline stages on
+both sides (PP=2 -> PP=2)."""
 
 import asyncio
 import contextlib
@@ -22,8 +23,10 @@ from tests.workers.test_ray_serving import all_free  # noqa: E402
     [
         ([WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1)], 1),
         ([WorkerGroup("prefill", 1), WorkerGroup("prefill", 1, tp=2), WorkerGroup("decode", 1, tp=2)], 2),
+        # pipeline stages on both sides, a stage per layer of the 2-layer model
+        ([WorkerGroup("prefill", 1, pp=2), WorkerGroup("decode", 1, pp=2)], 2),
     ],
-    ids=["prefill-tp2-decode-tp1", "prefill-tp1-and-tp2-decode-tp2"],
+    ids=["prefill-tp2-decode-tp1", "prefill-tp1-and-tp2-decode-tp2", "prefill-pp2-decode-pp2"],
 )
 def test_tensor_parallel_workers_serve_transformers_tokens(tiny_llama_dir, groups, num_followers):
     start_local_ray(6)
