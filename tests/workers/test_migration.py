@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import threading
 import time
+from dataclasses import replace
 
 import pytest
 
@@ -116,6 +117,10 @@ def test_a_request_migrates_twice_and_back(deployment, tiny_llama_dir):
     kv, prefill, decode = deployment
     backend = make_backend(tiny_llama_dir, [prefill], decode)
     prompt = list(range(9, 30))
+    # Long enough that the request is still decoding when it migrates back, however slow the
+    # migrations are on a busy machine (40 tokens could all stream in between).
+    max_tokens = 300
+    params = replace(PARAMS, max_tokens=max_tokens)
 
     async def main():
         async def twice():
@@ -124,11 +129,11 @@ def test_a_request_migrates_twice_and_back(deployment, tiny_llama_dir):
             second = await backend.migrate("m2", to=first.source)
             return first, second
 
-        tokens, _, (first, second) = await stream_until(backend, "m2", prompt, PARAMS, 5, twice)
+        tokens, _, (first, second) = await stream_until(backend, "m2", prompt, params, 5, twice)
         return tokens, first, second, await blocks_free([prefill, *decode])
 
     tokens, first, second, free = asyncio.run(main())
-    assert tokens == hf_greedy(tiny_llama_dir, prompt, MAX_TOKENS, True), kv
+    assert tokens == hf_greedy(tiny_llama_dir, prompt, max_tokens, True), kv
     assert (second.source, second.destination) == (first.destination, first.source)
     assert second.num_tokens > first.num_tokens
     assert free
