@@ -402,10 +402,10 @@ class DecodeWorker:
                 record.registered.set_exception(TransferFailed(f"the engine loop stopped: {reason}"))
         for request_id, record in open_records:
             for rank in range(1, self.num_ranks):
-                self._settle(request_id, record, rank, (TransferState.FAILED, f"tensor-parallel rank lost: {reason}"))
+                self._settle(request_id, record, rank, (TransferState.FAILED, f"the engine loop stopped: {reason}"))
         for request_id, outgoing in sending:
             for rank in range(1, self.num_ranks):
-                lost = (TransferState.FAILED, f"tensor-parallel rank lost: {reason}")
+                lost = (TransferState.FAILED, f"the engine loop stopped: {reason}")
                 self._send_part_released(request_id, outgoing, rank, lost)
 
     def transfer_of(self, request_id: str) -> Transfer:
@@ -565,8 +565,7 @@ class DecodeWorker:
             aborted = outgoing.aborted
         if aborted:
             transfer.cancel("request aborted")
-        layout = self.engine.kv_cache.layout
-        for layer in range(layout.layer_start, layout.layer_end):  # the KV is all in place
+        for layer in self.engine.kv_cache.layout.layers:  # the KV is all in place
             sender.push_layer(handle.request_id, layer)
         return done
 
@@ -742,8 +741,7 @@ class DecodeFollower:
                 self._sent.append((request_id, part.state, part.error))
             else:
                 self._sends[request_id] = part
-        layout = self.engine.kv_cache.layout
-        for layer in range(layout.layer_start, layout.layer_end):
+        for layer in self.engine.kv_cache.layout.layers:
             self._sender.push_layer(transfer_id, layer)
 
     def _on_settled(self, request_id: str, settled: Settled) -> None:

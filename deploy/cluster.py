@@ -295,10 +295,7 @@ def deploy(
         model_name=model_name,
         max_model_len=decode.max_model_len,
         block_size=decode.layout.block_size,
-        kv_bytes_per_token=decode.layout.bytes_per_token
-        * decode.layout.tp_size
-        * decode.layout.total_num_layers
-        // decode.layout.num_layers,
+        kv_bytes_per_token=decode.layout.model_bytes_per_token,
         policy=policy,
         local_prefill_tokens=local_prefill_tokens,
     )

@@ -319,8 +319,8 @@ class GroupRunner(ModelRunner):
     them in order, taking each one's activations from the stage before and sending its own on
     at once (isend), so that stage s + 1 works on micro-batch j while stage s works on j + 1.
     The last stage sends the sampled rows' final hidden states to the driver, which computes
-    the logits. A step then costs about (m + pp - 1) / (m * pp) of one stage running the
-    whole batch through the whole model: the pipeline's fill and drain bubble.
+    the logits. A step then costs about (m + pp - 1) / (m * pp) of one device running the
+    whole batch through the whole model (the pipeline's fill and drain bubble), plus the sends.
     """
 
     def __init__(self, model: LlamaModel, kv_cache: KVCache, group: RankGroup, microbatches: int | None = None):

@@ -39,12 +39,11 @@ def check_block_ids(block_ids: Sequence[int], num_blocks: int, what: str) -> np.
 def layer_chunk_ids(layout: KVLayout, layer_idx: int, block_ids: np.ndarray) -> np.ndarray:
     """Chunk ids of one layer's blocks: the K chunks in block order, then the V chunks.
     layer_idx is the model's; the cache holds the layers of its stage, from layout.layer_start."""
-    local = layer_idx - layout.layer_start
-    if not 0 <= local < layout.num_layers:
+    if layer_idx not in layout.layers:
         raise ValueError(f"layer {layer_idx} is not in this cache (layers {layout.layer_start}-{layout.layer_end - 1})")
     # ids: [2, num_ids] -> flattened K then V
     kv = np.arange(2, dtype=np.int64)[:, None]
-    ids: np.ndarray = ((local * 2 + kv) * layout.num_blocks + block_ids[None, :]).reshape(-1)
+    ids: np.ndarray = (((layer_idx - layout.layer_start) * 2 + kv) * layout.num_blocks + block_ids[None, :]).reshape(-1)
     return ids
 
 

@@ -137,7 +137,7 @@ def senders_by_layer(me: KVLayout, tp_size: int, layer_bounds: tuple[int, ...]) 
     layer_bounds) that must send it before it is in."""
     heads = src_ranks_of(me.total_num_kv_heads, me.tp_rank, me.tp_size, tp_size)
     out = {}
-    for layer in range(me.layer_start, me.layer_end):
+    for layer in me.layers:
         stage = next(s for s in range(len(layer_bounds) - 1) if layer < layer_bounds[s + 1])
         out[layer] = frozenset((stage, r) for r in heads)
     return out

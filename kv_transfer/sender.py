@@ -178,7 +178,7 @@ class KVSender:
         forward pass without checking. On a GPU the layer's kernels may still be running: the
         workers wait for an event recorded here, on the caller's current stream.
         """
-        if not self.layout.layer_start <= layer_idx < self.layout.layer_end:
+        if layer_idx not in self.layout.layers:
             raise ValueError(
                 f"layer_idx must be one of this rank's layers [{self.layout.layer_start}, "
                 f"{self.layout.layer_end}), got {layer_idx}"
@@ -195,7 +195,7 @@ class KVSender:
                 ready = torch.cuda.Event()
                 ready.record()
             for part in out.parts:
-                if _holds(part.link.layout, layer_idx):
+                if layer_idx in part.link.layout.layers:
                     part.link.jobs.put((transfer_id, layer_idx, ready))
 
     def close(self) -> None:
@@ -350,7 +350,7 @@ class KVSender:
             link.writing = None
             if error is None and not part.stopping:
                 out.written[layer_idx] = out.written.get(layer_idx, 0) + 1
-                if out.written[layer_idx] == sum(_holds(p.link.layout, layer_idx) for p in out.parts):
+                if out.written[layer_idx] == sum(layer_idx in p.link.layout.layers for p in out.parts):
                     out.handle._layer_done(layer_idx)
             outbox: Outbox = self._quiet(part) if part.stopping else []
             released = self._settle(out)
@@ -486,7 +486,3 @@ class KVSender:
             del self._transfers[tid]
             return [out.handle]
         return []
-
-
-def _holds(layout: KVLayout, layer_idx: int) -> bool:
-    return layout.layer_start <= layer_idx < layout.layer_end

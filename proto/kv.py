@@ -97,15 +97,14 @@ class KVLayout:
         return self.layer_bounds[self.pp_rank + 1]
 
     @property
+    def layers(self) -> range:
+        """The model's indices of this rank's layers."""
+        return range(self.layer_start, self.layer_end)
+
+    @property
     def total_num_layers(self) -> int:
         """The model's layers, over every stage."""
         return self.layer_bounds[-1]
-
-    def stage_of(self, layer_idx: int) -> int:
-        """The stage of this worker that holds the model's layer `layer_idx`."""
-        if not 0 <= layer_idx < self.total_num_layers:
-            raise ValueError(f"layer {layer_idx} is not in [0, {self.total_num_layers})")
-        return next(s for s in range(self.pp_size) if layer_idx < self.layer_bounds[s + 1])
 
     @property
     def head_offset(self) -> int:
@@ -123,5 +122,10 @@ class KVLayout:
 
     @property
     def bytes_per_token(self) -> int:
-        """Bytes of KV that one token occupies on this worker, all layers, K and V."""
+        """Bytes of KV that one token occupies on this rank: its layers and heads, K and V."""
         return 2 * self.num_layers * self.num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]
+
+    @property
+    def model_bytes_per_token(self) -> int:
+        """Bytes of KV that one token occupies over the whole worker: every layer and head."""
+        return 2 * self.total_num_layers * self.total_num_kv_heads * self.head_dim * DTYPE_BYTES[self.dtype]

@@ -58,7 +58,7 @@ def test_stages_match_transformers_and_cache_their_layers(tmp_path, deep_checkpo
         # Every step: the payload, then this rank's layers in order, each once.
         calls = got["calls"]
         steps = [i for i, c in enumerate(calls) if c[0] == "step"]
-        own = [("layer", n) for n in range(layout.layer_start, layout.layer_end)]
+        own = [("layer", n) for n in layout.layers]
         assert all(calls[i + 1 : i + 1 + len(own)] == own for i in steps), f"rank {rank}"
         assert len(calls) == len(steps) * (1 + len(own))
         assert [c for c in calls if c[0] == "step"] == [c for c in ranks[0]["calls"] if c[0] == "step"]

@@ -52,11 +52,11 @@ def run(env, ends, tid: str, senders: list, receivers: list) -> None:
         host.call("start", name, tid, SRC_IDS, [r[2] for r in rx], TIMEOUT_S)
         tx.append((host, name, layout))
     for host, name, layout in tx:
-        host.call("push", name, tid, list(range(layout.layer_start, layout.layer_end)))
+        host.call("push", name, tid, list(layout.layers))
     for host, name, _, layout in rx:
         status = host.call("wait_end", name, tid, TIMEOUT_S)
         assert status["state"] == "done", status
-        assert sorted(status["layers_done"]) == list(range(layout.layer_start, layout.layer_end))
+        assert sorted(status["layers_done"]) == list(layout.layers)
         assert np.array_equal(host.call("cache", name), expected(layout)), f"rank {layout.pp_rank}/{layout.tp_rank}"
     for host, name, _ in tx:
         assert host.call("wait_end", name, tid, TIMEOUT_S)["state"] == "done"
@@ -106,6 +106,6 @@ def test_who_sends_what_to_whom(src, dst, peers, by_layer):
     receiver = make_layout(num_layers=dst_bounds[1], layer_bounds=dst_bounds, tp_size=dst_tp)
     assert list(peers_of(sender, dst_tp, dst_bounds)) == peers
     layers = senders_by_layer(receiver, src_tp, src_bounds)
-    assert set(layers) == set(range(receiver.layer_start, receiver.layer_end))
+    assert set(layers) == set(receiver.layers)
     for layer, senders in by_layer.items():
         assert layers[layer] == senders
