@@ -143,16 +143,24 @@ def test_per_worker_gauges_then_a_dead_prefill_worker(deployment, tiny_llama_dir
         base = f"http://127.0.0.1:{handle.http_port}"
         try:
             await collect(backend, "warm", list(range(5, 60)), params)
-            status, text = await asyncio.to_thread(_get, base + "/metrics")
-            assert status == 200
-            for line in (
+            # The prefill worker lets go of the request's blocks when the decode worker's "pulled"
+            # note reaches it, which can be after the last token: wait for the gauges to settle.
+            settled = (
                 'tandem_worker_up{role="prefill",worker="0"} 1.0',
                 'tandem_worker_up{role="decode",worker="0"} 1.0',
                 'tandem_worker_num_reserved{role="decode",worker="0"} 0.0',
                 'tandem_worker_num_transfers{role="prefill",worker="0"} 0.0',
                 'tandem_worker_num_held{role="prefill",worker="0"} 0.0',
-            ):
-                assert line in text, line
+            )
+            deadline = time.monotonic() + SETTLE_S
+            while True:
+                status, text = await asyncio.to_thread(_get, base + "/metrics")  # a scrape refreshes
+                assert status == 200
+                missing = [line for line in settled if line not in text]
+                if not missing:
+                    break
+                assert time.monotonic() < deadline, missing
+                await asyncio.sleep(0.05)
             # Long prompts in flight, then the prefill worker dies under them.
             prompts = [list(range(5 + i, 300)) for i in range(6)]
             tasks = [asyncio.create_task(collect(backend, f"k{i}", p, params)) for i, p in enumerate(prompts)]
