@@ -131,6 +131,7 @@ def solve_placement(
     info = solve(prob, solve_options, progress)
     if info.status not in ("optimal", "time_limit"):
         return Placement({}, {}, 0.0, info)
+    _balance(prob, x, rate, capacity, names, local, send, recv, solve_options)
     counts = {key: round(v.value() or 0) for key, v in x.items()}
     counts = {key: c for key, c in counts.items() if c > 0}
     local_routes = {(n, n): local[n].value() or 0.0 for n in names}
@@ -143,6 +144,32 @@ def solve_placement(
     routes = merge_routes(local_routes, remote)
     counts = _drop_idle(counts, options, routes)
     return Placement(counts, routes, float(sum(routes.values())), info)
+
+
+def _balance(prob, x, rate, capacity, names, local, send, recv, solve_options: SolveOptions) -> None:
+    """Among the routes that serve the rate just found on the instances just chosen, take
+    those that load each role's nodes most evenly (the least largest share of a node's
+    capacity, prefill plus decode): the objective alone leaves the split between nodes with
+    room to spare arbitrary, and a node loaded to its capacity queues far longer than one
+    loaded to half of it. Best effort: the routes found stand when no better is found in time."""
+    import pulp
+
+    served = pulp.value(rate) or 0.0
+    if served <= 0:
+        return
+    found = {var: var.value() for var in prob.variables()}
+    for var in x.values():
+        var.lowBound = var.upBound = round(var.value() or 0)
+    share = {role: prob.add_variable(f"u_{role}", 0) for role in ("prefill", "decode")}
+    for n in names:
+        prob += local[n] + send[n] <= share["prefill"] * (pulp.value(capacity(n, "prefill")) or 0.0)
+        prob += local[n] + recv[n] <= share["decode"] * (pulp.value(capacity(n, "decode")) or 0.0)
+    prob += rate >= served - 1e-9
+    prob.sense = pulp.LpMinimize
+    prob.setObjective(share["prefill"] + share["decode"])
+    if solve(prob, solve_options).status not in ("optimal", "time_limit"):
+        for var, value in found.items():
+            var.varValue = value
 
 
 def _break_symmetry(prob, cluster, hardware, hosts, options, x) -> None:
