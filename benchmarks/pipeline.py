@@ -12,11 +12,12 @@ setups, and the table gives medians with the load average):
 
 The workload is offline: `--requests` prompts of 128 tokens, each generating 32 tokens, all
 queued at once, greedy. Reported: wall time, output tokens/s, and the median decode step
-(a step that only decodes: the TPOT of a full batch). The planner's capacity model treats pp
-stages as overlapping across requests (planner/solve/queueing.py: a queue served at S/pp),
-so it forecasts pp=2 at twice pp=1 on one core; the served engine overlaps stages only
-inside a step, across micro-batches (engine/parallel.py), and the table puts the two side by
-side. The model is the ~100M Llama of benchmarks/engine_throughput.py, random weights, float32.
+(a step that only decodes: the TPOT of a full batch). Beside them, what the planner's step
+model (planner/latency/roofline.py step_tokens_ms) gives pp=2 against one device for a
+compute-bound batch: the engine runs one step at a time, cut into m = pp micro-batches that
+fill the stages in turn, so a step takes (m + pp - 1) / (m pp) of one device's, before the
+sends and fixed costs. The model is the ~100M Llama of benchmarks/engine_throughput.py,
+random weights, float32.
 """
 
 from __future__ import annotations
@@ -41,6 +42,11 @@ SETUPS = {
     "pp2": (1, 2, [[0], [1]]),
     "tp2": (2, 1, [[0], [1]]),
 }
+
+
+def pipelined_speedup(pp: int, microbatches: int) -> float:
+    """One device's step time over a pipelined step's, compute-bound and free of overheads."""
+    return microbatches * pp / (microbatches + pp - 1)
 
 
 def rank_main(model_dir: str, tp: int, pp: int, rank: int, cores: list[int], dist_init: str, requests: int, conn):
@@ -129,7 +135,7 @@ def main() -> None:
     for name, runs in results.items():
         wall = statistics.median(x["wall_s"] for x in runs)
         step = statistics.median(x["decode_step_ms"] for x in runs)
-        forecast = {"pp2": "2.00x", "pp1-1core": "1.00x"}.get(name, "")
+        forecast = {"pp2": f"{pipelined_speedup(2, 2):.2f}x", "pp1-1core": "1.00x"}.get(name, "")
         summary[name] = {"wall_s": wall, "tokens_per_s": tokens / wall, "decode_step_ms": step, "runs": runs}
         rows.append([name, f"{wall:.2f}", f"{tokens / wall:.1f}", f"{step:.1f}", f"{base / wall:.2f}x", forecast])
     table = markdown_table(

@@ -76,12 +76,11 @@ def register(subparsers) -> None:
     plan.add_argument(
         "--max-pp",
         type=int,
-        default=1,
+        default=8,
         choices=(1, 2, 4, 8),
-        help="pipeline stages per instance at most (default 1). tandem serve runs pp > 1 "
-        "instances, but the capacity model still assumes stages overlap across requests, "
-        "which the engine's in-step micro-batches do only for decode batches: raise it "
-        "knowing the forecast of a pp plan is optimistic",
+        help="pipeline stages per instance at most (default 8). A pp instance is forecast as "
+        "the engine serves it: one step at a time, its micro-batches filling the stages in "
+        "turn, so pp buys memory (a model or KV that fits no fewer GPUs) more than speed",
     )
     plan.set_defaults(run=run_plan)
     latency_cli.register(plan)

@@ -56,7 +56,7 @@ class PlanInputs:
     target_rps: float | None = None  # cost objective: the rate to serve (default: the workload's)
     profile: Profile | None = None
     block_size: int = 16
-    max_pp: int = max(PARALLEL_SIZES)  # pipeline stages at most (tandem plan defaults to 1: see cli)
+    max_pp: int = max(PARALLEL_SIZES)  # pipeline stages per instance at most
 
     def __post_init__(self) -> None:
         as_str("objective", self.objective, ("goodput", "cost"))

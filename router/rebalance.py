@@ -139,7 +139,7 @@ def colocated_capacity(
         if share >= 1:
             return False
         tighter = SLOSpec(slo.ttft_s, slo.tpot_s * (1 - share), slo.ttft_percentile, slo.tpot_percentile)
-        if rate / workers > (1 - share) * decode_limits(coeffs, 1, kv_tokens, stats, tighter, block_size).capacity_rps:
+        if rate / workers > (1 - share) * decode_limits(coeffs, kv_tokens, stats, tighter, block_size).capacity_rps:
             return False
         # A request's TPOT is its steps' time plus the prompts prefilled while it decodes, spread
         # over its tokens: a short output hit by one long prompt misses the target. Prompts
@@ -156,7 +156,7 @@ def colocated_capacity(
         x TPOT sequences); it falls as the rate rises."""
         batch = rate / workers * stats.mean_decode_steps * slo.tpot_s
         per_token = coeffs.decode_ms(batch, batch * stats.decode_context) / MIN_PREFILL_BUDGET
-        return workers * prefill_capacity(replace(coeffs, b=coeffs.b + per_token), 1, stats, slo, pool_size=workers)
+        return workers * prefill_capacity(replace(coeffs, b=coeffs.b + per_token), stats, slo, pool_size=workers)
 
     lo, hi = 0.0, workers / prefill_s if prefill_s > 0 else 1e6
     for _ in range(30):
@@ -200,14 +200,14 @@ def forecast_splits(
     min_decode: int = 1,
 ) -> list[Split]:
     """Every split of `workers` identical workers (at least min_prefill / min_decode of each)."""
-    decode_rps = decode_limits(coeffs, 1, kv_tokens, stats, slo, block_size).capacity_rps
+    decode_rps = decode_limits(coeffs, kv_tokens, stats, slo, block_size).capacity_rps
     splits = []
     for p in range(min_prefill, workers - min_decode + 1):
         d = workers - p
         if p == 0:
             capacity = colocated_capacity(coeffs, stats, slo, kv_tokens, block_size, d)
         else:
-            capacity = min(p * prefill_capacity(coeffs, 1, stats, slo, pool_size=p), d * decode_rps)
+            capacity = min(p * prefill_capacity(coeffs, stats, slo, pool_size=p), d * decode_rps)
         splits.append(Split(p, d, capacity))
     return splits
 

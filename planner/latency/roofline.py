@@ -8,7 +8,8 @@ Both sources give coefficients in the form DistServe fits (milliseconds):
 For a batch of prompts (or chunks of them) the quadratic (attention) term is summed per
 sequence: c * sum(new * (cached + new)), which is c*T^2 for one whole prompt. A step that
 mixes decodes and prefill chunks pays the larger fixed cost once and both marginal terms.
-The whole instance is described, all pp stages; pipelining lets pp steps overlap.
+The whole instance is described, all pp stages, as the engine runs them: one step at a
+time, cut into micro-batches that the stages work on in turn (see `step_tokens_ms`).
 
 Sources, in order: a profile file (measured by `tandem profile`, or fitted coefficients a
 user supplies) with an entry for the exact (GPU type, tp, pp); else the roofline below.
@@ -25,6 +26,11 @@ tp-th of the weights and heads), for a step of m new tokens:
     attention        prefill: causal FLOPs at attention-kernel efficiency; decode: the KV read.
     tensor parallel  two all-reduces of the hidden state per layer, each a latency (NVLink or
                      PCIe) plus the ring's bytes over the GPU link.
+    pipeline         the engine cuts a step into m = min(pp, sequences) micro-batches
+                     (engine/parallel.py split_batch; a prompt is not cut): the first
+                     goes through every stage, each later one adds the slowest stage's
+                     time (the fill and drain bubble), and each crosses pp - 1 sends of
+                     its hidden states. Stages do not overlap across steps.
     fixed            per step and stage (scheduling, inputs, sampling) and per layer (kernel
                      launches, the floor of small kernels): what small decode steps at high
                      TP mostly are.
@@ -38,6 +44,7 @@ measurements (docs/planner.md, "Validating the roofline").
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -122,20 +129,23 @@ def roofline(model: ModelSpec, hw: NodeHardware, tp: int, pp: int) -> Coefficien
 def step_tokens_ms(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, num_tokens: float, num_logits: float) -> float:
     """A step of num_tokens new tokens apart from their attention over the context: every
     layer's GEMMs, activations and all-reduces, num_logits rows of the LM head (one per
-    prompt in prefill, one per sequence in decode), the sends between stages and the fixed
-    costs."""
+    prompt in prefill, one per sequence in decode), the pipeline's micro-batches and the
+    sends between its stages, and the fixed costs."""
     gpu, dtype = hw.gpu, model.dtype
-    hidden_bytes = num_tokens * model.hidden_size * model.dtype_bytes
+    microbatches = max(min(pp, num_logits), 1)
+    tokens = num_tokens / microbatches  # of one micro-batch
     layer = (
-        sum(gemm_ms(gpu, dtype, num_tokens, n, k) for n, k in _weight_shapes(model, tp))
-        + num_tokens * _activation_bytes(model, tp) / _bytes_per_ms(gpu)
-        + 2 * allreduce_ms(hw, tp, hidden_bytes)
+        sum(gemm_ms(gpu, dtype, tokens, n, k) for n, k in _weight_shapes(model, tp))
+        + tokens * _activation_bytes(model, tp) / _bytes_per_ms(gpu)
+        + 2 * allreduce_ms(hw, tp, tokens * model.hidden_size * model.dtype_bytes)
         + LAYER_OVERHEAD_MS
     )
-    logits = gemm_ms(gpu, dtype, num_logits, model.vocab_size / tp, model.hidden_size)
     # Between stages one GPU sends the hidden state; a send costs about a small all-reduce.
-    sends = (pp - 1) * (ALLREDUCE_LATENCY_MS[gpu.nvlink] + hidden_bytes / (hw.link_gb_s * 1e9 / 1e3))
-    return model.num_layers * layer + logits + sends + STEP_OVERHEAD_MS * pp
+    send = ALLREDUCE_LATENCY_MS[gpu.nvlink] + tokens * model.hidden_size * model.dtype_bytes / (hw.link_gb_s * 1e6)
+    first = model.num_layers * layer + (pp - 1) * send
+    slowest_stage = math.ceil(model.num_layers / pp) * layer + (send if pp > 1 else 0.0)
+    logits = gemm_ms(gpu, dtype, num_logits, model.vocab_size / tp, model.hidden_size)
+    return first + (microbatches - 1) * slowest_stage + logits + STEP_OVERHEAD_MS * pp
 
 
 def _bytes_per_ms(gpu: GPUSpec) -> float:

@@ -89,8 +89,6 @@ class _Request:
     prefill: SimInstance
     decode: SimInstance
     decode_seq: Sequence  # the decode side's sequence, reserved before prefill starts
-    prefill_engine: int = -1
-    decode_engine: int = -1
 
 
 class _Run:
@@ -126,7 +124,6 @@ class _Run:
         self.link_free_s: defaultdict[tuple[str, ...], float] = defaultdict(float)  # resource -> when it is free
         self.events: list = []
         self.counter = itertools.count()
-        self.kick_at: dict[int, float] = {}
         n = len(requests)
         self.first_s = np.full(n, np.nan)
         self.done_s = np.full(n, np.nan)
@@ -141,7 +138,7 @@ class _Run:
             raise ValueError("simulation needs at least one prefill and one decode instance")
         for i, t in enumerate(self.req.arrival_s):
             self.push(float(t), "arrive", i)
-        handlers = {"arrive": self.arrive, "step": self.step_done, "xfer": self.transfer_done, "kick": self.kick}
+        handlers = {"arrive": self.arrive, "step": self.step_done, "xfer": self.transfer_done}
         while self.events:
             self.now, _, kind, payload = heapq.heappop(self.events)
             handlers[kind](payload)
@@ -180,35 +177,25 @@ class _Run:
         """Start prefill for the requests whose decode blocks are now reserved, in order."""
         while d.reserve_queue:
             r = self.state[d.reserve_queue[0]]
-            engine = d.try_reserve(r.decode_seq)
-            if engine is None:
+            if not d.try_reserve(r.decode_seq):
                 return
             i = d.reserve_queue.popleft()
-            r.decode_engine = engine
             prompt = [0] * int(self.req.input_tokens[i])
-            r.prefill_engine = r.prefill.add_prefill(
-                Sequence(str(i), prompt, SamplingParams(max_tokens=1, ignore_eos=True))
-            )
+            r.prefill.add_prefill(Sequence(str(i), prompt, SamplingParams(max_tokens=1, ignore_eos=True)))
             self.kick(r.prefill.index)
 
     # ---- instances ----------------------------------------------------------------------
 
     def kick(self, index: int) -> None:
-        inst = self.insts[index]
-        for engine in range(len(inst.engines)):
-            started = inst.start_step(engine, self.now)
-            if started:
-                out, duration_s = started
-                self.push(self.now + duration_s, "step", (index, engine, out))
-        waiting = any(not inst.busy[e] and inst.engines[e].num_unfinished for e in range(len(inst.engines)))
-        if waiting and inst.entry_free_s > self.now and self.kick_at.get(index) != inst.entry_free_s:
-            self.kick_at[index] = inst.entry_free_s
-            self.push(inst.entry_free_s, "kick", index)
+        started = self.insts[index].start_step()
+        if started:
+            out, duration_s = started
+            self.push(self.now + duration_s, "step", (index, out))
 
     def step_done(self, payload) -> None:
-        index, engine, out = payload
+        index, out = payload
         inst = self.insts[index]
-        for seq in inst.finish_step(engine, out):
+        for seq in inst.finish_step(out):
             i = int(seq.request_id)
             if inst.role == "prefill":
                 self.prefill_done(inst, i)
@@ -250,7 +237,7 @@ class _Run:
 
     def transfer_done(self, i: int) -> None:
         r = self.state[i]
-        r.prefill.release(r.prefill_engine, str(i))
-        if r.decode.admit(r.decode_engine, str(i)).is_finished:  # a one-token output
+        r.prefill.release(str(i))
+        if r.decode.admit(str(i)).is_finished:  # a one-token output
             self.decode_done(r.decode, i)
         self.kick(r.decode.index)

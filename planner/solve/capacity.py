@@ -136,7 +136,7 @@ def has_latency(latency: LatencyTable, hw: NodeHardware, tp: int, pp: int) -> bo
 
 def fits(model: ModelSpec, hw: NodeHardware, tp: int, pp: int, max_tokens: int) -> bool:
     """Whether the instance holds its weights and the longest request in one engine's KV."""
-    return valid_parallelism(model, tp, pp) and kv_capacity_tokens(model, hw, tp, pp) // pp >= max_tokens
+    return valid_parallelism(model, tp, pp) and kv_capacity_tokens(model, hw, tp, pp) >= max_tokens
 
 
 def prefill_service_s(coeffs: Coefficients, stats: WorkloadStats) -> np.ndarray:
@@ -144,11 +144,11 @@ def prefill_service_s(coeffs: Coefficients, stats: WorkloadStats) -> np.ndarray:
     return np.asarray(coeffs.prefill_ms(tokens)) / 1e3
 
 
-def prefill_capacity(coeffs: Coefficients, pp: int, stats: WorkloadStats, slo: SLOSpec, pool_size: int = 1) -> float:
+def prefill_capacity(coeffs: Coefficients, stats: WorkloadStats, slo: SLOSpec, pool_size: int = 1) -> float:
     """Requests/s one prefill instance serves within the TTFT percentile, as one of pool_size
     instances whose queues the router pools (queueing.ttft_exceed_prob)."""
     return queueing.max_rate(
-        prefill_service_s(coeffs, stats), slo.ttft_s, slo.ttft_percentile / 100, pp, stats.arrival_cv2, pool_size
+        prefill_service_s(coeffs, stats), slo.ttft_s, slo.ttft_percentile / 100, stats.arrival_cv2, pool_size
     )
 
 
@@ -161,7 +161,7 @@ def pooled(options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec, po
     return [
         replace(
             o,
-            capacity_rps=prefill_capacity(o.coefficients, o.pp, stats, slo, pool_size) * o.calibration,
+            capacity_rps=prefill_capacity(o.coefficients, stats, slo, pool_size) * o.calibration,
             pool_size=pool_size,
         )
         if o.role == "prefill"
@@ -173,7 +173,7 @@ def pooled(options: list[InstanceOption], stats: WorkloadStats, slo: SLOSpec, po
 @dataclass(frozen=True)
 class DecodeLimits:
     capacity_rps: float
-    max_batch_size: int  # per pipeline stage's batch
+    max_batch_size: int  # the scheduler's batch cap (max_num_seqs)
 
 
 def decode_load(coeffs: Coefficients, stats: WorkloadStats, engine_rate_rps: float) -> tuple[float, float]:
@@ -199,14 +199,13 @@ def decode_tpot_exceed(
 
 
 def decode_limits(
-    coeffs: Coefficients, pp: int, kv_tokens: int, stats: WorkloadStats, slo: SLOSpec, block_size: int
+    coeffs: Coefficients, kv_tokens: int, stats: WorkloadStats, slo: SLOSpec, block_size: int
 ) -> DecodeLimits:
     ctx, ctx2 = stats.decode_kv_moments
     ctx += block_size / 2  # half a block of slack per sequence
     var_ctx = max(ctx2 - stats.decode_context**2, 0.0)
     prompt = float(stats.input_tokens.mean()) + block_size / 2
     tpot_ms = slo.tpot_s * 1e3
-    kv_per_engine = kv_tokens / pp
     per_seq_ms = coeffs.B * stats.decode_context + coeffs.C
 
     def slots(rate: float) -> tuple[float, float]:
@@ -214,8 +213,8 @@ def decode_limits(
         within TPOT at their own step and within the KV left by the prompts reserved for
         requests in prefill (about rate x TTFT of them: decode reserves before prefill runs),
         each sequence of random size, at KV_SAFETY_Z (running sequences never preempt)."""
-        reserved = rate / pp * slo.ttft_s
-        kv_for_batch = kv_per_engine - reserved * prompt
+        reserved = rate * slo.ttft_s
+        kv_for_batch = kv_tokens - reserved * prompt
         # n ctx + z sqrt(n var_ctx) = kv_for_batch is a quadratic in sqrt(n).
         z_sigma = KV_SAFETY_Z * math.sqrt(var_ctx)
         root = (math.sqrt(z_sigma**2 + 4 * ctx * max(kv_for_batch, 0.0)) - z_sigma) / (2 * ctx)
@@ -237,11 +236,11 @@ def decode_limits(
         if running < 1:
             return False
         full_step_s = coeffs.decode_ms(running, running * stats.decode_context) / 1e3
-        if rate / pp > utilization * running / (stats.mean_decode_steps * full_step_s):
+        if rate > utilization * running / (stats.mean_decode_steps * full_step_s):
             return False
-        return decode_tpot_exceed(coeffs, stats, rate / pp, slo.tpot_s) <= 1 - slo.tpot_percentile / 100
+        return decode_tpot_exceed(coeffs, stats, rate, slo.tpot_s) <= 1 - slo.tpot_percentile / 100
 
-    lo, hi = 0.0, pp * 1e3 / (stats.mean_decode_steps * per_seq_ms)  # rho = 1: no batch is that fast
+    lo, hi = 0.0, 1e3 / (stats.mean_decode_steps * per_seq_ms)  # rho = 1: no batch is that fast
     for _ in range(40):
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
@@ -283,7 +282,7 @@ def enumerate_options(
                     continue
                 kv_tokens = kv_capacity_tokens(model, hw, tp, pp)
                 coeffs = latency.coefficients(hw, tp, pp)
-                cap = prefill_capacity(coeffs, pp, stats, slo)
+                cap = prefill_capacity(coeffs, stats, slo)
                 if cap > 0:
                     options.append(
                         InstanceOption(
@@ -298,7 +297,7 @@ def enumerate_options(
                             max_batched_tokens=prefill_budget,
                         )
                     )
-                limits = decode_limits(coeffs, pp, kv_tokens, stats, slo, block_size)
+                limits = decode_limits(coeffs, kv_tokens, stats, slo, block_size)
                 if limits.capacity_rps > 0:
                     options.append(
                         InstanceOption(

@@ -111,8 +111,8 @@ def stage_capacity(
     if kv_capacity_tokens(part, hw, tp, 1) < stats.max_tokens:
         return 0.0
     if role == "prefill":
-        return prefill_capacity(coeffs, 1, stats, stage_slo)
-    return decode_limits(coeffs, 1, kv_capacity_tokens(part, hw, tp, 1), stats, stage_slo, block_size).capacity_rps
+        return prefill_capacity(coeffs, stats, stage_slo)
+    return decode_limits(coeffs, kv_capacity_tokens(part, hw, tp, 1), stats, stage_slo, block_size).capacity_rps
 
 
 def stage_bytes_per_request(

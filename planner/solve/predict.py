@@ -117,9 +117,7 @@ def _exceed(
         return (
             sum(
                 load.rate_rps
-                * queueing.ttft_exceed_prob(
-                    load.model_rate_rps, services[id(load.option)], t, load.option.pp, stats.arrival_cv2, pool
-                )
+                * queueing.ttft_exceed_prob(load.model_rate_rps, services[id(load.option)], t, stats.arrival_cv2, pool)
                 for load in prefill
             )
             / p_total
@@ -130,7 +128,7 @@ def _exceed(
             sum(
                 load.rate_rps
                 * decode_tpot_exceed(
-                    load.option.coefficients, stats, load.model_rate_rps / load.option.pp, t, load.option.max_batch_size
+                    load.option.coefficients, stats, load.model_rate_rps, t, load.option.max_batch_size
                 )
                 for load in decode
             )

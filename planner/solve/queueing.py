@@ -8,9 +8,10 @@ the queue has, for M/G/1, an exponential tail (Cramer-Lundberg)::
                                   C = (1 - rho) / (lam E[S exp(theta S)] - 1)
 
 which is exact for M/M/1 (C = rho, theta = mu - lam) and close from the median on for
-M/D/1. A request's TTFT is W plus its own prefill time S, independent of W. With pp
-pipeline stages a new prompt can enter after one stage's time S/pp, so the queue serves at
-S/pp while each request still takes S.
+M/D/1. A request's TTFT is W plus its own prefill time S, independent of W. An instance of
+pp pipeline stages is one such server too: the engine runs one step at a time (its stages
+overlap only inside a step, on micro-batches), so S is the pipelined step's time
+(planner/latency/roofline.py), not S/pp.
 
 Bursty arrivals (gaps with squared coefficient of variation ca2, 1 for Poisson) wait
 longer. Kingman's G/G/1 approximation, E[W] ~ rho / (1 - rho) E[S] (ca2 + cs2) / 2, is
@@ -70,16 +71,16 @@ def erlang_c(num_servers: int, offered: float) -> float:
 
 
 def ttft_exceed_prob(
-    lam: float, service_s: np.ndarray, target_s: float, pp: int = 1, arrival_cv2: float = 1.0, num_servers: int = 1
+    lam: float, service_s: np.ndarray, target_s: float, arrival_cv2: float = 1.0, num_servers: int = 1
 ) -> float:
     """P(TTFT > target_s) for arrivals at lam per server (gaps of squared CV arrival_cv2;
     1 is Poisson) onto prefill times service_s, in a pool of num_servers such servers."""
     if lam <= 0:
         return float((service_s > target_s).mean())
-    rho, theta, c = wait_tail(lam, service_s / pp)
+    rho, theta, c = wait_tail(lam, service_s)
     if rho >= 1:
         return 1.0
-    burst = burst_factor(arrival_cv2, service_s / pp)
+    burst = burst_factor(arrival_cv2, service_s)
     p_wait = rho
     if num_servers > 1:
         p_wait = erlang_c(num_servers, num_servers * rho)
@@ -104,30 +105,30 @@ def _halfin_whitt(beta: float) -> float:
     return 1 / (1 + beta * cdf / phi)
 
 
-def ttft_quantile(lam: float, service_s: np.ndarray, quantile: float, pp: int = 1, arrival_cv2: float = 1.0) -> float:
+def ttft_quantile(lam: float, service_s: np.ndarray, quantile: float, arrival_cv2: float = 1.0) -> float:
     """The TTFT that a fraction `quantile` of requests meets, at arrival rate lam."""
     lo, hi = float(service_s.min()), float(service_s.max())
-    while ttft_exceed_prob(lam, service_s, hi, pp, arrival_cv2) > 1 - quantile:
+    while ttft_exceed_prob(lam, service_s, hi, arrival_cv2) > 1 - quantile:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             return math.inf
     for _ in range(50):
         mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if ttft_exceed_prob(lam, service_s, mid, pp, arrival_cv2) > 1 - quantile else (lo, mid)
+        lo, hi = (mid, hi) if ttft_exceed_prob(lam, service_s, mid, arrival_cv2) > 1 - quantile else (lo, mid)
     return hi
 
 
 def max_rate(
-    service_s: np.ndarray, target_s: float, quantile: float, pp: int = 1, arrival_cv2: float = 1.0, num_servers: int = 1
+    service_s: np.ndarray, target_s: float, quantile: float, arrival_cv2: float = 1.0, num_servers: int = 1
 ) -> float:
     """Highest arrival rate per server at which a fraction `quantile` of TTFTs stays within target_s."""
     allowed = 1 - quantile
     if ttft_exceed_prob(0.0, service_s, target_s) > allowed:
         return 0.0
-    lo, hi = 0.0, pp / float(service_s.mean())
+    lo, hi = 0.0, 1 / float(service_s.mean())
     for _ in range(40):
         mid = (lo + hi) / 2
-        ok = ttft_exceed_prob(mid, service_s, target_s, pp, arrival_cv2, num_servers) <= allowed
+        ok = ttft_exceed_prob(mid, service_s, target_s, arrival_cv2, num_servers) <= allowed
         lo, hi = (mid, hi) if ok else (lo, mid)
     return lo
 

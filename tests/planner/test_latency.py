@@ -66,6 +66,22 @@ def test_roofline_scales_like_hardware():
     assert l40s.b - roofline(MODEL, hw("L40S"), 1, 1).b / 4 > tp2.b - a100.b / 2
 
 
+def test_pipeline_stages_cost_their_bubble_as_the_engine_runs_them():
+    gpu = hw("A100-80GB")
+    pp1, pp2 = (lambda tokens, seqs, pp=pp: step_tokens_ms(MODEL, gpu, 1, pp, tokens, seqs) for pp in (1, 2))
+    # One prompt is one micro-batch: it crosses both stages in turn, no faster than one GPU
+    # running every layer (plus a send and a second stage's fixed cost).
+    assert pp2(2048, 1) > pp1(2048, 1)
+    # A batch of sequences is cut in two: the second half enters stage 0 while the first is in
+    # stage 1, so a compute-bound step takes about (m + pp - 1) / (m pp) = 3/4 of one GPU's...
+    assert 0.7 < pp2(8192, 64) / pp1(8192, 64) < 0.85
+    # ...while a memory-bound decode step reads each stage's weights once per micro-batch:
+    # about 3/2 of one GPU's. Stages buy memory, not speed, there.
+    assert 1.35 < pp2(64, 64) / pp1(64, 64) < 1.6
+    # The forecast's coefficients are these steps.
+    assert roofline(MODEL, gpu, 1, 2).decode_ms(64, 0) > roofline(MODEL, gpu, 1, 1).decode_ms(64, 0)
+
+
 def test_a_gemm_streams_weights_when_small_and_computes_when_large():
     gpu = GPU_SPECS["H100"]
     weights_ms = 2 * 8192 * 8192 / (3350e9 * MEMORY_EFFICIENCY) * 1e3

@@ -63,13 +63,14 @@ def test_one_request_timeline_is_the_latency_model():
     assert result.tpot_s == pytest.approx([(transfer_s + decode_s) / 10])
 
 
-def test_pipeline_takes_a_new_batch_after_one_stage():
+def test_pipeline_runs_one_step_at_a_time():
     prefill = option("prefill", Coefficients(a=100, b=0, c=0, A=1, B=0, C=0), pp=2)
     result = simulator(prefill, option("decode", Coefficients(1, 0, 0, 1, 0, 0))).run(
         requests([0.0, 0.0, 0.0], prompt=100, output=1)
     )
-    # Two virtual engines: the second batch enters at 50 ms; the third waits for engine 0.
-    assert sorted(result.ttft_s) == pytest.approx([0.1, 0.15, 0.2])
+    # As the engine runs stages: a step enters once the last one has left every stage (the
+    # bubble of its micro-batches is in the step time), so one prompt per 100 ms step.
+    assert sorted(result.ttft_s) == pytest.approx([0.1, 0.2, 0.3])
 
 
 def test_decode_kv_limit_holds_back_prefill():
