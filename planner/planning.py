@@ -16,10 +16,11 @@ from planner.solve.capacity import (
     InstanceOption,
 )
 from planner.solve.milp import Placement
-from planner.solve.predict import attainment, goal_warning, predict
+from planner.solve.predict import ATTAINMENT_SHOWN, attainment, goal_warning, predict
 from planner.solve.solver import SolveOptions
 from proto.cluster import ClusterSpec
 from proto.plan import Calibration, InstanceGroup, Metrics, Plan, PlanNode, Route
+from proto.slo import SLOSpec
 
 # Calibration simulates other requests (another seed) than the plan's simulated figures,
 # which therefore check the calibrated forecast on requests it was not fitted to.
@@ -152,7 +153,29 @@ def make_plan(
             )
             goodput = simulated_goodput(problem, placement, options, num_sim_requests, progress=progress)
         simulated = result.metrics(inputs.slo, rate, goodput)
+        warnings += _warn(say, simulation_warning(simulated, inputs.slo, calibration is not None))
     return to_plan(problem, placement, options, predicted, simulated, warnings, calibration)
+
+
+def simulation_warning(simulated: Metrics, slo: SLOSpec, calibrated: bool) -> str | None:
+    """What to say when the check's simulation misses the attainment goal at the plan's rate."""
+    if simulated.attainment >= slo.attainment - ATTAINMENT_SHOWN:
+        return None
+    head = (
+        f"the simulation attains {simulated.attainment:.3f} at the planned {simulated.rate_rps:.2f} req/s, "
+        f"below the goal {slo.attainment:.3f}"
+    )
+    if simulated.goodput_rps is not None and simulated.goodput_rps > 0:
+        head += (
+            f"; it meets the goal up to {simulated.goodput_rps:.2f} req/s "
+            f"({simulated.goodput_rps / simulated.rate_rps:.0%} of the plan): serve at most that"
+        )
+    why = (
+        "the calibration's simulations (other requests) met it there: more --sim-requests narrow the gap"
+        if calibrated
+        else "the queueing model is optimistic here: calibrate it (--calibrate-rounds)"
+    )
+    return f"{head}; {why}"
 
 
 def _warn(say: Callable[[str], None], *warnings: str | None) -> tuple[str, ...]:

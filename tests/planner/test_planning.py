@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import pytest
 
 from planner.evaluate import simulated_goodput
-from planner.planning import make_plan
+from planner.planning import make_plan, simulation_warning
 from planner.problem import place, prepare
 from planner.report import format_plan
 from planner.solve.predict import predict
 from planner.solve.solver import SolveOptions
+from proto.plan import Metrics
 from proto.slo import SLOSpec
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, make_inputs
 
@@ -47,6 +49,18 @@ def test_forecast_meeting_the_goal_has_no_warning():
         make_inputs(MIXED, slo=SLOSpec(ttft_s=0.4, tpot_s=0.1, attainment=0.8)), OPTIONS, num_sim_requests=0
     )
     assert plan.predicted.attainment >= 0.8 and plan.warnings == ()
+
+
+def test_a_simulation_below_the_goal_at_the_planned_rate_warns():
+    slo = SLOSpec(ttft_s=0.4, tpot_s=0.1, attainment=0.9)
+    missed = Metrics(rate_rps=62.35, goodput_rps=58.45, attainment=0.491, ttft_s=1.041, tpot_s=0.052)
+    warning = simulation_warning(missed, slo, calibrated=True)
+    assert warning is not None
+    assert warning.startswith("the simulation attains 0.491 at the planned 62.35 req/s, below the goal 0.900")
+    assert "meets the goal up to 58.45 req/s (94% of the plan): serve at most that" in warning
+    assert "more --sim-requests" in warning
+    assert "--calibrate-rounds" in simulation_warning(replace(missed, goodput_rps=None), slo, calibrated=False)
+    assert simulation_warning(replace(missed, attainment=0.9), slo, calibrated=True) is None
 
 
 def test_goodput_search_reports_every_simulation():
