@@ -14,7 +14,8 @@ import asyncio
 from collections import deque
 from collections.abc import AsyncGenerator, Callable, Sequence
 
-from decode_worker.worker import DecodeFollower, DecodeWorker, TransferFailed
+from decode_worker.follower import DecodeFollower
+from decode_worker.worker import DecodeWorker, TransferFailed
 from engine import EngineConfig
 from engine.cores import bind_cores, process_cores
 from engine.engine_loop import delta_stream

@@ -17,7 +17,8 @@ from dataclasses import replace
 
 import pytest
 
-from decode_worker.worker import DecodeFollower, DecodeWorker, TransferFailed
+from decode_worker.follower import DecodeFollower
+from decode_worker.worker import DecodeWorker, TransferFailed
 from engine import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillWorker
 from proto.serving import GenerateRequest

@@ -13,7 +13,8 @@ from dataclasses import replace
 
 import pytest
 
-from decode_worker.worker import DecodeFollower, DecodeWorker
+from decode_worker.follower import DecodeFollower
+from decode_worker.worker import DecodeWorker
 from engine import EngineConfig, SamplingParams
 from prefill_worker.worker import PrefillFollower, PrefillWorker
 from proto.serving import GenerateRequest
