@@ -48,6 +48,9 @@ class WorkerGroup:
     max_num_seqs: int | None = None  # engine batch limits planned for this group (None: the defaults)
     max_num_batched_tokens: int | None = None
     pipeline_layers: tuple[int, ...] | None = None  # layers of each stage (None: an even split)
+    # A layer-split chain's stages, each on its own node of its own GPU type (None: every stage
+    # is gpu_type, and the worker's ranks share a node).
+    stage_gpu_types: tuple[str | None, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in (Role.PREFILL, Role.DECODE):
@@ -55,24 +58,38 @@ class WorkerGroup:
         object.__setattr__(self, "role", Role(self.role))
         if self.count < 0 or self.tp < 1 or self.pp < 1:
             raise ValueError(f"count must be >= 0 and tp, pp >= 1, got count={self.count}, tp={self.tp}, pp={self.pp}")
+        if self.stage_gpu_types is not None and len(self.stage_gpu_types) != self.pp:
+            raise ValueError(f"stage_gpu_types names {len(self.stage_gpu_types)} stages, pp is {self.pp}")
 
     @property
     def ranks(self) -> int:
         """Processes per worker."""
         return self.tp * self.pp
 
-    def rank_bundle(self) -> dict[str, float]:
+    @property
+    def spans_nodes(self) -> bool:
+        """A layer-split chain: its stages are on different nodes."""
+        return self.stage_gpu_types is not None and self.pp > 1
+
+    def rank_bundle(self, rank: int) -> dict[str, float]:
         """One rank's resources."""
         if not self.use_gpus:
             return {"CPU": self.num_cpus}
         bundle = {"CPU": 1.0, "GPU": 1.0}
-        if self.gpu_type:
-            bundle[ray_resource_name(self.gpu_type)] = 1.0
+        gpu_type = self.gpu_type if self.stage_gpu_types is None else self.stage_gpu_types[rank // self.tp]
+        if gpu_type:
+            bundle[ray_resource_name(gpu_type)] = 1.0
         return bundle
 
     def bundles(self) -> list[dict[str, float]]:
-        """One worker's resources: a bundle per rank (placed on one node)."""
-        return [self.rank_bundle()] * self.ranks
+        """One worker's resources: a bundle per rank (all on one node unless spans_nodes)."""
+        return [self.rank_bundle(rank) for rank in range(self.ranks)]
+
+    @property
+    def placement_strategy(self) -> str:
+        """A worker's ranks share a node (NCCL/Gloo within it); a chain's stages are packed onto
+        as few nodes as hold them, each stage's tp ranks together where a node has room."""
+        return "PACK" if self.spans_nodes else "STRICT_PACK"
 
     def engine_config(self, base: EngineConfig) -> EngineConfig:
         return replace(
@@ -177,8 +194,8 @@ def deploy(
     env_vars = {"UCX_NET_DEVICES": "lo"} if single_node and "UCX_NET_DEVICES" not in os.environ else {}
     model_dir = str(Path(model_dir).resolve())
     workers = [g for g in groups for _ in range(g.count)]
-    # One placement group per worker, packed onto one node: a TP group's ranks talk over
-    # NCCL/Gloo and must share a node.
+    # One placement group per worker, packed onto one node (a TP group's ranks talk over
+    # NCCL/Gloo and must share a node), or onto the nodes of a layer-split chain's stages.
     check_capacity(groups)
     if elastic and any(g.ranks > 1 for g in groups if g.count):
         raise ValueError("workers that change role (--autoscale) run one rank each: use tp=1 and pp=1 for both roles")
@@ -187,7 +204,7 @@ def deploy(
             "workers that change role (--autoscale) keep their engine: both roles need the same batch limits "
             "(max_num_seqs, max_num_batched_tokens), which the workers' groups do not have"
         )
-    pgs = [placement_group(g.bundles(), strategy="STRICT_PACK") for g in workers]
+    pgs = [placement_group(g.bundles(), strategy=g.placement_strategy) for g in workers]
     try:
         ray.get([pg.ready() for pg in pgs], timeout=ready_timeout_s)
     except ray.exceptions.GetTimeoutError:
@@ -317,6 +334,13 @@ def check_capacity(groups: list[WorkerGroup]) -> None:
             f"(e.g. ray start --num-cpus/--num-gpus) or ask for fewer workers or ranks"
         )
     for g, worker in per_worker:
+        if g.spans_nodes:
+            for rank, bundle in enumerate(g.bundles()):
+                if not any(all(node.get(k, 0) >= v for k, v in bundle.items()) for node in nodes):
+                    raise ValueError(
+                        f"rank {rank} of a {g.role} chain needs {_fmt(bundle)}; no node of the Ray cluster has that"
+                    )
+            continue
         if not any(all(node.get(k, 0) >= v for k, v in worker.items()) for node in nodes):
             raise ValueError(
                 f"a {g.role} worker with tp={g.tp} pp={g.pp} needs {_fmt(worker)} on one node "
@@ -328,7 +352,9 @@ def describe(groups: list[WorkerGroup]) -> str:
     return ", ".join(
         f"{g.count} {g.role} x tp={g.tp}"
         + (f" pp={g.pp}" if g.pp > 1 else "")
+        + (f" layers {'|'.join(map(str, g.pipeline_layers))}" if g.pipeline_layers else "")
         + (f" on {g.gpu_type}" if g.gpu_type else "")
+        + (f" on {' -> '.join(t or 'cpu' for t in g.stage_gpu_types)}" if g.stage_gpu_types else "")
         for g in groups
         if g.count
     )

@@ -211,7 +211,9 @@ def start_backend(args: argparse.Namespace, log=print):
         role: getattr(args, f"{role}_cpus", None) or getattr(args, "cpus_per_worker", None)
         for role in ("prefill", "decode")
     }
-    if plan is not None:
+    if plan is not None and plan.stages:
+        groups = chain_groups(plan, cpus)
+    elif plan is not None:
         # A plan made for CPU cores (gpu_type "cpu": each device is a core) runs CPU workers,
         # a core per device; any other GPU type asks Ray for that GPU.
         groups = [
@@ -241,7 +243,7 @@ def start_backend(args: argparse.Namespace, log=print):
         # A local cluster: at least a CPU per worker rank, however few cores (they share them).
         ranks = sum(g.count * g.ranks * int(g.num_cpus) for g in groups)
         _start_local_ray(getattr(args, "host", "127.0.0.1"), max(len(available_cores()), ranks))
-    on_cpus = plan is not None and all(g.gpu_type == CPU_DEVICE for g in plan.groups)
+    on_cpus = plan is not None and {g.gpu_type for g in plan.groups} | {s.gpu_type for s in plan.stages} == {CPU_DEVICE}
     if ray.cluster_resources().get("GPU", 0) > 0 and not on_cpus:
         groups = [replace(g, use_gpus=True) for g in groups]
     kv_backend = args.kv_backend or _default_kv_backend()
@@ -270,6 +272,29 @@ def start_backend(args: argparse.Namespace, log=print):
             ray.shutdown()
 
     return deployment.backend, stop
+
+
+def chain_groups(plan, cpus: dict[str, float | None]) -> list:
+    """A layer-split plan's workers: one pipeline worker per chain of stages (proto.plan
+    layer_chains), a stage per node with that node's layers and GPU type. Stages in no chain
+    stay idle (the plan warned of them)."""
+    from deploy.cluster import WorkerGroup
+    from proto.plan import layer_chains
+    from proto.serving import Role
+
+    chains, _ = layer_chains(plan.stages, plan.model.num_layers)
+    return [
+        WorkerGroup(
+            Role(c.role),
+            1,
+            c.tp,
+            len(c.stages),
+            num_cpus=cpus[c.role] or 1,
+            pipeline_layers=c.layers,
+            stage_gpu_types=tuple(None if s.gpu_type == CPU_DEVICE else s.gpu_type for s in c.stages),
+        )
+        for c in chains
+    ]
 
 
 def rebalancer_inputs(args: argparse.Namespace):

@@ -104,11 +104,13 @@ def default_image() -> str:
 
 
 def gpus_per_node(plan: Plan) -> dict[str, int]:
-    """GPUs the plan's instances use on each node that runs any."""
+    """GPUs the plan's instances (or layer-split stages) use on each node that runs any."""
     used: Counter[str] = Counter()
     for group in plan.groups:
         for node in group.nodes:
             used[node] += group.gpus_per_instance
+    for stage in plan.stages:
+        used[stage.node] += stage.tp
     return dict(used)
 
 
@@ -116,11 +118,6 @@ def worker_groups(
     plan: Plan, *, gpu_node_label: str = "tandem/gpu-type", sizing: PodSizing = PodSizing()
 ) -> list[dict]:
     """One Ray worker pod per used plan node, grouped by GPU type and pod size."""
-    if plan.stages:
-        raise ValueError(
-            "plan.stages: layer-split plans cannot be served by tandem serve yet; "
-            "plan without --layer-split to get instance groups"
-        )
     gpu_type = {node.name: node.gpu_type for node in plan.nodes}
     pods: Counter[tuple[str, int]] = Counter((gpu_type[name], num) for name, num in gpus_per_node(plan).items())
     sizes_per_type = Counter(t for t, _ in pods)

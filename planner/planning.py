@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import replace
 
 from planner.evaluate import GOODPUT_SEARCH_STEPS, SIM_LIFETIMES, calibrate, simulate, simulated_goodput
 from planner.latency.gpus import NodeHardware
@@ -19,7 +20,7 @@ from planner.solve.milp import Placement
 from planner.solve.predict import ATTAINMENT_SHOWN, attainment, goal_warning, predict
 from planner.solve.solver import SolveOptions
 from proto.cluster import ClusterSpec
-from proto.plan import Calibration, InstanceGroup, Metrics, Plan, PlanNode, Route
+from proto.plan import Calibration, InstanceGroup, LayerStage, Metrics, Plan, PlanNode, Route, layer_chains
 from proto.slo import SLOSpec
 
 # Calibration simulates other requests (another seed) than the plan's simulated figures,
@@ -178,6 +179,22 @@ def simulation_warning(simulated: Metrics, slo: SLOSpec, calibrated: bool) -> st
     return f"{head}; {why}"
 
 
+def chained_goodput(stages: tuple[LayerStage, ...], num_layers: int, max_flow_rps: float) -> tuple[float, str | None]:
+    """What a layer split serves as node-disjoint chains (proto.plan.layer_chains, how tandem
+    serve runs it), and what to say when that is less than its max-flow."""
+    chains, idle = layer_chains(stages, num_layers)
+    served = min(sum(c.rate_rps for c in chains if c.role == role) for role in ("prefill", "decode"))
+    if served >= max_flow_rps * (1 - 1e-6):
+        return max_flow_rps, None
+    return served, (
+        f"tandem serve runs a layer split as node-disjoint chains of stages (a pipeline worker each): "
+        f"{len(chains)} chains carry {served:.2f} of the {max_flow_rps:.2f} req/s that the max-flow routes "
+        f"through stages feeding several others"
+        + (f"; {len(idle)} stage(s) join no chain and stay idle ({', '.join(s.node for s in idle)})" if idle else "")
+        + "; the forecast is for the chains"
+    )
+
+
 def _warn(say: Callable[[str], None], *warnings: str | None) -> tuple[str, ...]:
     """The warnings that apply, each said on the progress channel as it is found."""
     found = tuple(w for w in warnings if w)
@@ -213,8 +230,13 @@ def make_layer_plan(
         )
     nodes = plan_nodes(inputs.cluster, hardware, {s.node for s in split.stages})
     predicted = predict_split(split, hardware, inputs.model, latency, stats, inputs.slo)
+    served, chain_warning = chained_goodput(split.stages, inputs.model.num_layers, split.goodput_rps)
+    if served < predicted.rate_rps:  # forecast what the chains carry: every stage's flow scaled to it
+        at = split_attainment(split, hardware, inputs.model, latency, stats, inputs.slo, served)
+        predicted = replace(predicted, rate_rps=round(served, 4), goodput_rps=round(served, 4), attainment=round(at, 4))
     warnings = _warn(
         say,
+        chain_warning,
         time_limit_warning(split.solver, solve_options, "goodput"),
         goal_warning(
             predicted,

@@ -33,7 +33,9 @@ tp x pp GPUs of one type, inside one node; a group is the instances of one role 
 
 Layer-split mode (a model that fits no single node) fills ``stages`` instead of ``groups``:
 each stage is one node holding a contiguous range of layers for one role; the stages of a
-role chain layer range to layer range, like Helix's pipelines.
+role chain layer range to layer range, like Helix's pipelines. `tandem serve` runs them as
+`layer_chains`: stages of one role and one tp whose ranges tile the model, each node in one
+chain, each chain a pipeline worker (a stage per node).
 """
 
 from __future__ import annotations
@@ -152,6 +154,75 @@ class LayerStage:
         as_int(f"{where}.layer_start", self.layer_start, minimum=0)
         if self.layer_end <= self.layer_start:
             raise ValueError(f"{where}.layer_end ({self.layer_end}) must exceed layer_start ({self.layer_start})")
+
+
+@dataclass(frozen=True)
+class LayerChain:
+    """Layer-split stages of one role and one tp whose ranges tile the model's layers in order:
+    served as one pipeline worker, a stage per node."""
+
+    role: str
+    stages: tuple[LayerStage, ...]
+
+    @property
+    def tp(self) -> int:
+        return self.stages[0].tp
+
+    @property
+    def rate_rps(self) -> float:
+        """What the chain carries: its narrowest stage's planned flow."""
+        return min(s.rate_rps for s in self.stages)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        """Layers of each stage, in order (the worker's pipeline_layers)."""
+        return tuple(s.layer_end - s.layer_start for s in self.stages)
+
+
+def layer_chains(
+    stages: tuple[LayerStage, ...], num_layers: int
+) -> tuple[tuple[LayerChain, ...], tuple[LayerStage, ...]]:
+    """The layer-split stages as node-disjoint chains, and the stages left in none.
+
+    Helix routes each request through whichever stage holds its next layers, so a stage may
+    feed several others (a max-flow); a pipeline worker is a fixed chain of processes, so each
+    node here serves one chain. Per role, the widest chain (the largest narrowest flow) of
+    one tp over the stages not yet taken, until none reaches the last layer: what a chain
+    carries is its narrowest stage's planned flow, and the sum over chains is what the
+    split serves as chains (less than its max-flow where that needed a stage to fan out)."""
+    chains: list[LayerChain] = []
+    free = sorted(stages, key=lambda s: (s.layer_start, -s.rate_rps, s.node))
+    for role in ROLES:
+        while True:
+            best: tuple[float, list[LayerStage]] | None = None
+            for tp in sorted({s.tp for s in free if s.role == role}):
+                path = _widest_chain([s for s in free if s.role == role and s.tp == tp], num_layers)
+                if path and (best is None or min(s.rate_rps for s in path) > best[0]):
+                    best = (min(s.rate_rps for s in path), path)
+            if best is None:
+                break
+            chains.append(LayerChain(role, tuple(best[1])))
+            free = [s for s in free if all(s is not t for t in best[1])]
+    return tuple(chains), tuple(free)
+
+
+def _widest_chain(stages: list[LayerStage], num_layers: int) -> list[LayerStage]:
+    """The chain from layer 0 to num_layers whose narrowest stage flow is largest ([] if none),
+    over a DAG of layer boundaries (stages go forward)."""
+    width: dict[int, float] = {0: float("inf")}
+    via: dict[int, LayerStage] = {}
+    for s in sorted(stages, key=lambda s: (s.layer_start, -s.rate_rps, s.node)):
+        if s.layer_start in width:
+            w = min(width[s.layer_start], s.rate_rps)
+            if w > width.get(s.layer_end, -1.0):
+                width[s.layer_end], via[s.layer_end] = w, s
+    if num_layers not in via:
+        return []
+    path, end = [], num_layers
+    while end > 0:
+        path.append(via[end])
+        end = via[end].layer_start
+    return path[::-1]
 
 
 @dataclass(frozen=True)
@@ -274,14 +345,27 @@ class Plan:
         return sum(g.count for g in self.groups if g.role == role)
 
     def check_servable(self) -> None:
-        """Refuse what `tandem serve` cannot run yet, naming it: layer-split stages (Helix-style
-        chains of nodes). Instances of any tp and pp are served (pp stages of tp ranks each)."""
-        if self.stages:
-            raise ValueError(
-                f"this plan is layer-split ({len(self.stages)} plan.stages): tandem serve runs "
-                f"plan.groups of instances (any tp and pp) only, not chains of layer ranges over "
-                f"nodes; plan without --layer-split"
-            )
+        """Refuse what `tandem serve` cannot run, naming it. Instances of any tp and pp are
+        served (pp stages of tp ranks each); layer-split stages as their layer_chains, which
+        need a chain for each role."""
+        if not self.stages:
+            return
+        chains, _ = layer_chains(self.stages, self.model.num_layers)
+        for role in ROLES:
+            if not any(c.role == role for c in chains):
+                raise ValueError(
+                    f"plan.stages: no {role} stages of one tp chain from layer 0 to layer "
+                    f"{self.model.num_layers} (their ranges: "
+                    + (
+                        ", ".join(
+                            f"{s.node} [{s.layer_start}, {s.layer_end}) tp={s.tp}"
+                            for s in self.stages
+                            if s.role == role
+                        )
+                        or "none"
+                    )
+                    + "); tandem serve runs each such chain as a pipeline worker"
+                )
 
     def gpus_by_type(self) -> dict[str, int]:
         """GPUs used per GPU type: the Helm chart's worker groups."""

@@ -415,9 +415,16 @@ def test_cli_writes_the_values(tmp_path, tandem_parser, capsys):
 
 def test_helm_values_errors_name_the_field():
     plan = uniform_plan()
-    split = Plan(**{**plan.__dict__, "groups": (), "stages": (LayerStage("prefill", "h100-0", "H100", 8, 0, 16, 1.0),)})
-    with pytest.raises(ValueError, match=r"plan\.stages"):
-        worker_groups(split)
+    # A layer split's pods are its stages' nodes (served as chains; see test_plan_to_serve).
+    stages = (
+        LayerStage("prefill", "h100-0", "H100", 8, 0, 32, 1.0),
+        LayerStage("decode", "l40s", "L40S", 4, 0, 32, 1.0),
+    )
+    split = Plan(**{**plan.__dict__, "groups": (), "routes": (), "stages": stages})
+    assert [(g["gpuType"], g["replicas"], g["gpusPerPod"]) for g in worker_groups(split)] == [
+        ("H100", 1, 8),
+        ("L40S", 1, 4),
+    ]
     with pytest.raises(ValueError, match="--model-pvc is required"):
         ModelSource("pvc", "llama")
     with pytest.raises(ValueError, match="--model-copy-command is required"):

@@ -113,7 +113,8 @@ def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
 
 
 def test_plans_serve_cannot_run_are_refused_before_anything_starts(tmp_path, capsys):
-    """Layer-split stages are planned (what-if) but not served yet; pipeline stages are."""
+    """Pipeline stages are served, and layer-split stages as chains; a layer split with no
+    chain for a role (stages that do not tile the layers with one tp) is refused by name."""
     from dataclasses import replace
 
     from proto.plan import LayerStage
@@ -121,8 +122,8 @@ def test_plans_serve_cannot_run_are_refused_before_anything_starts(tmp_path, cap
 
     plan = uniform_plan()
     replace(plan, groups=(replace(plan.groups[0], tp=4, pp=2),) + plan.groups[1:]).check_servable()
-    split = replace(plan, groups=(), stages=(LayerStage("prefill", "h100-0", "H100", 8, 0, 16, 1.0),))
-    for bad, message in ((split, "this plan is layer-split"),):
+    split = replace(plan, groups=(), routes=(), stages=(LayerStage("prefill", "h100-0", "H100", 8, 0, 32, 1.0),))
+    for bad, message in ((split, "no decode stages of one tp chain from layer 0 to layer 32"),):
         path = tmp_path / "bad.yaml"
         bad.save(path)
         for command in (["serve", "--plan", str(path)], ["deploy", "helm-values", "--plan", str(path)]):
@@ -130,3 +131,79 @@ def test_plans_serve_cannot_run_are_refused_before_anything_starts(tmp_path, cap
             err = capsys.readouterr().err
             assert message in err, err
     assert not ray.is_initialized()
+
+
+def test_a_layer_split_plan_serves_its_chains_token_exact(tmp_path, capsys):
+    """A Helix-style plan over fake A100 and L4 nodes, ranges uneven and cut differently for
+    prefill (1 | 4 layers) and decode (3 | 2): each chain starts as a pipeline worker with a
+    stage on each node's GPU type, the stage left out of every chain holds nothing, and the
+    tokens equal transformers'."""
+    from dataclasses import replace
+
+    from planner.latency.models import ARCHITECTURES
+    from proto.plan import LayerStage, Metrics, PlanNode, SolverInfo
+    from proto.slo import SLOSpec
+    from tests.checkpoints import make_checkpoint, make_tokenizer
+
+    model_dir = make_checkpoint(
+        tmp_path / "llama5", "llama", make_tokenizer(tmp_path / "tok"), seed=6, num_hidden_layers=5
+    )
+    stages = (
+        LayerStage("prefill", "a100-0", "A100-80GB", 1, 0, 1, 3.0),
+        LayerStage("prefill", "l4-0", "L4", 1, 1, 5, 3.0),
+        LayerStage("prefill", "l4-1", "L4", 1, 1, 5, 2.0),  # a fan-out from a100-0: in no chain
+        LayerStage("decode", "l4-2", "L4", 1, 0, 3, 3.0),
+        LayerStage("decode", "a100-1", "A100-80GB", 1, 3, 5, 3.0),
+    )
+    plan = Plan(
+        model=replace(ARCHITECTURES["llama-2-7b"], num_layers=5, path=str(model_dir)),
+        slo=SLOSpec(ttft_s=1.0, tpot_s=0.2),
+        objective="goodput",
+        nodes=tuple(PlanNode(s.node, s.gpu_type, 1) for s in stages),
+        groups=(),
+        routes=(),
+        stages=stages,
+        predicted=Metrics(3.0, 3.0, 0.9, 1.0, 0.2),
+        solver=SolverInfo("HiGHS", "optimal", 0.0, 0.1, 5.0),
+    )
+    plan_file = tmp_path / "split.yaml"
+    plan.save(plan_file)
+    assert main(["deploy", "helm-values", "--plan", str(plan_file), "--out", str(tmp_path / "values.yaml")]) == 0
+    fake = {ray_resource_name("A100-80GB"): 2, ray_resource_name("L4"): 3}
+    ray.init(
+        address="local",
+        num_cpus=8,
+        num_gpus=5,
+        resources=fake,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
+    )
+    args = build_parser().parse_args(
+        ["serve", "--plan", str(plan_file), "--kv-backend", "shm", "--local-prefill-tokens", "0"]
+    )
+    try:
+        logged = []
+        backend, stop = start_backend(args, log=logged.append)
+        try:
+            assert any("1 prefill x tp=1 pp=2 layers 1|4 on A100-80GB -> L4" in line for line in logged), logged
+            assert any("1 decode x tp=1 pp=2 layers 3|2 on L4 -> A100-80GB" in line for line in logged), logged
+            free = ray.available_resources()
+            assert free.get(ray_resource_name("A100-80GB"), 0) == 0  # a100-0 and a100-1 hold a stage each
+            assert free.get(ray_resource_name("L4"), 0) == 1  # l4-1 is in no chain
+            prompt = list(range(5, 45))
+
+            async def one():
+                tokens = []
+                async with contextlib.aclosing(
+                    backend.generate(GenerateRequest("r", prompt, SamplingParams(temperature=0.0, max_tokens=8)))
+                ) as stream:
+                    async for delta in stream:
+                        tokens += delta.token_ids
+                return tokens
+
+            assert asyncio.run(one()) == hf_greedy(model_dir, prompt, 8)
+        finally:
+            stop()
+    finally:
+        ray.shutdown()

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
+from planner.planning import chained_goodput, make_layer_plan
 from planner.problem import read_inputs
 from planner.solve.layer_split import solve_layer_split
 from planner.solve.network import BANDWIDTH_UTILIZATION
 from planner.solve.solver import SolveOptions
+from proto.plan import LayerStage, PlanNode, layer_chains
 from proto.slo import SLOSpec
+from tests.deploy.helm_support import uniform_plan
 from tests.planner.inputs import GENEROUS_TIME_LIMIT_S, make_inputs
 
 OPTIONS = SolveOptions(time_limit_s=GENEROUS_TIME_LIMIT_S, gap_rel=1e-4)
@@ -46,3 +51,66 @@ def test_each_node_keeps_within_its_own_nic(nic_gb_s):
         sent, received = node_traffic_bytes(stage, inputs, stats)  # rates are rounded to 4 decimals
         assert sent <= limit * (1 + 1e-3), f"{stage.node} sends {sent / limit:.2f}x its NIC"
         assert received <= limit * (1 + 1e-3), f"{stage.node} receives {received / limit:.2f}x its NIC"
+
+
+def stage(role, node, start, end, rate, tp=1):
+    return LayerStage(role, node, "L4", tp, start, end, rate)
+
+
+def test_chains_take_the_widest_first_and_leave_a_fan_out_idle():
+    # Prefill: a feeds b and c (Helix's max-flow: 10 req/s); as node-disjoint chains a can
+    # serve only one of them. Decode: two chains cut in different places.
+    stages = (
+        stage("prefill", "a", 0, 2, 10.0),
+        stage("prefill", "b", 2, 5, 5.0),
+        stage("prefill", "c", 2, 5, 6.0),
+        stage("decode", "d", 0, 3, 4.0),
+        stage("decode", "e", 3, 5, 4.0),
+        stage("decode", "f", 0, 1, 7.0),
+        stage("decode", "g", 1, 5, 8.0),
+    )
+    chains, idle = layer_chains(stages, 5)
+    assert [(c.role, [s.node for s in c.stages], c.rate_rps, c.layers) for c in chains] == [
+        ("prefill", ["a", "c"], 6.0, (2, 3)),
+        ("decode", ["f", "g"], 7.0, (1, 4)),
+        ("decode", ["d", "e"], 4.0, (3, 2)),
+    ]
+    assert [s.node for s in idle] == ["b"]
+    served, warning = chained_goodput(stages, 5, 10.0)
+    assert served == 6.0  # min(prefill 6, decode 11)
+    assert (
+        "3 chains carry 6.00 of the 10.00 req/s" in warning and "1 stage(s) join no chain and stay idle (b)" in warning
+    )
+    assert chained_goodput(stages[:2] + stages[3:5], 5, 4.0) == (4.0, None)
+
+
+def test_a_chain_keeps_one_tp_and_a_role_without_one_is_refused():
+    stages = (stage("prefill", "a", 0, 2, 5.0, tp=2), stage("prefill", "b", 2, 5, 5.0), stage("decode", "d", 0, 5, 5.0))
+    chains, idle = layer_chains(stages, 5)
+    assert [c.role for c in chains] == ["decode"] and {s.node for s in idle} == {"a", "b"}
+    base = uniform_plan()
+    nodes = tuple(PlanNode(s.node, "L4", 4, 1.0) for s in stages)
+    plan = replace(base, groups=(), routes=(), stages=stages, nodes=nodes, model=replace(base.model, num_layers=5))
+    with pytest.raises(
+        ValueError, match=r"no prefill stages of one tp chain from layer 0 to layer 5 .*a \[0, 2\) tp=2"
+    ):
+        plan.check_servable()
+
+
+def test_a_layer_split_plan_forecasts_what_its_chains_serve():
+    inputs = make_inputs(
+        [
+            {"name": "a", "count": 3, "gpu_type": "A100-40GB", "num_gpus": 4, "nic_gb_s": 2.0},
+            {"name": "l", "count": 2, "gpu_type": "L4", "num_gpus": 4, "nic_gb_s": 2.0},
+        ],
+        model="llama-2-70b",
+        slo=SLO,
+    )
+    plan = make_layer_plan(inputs, OPTIONS)
+    plan.check_servable()
+    chains, _ = layer_chains(plan.stages, inputs.model.num_layers)
+    served = min(sum(c.rate_rps for c in chains if c.role == role) for role in ("prefill", "decode"))
+    assert plan.predicted.goodput_rps == pytest.approx(served, abs=1e-4)
+    split_goodput = plan.solver.objective
+    chained = [w for w in plan.warnings if "node-disjoint chains" in w]
+    assert bool(chained) == (served < split_goodput * (1 - 1e-6))
