@@ -6,6 +6,7 @@ PlanInputs --prepare()--> Problem --place()--> Placement (planner/problem.py)
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import replace
@@ -179,12 +180,38 @@ def simulation_warning(simulated: Metrics, slo: SLOSpec, calibrated: bool) -> st
     return f"{head}; {why}"
 
 
+def chain_idle_nodes(split, inputs: PlanInputs, hardware, stats, latency, solve_options: SolveOptions, say):
+    """The split with the nodes its chains leave idle planned again, on their own, into more
+    chains (their new ranges counted beside what the chains carry), while that adds goodput."""
+    from planner.solve.layer_split import LayerSplit, solve_layer_split
+
+    num_layers = inputs.model.num_layers
+    while True:
+        chains, idle = layer_chains(split.stages, num_layers)
+        if not idle:
+            return split
+        carried = {role: sum(c.rate_rps for c in chains if c.role == role) for role in ("prefill", "decode")}
+        served = min(carried.values())
+        names = {s.node for s in idle}
+        spare = replace(inputs.cluster, nodes=tuple(n for n in inputs.cluster.nodes if n.name in names), links=())
+        more = solve_layer_split(
+            spare, hardware, inputs.model, latency, stats, inputs.slo, inputs.block_size, solve_options, carried=carried
+        )
+        chained = tuple(s for c in chains for s in c.stages)
+        candidate = LayerSplit(chained + more.stages, split.goodput_rps, split.solver)
+        now, _ = chained_goodput(candidate.stages, num_layers, math.inf)
+        if now <= served * (1 + 1e-6):
+            return split
+        say(f"  {len(idle)} stage(s) in no chain planned again on their own: the chains carry {now:.2f} req/s")
+        split = candidate
+
+
 def chained_goodput(stages: tuple[LayerStage, ...], num_layers: int, max_flow_rps: float) -> tuple[float, str | None]:
     """What a layer split serves as node-disjoint chains (proto.plan.layer_chains, how tandem
     serve runs it), and what to say when that is less than its max-flow."""
     chains, idle = layer_chains(stages, num_layers)
     served = min(sum(c.rate_rps for c in chains if c.role == role) for role in ("prefill", "decode"))
-    if served >= max_flow_rps * (1 - 1e-6):
+    if served >= max_flow_rps - 1e-3:  # the plan's stage rates are rounded to 1e-4
         return max_flow_rps, None
     return served, (
         f"tandem serve runs a layer split as node-disjoint chains of stages (a pipeline worker each): "
@@ -228,9 +255,11 @@ def make_layer_plan(
             f"hold the model's layers for both prefill and decode, or no stage meets its share "
             f"of the SLO (solver: {split.solver.status})"
         )
+    max_flow = split.goodput_rps
+    split = chain_idle_nodes(split, inputs, hardware, stats, latency, solve_options, say)
     nodes = plan_nodes(inputs.cluster, hardware, {s.node for s in split.stages})
     predicted = predict_split(split, hardware, inputs.model, latency, stats, inputs.slo)
-    served, chain_warning = chained_goodput(split.stages, inputs.model.num_layers, split.goodput_rps)
+    served, chain_warning = chained_goodput(split.stages, inputs.model.num_layers, max_flow)
     if served < predicted.rate_rps:  # forecast what the chains carry: every stage's flow scaled to it
         at = split_attainment(split, hardware, inputs.model, latency, stats, inputs.slo, served)
         predicted = replace(predicted, rate_rps=round(served, 4), goodput_rps=round(served, 4), attainment=round(at, 4))

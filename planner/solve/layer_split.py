@@ -147,7 +147,10 @@ def solve_layer_split(
     block_size: int,
     solve_options: SolveOptions,
     progress: Callable[[str], None] | None = None,
+    carried: dict[str, float] | None = None,
 ) -> LayerSplit:
+    """carried: requests/s per role that other stages carry already; the goodput counts them
+    (what stages on the nodes left over add to chains already served)."""
     import pulp
 
     bounds = unit_bounds(model.num_layers)
@@ -187,7 +190,9 @@ def solve_layer_split(
             prob += pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and e == j) == pulp.lpSum(
                 v for (_, rr, s, e), v in f.items() if rr == r and s == j
             )
-        prob += goodput <= pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and s == 0)
+        prob += goodput <= pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and s == 0) + (carried or {}).get(
+            r, 0.0
+        )
     info = solve(prob, solve_options, progress)
     if info.status not in ("optimal", "time_limit"):
         return LayerSplit((), 0.0, info)
