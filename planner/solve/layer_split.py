@@ -11,7 +11,7 @@ last layer; the most that flows through the prefill stages and through the decod
     n[c,r]      integer  nodes of class c running role r: the sum of z[c,r,s,e] over
                          (s, e); a node runs one stage, so n[c,prefill] + n[c,decode] <= |c|
     f[c,r,s,e]  >= 0     requests/s through those stages,  f <= cap(c, r, e - s) z
-    sum of f ending at boundary j == sum of f starting at j      (each role, 0 < j < U)
+    sum of f ending at boundary j == sum of f starting at j      (each role and tp, 0 < j < U)
     goodput <= sum of f starting at 0                             (each role)
     cap(c, r, s, e) is also capped by one node's NIC: the activations in and out between
     stages, plus the KV a prefill stage sends to the decode stages holding the same
@@ -24,6 +24,10 @@ many nodes of a class prefill and how many decode splits the space where it matt
 branching on single ranges wanders among the many near-equal ways to chain the same stages
 (on a 42-node cluster of five GPU types: within 1% in under a second instead of 1.05% after
 300 s, see docs/planner.md).
+
+Flow is conserved per tp as well as per role: tandem serve runs a chain of stages as one
+pipeline worker, whose stages share one tp, so a request never moves between stages of
+different tp. Chains are then read off the flows (proto/plan.py layer_chains).
 
 A stage of k of the model's L layers gets k / L of the TTFT and TPOT targets, so a chain
 of stages meets the whole target; its capacity is the single-instance model
@@ -185,11 +189,15 @@ def solve_layer_split(
         for r in ROLES:
             prob += n[r] == pulp.lpSum(v for key, v in z.items() if key[0] == k and key[1] == r)
         prob += n["prefill"] + n["decode"] <= len(names)
+    # Flow is conserved per tp, not only per role: a pipeline worker's stages share one tp
+    # (engine/parallel.py), so a request's chain of stages keeps the tp it starts with.
     for r in ROLES:
-        for j in range(1, units):
-            prob += pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and e == j) == pulp.lpSum(
-                v for (_, rr, s, e), v in f.items() if rr == r and s == j
-            )
+        for tp in {caps[key][1] for key in f if key[1] == r}:
+            flows = {key: v for key, v in f.items() if key[1] == r and caps[key][1] == tp}
+            for j in range(1, units):
+                prob += pulp.lpSum(v for (_, _, s, e), v in flows.items() if e == j) == pulp.lpSum(
+                    v for (_, _, s, e), v in flows.items() if s == j
+                )
         prob += goodput <= pulp.lpSum(v for (_, rr, s, e), v in f.items() if rr == r and s == 0) + (carried or {}).get(
             r, 0.0
         )

@@ -143,3 +143,28 @@ def test_nodes_left_out_of_every_chain_are_planned_again(tmp_path, capsys):
     carried, max_flow = map(float, re.search(r"carry ([\d.]+) of the ([\d.]+) req/s", warning).groups())
     assert carried > 0.9 * max_flow and plan.predicted.goodput_rps == pytest.approx(carried, abs=0.01)
     assert len(idle) < 5
+
+
+def test_flows_keep_one_tp_from_the_first_layer_to_the_last():
+    # Nodes of 8 GPUs run their stages at tp 8, nodes of 4 at tp 4: a pipeline worker's
+    # stages share one tp, so no request may pass from one to the other.
+    inputs = make_inputs(
+        [
+            {"name": "a", "count": 2, "gpu_type": "A100-80GB", "num_gpus": 8, "nic_gb_s": 25.0},
+            {"name": "l", "count": 3, "gpu_type": "L4", "num_gpus": 4, "nic_gb_s": 25.0},
+        ],
+        model="llama-2-70b",
+        slo=SLO,
+    )
+    hardware, _, stats, latency = read_inputs(inputs)
+    split = solve_layer_split(inputs.cluster, hardware, inputs.model, latency, stats, SLO, 16, OPTIONS)
+    assert split.goodput_rps > 0 and len({s.tp for s in split.stages}) == 2
+    for role in ("prefill", "decode"):
+        for tp in {s.tp for s in split.stages if s.role == role}:
+            stages = [s for s in split.stages if s.role == role and s.tp == tp]
+            for j in {s.layer_end for s in stages} - {inputs.model.num_layers}:
+                into = sum(s.rate_rps for s in stages if s.layer_end == j)
+                out = sum(s.rate_rps for s in stages if s.layer_start == j)
+                assert into == pytest.approx(out, abs=1e-3 * len(stages)), (role, tp, j)
+    plan = make_layer_plan(inputs, OPTIONS)
+    plan.check_servable()  # a chain for each role
