@@ -158,6 +158,7 @@ class EngineLoop:
         self._releases_lock = threading.Lock()
         self._steps: deque[StepRecord] = deque(maxlen=MAX_STEP_RECORDS)
         self._stopping = False
+        self._finished = False  # _run() has ended: release_soon() frees at once
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
         self._thread.start()
@@ -314,10 +315,16 @@ class EngineLoop:
             callback(final_delta(request_id, FinishReason.ABORT))
 
     def release_soon(self, request_id: str) -> None:
-        """Free a held request's blocks at the loop's next turn. Safe from any thread, never blocks long."""
+        """Free a held request's blocks at the loop's next turn (at once once the loop has
+        stopped: a transfer that ends later still gives its blocks back). Safe from any
+        thread, never blocks long."""
         with self._releases_lock:
             self._releases.append(request_id)
-        self.poke()
+        if self._finished:
+            with self._lock:
+                self._drain_releases()
+        else:
+            self.poke()
 
     def poke(self) -> None:
         """wake(), unless a turn is under way (it looks at idle_wait() again after it). Safe
@@ -439,6 +446,9 @@ class EngineLoop:
             _fail(future, Unavailable(f"engine loop is not running: {reason}"))
         for request_id, callback in callbacks.items():
             callback(final_delta(request_id, FinishReason.ERROR, str(reason)))
+        with self._lock:  # what Turns.stopped() released, and from now on release_soon() itself
+            self._finished = True
+            self._drain_releases()
 
 
 def _fail(future: Future[Any], error: BaseException) -> None:

@@ -87,6 +87,7 @@ class _Prefill:
     state: PrefillState = PrefillState.QUEUED
     transfer: Transfer | None = None  # rank 0's part, once SENDING
     parts_left: int = 0  # ranks whose part still holds the blocks (STARTING and SENDING)
+    own_part_out: bool = False  # rank 0's part holds the blocks
     aborted: bool = False  # cancel the transfer as soon as it exists
 
 
@@ -169,12 +170,13 @@ class PrefillWorker:
                 record = self._requests.get(item.seq.request_id) if item.samples else None
                 if record is not None and record.state is PrefillState.QUEUED:
                     record.state, record.parts_left = PrefillState.STARTING, self.num_ranks
+                    record.own_part_out = True
                     seq = item.seq
                     starts.append(TransferStart(seq.request_id, tuple(seq.block_ids), record.handle.endpoints))
             on_reports = self._on_reports if self._followers_hold_parts() else None
         if not starts:
             return Turn(on_reports=on_reports)
-        hook, transfers = start_transfers(self.sender, starts, self.transfer_timeout_s, self.release_part)
+        hook, transfers = start_transfers(self.sender, starts, self.transfer_timeout_s, self._own_part_released)
         cancelled = []
         with self._lock:
             for request_id, transfer in transfers.items():
@@ -197,7 +199,24 @@ class PrefillWorker:
             return SLOW_REPORT_POLL_S if self._followers_hold_parts() else None
 
     def stopped(self, reason: BaseException) -> None:
-        pass  # every caller hears of it through its request's error delta
+        """The loop stopped (a lost rank, or close); every caller hears of it through its
+        request's error delta. No follower reports any more, so their parts count as let go;
+        rank 0's own parts are cancelled, and every block goes back as they end (the loop
+        frees releases after it stopped)."""
+        cancel, free = [], []
+        with self._lock:
+            for request_id, record in list(self._requests.items()):
+                own = record.own_part_out and record.transfer is not None
+                if record.state is not PrefillState.QUEUED and own:
+                    record.parts_left = 1
+                    cancel.append(record.transfer)
+                else:
+                    del self._requests[request_id]
+                    free.append(request_id)
+        for request_id in free:
+            self.loop.release_soon(request_id)
+        for transfer in cancel:
+            transfer.cancel(f"the engine loop stopped: {reason}")  # blocks come back through release_part
 
     def _on_reports(self, reports: list[object]) -> None:
         """Each follower's report: the requests whose part released the blocks there."""
@@ -205,6 +224,14 @@ class PrefillWorker:
             assert isinstance(released, list)
             for request_id in released:
                 self.release_part(request_id)
+
+    def _own_part_released(self, request_id: str) -> None:
+        """Rank 0's part let go of the blocks (a KV transfer thread, or start() at once)."""
+        with self._lock:
+            record = self._requests.get(request_id)
+            if record is not None:
+                record.own_part_out = False
+        self.release_part(request_id)
 
     def release_part(self, request_id: str) -> None:
         """One rank's part of a transfer let go of the blocks; the last one frees them."""

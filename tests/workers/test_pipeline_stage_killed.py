@@ -7,6 +7,7 @@ import multiprocessing as mp
 import os
 import signal
 import threading
+import time
 from dataclasses import replace
 
 import pytest
@@ -24,8 +25,8 @@ from tests.workers.test_pipeline_transfer import BACKEND, CONFIG, start_follower
 def test_a_killed_prefill_stage_fails_its_request_and_frees_the_decode_blocks(tiny_llama_dir):
     """Stage 1 of a pp=2 prefill worker dies (SIGKILL) after the decode worker reserved a
     request's blocks and before its prefill runs: the prefill worker fails the request and
-    reports unhealthy (it is replaced, its cache with it), and the decode side frees the
-    blocks it reserved."""
+    reports unhealthy (it is replaced, its cache with it), the decode side frees the blocks it
+    reserved, and the prefill worker's rank 0 every block of its own."""
     pconf = replace(CONFIG, pipeline_parallel_size=2)
     ctx = mp.get_context("spawn")
     p_init, p_procs = start_followers(ctx, "prefill", tiny_llama_dir, pconf)
@@ -54,6 +55,14 @@ def test_a_killed_prefill_stage_fails_its_request_and_frees_the_decode_blocks(ti
             prefill.stats()  # health tells the truth
         decode.abort("killed")  # what the router does with a request whose prefill failed
         assert all_blocks_free(decode, timeout_s=40)
+        # Nor does the prefill worker keep any: rank 0's part of a transfer that started with the
+        # failed step is cancelled, the dead stage's part counts as let go, and the loop, stopped,
+        # still frees what the transfers give back.
+        bm = prefill.engine.block_manager
+        deadline = time.monotonic() + 30
+        while bm.num_free_blocks != bm.num_blocks:
+            assert time.monotonic() < deadline, f"{bm.num_blocks - bm.num_free_blocks} blocks held on rank 0"
+            time.sleep(0.05)
     finally:
         decode.close()
         prefill.close()

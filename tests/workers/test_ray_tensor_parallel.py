@@ -142,3 +142,51 @@ def test_lost_decode_rank_fails_its_worker_and_the_rest_are_served(tiny_llama_di
         if dep is not None:
             dep.shutdown()
         ray.shutdown()
+
+
+def test_killed_prefill_stage_fails_its_worker_and_no_block_stays_held(tiny_llama_dir):
+    """Stage 1 of a pp=2 prefill worker is killed on Ray: the request sent there fails and the
+    router runs it again on the other prefill worker, token-exact; health names the broken
+    worker; the decode worker gives back every block it reserved for the failed prefill."""
+    start_local_ray(4)
+    dep = None
+    try:
+        dep = deploy(
+            tiny_llama_dir,
+            [WorkerGroup("prefill", 1, pp=2), WorkerGroup("prefill", 1), WorkerGroup("decode", 1)],
+            EngineConfig(dtype="float32", max_num_batched_tokens=32, num_blocks=64),
+            kv_backend="shm",
+            model_name="tiny",
+            policy="round_robin",
+            local_prefill_tokens=0,
+            transfer_timeout_s=10.0,
+        )
+        backend = dep.backend
+        ray.kill(dep.follower_actors[0])  # prefill worker 0's stage 1
+        params = SamplingParams(temperature=0.0, max_tokens=6)
+        prompt = list(range(5, 30))
+
+        async def one(rid):
+            deltas = []
+            async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as stream:
+                async for delta in stream:
+                    deltas.append(delta)
+            return deltas
+
+        async def main():
+            first = await one("to-broken")  # round robin: prefill worker 0, whose stage 1 is gone
+            await backend.refresh()
+            assert [w.up for w in backend.workers()] == [False, True, True]  # prefill 0, prefill 1, decode
+            rest = [await one(f"after-{i}") for i in range(2)]
+            assert await all_free(backend)
+            return first, rest
+
+        first, rest = asyncio.run(main())
+        assert backend.counters["recoveries_total"] == 1
+        for deltas in [first, *rest]:
+            assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, 6)
+        assert ray.get(dep.decode_actors[0].stats.remote()).num_free_blocks == 64
+    finally:
+        if dep is not None:
+            dep.shutdown()
+        ray.shutdown()
