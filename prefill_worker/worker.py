@@ -203,11 +203,11 @@ class PrefillWorker:
         request's error delta. No follower reports any more, so their parts count as let go;
         rank 0's own parts are cancelled, and every block goes back as they end (the loop
         frees releases after it stopped)."""
-        cancel, free = [], []
+        cancel: list[Transfer] = []
+        free: list[str] = []
         with self._lock:
             for request_id, record in list(self._requests.items()):
-                own = record.own_part_out and record.transfer is not None
-                if record.state is not PrefillState.QUEUED and own:
+                if record.state is not PrefillState.QUEUED and record.own_part_out and record.transfer is not None:
                     record.parts_left = 1
                     cancel.append(record.transfer)
                 else:
