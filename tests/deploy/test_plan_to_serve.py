@@ -1,7 +1,6 @@
 """`tandem plan` for a heterogeneous cluster, then `tandem serve --plan` on Ray with fake GPUs."""
 
 import asyncio
-import contextlib
 
 import pytest
 import yaml
@@ -12,8 +11,8 @@ from deploy.cli import build_parser, main  # noqa: E402
 from deploy.commands import start_backend  # noqa: E402
 from engine import SamplingParams  # noqa: E402
 from proto.plan import Plan, ray_resource_name  # noqa: E402
-from proto.serving import GenerateRequest  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
+from tests.workers.test_ray_serving import collect, tokens  # noqa: E402
 
 CLUSTER = {
     "nodes": [
@@ -96,16 +95,8 @@ def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
                 assert total - used.get(name, 0) == planned
             prompt = list(range(5, 45))
 
-            async def one():
-                tokens = []
-                async with contextlib.aclosing(
-                    backend.generate(GenerateRequest("r", prompt, SamplingParams(temperature=0.0, max_tokens=8)))
-                ) as stream:
-                    async for delta in stream:
-                        tokens += delta.token_ids
-                return tokens
-
-            assert asyncio.run(one()) == hf_greedy(tiny_llama_dir, prompt, 8)
+            deltas = asyncio.run(collect(backend, "r", prompt, SamplingParams(temperature=0.0, max_tokens=8)))
+            assert tokens(deltas) == hf_greedy(tiny_llama_dir, prompt, 8)
         finally:
             stop()
     finally:
@@ -193,16 +184,8 @@ def test_a_layer_split_plan_serves_its_chains_token_exact(tmp_path, capsys):
             assert free.get(ray_resource_name("L4"), 0) == 1  # l4-1 is in no chain
             prompt = list(range(5, 45))
 
-            async def one():
-                tokens = []
-                async with contextlib.aclosing(
-                    backend.generate(GenerateRequest("r", prompt, SamplingParams(temperature=0.0, max_tokens=8)))
-                ) as stream:
-                    async for delta in stream:
-                        tokens += delta.token_ids
-                return tokens
-
-            assert asyncio.run(one()) == hf_greedy(model_dir, prompt, 8)
+            deltas = asyncio.run(collect(backend, "r", prompt, SamplingParams(temperature=0.0, max_tokens=8)))
+            assert tokens(deltas) == hf_greedy(model_dir, prompt, 8)
         finally:
             stop()
     finally:

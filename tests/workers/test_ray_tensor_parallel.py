@@ -15,7 +15,7 @@ from engine import EngineConfig, SamplingParams  # noqa: E402
 from proto.serving import GenerateRequest  # noqa: E402
 from tests.checkpoints import hf_greedy  # noqa: E402
 from tests.workers.local_ray import start_local_ray  # noqa: E402
-from tests.workers.test_ray_serving import all_free  # noqa: E402
+from tests.workers.test_ray_serving import all_free, collect, tokens  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -118,12 +118,8 @@ def test_lost_decode_rank_fails_its_worker_and_the_rest_are_served(tiny_llama_di
         params = SamplingParams(temperature=0.0, max_tokens=6)
         prompt = list(range(5, 30))
 
-        async def one(rid):
-            deltas = []
-            async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as stream:
-                async for delta in stream:
-                    deltas.append(delta)
-            return deltas
+        def one(rid):
+            return collect(backend, rid, prompt, params)
 
         async def main():
             first = await one("to-broken")  # round robin: decode worker 0, whose rank 1 is gone
@@ -136,7 +132,7 @@ def test_lost_decode_rank_fails_its_worker_and_the_rest_are_served(tiny_llama_di
         first, rest = asyncio.run(main())
         assert backend.counters["recoveries_total"] == 1
         for deltas in [first, *rest]:
-            assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, 6)
+            assert tokens(deltas) == hf_greedy(tiny_llama_dir, prompt, 6)
         assert ray.get(dep.decode_actors[1].stats.remote()).num_free_blocks == 64
     finally:
         if dep is not None:
@@ -166,12 +162,8 @@ def test_killed_prefill_stage_fails_its_worker_and_no_block_stays_held(tiny_llam
         params = SamplingParams(temperature=0.0, max_tokens=6)
         prompt = list(range(5, 30))
 
-        async def one(rid):
-            deltas = []
-            async with contextlib.aclosing(backend.generate(GenerateRequest(rid, prompt, params))) as stream:
-                async for delta in stream:
-                    deltas.append(delta)
-            return deltas
+        def one(rid):
+            return collect(backend, rid, prompt, params)
 
         async def main():
             first = await one("to-broken")  # round robin: prefill worker 0, whose stage 1 is gone
@@ -184,7 +176,7 @@ def test_killed_prefill_stage_fails_its_worker_and_no_block_stays_held(tiny_llam
         first, rest = asyncio.run(main())
         assert backend.counters["recoveries_total"] == 1
         for deltas in [first, *rest]:
-            assert [t for d in deltas for t in d.token_ids] == hf_greedy(tiny_llama_dir, prompt, 6)
+            assert tokens(deltas) == hf_greedy(tiny_llama_dir, prompt, 6)
         assert ray.get(dep.decode_actors[0].stats.remote()).num_free_blocks == 64
     finally:
         if dep is not None:
