@@ -41,6 +41,7 @@ and `served_fit` how many steps the refit used and how much slower they ran than
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import time
@@ -58,6 +59,8 @@ PROMPT = {"distribution": "lognormal", "median": 128, "sigma": 0.6, "max": 512}
 OUTPUT = {"distribution": "uniform", "min": 16, "max": 64}
 SLO_TTFT_PREFILLS, SLO_TPOT_STEPS = 4.0, 3.0  # the SLO in units of a lone request's steps
 RATE_MULTIPLES = (0.75, 1.0, 1.25)  # measured runs, in units of the plan's rate
+SEEDS_PER_RUN = 1_000_000  # run k's requests seed their prompts from k * this
+_RUNS = itertools.count(1)  # measured runs in this process (the warm-up is run 0)
 ROUNDS = ("alone", "served")  # planned with the profile taken alone, then refitted to what was served
 KEYS = ("attainment", "p90_ttft_s", "p90_tpot_s", "goodput_rps")
 
@@ -213,9 +216,19 @@ def _round_name(plan_file: Path) -> str:
     return plan_file.parent.name
 
 
-def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int, steps: dict[str, list]) -> dict:
+def measure(
+    server: InProcessServer,
+    plan,
+    spec,
+    rate: float,
+    num_requests: int,
+    steps: dict[str, list],
+    record: Path | None = None,
+) -> dict:
     """One run at `rate`: the simulator's requests and counted window at that rate. The
-    steps the workers ran for it are added to `steps`, by role."""
+    steps the workers ran for it are added to `steps`, by role; `record`, if given, gets
+    every request's figures, so that a run can be held against the simulator request by
+    request (the simulator replays the same requests: planner.evaluate.run_requests)."""
     from planner.evaluate import run_requests
     from planner.problem import workload_stats
 
@@ -226,10 +239,19 @@ def measure(server: InProcessServer, plan, spec, rate: float, num_requests: int,
         Request(float(a), int(p), int(o))
         for a, p, o in zip(sample.arrival_s, sample.input_tokens, sample.output_tokens, strict=True)
     ]
-    results, duration_s = server.load(requests)
+    # Prompts of their own (the same lengths): a run finds none of an earlier run's prompts
+    # in the workers' prefix caches, which the simulator does not model.
+    results, duration_s = server.load(requests, seed_base=next(_RUNS) * SEEDS_PER_RUN)
     for role, taken in server.take_steps().items():
         steps.setdefault(role, []).extend(taken)
     counted = [r for q, r in zip(requests, results, strict=True) if start_s <= q.arrival_s <= end_s]
+    if record is not None:
+        fields_ = ["arrival_s", "prompt_tokens", "output_tokens", "counted", "ttft_s", "tpot_s", "handoff_s"]
+        rows = [
+            [q.arrival_s, q.prompt_len, q.output_len, start_s <= q.arrival_s <= end_s, r.ttft_s, r.tpot_s, r.handoff_s]
+            for q, r in zip(requests, results, strict=True)
+        ]
+        record.write_text(json.dumps({"rate_rps": rate, "fields": fields_, "requests": rows}) + "\n")
     ok = [(r.ttft_s, r.tpot_s) for r in counted if r.ttft_s is not None and r.tpot_s is not None]
     good = [1 for ttft, tpot in ok if ttft <= plan.slo.ttft_s and tpot <= plan.slo.tpot_s]
     handoffs = [r.handoff_s for r in counted if r.handoff_s is not None]
@@ -261,16 +283,17 @@ def goodput(points: list[tuple[float, float]], goal: float) -> float:
 
 
 def sweep(
-    server: InProcessServer, plan, spec, args, progress: Progress, name: str, steps: dict[str, list]
+    server: InProcessServer, plan, spec, args, progress: Progress, name: str, steps: dict[str, list], rdir: Path
 ) -> list[dict]:
     """Runs at the multiples of the plan's rate, then (at most args.extra_rates) beyond the
-    highest while every run meets the goal, or below the lowest while none does."""
+    highest while every run meets the goal, or below the lowest while none does. Each run's
+    requests go to rdir/requests-<multiple>x.json."""
     rate = plan.predicted.rate_rps
     multiples = list(args.rate_multiples)
     runs: list[dict] = []
     for _ in range(args.extra_rates + 1):
         for m in multiples:
-            r = measure(server, plan, spec, m * rate, args.num_requests, steps)
+            r = measure(server, plan, spec, m * rate, args.num_requests, steps, rdir / f"requests-{m:g}x.json")
             runs.append(r)
             progress.say(
                 f"  {name} at {r['rate_rps']:.2f} req/s ({m:g}x the plan's): attainment "
@@ -428,7 +451,7 @@ def run(args) -> dict:
                 )
                 server.load([Request(0.2 * i, 64, 8) for i in range(4)])  # first forwards pay one-time costs
                 server.take_steps()  # the warm-up's steps are not served load
-                sweeps[label] = sweep(server, plan, spec, args, progress, label, steps)
+                sweeps[label] = sweep(server, plan, spec, args, progress, label, steps, rdir)
             finally:
                 server.stop()
             save_steps(steps, rdir / "steps.json")

@@ -120,10 +120,12 @@ async def _one(session, url: str, model: str, req: Request, vocab: int, seed: in
 
 
 async def run_load(
-    url: str, model: str, workload: list[Request], vocab: int = 500, temperature: float = 0.0
+    url: str, model: str, workload: list[Request], vocab: int = 500, temperature: float = 0.0, seed_base: int = 0
 ) -> tuple[list[Result], float]:
     """Fire the workload at its arrival times; temperature > 0 samples (each request seeded),
-    which keeps a random-weight model from repeating one token that never completes a character."""
+    which keeps a random-weight model from repeating one token that never completes a character.
+    Request i's prompt and sampling are seeded with seed_base + i: runs against one server that
+    must not find each other's prompts in its prefix caches take different seed_bases."""
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=600)
@@ -132,7 +134,7 @@ async def run_load(
 
         async def fire(i: int, req: Request) -> Result:
             await asyncio.sleep(max(0.0, req.arrival_s - (time.monotonic() - start)))
-            return await _one(session, url, model, req, vocab, seed=i, temperature=temperature)
+            return await _one(session, url, model, req, vocab, seed=seed_base + i, temperature=temperature)
 
         results = await asyncio.gather(*(fire(i, r) for i, r in enumerate(workload)))
         return list(results), time.monotonic() - start
@@ -158,14 +160,20 @@ class InProcessServer:
             taken[worker.role.value].extend(worker.steps)
         return taken
 
-    def load(self, workload: list[Request]) -> tuple[list[Result], float]:
+    def load(self, workload: list[Request], seed_base: int = 0) -> tuple[list[Result], float]:
+        """Run the workload against the server (run_load; seed_base: its prompts' seeds)."""
         from router.server import serve
 
         async def main() -> tuple[list[Result], float]:
             handle = await serve(self.backend, http_port=0, grpc_port=0, host="127.0.0.1")
             try:
                 return await run_load(
-                    f"http://127.0.0.1:{handle.http_port}", "bench", workload, vocab=self.vocab, temperature=1.0
+                    f"http://127.0.0.1:{handle.http_port}",
+                    "bench",
+                    workload,
+                    vocab=self.vocab,
+                    temperature=1.0,
+                    seed_base=seed_base,
                 )
             finally:
                 await handle.stop(grace_s=1.0)
