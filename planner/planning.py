@@ -190,7 +190,7 @@ def chain_idle_nodes(split, inputs: PlanInputs, hardware, stats, latency, solve_
         chains, idle = layer_chains(split.stages, num_layers)
         if not idle:
             return split
-        carried = {role: sum(c.rate_rps for c in chains if c.role == role) for role in ("prefill", "decode")}
+        carried = carried_per_role(chains)
         served = min(carried.values())
         names = {s.node for s in idle}
         spare = replace(inputs.cluster, nodes=tuple(n for n in inputs.cluster.nodes if n.name in names), links=())
@@ -206,11 +206,16 @@ def chain_idle_nodes(split, inputs: PlanInputs, hardware, stats, latency, solve_
         split = candidate
 
 
+def carried_per_role(chains) -> dict[str, float]:
+    """The rate a split's chains carry, per role (what is served is the smaller)."""
+    return {role: sum(c.rate_rps for c in chains if c.role == role) for role in ("prefill", "decode")}
+
+
 def chained_goodput(stages: tuple[LayerStage, ...], num_layers: int, max_flow_rps: float) -> tuple[float, str | None]:
     """What a layer split serves as node-disjoint chains (proto.plan.layer_chains, how tandem
     serve runs it), and what to say when that is less than its max-flow."""
     chains, idle = layer_chains(stages, num_layers)
-    served = min(sum(c.rate_rps for c in chains if c.role == role) for role in ("prefill", "decode"))
+    served = min(carried_per_role(chains).values())
     if served >= max_flow_rps - 1e-3:  # the plan's stage rates are rounded to 1e-4
         return max_flow_rps, None
     return served, (

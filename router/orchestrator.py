@@ -17,28 +17,14 @@
     workers prefill every prompt themselves (degraded); with no decode worker up, a request
     waits up to recovery_wait_s for one to come back (Ray restarts dead workers).
 
-    migrate(request_id) moves a decoding request to another decode worker with its KV (live
-    migration, Llumnix-style):
-      1. source.detach(run)                 -> it leaves the batch there, blocks kept; its
-                                               stream ends after the last token it got
-      2. dest.reserve(request + Resume)     -> blocks for the prompt and the tokens so far
-      3. source.migrate_out(run, handle)    -> the KV copied through the same transports as a
-                                               prefill's; the source frees it once confirmed
-      4. dest.admit(run', newest token)     -> the stream goes on from the next token
-    A migration that fails (the destination full or lost, the copy broken) aborts what the
-    destination holds and reattaches the request on its source, where it goes on as it was.
+    Live migration, draining and shedding under KV pressure (router/moving.py) move a run to
+    another decode worker with its KV, or stop it there and resume it elsewhere; the run's
+    next attempt here carries out the move.
 
     change_role(role, index) (router/rebalance.py) drains a worker that can change role
     (elastic/role_actor.py), switches it, and routes to it in its new role: retire() takes it
     out of its old role's list, add_worker() into the new one's. A worker keeps its index in
     each role's list for the backend's life (a retired index stays, never routed to).
-
-    drain(role, index) takes a worker out of routing and moves every request off it: each
-    run decoding on a draining decode worker migrates (its KV copied); one that cannot (still
-    waiting or prefilling there, or its migration failed) is stopped there and resumed on
-    another decode worker after the tokens the caller has. It returns once nothing is left on
-    the worker: for scale-down, role changes and rolling restarts (deploy/cluster.py
-    restart_worker). undrain() puts it back.
 
 Workers are reached through typed clients (router/clients.py); this module knows nothing of
 what carries the calls.
@@ -53,7 +39,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
@@ -61,7 +47,6 @@ from engine.tokenizer import load_tokenizer
 from proto.errors import Overloaded, Unavailable, WorkerLost
 from proto.serving import (
     DETACHED,
-    Detached,
     FinishReason,
     GenerateRequest,
     Resume,
@@ -70,9 +55,10 @@ from proto.serving import (
     WorkerStats,
     final_delta,
 )
-from router.backend import DRAIN_TIMEOUT_S, STATS_INTERVAL_S, Migration, WorkerStatus, WorkerSteps
+from router.backend import STATS_INTERVAL_S, Migration, WorkerStatus, WorkerSteps
 from router.clients import DecodeClient, PrefillClient
-from router.policy import RoutingPolicy, Running, WorkerView, pick_shed
+from router.moving import Migrate, MigrationFailed, MigrationInFlight, Moved, Mover, Reattach, Run
+from router.policy import RoutingPolicy, WorkerView
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -82,9 +68,6 @@ WORKER_STATS_TIMEOUT_S = 2.0
 RECOVERIES = 3  # times a request is run again after losing a worker, at most
 RECOVERY_WAIT_S = 60.0  # how long a request waits for a decode worker to be up again
 RECOVERY_POLL_S = 0.5
-SHED_COOLDOWN_S = 1.0  # after a pressure migration starts, before the next may
-MIGRATION_RESERVE_TIMEOUT_S = 5.0  # a migrating request waits this long for room on its destination
-DRAIN_POLL_S = 0.05
 MIGRATIONS_KEPT = 1000
 WORKLOAD_KEPT = 20_000  # arrivals and finished requests remembered for the rebalancer
 # Sums the backend reports per role (over the workers that are up).
@@ -100,7 +83,7 @@ SUMMED = (
 )
 
 
-class DisaggregatedBackend:
+class DisaggregatedBackend(Mover):
     def __init__(
         self,
         model_dir: str | Path,
@@ -133,7 +116,7 @@ class DisaggregatedBackend:
         self._shedding: asyncio.Future[None] | None = None  # the pressure migration in flight
         self._shed_after = 0.0  # time.monotonic() before which no other starts
         self._attempts: dict[str, str] = {}  # request id -> the id of its current run again
-        self._runs: dict[str, _Run] = {}  # run id -> the workers it is on
+        self._runs: dict[str, Run] = {}  # run id -> the workers it is on
         self._moving: set[str] = set()  # runs drain() stopped, to be resumed elsewhere
         self._tokenizer = load_tokenizer(model_dir)
         self.prefill = list(prefill)
@@ -194,11 +177,11 @@ class DisaggregatedBackend:
         token_ids: list[int] = []  # what the caller has: the resume point if a run stops
         text: list[str] = []
         recoveries = 0
-        how: _Migrate | _Reattach | None = None  # how the next run starts, if not from scratch
+        how: Migrate | Reattach | None = None  # how the next run starts, if not from scratch
         try:
             for again in itertools.count():
                 attempt = request
-                if isinstance(how, _Reattach):  # the run the migration left: the same id there
+                if isinstance(how, Reattach):  # the run the migration left: the same id there
                     attempt = replace(request, request_id=how.run_id)
                 elif again:
                     resume = Resume(tuple(token_ids), "".join(text)) if token_ids else None
@@ -224,12 +207,12 @@ class DisaggregatedBackend:
                     retryable = not isinstance(exc, ValueError)
                     yield final_delta(request.request_id, FinishReason.ERROR, why, retryable=retryable)
                     return
-                except _Moved:
+                except Moved:
                     self.counters["moves_total"] += 1
-                except _Migrate as migrate:
+                except Migrate as migrate:
                     how = migrate
-                except _MigrationFailed as failed:
-                    how = _Reattach(failed.source.run_id, failed.source.src)
+                except MigrationFailed as failed:
+                    how = Reattach(failed.source.run_id, failed.source.src)
                 except _Lost as lost:
                     # The workers' health is looked at now, not at the next interval.
                     self._stats_at = 0.0
@@ -247,25 +230,25 @@ class DisaggregatedBackend:
                         lost,
                     )
         finally:
-            if isinstance(how, _Migrate):  # it ended before the migration's run started
+            if isinstance(how, Migrate):  # it ended before the migration's run started
                 how.migration.fail("the request ended before it migrated")
                 await self.decode[how.src].abort(how.run_id)  # what the source still holds
 
     async def _run(
-        self, request: GenerateRequest, wait: bool, how: _Migrate | _Reattach | None = None
+        self, request: GenerateRequest, wait: bool, how: Migrate | Reattach | None = None
     ) -> AsyncGenerator[TokenDelta, None]:
         """One run of a request on the workers; _Lost when a worker failed it (blocks freed).
         wait: a recovery, which waits up to recovery_wait_s for a decode worker to be up.
-        how: the run is a migration's (its KV copied from how.src; _MigrationFailed if that
-        fails), or goes on where a failed migration left it (_Reattach)."""
+        how: the run is a migration's (its KV copied from how.src; MigrationFailed if that
+        fails), or goes on where a failed migration left it (Reattach)."""
         request_id, token_ids = request.request_id, list(request.prompt_token_ids)
         hashes = self.policy.hashes(token_ids)
         if how is None:
             decode_view = await self._pick_decode(hashes, wait)
         else:
-            decode_view = self.policy.decode[how.migration.dst if isinstance(how, _Migrate) else how.src]
+            decode_view = self.policy.decode[how.migration.dst if isinstance(how, Migrate) else how.src]
         decode = self.decode[decode_view.index]
-        run = self._runs[request_id] = _Run(decode_view.index)  # at once: drain() must see it
+        run = self._runs[request_id] = Run(decode_view.index)  # at once: drain() must see it
         prefill = None
         current = decode_view  # the worker the call in flight goes to
         transfer_start: float | None = None  # set while the first delta after a transfer is awaited
@@ -275,9 +258,9 @@ class DisaggregatedBackend:
         try:
             uncached = len(token_ids) - decode_view.overlap_blocks(hashes) * self.policy.block_size
             prefill_up = any(v.serving for v in self.policy.prefill)
-            if isinstance(how, _Migrate):
+            if isinstance(how, Migrate):
                 stream = await self._migrated(request, run, how, decode)
-            elif isinstance(how, _Reattach):
+            elif isinstance(how, Reattach):
                 stream = decode.reattach(request_id)
             elif request.resume is not None or not prefill_up or uncached <= self.local_prefill_tokens:
                 self.counters["local_prefills_total"] += 1
@@ -306,7 +289,7 @@ class DisaggregatedBackend:
                 if transfer_start is not None:
                     self._count_transfer(len(token_ids), time.monotonic() - transfer_start)
                     transfer_start = None
-                if isinstance(how, _Migrate) and not how.migration.done.done():
+                if isinstance(how, Migrate) and not how.migration.done.done():
                     self._migration_landed(request, how)
                 if delta.finish_reason is FinishReason.ABORT:
                     migrating = run.migration is not None and delta.error == DETACHED
@@ -315,19 +298,19 @@ class DisaggregatedBackend:
                             yield replace(delta, finished=False, finish_reason=None, error=None)
                         if migrating:  # migrate() took it out of the batch
                             detached = True
-                            raise _Migrate(cast(_Migration, run.migration), run.decode, request_id)
-                        raise _Moved()  # drain() stopped it there
+                            raise Migrate(cast(MigrationInFlight, run.migration), run.decode, request_id)
+                        raise Moved()  # drain() stopped it there
                 if delta.finish_reason is FinishReason.ERROR and delta.retryable:
                     raise _Lost(delta.error or "the worker failed the request")  # a broken engine
                 finished = delta.finished
                 yield delta
         except (ValueError, Overloaded) as exc:
-            if isinstance(how, _Reattach) and not streaming:  # e.g. its source let it go meanwhile
+            if isinstance(how, Reattach) and not streaming:  # e.g. its source let it go meanwhile
                 raise _Lost(f"could not go on where it was: {exc}") from exc
             raise  # the caller's fault or admission control: the frontends map these
         except (Unavailable, RuntimeError) as exc:
             if request_id in self._moving:
-                raise _Moved() from exc  # drain() stopped it before it streamed
+                raise Moved() from exc  # drain() stopped it before it streamed
             # A worker failed, broke or died: the request may succeed elsewhere.
             if prefill is not None and not streaming:
                 self.counters["kv_transfer_failures_total"] += 1
@@ -340,51 +323,12 @@ class DisaggregatedBackend:
                     await decode.abort(request_id)
                     if prefill is not None:
                         await prefill.abort(request_id)
-                if isinstance(how, _Migrate) and run.source is not None:  # ended while its KV was copied
+                if isinstance(how, Migrate) and run.source is not None:  # ended while its KV was copied
                     how.migration.fail("the request ended while its KV was copied")
                     await self.decode[how.src].abort(how.run_id)
             finally:  # after the aborts (drain() returns once they are sent), whatever they raise
                 del self._runs[request_id]
                 self._moving.discard(request_id)
-
-    async def _migrated(
-        self, request: GenerateRequest, run: _Run, how: _Migrate, decode: DecodeClient
-    ) -> AsyncGenerator[TokenDelta, None]:
-        """A migration's steps 2-4 (see migrate()): the stream on the destination. On failure
-        the destination's part is undone and _MigrationFailed raised: the source still holds
-        the request, detached."""
-        run.source = how.src  # drain() waits for the source too while the copy runs
-        try:
-            detached = await how.migration.detached
-            assert request.resume is not None, "a migrated run resumes after the tokens streamed"
-            expected = len(request.prompt_token_ids) + len(request.resume.token_ids)
-            if detached.num_tokens != expected:
-                raise RuntimeError(f"the source holds {detached.num_tokens} tokens, the caller has {expected}")
-            # The request is paused: a destination with no room now is the wrong one.
-            handle = await asyncio.wait_for(decode.reserve(request), MIGRATION_RESERVE_TIMEOUT_S)
-            copy_started = time.monotonic()
-            await self.decode[how.src].migrate_out(how.run_id, handle)
-            how.migration.copy_s = time.monotonic() - copy_started
-        except (ValueError, Overloaded, Unavailable, RuntimeError, TimeoutError) as exc:
-            self.counters["migration_failures_total"] += 1
-            how.migration.fail(f"migrating to decode worker {how.migration.dst} failed: {exc}")
-            log.warning("request %s did not migrate (%s): it goes on where it was", request.request_id, exc)
-            await decode.abort(request.request_id)
-            raise _MigrationFailed(how) from exc
-        finally:
-            run.source = None
-        return decode.admit(request.request_id, request.resume.token_ids[-1])
-
-    def _migration_landed(self, request: GenerateRequest, how: _Migrate) -> None:
-        """The first delta after a migration: the request streams again."""
-        migration = how.migration
-        pause_s = time.monotonic() - migration.asked_s
-        self.counters["migrations_total"] += 1
-        self.counters["migration_pause_seconds_total"] += pause_s
-        num_tokens = len(request.prompt_token_ids) + len(request.resume.token_ids if request.resume else ())
-        landed = Migration(migration.request_id, how.src, migration.dst, num_tokens, pause_s, migration.copy_s)
-        self.migrations.append(landed)
-        migration.done.set_result(landed)
 
     async def _pick_decode(self, hashes: list[bytes], wait: bool) -> WorkerView:
         """The decode worker for a run; with wait, polls up to recovery_wait_s for one to be up."""
@@ -399,87 +343,6 @@ class DisaggregatedBackend:
             await asyncio.sleep(RECOVERY_POLL_S)
             self._stats_at = 0.0
 
-    async def migrate(self, request_id: str, to: int | None = None) -> Migration:
-        """Live-migrate a decoding request to decode worker `to` (default: the one with the most
-        room), its KV copied; returns once it streams there. ValueError when it cannot start
-        (not in flight, not decoding yet, already moving, no such worker), RuntimeError when
-        it failed on the way: the request then goes on where it was."""
-        run_id = self._attempts.get(request_id, request_id)
-        run = self._runs.get(run_id)
-        if run is None:
-            raise ValueError(f"request {request_id!r} is not in flight")
-        migration = await self._detach(request_id, run_id, run, to)
-        return await asyncio.shield(migration.done)
-
-    def _request_of(self, run_id: str) -> str:
-        """The id the client knows a run's request by (a run again is `<id>#<k>`)."""
-        return next((r for r, a in self._attempts.items() if a == run_id), run_id)
-
-    async def _detach(self, request_id: str, run_id: str, run: _Run, to: int | None) -> _Migration:
-        """Step 1 of a migration: take the run out of its worker's batch. The run's stream then
-        ends, and its next run (_run with _Migrate) does the rest."""
-        if run.migration is not None or run.source is not None or run_id in self._moving:
-            raise ValueError(f"request {request_id!r} is moving already")
-        if run.prefill is not None:
-            raise ValueError(f"request {request_id!r} is still being prefilled")
-        if to is None:
-            await self._refresh_stats()
-            dst = self.policy.pick_decode([], exclude=run.decode)  # Unavailable when none is up
-        else:
-            dst = self._view(Role.DECODE, to)[1]
-            if to == run.decode or not dst.serving:
-                why = "is where it runs" if to == run.decode else "is not taking requests"
-                raise ValueError(f"cannot migrate {request_id!r} to decode worker {to}: it {why}")
-        loop = asyncio.get_running_loop()
-        migration = _Migration(request_id, dst.index, time.monotonic(), loop.create_future(), loop.create_future())
-        run.migration = migration
-        try:
-            detached = await self.decode[run.decode].detach(run_id)
-        except BaseException:
-            run.migration = None
-            raise
-        migration.detached.set_result(detached)
-        return migration
-
-    async def drain(self, role: Role | str, index: int, timeout_s: float = DRAIN_TIMEOUT_S) -> int:
-        """Take a worker out of routing and move every request off it; returns how many runs
-        moved once none is left on it (TimeoutError after timeout_s, still draining). Runs
-        decoding on a decode worker migrate with their KV; those that cannot (waiting or
-        prefilling there, or their migration failed) are stopped there and resumed on another
-        decode worker after the tokens their callers have (no loss, no repeat either way); a
-        prefill worker's are left to finish (a prefill is short). The last decode worker that
-        takes requests cannot be drained."""
-        role, view = self._view(role, index)
-        if role is Role.DECODE and not any(v.serving for v in self.policy.decode if v is not view):
-            raise ValueError(f"draining decode worker {index} would leave no decode worker taking requests")
-        view.draining = True
-        moved = 0
-        tried: set[str] = set()  # runs whose migration was tried: resumed if still here
-        deadline = time.monotonic() + timeout_s
-        while on_it := [rid for rid, run in self._runs.items() if run.on(role, index)]:
-            if role is Role.DECODE:
-                to_move = [rid for rid in on_it if self._runs[rid].movable_from(index) and rid not in self._moving]
-                moved += len(to_move)
-                await asyncio.gather(*(self._move_off(rid, index, tried) for rid in to_move))
-            if time.monotonic() >= deadline:
-                raise TimeoutError(f"{role.value} worker {index} still has {len(on_it)} requests after {timeout_s:g} s")
-            await asyncio.sleep(DRAIN_POLL_S)
-        log.info("%s worker %d drained: %d requests moved", role.value, index, moved)
-        return moved
-
-    async def _move_off(self, run_id: str, index: int, tried: set[str]) -> None:
-        """Move a run off a draining decode worker: migrate it, else resume it elsewhere."""
-        run = self._runs.get(run_id)
-        if run is None or not run.movable_from(index):
-            return
-        if self.migrate_on_drain and run_id not in tried and run.prefill is None:
-            tried.add(run_id)
-            with contextlib.suppress(ValueError, Unavailable, RuntimeError):  # not decoding, or no room
-                await self._detach(self._request_of(run_id), run_id, run, None)
-                return
-        self._moving.add(run_id)
-        await self.decode[index].abort(run_id)
-
     async def wait_up(self, role: Role | str, index: int, timeout_s: float) -> None:
         """Wait until a worker answers its stats (e.g. after a restart); TimeoutError after timeout_s."""
         view = self._view(role, index)[1]
@@ -491,10 +354,6 @@ class DisaggregatedBackend:
             if time.monotonic() >= deadline:
                 raise TimeoutError(f"{role} worker {index} is not up after {timeout_s:g} s")
             await asyncio.sleep(RECOVERY_POLL_S)
-
-    def undrain(self, role: Role | str, index: int) -> None:
-        """Route requests to a drained worker again."""
-        self._view(role, index)[1].draining = False
 
     async def take_steps(self) -> list[WorkerSteps]:
         views = self._views()
@@ -601,46 +460,6 @@ class DisaggregatedBackend:
         self._fetched = True
         self._shed_if_pressed()
 
-    def _shed_if_pressed(self) -> None:
-        """After fresh stats: if a decode worker is short of KV blocks and another has room,
-        start migrating a running request there (one at a time, SHED_COOLDOWN_S apart)."""
-        if not self.migrate_on_pressure or time.monotonic() < self._shed_after:
-            return
-        if self._shedding is not None and not self._shedding.done():
-            return
-        running = [
-            Running(rid, run.decode, run.num_tokens)
-            for rid, run in self._runs.items()
-            if run.num_tokens and run.movable_from(run.decode) and run.prefill is None and rid not in self._moving
-        ]
-        choice = pick_shed(self.policy.decode, running, self.policy.block_size)
-        if choice is None:
-            return
-        self._shed_after = time.monotonic() + SHED_COOLDOWN_S
-        self._shedding = asyncio.ensure_future(self._shed(*choice))
-
-    async def _shed(self, chosen: Running, dst: int) -> None:
-        run = self._runs.get(chosen.run_id)
-        if run is None or not run.movable_from(chosen.decode):
-            return
-        request_id = self._request_of(chosen.run_id)
-        stats = self.policy.decode[chosen.decode].stats
-        log.info(
-            "decode worker %d is short of KV blocks (%.0f%% used%s): migrating %s (%d tokens) to decode worker %d",
-            chosen.decode,
-            100 * (stats.kv_usage if stats else 0.0),
-            ", preempting" if self.policy.decode[chosen.decode].preempting else "",
-            request_id,
-            chosen.num_tokens,
-            dst,
-        )
-        self.counters["pressure_migrations_total"] += 1
-        try:
-            migration = await self._detach(request_id, chosen.run_id, run, dst)
-            await asyncio.shield(migration.done)
-        except (ValueError, Unavailable, RuntimeError) as exc:  # it ended or failed: it goes on where it was
-            log.info("migrating %s off decode worker %d did not happen: %s", request_id, chosen.decode, exc)
-
     def is_ready(self) -> bool:
         """A decode worker answered its last stats call (at most STATS_INTERVAL_S ago while
         served): requests are served, prefilled on the decode workers if no prefill worker is up."""
@@ -674,72 +493,6 @@ class DisaggregatedBackend:
             await asyncio.shield(self._fetching)  # asked before now: fetch again
         self._fetching = asyncio.ensure_future(self._fetch_stats())
         await asyncio.shield(self._fetching)
-
-
-@dataclass
-class _Migration:
-    """A migration under way, shared by migrate() and the runs that carry it out."""
-
-    request_id: str
-    dst: int  # the decode worker it goes to
-    asked_s: float  # time.monotonic() when the detach was asked
-    detached: asyncio.Future[Detached]  # the source's answer to the detach
-    done: asyncio.Future[Migration]  # once it streams on dst; RuntimeError if it failed
-    copy_s: float = 0.0
-
-    def fail(self, why: str) -> None:
-        if not self.done.done():
-            self.done.set_exception(RuntimeError(why))
-            self.done.exception()  # retrieved: nobody need be waiting for it
-
-
-@dataclass
-class _Run:
-    """A run in flight, and the workers it is on (drain() looks for them)."""
-
-    decode: int
-    prefill: int | None = None  # while its prompt is being prefilled there
-    source: int | None = None  # while its KV is copied from this decode worker (a migration)
-    migration: _Migration | None = None  # while it is being detached to migrate
-    num_tokens: int = 0  # prompt and tokens so far, once it streams (0 before)
-
-    def on(self, role: Role, index: int) -> bool:
-        if role is Role.DECODE:
-            going = self.migration.dst if self.migration is not None else None
-            return index in (self.decode, self.source, going)
-        return self.prefill == index
-
-    def movable_from(self, index: int) -> bool:
-        """On decode worker `index` and not moving already."""
-        return self.decode == index and self.source is None and self.migration is None
-
-
-@dataclass(frozen=True)
-class _Reattach:
-    """How a run goes on after its migration failed: where it was, under the same id."""
-
-    run_id: str
-    src: int
-
-
-class _Migrate(Exception):
-    """A run was detached from its decode worker to migrate: the next run copies its KV."""
-
-    def __init__(self, migration: _Migration, src: int, run_id: str):
-        super().__init__(f"{run_id} migrates from decode worker {src} to {migration.dst}")
-        self.migration, self.src, self.run_id = migration, src, run_id
-
-
-class _MigrationFailed(Exception):
-    """A migration failed after the detach: the request is still whole on its source."""
-
-    def __init__(self, source: _Migrate):
-        super().__init__(f"{source.run_id} did not migrate")
-        self.source = source
-
-
-class _Moved(Exception):
-    """drain() stopped a run on its worker: resume it elsewhere (not a failure)."""
 
 
 class _Lost(Exception):

@@ -33,6 +33,20 @@ def write(path, data):
     return str(path)
 
 
+def start_ray_with_fake_gpus(fake: dict[str, float]) -> None:
+    """A local Ray whose GPUs (and GPU-type resources) are fake: the workers reserve them but
+    run on the CPU."""
+    ray.init(
+        address="local",
+        num_cpus=8,
+        num_gpus=int(sum(fake.values())),
+        resources=fake,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
+    )
+
+
 def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
     plan_file = tmp_path / "plan.yaml"
     assert (
@@ -64,15 +78,7 @@ def test_a_plan_for_mixed_gpus_starts_and_serves(tmp_path, tiny_llama_dir):
 
     # Fake GPUs: the workers reserve them (and their GPU-type resources) but run on the CPU.
     fake = {ray_resource_name(n["gpu_type"]): n["num_gpus"] for n in CLUSTER["nodes"]}
-    ray.init(
-        address="local",
-        num_cpus=8,
-        num_gpus=4,
-        resources=fake,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
-    )
+    start_ray_with_fake_gpus(fake)
     args = build_parser().parse_args(
         [
             "serve",
@@ -161,15 +167,7 @@ def test_a_layer_split_plan_serves_its_chains_token_exact(tmp_path, capsys):
     plan.save(plan_file)
     assert main(["deploy", "helm-values", "--plan", str(plan_file), "--out", str(tmp_path / "values.yaml")]) == 0
     fake = {ray_resource_name("A100-80GB"): 2, ray_resource_name("L4"): 3}
-    ray.init(
-        address="local",
-        num_cpus=8,
-        num_gpus=5,
-        resources=fake,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": {"TRITON_INTERPRET": "1", "HF_HUB_OFFLINE": "1"}},
-    )
+    start_ray_with_fake_gpus(fake)
     args = build_parser().parse_args(
         ["serve", "--plan", str(plan_file), "--kv-backend", "shm", "--local-prefill-tokens", "0"]
     )
