@@ -163,12 +163,28 @@ def plan_workload(model: Path, files: dict[str, Path], out: Path, args, progress
 def refit(steps: dict[str, list], base_file: Path, out: Path, progress: Progress, name: str) -> dict:
     """served-profile.yaml: the profile refitted to the steps served (prefill coefficients from
     the prefill workers' steps, decode ones from the decode workers'); returns what the fit used."""
-    from planner.latency.profile import describe_refit, refit_profile
+    from planner.latency.profile import describe_refit, neighbour_overlap, refit_profile
     from planner.latency.roofline import Profile
 
     served, report = refit_profile(Profile.load(base_file), steps["prefill"], steps["decode"])
     served.save(out)
-    progress.stage(f"refit {name}", f"{describe_refit(report, served.entries[0].coefficients)} -> {out}")
+    coeffs = served.entries[0].coefficients
+    progress.stage(f"refit {name}", f"{describe_refit(report, coeffs)} -> {out}")
+    # The two workers share the machine's memory bandwidth and caches: how their steps ran
+    # while the other one computed, against while it was idle (the fit averages over both).
+    only = {"prefill": lambda s: s.num_decodes == 0, "decode": lambda s: s.prefill_tokens == 0}
+    other = {"prefill": "decode", "decode": "prefill"}
+    report["neighbour"] = {
+        role: neighbour_overlap([s for s in steps[role] if only[role](s)], steps[other[role]], coeffs)
+        for role in ("prefill", "decode")
+    }
+    for role, found in report["neighbour"].items():
+        if found["alone"]["steps"] and found["beside"]["steps"]:
+            progress.say(
+                f"  {role} steps ran {found['alone']['served_over_fit']:.2f}x the refit with the other worker "
+                f"idle ({found['alone']['steps']} steps), {found['beside']['served_over_fit']:.2f}x while it "
+                f"computed ({found['beside']['steps']} steps)"
+            )
     return report
 
 

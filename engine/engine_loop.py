@@ -398,7 +398,7 @@ class EngineLoop:
                         break
                     self._drain_releases()
                     detached = self._take_detaching()
-                    started = time.perf_counter()
+                    started, started_at = time.perf_counter(), time.monotonic()
                     out = self.engine.schedule()
                     shape = out.shape()
                     turn = self.turns.before_run(out) if self.turns is not None else Turn()
@@ -415,7 +415,8 @@ class EngineLoop:
                     if callback is not None:
                         callback(to_delta(output))
                 if not out.is_empty:
-                    self._steps.append(StepRecord(*shape, ms=(time.perf_counter() - started) * 1e3))
+                    ms = (time.perf_counter() - started) * 1e3
+                    self._steps.append(StepRecord(*shape, ms=ms, at_s=started_at))
         except BaseException as exc:  # the engine broke: fail every request, never hang them
             self._error = exc
         self._fail_all(self._error or RuntimeError("engine loop stopped"))

@@ -200,7 +200,8 @@ def run_refit(args: argparse.Namespace) -> int:
         raise ValueError("--from-steps needs --base: the profile whose entry is refitted")
     data = load_document(args.from_steps, "steps")
     names = [f.name for f in fields(StepRecord)]
-    if not isinstance(data, dict) or data.get("fields") != names or not isinstance(data.get("workers"), list):
+    known = (names, names[:-1])  # a server from before steps recorded their start (at_s)
+    if not isinstance(data, dict) or data.get("fields") not in known or not isinstance(data.get("workers"), list):
         raise ValueError(
             f"{args.from_steps}: not what POST /admin/steps answers (an object with 'fields' {names} and 'workers')"
         )

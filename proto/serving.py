@@ -63,6 +63,9 @@ class StepRecord:
     num_decodes: int
     context_tokens: int
     ms: float
+    # When the step started, time.monotonic() seconds: comparable between the processes of
+    # one machine, so that steps of workers sharing it can be lined up (0: not recorded).
+    at_s: float = 0.0
 
 
 @dataclass(frozen=True)

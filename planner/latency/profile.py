@@ -15,6 +15,7 @@ that no cluster file counts.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import statistics
@@ -102,6 +103,40 @@ def fit_served(steps, base: Coefficients) -> tuple[Coefficients, dict[str, Any]]
             )
             fitted.update(A=float(big_a), B=float(big_b), C=float(big_c))
     return Coefficients(**fitted, source=base.source), report
+
+
+NEIGHBOUR_ALONE, NEIGHBOUR_BESIDE = 0.0, 0.9  # overlap fractions: none; at least this much
+
+
+def neighbour_overlap(steps, neighbour_steps, coeffs: Coefficients) -> dict[str, Any]:
+    """How a worker's steps ran beside a neighbour's (another worker on the same machine,
+    sharing its memory bandwidth and caches): the median of served / `coeffs` over the steps
+    during which no neighbour step ran ("alone"), and over those during which neighbour steps
+    ran at least NEIGHBOUR_BESIDE of the time ("beside"). Steps without a start time (at_s 0)
+    are left out; so is a kind with no step."""
+    spans = sorted((s.at_s, s.at_s + s.ms / 1e3) for s in neighbour_steps if s.at_s)
+    starts = [a for a, _ in spans]
+    out: dict[str, Any] = {"alone": {"steps": 0}, "beside": {"steps": 0}}
+    ratios: dict[str, list[float]] = {"alone": [], "beside": []}
+    for s in steps:
+        if not s.at_s or s.ms <= 0:
+            continue
+        begin, end = s.at_s, s.at_s + s.ms / 1e3
+        # A worker runs one step at a time: its spans are disjoint, sorted by start.
+        k = max(bisect.bisect_right(starts, begin) - 1, 0)
+        covered = 0.0
+        while k < len(spans) and spans[k][0] < end:
+            covered += max(0.0, min(end, spans[k][1]) - max(begin, spans[k][0]))
+            k += 1
+        share = covered / (end - begin)
+        label = "alone" if share <= NEIGHBOUR_ALONE else "beside" if share >= NEIGHBOUR_BESIDE else None
+        if label is not None:
+            predicted = coeffs.step_ms(s.prefill_tokens, s.attn_tokens2, s.num_decodes, s.context_tokens)
+            ratios[label].append(s.ms / predicted)
+    for label, values in ratios.items():
+        if values:
+            out[label] = {"steps": len(values), "served_over_fit": float(np.median(values))}
+    return out
 
 
 def refit_profile(

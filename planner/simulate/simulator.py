@@ -44,6 +44,8 @@ class SimResult:
     tpot_s: np.ndarray  # per counted request; 0 for one-token outputs
 
     def attainment(self, slo: SLOSpec) -> float:
+        if not len(self.ttft_s):  # a short run whose counted window caught no arrival: no evidence it meets
+            return 0.0
         return float(((self.ttft_s <= slo.ttft_s) & (self.tpot_s <= slo.tpot_s)).mean())
 
     def metrics(self, slo: SLOSpec, rate_rps: float, goodput_rps: float | None) -> Metrics:

@@ -77,3 +77,14 @@ def test_the_loop_profiles_plans_serves_and_replays(tmp_path, tiny_llama_dir, ma
     assert (WorkloadSpec.load(out / "bursty" / "workload.yaml").cv or 1.0) == 2.0
     assert "MILP forecast" in (out / "table.md").read_text() and (out / "plot.png").stat().st_size > 0
     assert "profile: tandem profile" in capsys.readouterr().out
+
+    # The measured run recorded its requests; the simulator replays the same ones beside them.
+    from benchmarks import sim_vs_served
+
+    recorded = json.loads((out / "bursty" / "requests-1x.json").read_text())
+    assert len(recorded["requests"]) == at_plan["requests"]
+    assert sum(1 for r in recorded["requests"] if r[recorded["fields"].index("counted")]) == at_plan["counted"]
+    sim_vs_served.main([str(out)])
+    row = f"| {at_plan['rate_rps']:.2f} |"
+    rows = [line for line in (out / "sim_vs_served.md").read_text().splitlines() if line.startswith(row)]
+    assert len(rows) == 1 and " / " in rows[0]  # measured / simulated

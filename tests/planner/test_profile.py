@@ -7,7 +7,7 @@ import pytest
 
 from deploy.cli import main
 from planner.latency.models import resolve_model
-from planner.latency.profile import fit_nonnegative, fit_served, profile_engine
+from planner.latency.profile import fit_nonnegative, fit_served, neighbour_overlap, profile_engine
 from planner.latency.roofline import Coefficients, LatencyTable, Profile
 from proto.serving import StepRecord
 from tests.checkpoints import make_checkpoint
@@ -48,6 +48,24 @@ def test_served_steps_are_refitted_per_kind_and_compared_with_the_profile():
     only_decodes = [StepRecord(0, 0, 4, 400, 50.0)] * 10 + [StepRecord(0, 0, 5, 500, 55.0)] * 10
     fitted, report = fit_served(only_decodes, base)
     assert fitted == base and "prefill" not in report and report["decode"]["steps"] == 20
+
+
+def test_steps_beside_a_neighbours_are_told_from_steps_alone():
+    """neighbour_overlap lines a worker's steps up with its neighbour's by their start times:
+    decode steps that ran wholly during prefill steps ran 1.5x the fit here, those during
+    none 1.0x; a step half covered, or with no start time, is in neither."""
+    coeffs = Coefficients(a=10, b=0.2, c=0.0, A=20, B=0.0, C=5.0, source="profile")
+    prefill = [StepRecord(100, 0, 0, 0, 1000.0, at_s=10.0 + 4 * k) for k in range(5)]  # busy [10+4k, 11+4k]
+    decode = []
+    for k in range(5):
+        decode.append(StepRecord(0, 0, 2, 0, 1.5 * 30.0, at_s=10.2 + 4 * k))  # inside a prefill step
+        decode.append(StepRecord(0, 0, 2, 0, 30.0, at_s=12.0 + 4 * k))  # between them
+    decode.append(StepRecord(0, 0, 2, 0, 1000.0, at_s=10.5))  # half covered: neither
+    decode.append(StepRecord(0, 0, 2, 0, 9000.0))  # no start time: left out
+    found = neighbour_overlap(decode, prefill, coeffs)
+    assert found["beside"] == {"steps": 5, "served_over_fit": pytest.approx(1.5)}
+    assert found["alone"] == {"steps": 5, "served_over_fit": pytest.approx(1.0)}
+    assert neighbour_overlap(decode, [], coeffs)["beside"] == {"steps": 0}
 
 
 @pytest.fixture(scope="module")
