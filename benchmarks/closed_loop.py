@@ -10,13 +10,18 @@
                                             -> <workload>/results.json; table.md, plot.png, run.json
 
 The second round is the loop closed: the planner learns from what was served. A worker's
-step as served costs more than the same step profiled alone (its turn hands tokens to the
-router, starts KV transfers, and shares the machine with the router and Ray), and near the
-rate a plan picks, a few per cent of step time decide between a stable queue and a growing
-one. Each worker records every step it runs (StepRecord: the step's shape in the latency
-model's terms, and its time); planner.latency.profile.fit_served fits them in the profile's
-form, and the second plan, simulation and measurement use that fit. The fit comes from the
-first round's runs and is checked against a fresh server's: measured out of sample.
+step as served costs more than the same step profiled alone: the two workers' cores share
+the machine's memory bandwidth and caches, so a decode step runs slower while the prefill
+worker computes beside it (benchmarks/cpu_neighbours.py; the router and Ray take a few per
+cent of a core besides), and near the rate a plan picks, a few per cent of step time decide
+between a stable queue and a growing one. Each worker records every step it runs
+(StepRecord: the step's shape in the latency model's terms, its time and when it started);
+planner.latency.profile.fit_served fits them in the profile's form, and the second plan,
+simulation and measurement use that fit. The fit comes from the first round's runs and is
+checked against a fresh server's: measured out of sample. The refit also says how each
+worker's steps ran while the other computed and while it was idle (neighbour_overlap).
+Each run's requests are recorded (`requests-<multiple>x.json`) for benchmarks/sim_vs_served.py,
+which runs the simulator on the very same requests beside them.
 
 Two workloads, each planned and served on its own: Poisson arrivals, and bursty ones (Gamma
 gaps of CV 2: BurstGPT, arXiv:2401.17644, fits production LLM traffic with such gaps).
@@ -170,20 +175,20 @@ def refit(steps: dict[str, list], base_file: Path, out: Path, progress: Progress
     served.save(out)
     coeffs = served.entries[0].coefficients
     progress.stage(f"refit {name}", f"{describe_refit(report, coeffs)} -> {out}")
-    # The two workers share the machine's memory bandwidth and caches: how their steps ran
-    # while the other one computed, against while it was idle (the fit averages over both).
+    # The two workers share the machine's memory bandwidth and caches: how long their steps
+    # ran while the other one computed, against steps of the same size while it was idle.
     only = {"prefill": lambda s: s.num_decodes == 0, "decode": lambda s: s.prefill_tokens == 0}
     other = {"prefill": "decode", "decode": "prefill"}
     report["neighbour"] = {
-        role: neighbour_overlap([s for s in steps[role] if only[role](s)], steps[other[role]], coeffs)
+        role: neighbour_overlap([s for s in steps[role] if only[role](s)], steps[other[role]])
         for role in ("prefill", "decode")
     }
     for role, found in report["neighbour"].items():
-        if found["alone"]["steps"] and found["beside"]["steps"]:
+        if found["beside_over_alone"] is not None:
             progress.say(
-                f"  {role} steps ran {found['alone']['served_over_fit']:.2f}x the refit with the other worker "
-                f"idle ({found['alone']['steps']} steps), {found['beside']['served_over_fit']:.2f}x while it "
-                f"computed ({found['beside']['steps']} steps)"
+                f"  {role} steps ran {found['beside_over_alone']:.2f}x as long while the other worker computed "
+                f"as steps of the same size while it was idle ({found['sizes_compared']} sizes; "
+                f"{found['beside_steps']} and {found['alone_steps']} steps)"
             )
     return report
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -54,9 +55,10 @@ def simulator_for(loop_dir: Path, workload: str, round_dir: Path):
         option = next(
             o
             for o in problem.options
-            if (o.role, o.gpu_type, o.tp, o.pp, o.max_batch_size)
-            == (group.role, group.gpu_type, group.tp, group.pp, group.max_batch_size)
+            if (o.role, o.gpu_type, o.tp, o.pp) == (group.role, group.gpu_type, group.tp, group.pp)
         )
+        # The batch limits the server ran with (a profile other than the plan's may size them otherwise).
+        option = replace(option, max_batch_size=group.max_batch_size, max_batched_tokens=group.max_batched_tokens)
         instances += [(node, option) for node in group.nodes]  # a node per instance
     routes = {(r.prefill_node, r.decode_node): r.rate_rps for r in plan.routes}
     sim = Simulator(instances, routes, inputs.cluster, problem.hardware, inputs.model, inputs.block_size)

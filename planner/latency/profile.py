@@ -66,10 +66,20 @@ def fit_nonnegative(features: np.ndarray, target: np.ndarray) -> np.ndarray:
 MIN_FIT_BINS = 3  # distinct step sizes a served fit needs; with fewer, the base coefficients stay
 
 
-def _binned_medians(rows: np.ndarray, key: np.ndarray) -> np.ndarray:
-    """Per distinct key, the median of each column: steps of one size, robust to the odd
-    step a pause (garbage collection, a neighbour process) stretched."""
-    return np.array([np.median(rows[key == k], axis=0) for k in np.unique(key)])
+def _binned_medians(rows: np.ndarray, key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct key, the median of each column (steps of one size, robust to the odd
+    step a pause, garbage collection or a neighbour process, stretched) and how many steps
+    the key has."""
+    keys, counts = np.unique(key, return_counts=True)
+    return np.array([np.median(rows[key == k], axis=0) for k in keys]), counts.astype(float)
+
+
+def _fit_bins(bins: np.ndarray, counts: np.ndarray, features: np.ndarray) -> np.ndarray:
+    """Non-negative least squares over the bins, each weighted by the square root of its
+    steps: the fit is closest where the server ran most of its steps (equal weights let a few rare large
+    batches pull the common small ones' times far off: 8 ms fitted for 32 ms steps)."""
+    weight = np.sqrt(counts)[:, None]
+    return fit_nonnegative(features * weight, bins[:, -1] * weight[:, 0])
 
 
 def fit_served(steps, base: Coefficients) -> tuple[Coefficients, dict[str, Any]]:
@@ -89,35 +99,43 @@ def fit_served(steps, base: Coefficients) -> tuple[Coefficients, dict[str, Any]]
     if len(pre):
         predicted = base.a + base.b * pre[:, 0] + base.c * pre[:, 1]
         report["prefill"] = {"steps": len(pre), "served_over_base": float(np.median(pre[:, 2] / predicted))}
-        bins = _binned_medians(pre, pre[:, 0] // 16)
+        bins, counts = _binned_medians(pre, pre[:, 0] // 16)
         if len(bins) >= MIN_FIT_BINS:
-            a, b, c = fit_nonnegative(np.stack([np.ones(len(bins)), bins[:, 0], bins[:, 1]], axis=1), bins[:, 2])
+            a, b, c = _fit_bins(bins, counts, np.stack([np.ones(len(bins)), bins[:, 0], bins[:, 1]], axis=1))
             fitted.update(a=float(a), b=float(b), c=float(c))
     if len(dec):
         predicted = base.A + base.B * dec[:, 1] + base.C * dec[:, 0]
         report["decode"] = {"steps": len(dec), "served_over_base": float(np.median(dec[:, 2] / predicted))}
-        bins = _binned_medians(dec, dec[:, 0] * 1e6 + dec[:, 1] // 16)
+        bins, counts = _binned_medians(dec, dec[:, 0] * 1e6 + dec[:, 1] // 16)
         if len(bins) >= MIN_FIT_BINS:
-            big_a, big_b, big_c = fit_nonnegative(
-                np.stack([np.ones(len(bins)), bins[:, 1], bins[:, 0]], axis=1), bins[:, 2]
-            )
+            features = np.stack([np.ones(len(bins)), bins[:, 1], bins[:, 0]], axis=1)
+            big_a, big_b, big_c = _fit_bins(bins, counts, features)
             fitted.update(A=float(big_a), B=float(big_b), C=float(big_c))
     return Coefficients(**fitted, source=base.source), report
 
 
 NEIGHBOUR_ALONE, NEIGHBOUR_BESIDE = 0.0, 0.9  # overlap fractions: none; at least this much
+NEIGHBOUR_MIN_STEPS = 5  # steps of one size needed on each side to compare them
 
 
-def neighbour_overlap(steps, neighbour_steps, coeffs: Coefficients) -> dict[str, Any]:
-    """How a worker's steps ran beside a neighbour's (another worker on the same machine,
-    sharing its memory bandwidth and caches): the median of served / `coeffs` over the steps
-    during which no neighbour step ran ("alone"), and over those during which neighbour steps
-    ran at least NEIGHBOUR_BESIDE of the time ("beside"). Steps without a start time (at_s 0)
-    are left out; so is a kind with no step."""
+def step_size(step) -> tuple[int, int]:
+    """The size neighbour_overlap compares like with like by: decodes in the batch, and
+    prompt tokens to 16."""
+    return step.num_decodes, step.prefill_tokens // 16
+
+
+def neighbour_overlap(steps, neighbour_steps) -> dict[str, Any]:
+    """How much longer a worker's steps ran while a neighbour (another worker on the same
+    machine, sharing its memory bandwidth and caches) ran steps than while it ran none.
+
+    A step is "alone" when no neighbour step overlapped it and "beside" when neighbour steps
+    covered at least NEIGHBOUR_BESIDE of it; steps without a start time (at_s 0) are left
+    out. Like is compared with like: per step size (step_size) with NEIGHBOUR_MIN_STEPS of
+    each, the ratio of the median beside to the median alone, and `beside_over_alone` is the
+    median of those ratios (None with no size to compare)."""
     spans = sorted((s.at_s, s.at_s + s.ms / 1e3) for s in neighbour_steps if s.at_s)
     starts = [a for a, _ in spans]
-    out: dict[str, Any] = {"alone": {"steps": 0}, "beside": {"steps": 0}}
-    ratios: dict[str, list[float]] = {"alone": [], "beside": []}
+    ms: dict[str, dict[tuple[int, int], list[float]]] = {"alone": {}, "beside": {}}
     for s in steps:
         if not s.at_s or s.ms <= 0:
             continue
@@ -131,12 +149,18 @@ def neighbour_overlap(steps, neighbour_steps, coeffs: Coefficients) -> dict[str,
         share = covered / (end - begin)
         label = "alone" if share <= NEIGHBOUR_ALONE else "beside" if share >= NEIGHBOUR_BESIDE else None
         if label is not None:
-            predicted = coeffs.step_ms(s.prefill_tokens, s.attn_tokens2, s.num_decodes, s.context_tokens)
-            ratios[label].append(s.ms / predicted)
-    for label, values in ratios.items():
-        if values:
-            out[label] = {"steps": len(values), "served_over_fit": float(np.median(values))}
-    return out
+            ms[label].setdefault(step_size(s), []).append(s.ms)
+    ratios = [
+        float(np.median(beside) / np.median(ms["alone"][size]))
+        for size, beside in ms["beside"].items()
+        if len(beside) >= NEIGHBOUR_MIN_STEPS and len(ms["alone"].get(size, ())) >= NEIGHBOUR_MIN_STEPS
+    ]
+    return {
+        "alone_steps": sum(map(len, ms["alone"].values())),
+        "beside_steps": sum(map(len, ms["beside"].values())),
+        "sizes_compared": len(ratios),
+        "beside_over_alone": float(np.median(ratios)) if ratios else None,
+    }
 
 
 def refit_profile(

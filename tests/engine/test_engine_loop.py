@@ -1,5 +1,6 @@
 """EngineLoop's decode-side queue: reservations wait for a batch slot and get one as slots free."""
 
+import itertools
 import threading
 import time
 
@@ -43,6 +44,8 @@ def test_each_step_is_recorded_with_what_it_computed(tiny_llama_dir):
         shapes = [(s.prefill_tokens, s.attn_tokens2, s.num_decodes, s.context_tokens) for s in steps]
         assert shapes == [(4, 16, 0, 0), (0, 0, 1, 5), (0, 0, 1, 6), (0, 0, 1, 7)]
         assert all(s.ms > 0 for s in steps)
+        # Started in turn, each after the one before it had taken its time.
+        assert all(b.at_s >= a.at_s + a.ms / 1e3 - 1e-6 for a, b in itertools.pairwise(steps))
         assert loop.take_steps() == []  # taken once
     finally:
         loop.close()

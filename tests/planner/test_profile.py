@@ -50,22 +50,34 @@ def test_served_steps_are_refitted_per_kind_and_compared_with_the_profile():
     assert fitted == base and "prefill" not in report and report["decode"]["steps"] == 20
 
 
-def test_steps_beside_a_neighbours_are_told_from_steps_alone():
-    """neighbour_overlap lines a worker's steps up with its neighbour's by their start times:
-    decode steps that ran wholly during prefill steps ran 1.5x the fit here, those during
-    none 1.0x; a step half covered, or with no start time, is in neither."""
-    coeffs = Coefficients(a=10, b=0.2, c=0.0, A=20, B=0.0, C=5.0, source="profile")
-    prefill = [StepRecord(100, 0, 0, 0, 1000.0, at_s=10.0 + 4 * k) for k in range(5)]  # busy [10+4k, 11+4k]
+def test_the_served_fit_is_closest_where_most_steps_ran():
+    """Hundreds of small batches and a few rare large ones from another regime: the fit
+    weighs each size by its steps, so the common batches keep their times (with equal weights
+    the ten rare sizes pull the batch of one to a third of its time)."""
+    base = Coefficients(a=10, b=0.2, c=0.0, A=20, B=0.0, C=1.0, source="profile")
+    steps = [StepRecord(0, 0, n, 100 * n, 30.0 + 5 * n) for n in range(1, 5) for _ in range(200)]
+    steps += [StepRecord(0, 0, n, 100 * n, 10.0 * n) for n in range(20, 30)]
+    fitted, _ = fit_served(steps, base)
+    for n in range(1, 5):
+        assert fitted.decode_ms(n, 100 * n) == pytest.approx(30.0 + 5 * n, rel=0.15), n
+
+
+def test_steps_beside_a_neighbour_are_compared_with_steps_of_their_size_alone():
+    """neighbour_overlap lines a worker's steps up with its neighbour's by their start times
+    and compares steps of one size: batches of 2 ran 1.5x as long wholly inside prefill steps
+    as between them; batches of 8 (slower, and only ever beside) are compared with nothing; a
+    step half covered, or with no start time, is in neither."""
+    prefill = [StepRecord(100, 0, 0, 0, 1000.0, at_s=10.0 + 4 * k) for k in range(6)]  # busy [10+4k, 11+4k]
     decode = []
-    for k in range(5):
-        decode.append(StepRecord(0, 0, 2, 0, 1.5 * 30.0, at_s=10.2 + 4 * k))  # inside a prefill step
+    for k in range(6):
+        decode.append(StepRecord(0, 0, 2, 0, 45.0, at_s=10.2 + 4 * k))  # inside a prefill step
         decode.append(StepRecord(0, 0, 2, 0, 30.0, at_s=12.0 + 4 * k))  # between them
-    decode.append(StepRecord(0, 0, 2, 0, 1000.0, at_s=10.5))  # half covered: neither
+        decode.append(StepRecord(0, 0, 8, 0, 300.0, at_s=10.5 + 4 * k))  # inside, no match alone
+    decode.append(StepRecord(0, 0, 2, 0, 1000.0, at_s=10.9))  # half covered: neither
     decode.append(StepRecord(0, 0, 2, 0, 9000.0))  # no start time: left out
-    found = neighbour_overlap(decode, prefill, coeffs)
-    assert found["beside"] == {"steps": 5, "served_over_fit": pytest.approx(1.5)}
-    assert found["alone"] == {"steps": 5, "served_over_fit": pytest.approx(1.0)}
-    assert neighbour_overlap(decode, [], coeffs)["beside"] == {"steps": 0}
+    found = neighbour_overlap(decode, prefill)
+    assert found == {"alone_steps": 6, "beside_steps": 12, "sizes_compared": 1, "beside_over_alone": 1.5}
+    assert neighbour_overlap(decode, [])["beside_over_alone"] is None
 
 
 @pytest.fixture(scope="module")

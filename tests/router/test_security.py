@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import functools
+import itertools
 import json
 import queue
 import ssl
@@ -197,13 +198,15 @@ def test_admin_steps_hands_out_each_step_once_to_a_key_holder(start, tmp_path, c
             )
     status, body = admin(f"{url}/admin/steps", {}, KEY)
     assert status == 200, body
-    assert body["fields"] == ["prefill_tokens", "attn_tokens2", "num_decodes", "context_tokens", "ms"]
+    assert body["fields"] == ["prefill_tokens", "attn_tokens2", "num_decodes", "context_tokens", "ms", "at_s"]
     ((worker),) = body["workers"]
     assert (worker["role"], worker["index"]) == ("colocated", 0)
     rows = worker["steps"]
     assert [row[:4] for row in rows if row[0]] == [[5, 25, 0, 0], [20, 400, 0, 0], [40, 1600, 0, 0]]
     assert [row[2:4] for row in rows if row[2]] == [[1, n + k] for n in (5, 20, 40) for k in range(1, 6)]
     assert all(row[4] > 0 for row in rows)
+    # Each step started after the one before had taken its time (one engine, one step at a time).
+    assert all(b[5] >= a[5] + a[4] / 1e3 - 1e-6 for a, b in itertools.pairwise(rows))
     assert admin(f"{url}/admin/steps", {}, KEY)[1]["workers"][0]["steps"] == []  # taken once
 
     steps, base, served = tmp_path / "steps.json", tmp_path / "base.yaml", tmp_path / "served.yaml"
@@ -213,6 +216,10 @@ def test_admin_steps_hands_out_each_step_once_to_a_key_holder(start, tmp_path, c
     assert tandem(["profile", "--from-steps", str(steps), "--base", str(base), "--out", str(served)]) == 0
     refit = Profile.load(served).find("cpu", 1, 1)
     assert refit is not None and refit.prefill_ms(20) < 1000 and refit.decode_ms(1, 30) < 1000
+    # What a server from before steps recorded their start answered refits too.
+    old = {"fields": body["fields"][:5], "workers": [{**worker, "steps": [row[:5] for row in rows]}]}
+    steps.write_text(json.dumps(old))
+    assert tandem(["profile", "--from-steps", str(steps), "--base", str(base), "--out", str(served)]) == 0
     steps.write_text(json.dumps({"workers": []}))
     assert tandem(["profile", "--from-steps", str(steps), "--base", str(base), "--out", str(served)]) == 2
     assert "not what POST /admin/steps answers" in capsys.readouterr().err
