@@ -158,8 +158,8 @@ def decode_part(repeats: int, model: str) -> list[dict]:
     return rows
 
 
-def _median(rows: list[dict], key: str, **match) -> float:
-    return statistics.median(r[key] for r in rows if all(r[k] == v for k, v in match.items()))
+def _median(records: list[dict], key: str, **match) -> float:
+    return statistics.median(r[key] for r in records if all(r[k] == v for k, v in match.items()))
 
 
 def tables(results: dict) -> str:
@@ -229,9 +229,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {name} ...", flush=True)
         results[name] = part()
     results["load_avg_after"] = os.getloadavg()[0]
-    text = tables(results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    text = tables(results)
     (args.out / "table.md").write_text(text + "\n")
     print(text)
     print(f"load average {results['load_avg_before']:.2f} before, {results['load_avg_after']:.2f} after")
