@@ -217,17 +217,22 @@ def migrate(source, destination, rid, prompt, params, tokens_before=8):
     router's steps, without the router), decode there to the end; returns every token."""
     from proto.serving import Resume
 
-    tokens, text, enough = [], [], threading.Event()
+    tokens, text, enough, asked = [], [], threading.Event(), threading.Event()
 
     def on_delta(d):
         tokens.extend(d.token_ids)
         text.append(d.text)
-        if len(tokens) >= tokens_before:
+        if len(tokens) >= tokens_before and not enough.is_set():
             enough.set()
+            # Hold the source's loop (this runs on it) until the detach is asked: however fast
+            # the machine, the request is then detached at the next turn, never finished first.
+            asked.wait(30)
 
     source.generate(GenerateRequest(rid, prompt, params), on_delta)
     assert enough.wait(30)
-    detached = source.detach(rid).result(30)
+    future = source.detach(rid)
+    asked.set()
+    detached = future.result(30)
     assert detached.num_tokens == len(prompt) + len(tokens)  # the stream ended after its last token
     moved = GenerateRequest(f"{rid}#1", prompt, params, resume=Resume(tuple(tokens), "".join(text)))
     handle = destination.reserve(moved)
@@ -267,19 +272,22 @@ def test_a_failed_copy_out_of_the_tp2_worker_leaves_the_request_whole_there(tp_d
     try:
         prompt = list(range(20, 50))
         params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
-        tokens, text, enough, finished = [], [], threading.Event(), threading.Event()
+        tokens, text, enough, finished, asked = [], [], threading.Event(), threading.Event(), threading.Event()
 
         def on_delta(d):
             tokens.extend(d.token_ids)
             text.append(d.text)
-            if len(tokens) >= 6:
+            if len(tokens) >= 6 and not enough.is_set():
                 enough.set()
+                asked.wait(30)  # hold the loop until the detach is asked: never finished first
             if d.finished and d.finish_reason != "abort":
                 finished.set()
 
         decode.generate(GenerateRequest("stay", prompt, params), on_delta)
         assert enough.wait(30)
-        decode.detach("stay").result(30)
+        future = decode.detach("stay")
+        asked.set()
+        future.result(30)
         handle = stranger.reserve(
             GenerateRequest("stay#1", prompt, params, resume=Resume(tuple(tokens), "".join(text)))
         )
