@@ -1,13 +1,13 @@
 """Request by request: the simulator against what a closed loop measured.
 
-    .venv/bin/python -m benchmarks.sim_vs_served docs/bench/closed-loop/two-rounds
+    .venv/bin/python -m benchmarks.sim_vs_served docs/bench/closed-loop/two-rounds-c
 
 benchmarks/closed_loop.py replays, at each measured rate, the very requests the planner's
 simulation runs at that rate (planner.evaluate.run_requests) and records each one's figures
 (`requests-<multiple>x.json`). This runs the simulator on those requests again, with the
 instances of the plan that was served and the profile it was planned with, and sets the two
-side by side per rate: attainment, and the median and P90 of TTFT, TPOT and the hand-off
-(measured: from the first text chunk to the second). Where they part says which side of the
+side by side per rate: attainment and the median and P90 of TTFT and TPOT, with the measured
+median hand-off (from the first text chunk to the second) beside them. Where they part says which side of the
 serving the latency model misses: prefill (TTFT) or decode (TPOT), at the median or only in
 the tail.
 

@@ -87,7 +87,8 @@ def fit_served(steps, base: Coefficients) -> tuple[Coefficients, dict[str, Any]]
     EngineLoop.take_steps), in the form the profile fits: prefill-only steps give a, b, c
     (binned by prompt tokens, 16 to a bin), decode-only steps A, B, C (binned by batch size and
     context tokens, 16 to a bin);
-    mixed steps are left out. A kind with fewer than MIN_FIT_BINS sizes keeps `base`'s.
+    mixed steps are left out; each bin weighs by the square root of its steps (_fit_bins). A
+    kind with fewer than MIN_FIT_BINS sizes keeps `base`'s.
 
     Also returns, per kind, how many steps were used and the median ratio of the served
     time to what `base` predicts for the same step: how much slower serving is than the
